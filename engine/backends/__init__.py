@@ -1,0 +1,59 @@
+"""Backend registry: name -> "module:attr", imported only when chosen.
+
+CPU tests never import tensorrt or onnxruntime because nothing here does until a backend is asked
+for by name. ``auto`` is the only name that may pick another backend, and it logs why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import TYPE_CHECKING
+
+from engine.errors import BackendUnavailableError
+
+if TYPE_CHECKING:
+    from engine.backends.base import Backend
+    from engine.loader import ModelComponents
+
+logger = logging.getLogger(__name__)
+
+BACKENDS: dict[str, str] = {
+    "torch": "engine.backends.torch_backend:TorchBackend",
+    "compile": "engine.backends.compile_backend:CompileBackend",
+    "onnx": "engine.backends.onnx_backend:OnnxBackend",
+    "tensorrt": "engine.backends.tensorrt_backend:TensorRTBackend",
+}
+
+#: ``auto`` tries these in order and takes the first that loads.
+AUTO_ORDER_CUDA = ("tensorrt", "compile", "torch")
+AUTO_ORDER_CPU = ("torch",)
+
+
+def backend_class(name: str) -> type[Backend]:
+    """Import the backend class registered under ``name``."""
+    if name not in BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {sorted([*BACKENDS, 'auto'])}")
+    module_name, attr = BACKENDS[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {exc}") from exc
+    return getattr(module, attr)
+
+
+def create_backend(name: str, components: ModelComponents) -> Backend:
+    """Build backend ``name``; a named backend that fails raises, only ``auto`` falls back (logged)."""
+    if name != "auto":
+        return backend_class(name)(components)
+    order = AUTO_ORDER_CUDA if components.device.type == "cuda" else AUTO_ORDER_CPU
+    reasons: list[str] = []
+    for candidate in order:
+        try:
+            backend = backend_class(candidate)(components)
+        except BackendUnavailableError as exc:
+            reasons.append(f"{candidate}: {exc}")
+            continue
+        logger.info("backend auto -> %s (%s)", candidate, "; ".join(reasons) or "first choice")
+        return backend
+    raise BackendUnavailableError("no backend could be loaded: " + "; ".join(reasons))

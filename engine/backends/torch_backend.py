@@ -1,0 +1,33 @@
+"""Eager PyTorch backend: the reference every other backend is compared with."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.backends.base import Backend
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    @torch.inference_mode()
+    def denoise(self, x, timestep, encoder_hidden_states, encoder_attention_mask, guidance):
+        transformer = self.components.transformer
+        return transformer(
+            x.to(self.dtype),
+            encoder_hidden_states=encoder_hidden_states.to(self.dtype),
+            encoder_attention_mask=encoder_attention_mask,
+            guidance=guidance,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+    @torch.inference_mode()
+    def encode(self, images):
+        vae = self.components.vae
+        return vae.encode(images.to(vae.dtype)).latent
+
+    @torch.inference_mode()
+    def decode(self, latents):
+        vae = self.components.vae
+        return vae.decode(latents.to(vae.dtype), return_dict=False)[0]

@@ -1,0 +1,184 @@
+"""Load a SANA-Sprint-format pipeline (diffusers layout) into ``ModelComponents``.
+
+The model classes are diffusers'/transformers' own; this module owns only where the files come
+from, dtype/device placement, and clear errors for missing or partial folders. The built-in demo
+model ships inside the package and loads through exactly the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import ModelConfig
+from engine.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo"
+REQUIRED_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+#: Files a subfolder must hold (any one of each tuple).
+REQUIRED_FILES: dict[str, tuple[str, ...]] = {
+    "transformer": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json",),
+    "tokenizer": ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"),
+    "scheduler": ("scheduler_config.json",),
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass
+class ModelComponents:
+    """The loaded networks and settings of one pipeline."""
+
+    transformer: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+    #: ``None`` = no instruction prefix; else the list of lines diffusers prepends to prompts.
+    complex_human_instruction: list[str] | None = None
+    #: The pipeline defaults the model was made for (steps, guidance, ...), from ``ditstream.json``.
+    defaults: dict[str, Any] | None = None
+
+    @property
+    def sigma_data(self) -> float:
+        return float(self.scheduler.config.sigma_data)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.encoder_block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels)
+
+    @property
+    def guidance_embeds_scale(self) -> float:
+        return float(getattr(self.transformer.config, "guidance_embeds_scale", 1.0))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} was asked for but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise ModelLoadError(f"unknown dtype {name!r}; choose auto, fp32, bf16 or fp16")
+    return table[name]
+
+
+def resolve_source(model: str) -> str | Path:
+    """``demo`` → the packaged folder; an existing path → that folder; else treat as a hub id."""
+    if model == "demo":
+        return DEMO_MODEL_DIR
+    path = Path(model).expanduser()
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        return path
+    return model
+
+
+def check_folder(path: Path) -> None:
+    """Raise ``ModelLoadError`` listing every missing part of a diffusers-layout folder."""
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder {str(path)!r} does not exist")
+    problems: list[str] = []
+    if not (path / "model_index.json").is_file():
+        problems.append("model_index.json")
+    for sub in REQUIRED_SUBFOLDERS:
+        folder = path / sub
+        if not folder.is_dir():
+            problems.append(f"{sub}/")
+            continue
+        if not any((folder / f).is_file() for f in REQUIRED_FILES[sub]):
+            problems.append(f"{sub}/{' or '.join(REQUIRED_FILES[sub])}")
+        if sub in ("transformer", "vae", "text_encoder") and not any(
+            p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json") for p in folder.iterdir()
+        ):
+            problems.append(f"{sub}/ weights (*.safetensors)")
+    if problems:
+        raise ModelLoadError(
+            f"model folder {str(path)!r} is not a complete SANA-Sprint pipeline; missing: {', '.join(problems)}"
+        )
+
+
+def load_components(config: ModelConfig) -> ModelComponents:
+    """Load transformer, VAE, text encoder, tokenizer and scheduler for ``config.model``."""
+    from diffusers import AutoencoderDC, SanaTransformer2DModel, SCMScheduler
+    from transformers import AutoModel, AutoTokenizer
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    source = resolve_source(config.model)
+    if isinstance(source, Path):
+        check_folder(source)
+    kwargs: dict[str, Any] = {"local_files_only": config.local_files_only} if not isinstance(source, Path) else {}
+    src = str(source)
+    try:
+        transformer = SanaTransformer2DModel.from_pretrained(src, subfolder="transformer", **kwargs)
+        # DC-AE must not run in fp16 (ANCHORS.md): bf16 or fp32 only.
+        vae = AutoencoderDC.from_pretrained(src, subfolder="vae", **kwargs)
+        text_encoder = AutoModel.from_pretrained(src, subfolder="text_encoder", **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **kwargs)
+        scheduler = SCMScheduler.from_pretrained(src, subfolder="scheduler", **kwargs)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelLoadError(f"could not load model {config.model!r}: {exc}") from exc
+
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    transformer.to(device=device, dtype=dtype).eval()
+    vae.to(device=device, dtype=vae_dtype).eval()
+    text_encoder.to(device=device, dtype=dtype).eval()
+    for module in (transformer, vae, text_encoder):
+        module.requires_grad_(False)
+
+    extra = read_extra(source)
+    chi = _instruction(config.complex_human_instruction, extra)
+    logger.info("loaded model %s on %s (%s)", config.model, device, dtype)
+    return ModelComponents(
+        transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=scheduler, device=device, dtype=dtype, source=src,
+        complex_human_instruction=chi, defaults=extra.get("defaults"),
+    )
+
+
+def read_extra(source: str | Path) -> dict[str, Any]:
+    """Optional ``ditstream.json`` beside ``model_index.json`` (prompt instruction, defaults)."""
+    if isinstance(source, Path) and (source / "ditstream.json").is_file():
+        return json.loads((source / "ditstream.json").read_text())
+    return {}
+
+
+def _instruction(flag: bool | None, extra: dict[str, Any]) -> list[str] | None:
+    from engine.prompt_cache import default_complex_human_instruction
+
+    if flag is False:
+        return None
+    if flag is True:
+        return default_complex_human_instruction()
+    if extra.get("complex_human_instruction") is False:
+        return None
+    return extra.get("complex_human_instruction") or default_complex_human_instruction()

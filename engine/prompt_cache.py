@@ -1,0 +1,73 @@
+"""Prompt-embedding LRU cache: the text encoder runs once per prompt, never per frame."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from engine.loader import ModelComponents
+
+
+def default_complex_human_instruction() -> list[str]:
+    """diffusers' default instruction prefix for SANA-Sprint (read from its signature, not copied)."""
+    import inspect
+
+    from diffusers import SanaSprintPipeline
+
+    return list(inspect.signature(SanaSprintPipeline.__call__).parameters["complex_human_instruction"].default)
+
+
+class PromptCache:
+    """LRU of ``prompt -> (embeds (1, L, D), mask (1, L))``.
+
+    Encoding goes through diffusers' ``SanaSprintPipeline.encode_prompt`` so embeddings equal the
+    reference pipeline's. Thread-safe; the encoder runs outside the lock only for misses.
+    """
+
+    def __init__(self, components: ModelComponents, max_size: int = 256, max_sequence_length: int = 300) -> None:
+        from diffusers import SanaSprintPipeline
+
+        self.components = components
+        self.max_size = max_size
+        self.max_sequence_length = max_sequence_length
+        self._pipe = SanaSprintPipeline(
+            tokenizer=components.tokenizer, text_encoder=components.text_encoder, vae=components.vae,
+            transformer=components.transformer, scheduler=components.scheduler,
+        )
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def get(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            if prompt in self._cache:
+                self._cache.move_to_end(prompt)
+                self.hits += 1
+                return self._cache[prompt]
+        value = self._encode(prompt)
+        with self._lock:
+            self.misses += 1
+            self._cache[prompt] = value
+            self._cache.move_to_end(prompt)
+            while len(self._cache) > self.max_size:
+                self._cache.popitem(last=False)
+        return value
+
+    @torch.inference_mode()
+    def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, mask = self._pipe.encode_prompt(
+            prompt,
+            num_images_per_prompt=1,
+            device=self.components.device,
+            max_sequence_length=self.max_sequence_length,
+            complex_human_instruction=self.components.complex_human_instruction,
+        )
+        return embeds.to(self.components.dtype), mask

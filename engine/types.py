@@ -1,0 +1,54 @@
+"""Plain data that crosses the engine boundary (server and runner both use these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Frame:
+    """One input frame: ``image`` is uint8 (H, W, 3) RGB, or ``None`` for a txt2img tick."""
+
+    image: np.ndarray | None
+    seq: int = 0
+    ts: float = 0.0
+    received_at: float = 0.0
+
+
+@dataclass
+class StreamOutput:
+    """One output frame, answering the input with the same ``seq``/``ts``.
+
+    ``skipped`` is true when the similarity filter skipped the input and ``image`` is the previous
+    output again. ``timings`` holds seconds: ``queue`` (waiting in the input slot), ``inference``
+    (the batched model calls this frame took part in), ``total`` (receipt to output).
+    """
+
+    stream_id: str
+    seq: int
+    ts: float
+    image: np.ndarray
+    skipped: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    error: Any = None
+
+
+@dataclass
+class StreamStats:
+    """Counters per stream; ``dropped`` counts inputs replaced before processing and outputs evicted."""
+
+    processed: int = 0
+    skipped: int = 0
+    dropped_inputs: int = 0
+    dropped_outputs: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_inputs + self.dropped_outputs
+
+    def as_dict(self) -> dict[str, int]:
+        return {"processed": self.processed, "skipped": self.skipped, "dropped": self.dropped,
+                "dropped_inputs": self.dropped_inputs, "dropped_outputs": self.dropped_outputs}
