@@ -143,3 +143,7 @@ class EngineConfig:
     max_batch: int = 16
     output_queue_size: int = 4
     idle_wait_s: float = 0.05
+    max_pixels: int = 1024 * 1024
+    max_prompt_chars: int = 2000
+    #: Emit float32 [0, 1] images instead of uint8 (parity tests compare before rounding).
+    output_float: bool = False

@@ -145,7 +145,7 @@ def load_components(config: ModelConfig) -> ModelComponents:
         scheduler = SCMScheduler.from_pretrained(src, subfolder="scheduler", **kwargs)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {config.model!r}: {exc}") from exc
 
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype

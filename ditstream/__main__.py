@@ -1,0 +1,3 @@
+from ditstream.cli import main
+
+main()

@@ -1,0 +1,56 @@
+"""The ``ditstream`` command.
+
+Each package contributes its own subcommands through ``register(app, bench)`` in its ``cli.py``;
+those modules import only typer at import time so ``ditstream --help`` stays fast, and heavy
+imports (torch, diffusers, FastAPI) happen inside the command that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import typer
+
+app = typer.Typer(
+    name="ditstream",
+    help="Real-time streaming image generation with one-step diffusion transformers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Measure speed and quality (ratios measured side by side in one run).",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+#: Packages that contribute commands, in help order. A missing module is skipped only if it is
+#: the module itself that is absent (a package not built yet), never on an import error inside it.
+COMMAND_MODULES = ("engine.cli", "engine.demo.cli", "server.cli", "clients.cli", "trt_build.cli")
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(app, bench_app)
+
+
+_register_all()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

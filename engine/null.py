@@ -1,0 +1,88 @@
+"""A null engine: echoes frames with no model, for measuring server overhead and for server tests.
+
+``NullCore`` has the ``EngineCore`` interface the runner needs; img2img outputs are the input
+image itself, txt2img outputs a flat grey frame. Everything around it (runner thread, queues,
+filter, counters) is the real code, so ``ditstream bench server --null`` isolates the server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from engine.config import EngineConfig, StreamConfig
+from engine.core import EngineCore
+from engine.queues import OutputQueue
+from engine.runner import EngineRunner
+from engine.similarity import SimilarityFilter
+from engine.stream import InFlight, StreamState, new_stream_id
+
+
+class NullCore(EngineCore):
+    """Same interface as ``EngineCore``; no model, one tick per frame."""
+
+    def __init__(self, config: EngineConfig | None = None, size_multiple: int = 8, delay_s: float = 0.0) -> None:
+        self.config = config or EngineConfig()
+        self.streams: dict[str, StreamState] = {}
+        self.batch_sizes: list[int] = []
+        self.on_batch = None
+        self._size_multiple = size_multiple
+        self.delay_s = delay_s
+
+    @property
+    def size_multiple(self) -> int:
+        return self._size_multiple
+
+    def add(self, cfg: StreamConfig, *, stream_id: str | None = None, one_shot: bool = False,
+            notify: Callable[[], None] | None = None) -> StreamState:
+        cfg = self.validate(cfg)
+        sid = stream_id or new_stream_id("job" if one_shot else "s")
+        state = StreamState(id=sid, config=cfg, plan=None, outputs=OutputQueue(self.config.output_queue_size, notify),
+                            filter=SimilarityFilter(cfg.filter, cfg.seed), one_shot=one_shot)
+        self.streams[sid] = state
+        return state
+
+    def reconfigure(self, stream_id: str, cfg: StreamConfig) -> StreamConfig:
+        state = self.streams[stream_id]
+        state.config = self.validate(cfg)
+        state.filter.reconfigure(state.config.filter)
+        return state.config
+
+    def _admit_new_frames(self) -> None:
+        now = time.perf_counter()
+        for state in self.streams.values():
+            frame = state.inbox.take()
+            if frame is None:
+                continue
+            item = _NullItem(frame=frame, plan=None, x=None, taken_at=now)
+            if frame.image is not None and state.filter.should_skip(frame.image):
+                item.skipped = True
+            elif frame.image is not None:
+                item.result = frame.image
+            else:
+                c = state.config
+                item.result = np.full((c.height, c.width, 3), 128, dtype=np.uint8)
+            state.pipeline.append(item)
+
+    def _denoise_all(self) -> None:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        n = sum(len(s.pipeline) for s in self.streams.values())
+        if n:
+            self.batch_sizes.append(n)
+
+
+class _NullItem(InFlight):
+    @property
+    def done(self) -> bool:
+        return True
+
+
+def null_runner(config: EngineConfig | None = None, **kwargs) -> EngineRunner:
+    """A started-ready runner around a ``NullCore``."""
+    runner = EngineRunner(NullCore(config, **kwargs))
+    runner.info = {"model": "null", "backend": "null", "device": "cpu", "dtype": "uint8",
+                   "size_multiple": runner.core.size_multiple, "defaults": {}}
+    return runner

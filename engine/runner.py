@@ -1,0 +1,282 @@
+"""The thread that runs an ``EngineCore``, and the thread-safe handles the server uses.
+
+The loop drains an inbox of typed control messages (add, reconfigure, remove, job, stop), applies
+them between ticks, steps the core while any stream has work and sleeps on an event otherwise.
+Callers never touch torch: frames go into a stream's latest-wins slot from any thread, outputs come
+out of its bounded queue, and ``notify`` callbacks (e.g. ``loop.call_soon_threadsafe``) wake
+consumers. If the loop dies it says so loudly: every waiting job fails with ``EngineDeadError``,
+every output queue closes and ``alive`` turns false.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine.config import EngineConfig, ModelConfig, StreamConfig
+from engine.core import EngineCore
+from engine.errors import CancelledError, EngineDeadError, ValidationError
+from engine.stream import StreamState
+from engine.types import Frame, StreamOutput, StreamStats
+
+logger = logging.getLogger(__name__)
+
+
+class Op(enum.Enum):
+    ADD = "add"
+    RECONFIGURE = "reconfigure"
+    REMOVE = "remove"
+    JOB = "job"
+    STOP = "stop"
+
+
+@dataclass
+class Control:
+    op: Op
+    stream_id: str | None = None
+    config: StreamConfig | None = None
+    frame: Frame | None = None
+    notify: Callable[[], None] | None = None
+    done: Future = field(default_factory=Future)
+
+
+class StreamHandle:
+    """A live stream, as seen from outside the engine thread."""
+
+    def __init__(self, runner: EngineRunner, state: StreamState) -> None:
+        self._runner = runner
+        self._state = state
+        self.id = state.id
+
+    @property
+    def config(self) -> StreamConfig:
+        return self._state.config
+
+    @property
+    def outputs(self):
+        return self._state.outputs
+
+    @property
+    def stats(self) -> StreamStats:
+        return self._state.stats
+
+    def submit(self, image: np.ndarray | None, seq: int = 0, ts: float = 0.0) -> bool:
+        """Offer a frame; never blocks. Returns True if an unprocessed frame was replaced (dropped)."""
+        self._runner.check_alive()
+        replaced = self._runner.core.submit(self.id, Frame(image=image, seq=seq, ts=ts,
+                                                           received_at=time.perf_counter()))
+        self._runner.wake()
+        return replaced
+
+    def reconfigure(self, **changes: Any) -> Future:
+        """Validate ``changes`` now (raises ``ValidationError``); the future resolves to the applied config."""
+        cfg = self._runner.validate(_apply(self.config, changes))
+        return self._runner.send(Control(Op.RECONFIGURE, stream_id=self.id, config=cfg))
+
+    def close(self) -> None:
+        """Remove the stream; work in flight is dropped. Safe to call twice or after engine death."""
+        if self._runner.alive:
+            self._runner.send(Control(Op.REMOVE, stream_id=self.id))
+        else:
+            self._state.outputs.close()
+
+
+def _apply(cfg: StreamConfig, changes: dict[str, Any]) -> StreamConfig:
+    try:
+        return cfg.replace(**changes)
+    except TypeError as exc:
+        raise ValidationError(f"unknown config key: {exc}") from exc
+
+
+class EngineRunner:
+    """Owns the engine thread. ``start()``, then add streams or jobs; ``stop()`` at shutdown."""
+
+    def __init__(self, core: EngineCore, name: str = "ditstream-engine") -> None:
+        self.core = core
+        self.name = name
+        self._inbox: queue.SimpleQueue[Control] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._jobs: dict[str, Future] = {}
+        self._running = False
+        self.error: BaseException | None = None
+        self.ticks = 0
+        self.info: dict[str, Any] = {}
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, engine: EngineConfig | None = None) -> EngineRunner:
+        """Load the model and backend named in ``model`` and wrap them in a runner (not started)."""
+        from engine.backends import create_backend
+        from engine.loader import load_components
+        from engine.prompt_cache import PromptCache
+
+        components = load_components(model)
+        backend = create_backend(model.backend, components)
+        prompts = PromptCache(components, model.prompt_cache_size, model.max_sequence_length)
+        runner = cls(EngineCore(components, backend, prompts, engine))
+        runner.info = {"model": model.model, "backend": backend.name, "device": str(components.device),
+                       "dtype": str(components.dtype).replace("torch.", ""),
+                       "size_multiple": runner.core.size_multiple, "defaults": components.defaults or {}}
+        return runner
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> EngineRunner:
+        if self._thread is None:
+            self._running = True
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        if self._thread.is_alive():
+            self.send(Control(Op.STOP))
+            self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._running and self.error is None and self._thread is not None and self._thread.is_alive()
+
+    def check_alive(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"the engine has stopped: {self.error!r}")
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def send(self, msg: Control) -> Future:
+        self.check_alive()
+        self._inbox.put(msg)
+        self._wake.set()
+        return msg.done
+
+    def validate(self, cfg: StreamConfig) -> StreamConfig:
+        return self.core.validate(cfg)
+
+    # ------------------------------------------------------------------ public API
+    def add_stream(self, cfg: StreamConfig, notify: Callable[[], None] | None = None,
+                   timeout: float | None = 60.0) -> StreamHandle:
+        """Validate ``cfg`` (raises ``ValidationError``), add the stream and return its handle.
+
+        Blocks until the engine thread has built the stream's plan (prompt encoded once, cached):
+        call it from a worker thread, not the event loop.
+        """
+        cfg = self.validate(cfg)
+        state = self.send(Control(Op.ADD, config=cfg, notify=notify)).result(timeout)
+        return StreamHandle(self, state)
+
+    def submit_job(self, cfg: StreamConfig, image: np.ndarray | None = None) -> Future:
+        """A one-shot generation batched with the live streams; the future yields a ``StreamOutput``.
+
+        Cancelling the future removes the job from the engine before its next tick.
+        """
+        cfg = self.validate(cfg)
+        frame = Frame(image=image, received_at=time.perf_counter())
+        if image is not None:
+            from engine.images import check_image
+
+            check_image(image, cfg.width, cfg.height)
+        elif cfg.mode == "img2img":
+            raise ValidationError("img2img needs an input image", field="image")
+        return self.send(Control(Op.JOB, config=cfg, frame=frame))
+
+    def stats(self) -> dict[str, Any]:
+        streams = [s for s in self.core.streams.values() if not s.one_shot]
+        return {"streams": len(streams), "jobs": len(self._jobs), "ticks": self.ticks, "alive": self.alive}
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> None:
+        try:
+            while self._running:
+                self._drain_inbox()
+                if not self._running:
+                    break
+                self._reap_cancelled_jobs()
+                if self.core.has_work():
+                    outputs = self.core.step()
+                    self.ticks += 1
+                    self._resolve_jobs(outputs)
+                else:
+                    self._wake.wait(self.core.config.idle_wait_s)
+                    self._wake.clear()
+        except BaseException as exc:
+            logger.exception("engine loop died after %d ticks", self.ticks)
+            self.error = exc
+        finally:
+            self._running = False
+            self._fail_everything()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._apply(msg)
+            except Exception as exc:  # a bad control message fails that message only
+                if not msg.done.done():
+                    msg.done.set_exception(exc)
+
+    def _apply(self, msg: Control) -> None:
+        if msg.op is Op.STOP:
+            self._running = False
+            msg.done.set_result(None)
+        elif msg.op is Op.ADD:
+            msg.done.set_result(self.core.add(msg.config, notify=msg.notify))
+        elif msg.op is Op.RECONFIGURE:
+            if msg.stream_id not in self.core.streams:
+                raise ValidationError(f"stream {msg.stream_id} is closed")
+            msg.done.set_result(self.core.reconfigure(msg.stream_id, msg.config))
+        elif msg.op is Op.REMOVE:
+            self.core.remove(msg.stream_id)
+            msg.done.set_result(None)
+        elif msg.op is Op.JOB:
+            if msg.done.cancelled():  # cancelled while waiting in the inbox
+                return
+            state = self.core.add(msg.config, one_shot=True)
+            self._jobs[state.id] = msg.done
+            self.core.submit(state.id, msg.frame)
+
+    def _reap_cancelled_jobs(self) -> None:
+        for sid in [sid for sid, fut in self._jobs.items() if fut.cancelled()]:
+            self._jobs.pop(sid)
+            self.core.remove(sid)
+
+    def _resolve_jobs(self, outputs: list[StreamOutput]) -> None:
+        for out in outputs:
+            fut = self._jobs.pop(out.stream_id, None)
+            if fut is not None:
+                self.core.remove(out.stream_id)
+                if not fut.done():
+                    fut.set_result(out)
+
+    def _fail_everything(self) -> None:
+        err = EngineDeadError(f"the engine has stopped: {self.error!r}") if self.error else CancelledError(
+            "the engine was stopped")
+        for fut in self._jobs.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._jobs.clear()
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if not msg.done.done():
+                msg.done.set_exception(err)
+        for state in list(self.core.streams.values()):
+            state.outputs.close()

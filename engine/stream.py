@@ -1,0 +1,68 @@
+"""Per-stream state: config, plan, input slot, output queue, the frames in flight and counters."""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.config import StreamConfig
+from engine.plan import Plan
+from engine.queues import LatestSlot, OutputQueue
+from engine.similarity import SimilarityFilter
+from engine.types import Frame, StreamOutput, StreamStats
+
+_ids = itertools.count(1)
+
+
+def new_stream_id(prefix: str = "s") -> str:
+    return f"{prefix}{next(_ids)}"
+
+
+@dataclass
+class InFlight:
+    """A frame inside a stream's pipeline: latent ``x`` at step ``stage`` of its plan.
+
+    ``x`` is None for a frame the similarity filter skipped: it travels through the pipeline
+    without compute, so outputs stay in input order, and re-sends the previous output.
+    """
+
+    frame: Frame
+    plan: Plan
+    x: torch.Tensor | None
+    stage: int = 0
+    taken_at: float = 0.0
+    inference_s: float = 0.0
+    skipped: bool = False
+    #: The decoded output once all steps ran: uint8 (H, W, 3), or float32 in [0, 1] for parity runs.
+    result: np.ndarray | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.stage >= self.plan.steps
+
+
+@dataclass
+class StreamState:
+    """Everything the core keeps for one stream (or one-shot job)."""
+
+    id: str
+    config: StreamConfig
+    plan: Plan
+    outputs: OutputQueue[StreamOutput]
+    filter: SimilarityFilter
+    inbox: LatestSlot[Frame] = field(default_factory=LatestSlot)
+    pipeline: deque[InFlight] = field(default_factory=deque)
+    stats: StreamStats = field(default_factory=StreamStats)
+    last_output: np.ndarray | None = None
+    on_output: Callable[[StreamOutput], None] | None = None
+    #: One-shot jobs are removed after their single output.
+    one_shot: bool = False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.inbox) or bool(self.pipeline)
