@@ -1,0 +1,286 @@
+"""The FastAPI app factory: engine in the lifespan, middleware, routes and error handlers.
+
+``create_app(settings, runner=None)`` builds a self-contained app: its own metrics registry,
+admission pools and codec threads. Without ``runner`` the lifespan loads the model named in the
+settings (in a worker thread: loading never blocks the event loop); tests pass a null or tiny
+runner. The lifespan starts the engine thread and an event-loop lag monitor, and at shutdown turns
+``/ready`` to 503, closes live streams (1001) after a grace period and stops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine.errors import DitstreamError, EngineDeadError, PayloadTooLargeError, ValidationError
+from engine.runner import EngineRunner
+from server.admission import Admission
+from server.auth import APIKeyMiddleware
+from server.codec import Codec
+from server.errors import mapping_for, rest_error_body, rest_headers
+from server.metrics import Metrics
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
+KNOWN_ROUTES = frozenset({"/", "/health", "/ready", "/metrics", "/v1/models", "/v1/images/generations",
+                          "/v1/images/edits", "/v1/stream"})
+
+
+@dataclass
+class AppState:
+    """What routes and sessions share (one per app)."""
+
+    settings: Settings
+    metrics: Metrics
+    admission: Admission
+    codec: Codec
+    runner: EngineRunner | None = None
+    shutting_down: bool = False
+    sessions: set[Any] = field(default_factory=set)
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def ready(self) -> bool:
+        return self.runner is not None and self.runner.alive and not self.shutting_down
+
+    def require_engine(self) -> EngineRunner:
+        if self.runner is None or not self.runner.alive:
+            raise EngineDeadError("the engine is not running")
+        return self.runner
+
+    def stream_defaults(self) -> dict[str, Any]:
+        """Stream settings a new session starts with: the model's own defaults, else the server's."""
+        d: dict[str, Any] = {"width": self.settings.default_width, "height": self.settings.default_height}
+        info = self.runner.info if self.runner is not None else {}
+        for k, v in (info.get("defaults") or {}).items():
+            if k in ("width", "height", "steps", "strength", "guidance_scale", "prompt", "seed"):
+                d[k] = v
+        return d
+
+
+def state_of(app: Any) -> AppState:
+    return app.state.ditstream
+
+
+# ------------------------------------------------------------------------------------ middleware
+class MetricsMiddleware:
+    """Counts every HTTP response and WebSocket close by route template and status/close code."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        code: list[str] = []
+
+        async def send_wrapper(message: Message) -> None:
+            t = message["type"]
+            if t in ("http.response.start", "websocket.http.response.start"):
+                code.append(str(message["status"]))
+            elif t == "websocket.close" and not code:
+                code.append(str(message.get("code", 1000)))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or scope["path"]
+            if label not in KNOWN_ROUTES:
+                label = "/web/*" if scope["path"].startswith("/web/") else "other"
+            self.metrics.requests.labels(label, code[0] if code else ("1000" if scope["type"] == "websocket"
+                                                                      else "500")).inc()
+
+
+class BodyLimitMiddleware:
+    """Refuses HTTP bodies over ``limit`` bytes with 413, by Content-Length or while streaming."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
+                await _send_error(send, PayloadTooLargeError(
+                    f"request body is {int(v)} bytes; the limit is {self.limit}", field="body"))
+                return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise PayloadTooLargeError(f"request body is over the limit of {self.limit} bytes",
+                                               field="body")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_error(send: Send, err: DitstreamError) -> None:
+    body = json.dumps(rest_error_body(err)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in rest_headers(err).items()]
+    await send({"type": "http.response.start", "status": mapping_for(err).http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ------------------------------------------------------------------------------------ lifespan
+async def _lag_monitor(metrics: Metrics, interval: float = 0.025) -> None:
+    """Measures how late the loop wakes a timer: any blocking call on the loop shows up here."""
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(interval)
+        lag = max(0.0, loop.time() - t0 - interval)
+        metrics.loop_lag.observe(lag)
+        if lag > worst:
+            worst = lag
+            metrics.loop_lag_max.set(lag)
+        if lag > 0.05:
+            logger.warning("event loop stalled for %.1f ms", lag * 1e3)
+
+
+def _load_runner(settings: Settings) -> EngineRunner:
+    """Build the engine named in the settings (blocking: called in a worker thread)."""
+    from engine.config import EngineConfig, ModelConfig
+
+    ecfg = EngineConfig(max_batch=settings.max_batch, output_queue_size=settings.output_queue_size,
+                        max_pixels=settings.max_pixels, max_prompt_chars=settings.max_prompt_chars)
+    if settings.model == "null":
+        from engine.null import null_runner
+
+        return null_runner(ecfg, delay_s=settings.null_delay_s)
+    mcfg = ModelConfig(model=settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype)
+    return EngineRunner.from_config(mcfg, ecfg)
+
+
+def _lifespan(state: AppState):
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.runner is None:
+            logger.info("loading model %r (backend %s)", state.settings.model, state.settings.backend)
+            state.runner = await asyncio.to_thread(_load_runner, state.settings)
+        runner = state.runner
+        if hasattr(runner.core, "on_batch"):
+            runner.core.on_batch = state.metrics.observe_batch
+        runner.start()
+        state.metrics.workers_up.set(1)
+        logger.info("engine ready: %s", runner.info)
+        lag_task = asyncio.create_task(_lag_monitor(state.metrics), name="ditstream-lag-monitor")
+        try:
+            yield
+        finally:
+            state.shutting_down = True
+            await _drain_sessions(state)
+            lag_task.cancel()
+            await asyncio.to_thread(runner.stop)
+            state.metrics.workers_up.set(0)
+            state.codec.close()
+            logger.info("server stopped")
+
+    return lifespan
+
+
+async def _drain_sessions(state: AppState) -> None:
+    """Graceful shutdown: let streams finish for ``shutdown_grace_s``, then close them (1001)."""
+    deadline = time.monotonic() + state.settings.shutdown_grace_s
+    while state.sessions and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    for session in list(state.sessions):
+        session.request_close(1001, "server shutting down")
+    for _ in range(40):
+        if not state.sessions:
+            break
+        await asyncio.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------ factory
+def create_app(settings: Settings | None = None, runner: EngineRunner | None = None) -> FastAPI:
+    """Build the app. ``runner`` (not yet started) replaces the model named in ``settings``."""
+    from server import rest, ws
+
+    settings = settings or Settings()
+    metrics = Metrics()
+    state = AppState(settings=settings, metrics=metrics,
+                     admission=Admission(settings.max_streams, settings.max_queued_jobs, metrics,
+                                         settings.retry_after_s),
+                     codec=Codec(settings.codec_threads), runner=runner)
+    app = FastAPI(title="ditstream", version="0.1.0", lifespan=_lifespan(state),
+                  description="Real-time streaming image generation: OpenAI Images API over REST and a "
+                              "frame-in/frame-out WebSocket at /v1/stream (see docs/protocol.md).")
+    app.state.ditstream = state
+
+    @app.exception_handler(DitstreamError)
+    async def _ditstream_error(request: Request, exc: DitstreamError) -> JSONResponse:
+        row = mapping_for(exc)
+        if row.http_status >= 500:
+            logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
+        return JSONResponse(rest_error_body(exc), status_code=row.http_status, headers=rest_headers(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
+        where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query"))
+        verr = ValidationError(f"{where or 'body'}: {err['msg']}", field=where or None)
+        return JSONResponse(rest_error_body(verr), status_code=422)
+
+    app.include_router(rest.router)
+    app.include_router(ws.router)
+
+    @app.get("/health", tags=["ops"], summary="Liveness: the process answers.")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "uptime_s": round(time.time() - state.started_at, 1)}
+
+    @app.get("/ready", tags=["ops"], summary="Readiness: the model is loaded and the engine runs.",
+             responses={503: {"description": "not ready"}})
+    async def ready() -> JSONResponse:
+        ok = state.ready
+        body = {"status": "ready" if ok else "not_ready", "engine_alive": bool(state.runner and state.runner.alive),
+                "shutting_down": state.shutting_down, "streams": len(state.sessions)}
+        if state.runner is not None and state.runner.error is not None:
+            body["error"] = repr(state.runner.error)
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics (prefix ditstream_).")
+    async def prometheus() -> Response:
+        state.metrics.workers_up.set(1 if state.ready else 0)
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    if WEB_DIR.is_dir():
+        app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+
+        @app.get("/", include_in_schema=False)
+        async def index() -> FileResponse:
+            return FileResponse(WEB_DIR / "index.html")
+
+    # Outermost first: metrics see every answer (auth refusals and 413s included).
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + 256 * 1024)
+    app.add_middleware(APIKeyMiddleware, keys=[k.get_secret_value() for k in settings.api_keys], metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,85 @@
+"""``ditstream serve`` and ``ditstream bench server``.
+
+Only typer is imported at module level (``ditstream --help`` stays fast); FastAPI, uvicorn and the
+engine are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    app.command("serve")(serve)
+    bench.command("server")(bench_server)
+
+
+def serve(
+    host: str = typer.Option(None, help="Interface to listen on (env DITSTREAM_HOST, default 127.0.0.1)."),
+    port: int = typer.Option(None, help="Port (env DITSTREAM_PORT, default 8000)."),
+    model: str = typer.Option(None, help="'demo' (default), a diffusers folder, a hub id, or 'null' (echo engine)."),
+    backend: str = typer.Option(None, help="torch | compile | onnx | tensorrt | auto."),
+    device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    dtype: str = typer.Option(None, help="auto | float32 | bfloat16 | float16."),
+    max_streams: int = typer.Option(None, help="Live WebSocket streams at once (more are refused with 1013)."),
+    max_queued_jobs: int = typer.Option(None, help="REST images queued at once (more get 429 + Retry-After)."),
+    api_key: list[str] = typer.Option(None, "--api-key", help="Accept this API key (repeatable). "
+                                      "Better: DITSTREAM_API_KEYS=k1,k2 (keeps keys out of `ps`)."),
+    max_frame_bytes: int = typer.Option(None, help="Largest WebSocket frame in bytes."),
+    max_upload_bytes: int = typer.Option(None, help="Largest REST upload in bytes."),
+    max_pixels: int = typer.Option(None, help="Largest image area in pixels."),
+    max_prompt_chars: int = typer.Option(None, help="Longest prompt in characters."),
+    max_fps: float = typer.Option(None, help="Highest txt2img push rate."),
+    width: int = typer.Option(None, "--width", help="Default stream width when the model states none."),
+    height: int = typer.Option(None, "--height", help="Default stream height when the model states none."),
+    null_delay_ms: float = typer.Option(None, help="Null engine only: simulated inference time per tick."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Run the all-in-one server: REST + WebSocket + the engine in one process."""
+    import logging
+
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    overrides = {k: v for k, v in dict(
+        host=host, port=port, model=model, backend=backend, device=device, dtype=dtype, max_streams=max_streams,
+        max_queued_jobs=max_queued_jobs, api_keys=api_key or None, max_frame_bytes=max_frame_bytes,
+        max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_prompt_chars=max_prompt_chars,
+        max_fps=max_fps, default_width=width, default_height=height,
+        null_delay_s=null_delay_ms / 1e3 if null_delay_ms is not None else None).items() if v is not None}
+    settings = Settings(**overrides)
+    logging.getLogger("server").info("settings: %s", settings.public())
+    app = create_app(settings)
+    typer.echo(f"ditstream: serving {settings.model!r} on http://{settings.host}:{settings.port}/ "
+               f"(WebSocket /v1/stream, REST /v1/images/*)")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
+                ws_max_size=settings.max_frame_bytes + 64 * 1024, ws_ping_interval=20, ws_ping_timeout=20,
+                timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
+
+
+def bench_server(
+    url: str = typer.Option(None, help="Server to measure, e.g. ws://127.0.0.1:8000 (omit: null engine only)."),
+    streams: int = typer.Option(4, "--streams", "-n", help="Concurrent WebSocket streams."),
+    fps: float = typer.Option(30.0, help="Input frames per second per stream."),
+    seconds: float = typer.Option(10.0, "--seconds", "-t", help="Duration of each run."),
+    size: str = typer.Option("512x512", help="Frame size WxH (JPEG frames of a moving pattern)."),
+    prompt: str = typer.Option("a watercolor painting", help="Prompt sent to each stream."),
+    api_key: str = typer.Option(None, envvar="DITSTREAM_API_KEY", help="API key for --url."),
+    null: bool = typer.Option(True, "--null/--no-null", help="Also run the same load against a null-engine "
+                              "server started for the purpose (isolates server overhead)."),
+    json_out: str = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
+) -> None:
+    """N concurrent streams at a fixed input fps for T seconds: fps, glass-to-glass p50/p99, drops, loop lag."""
+    import json
+
+    from server.bench import BenchSpec, format_report, run_bench
+
+    w, h = (int(x) for x in size.lower().split("x"))
+    spec = BenchSpec(streams=streams, fps=fps, seconds=seconds, width=w, height=h, prompt=prompt)
+    results = run_bench(spec, url=url, api_key=api_key, null=null)
+    typer.echo(format_report(spec, results))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({"spec": spec.__dict__, "results": results}, f, indent=2)

@@ -1,0 +1,148 @@
+"""The WebSocket wire protocol of ``/v1/stream`` (written out in ``docs/protocol.md``).
+
+Binary messages are frames: a bare image (recognised by its magic bytes) or
+``[u32 big-endian header length][JSON header][image bytes]``. Text messages are JSON control
+messages, parsed once into validated pydantic models whose errors name the field and the value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+
+from engine.errors import ImageDecodeError, ValidationError
+from server.codec import sniff
+from server.errors import MalformedMessageError, UnknownMessageTypeError
+
+PROTOCOL_VERSION = 1
+#: Largest frame header (JSON) accepted.
+MAX_HEADER_BYTES = 4096
+_SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+
+
+# ---------------------------------------------------------------------------------------- framing
+def pack_frame(header: dict[str, Any], image: bytes) -> bytes:
+    """``[u32 BE length][JSON header][image]`` — every output frame has this form."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack(">I", len(head)) + head + image
+
+
+def unpack_frame(data: bytes) -> tuple[dict[str, Any] | None, memoryview]:
+    """Split a binary message into (header or None for a bare image, image bytes)."""
+    view = memoryview(data)
+    if sniff(view) is not None:
+        return None, view
+    n = struct.unpack_from(">I", data)[0] if len(data) >= 4 else -1
+    if not 0 < n <= MAX_HEADER_BYTES or 4 + n > len(data) or data[4:5] != b"{":
+        raise ImageDecodeError(
+            "binary message is neither an image (JPEG/PNG/WebP magic bytes) nor "
+            "[u32 header length][JSON header][image]", field="frame")
+    try:
+        header = json.loads(view[4 : 4 + n].tobytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedMessageError(f"frame header is not valid JSON: {exc}", field="frame") from exc
+    if not isinstance(header, dict):
+        raise MalformedMessageError("frame header must be a JSON object", field="frame")
+    return header, view[4 + n :]
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """``"WxH"`` → (width, height)."""
+    m = _SIZE_RE.match(size)
+    if not m:
+        raise ValidationError(f"size must look like '512x512', got {size!r}", field="size")
+    return int(m.group(1)), int(m.group(2))
+
+
+# ---------------------------------------------------------------------------------------- control
+class FilterModel(BaseModel):
+    """Similarity-filter settings (any subset)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool | None = None
+    threshold: float | None = None
+    max_skip: int | None = None
+    seed: int | None = None
+    downscale: int | None = None
+
+
+class ConfigMessage(BaseModel):
+    """``{"type":"config", ...}``: any subset of the stream's settings; applied from the next frame."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["config"] = "config"
+    prompt: str | None = None
+    mode: Literal["img2img", "txt2img"] | None = None
+    steps: int | None = None
+    strength: float | None = None
+    seed: int | None = None
+    size: str | None = None
+    width: int | None = None
+    height: int | None = None
+    guidance_scale: float | None = None
+    timesteps: list[float] | None = None
+    filter: FilterModel | None = None
+    #: txt2img frames per second pushed by the server.
+    fps: float | None = Field(None, gt=0)
+    #: Output JPEG quality (a server-side encoding choice, not an engine setting).
+    quality: int | None = Field(None, ge=1, le=100)
+
+    def engine_changes(self) -> dict[str, Any]:
+        """The ``StreamConfig`` fields this message changes."""
+        d = self.model_dump(exclude_none=True, exclude={"type", "size", "fps", "quality", "filter"})
+        if self.size is not None:
+            d["width"], d["height"] = parse_size(self.size)
+        if self.filter is not None:
+            d["filter"] = self.filter.model_dump(exclude_none=True)
+        if "timesteps" in d:
+            d["timesteps"] = tuple(d["timesteps"])
+        return d
+
+
+class PingMessage(BaseModel):
+    """``{"type":"ping","ts":...}`` → ``{"type":"pong","ts":...}`` (clock-free round-trip time)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["ping"] = "ping"
+    ts: float | None = None
+
+
+CONTROL_TYPES: dict[str, type[BaseModel]] = {"config": ConfigMessage, "ping": PingMessage}
+
+
+def parse_control(text: str) -> BaseModel:
+    """Text message → a validated control model (typed errors for every failure)."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MalformedMessageError(f"control message is not valid JSON: {exc}", field="message") from exc
+    if not isinstance(raw, dict):
+        raise MalformedMessageError("control message must be a JSON object", field="message")
+    kind = raw.get("type")
+    model = CONTROL_TYPES.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise UnknownMessageTypeError(
+            f"unknown control message type {kind!r}; expected one of {sorted(CONTROL_TYPES)}", field="type")
+    try:
+        return model.model_validate(raw)
+    except PydanticValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "message"
+        raise ValidationError(f"{where}: {err['msg']} (got {err.get('input')!r})", field=where) from exc
+
+
+def frame_header_fields(header: dict[str, Any] | None) -> tuple[int | None, float | None]:
+    """``seq`` and ``ts`` from a frame header (validated: integers/numbers or absent)."""
+    if header is None:
+        return None, None
+    seq, ts = header.get("seq"), header.get("ts")
+    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 0):
+        raise MalformedMessageError(f"header.seq must be a non-negative integer, got {seq!r}", field="seq")
+    if ts is not None and (not isinstance(ts, (int, float)) or isinstance(ts, bool)):
+        raise MalformedMessageError(f"header.ts must be a number, got {ts!r}", field="ts")
+    return seq, (float(ts) if ts is not None else None)

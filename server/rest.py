@@ -1,0 +1,225 @@
+"""REST in the OpenAI Images API shape: ``/v1/images/generations``, ``/v1/images/edits``, ``/v1/models``.
+
+The ``openai`` client works unchanged with ``base_url=http://host:port/v1``. Fields the OpenAI API
+has and we do not use (quality, style, user, background, ...) are accepted and ignored; our own
+extensions (seed, steps, strength, guidance_scale) ride in the same body (``extra_body`` in the
+``openai`` client). Each image is one engine job batched with the live streams; a request takes
+``n`` queued-job permits up front (429 + Retry-After when full) and a client that disconnects
+cancels its jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from concurrent.futures import Future
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.config import StreamConfig
+from engine.errors import CancelledError, GenerationError, PayloadTooLargeError, ValidationError
+from engine.types import StreamOutput
+from server import codec
+from server.app import AppState, state_of
+from server.protocol import parse_size
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["images"])
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class GenerationRequest(BaseModel):
+    """``POST /v1/images/generations`` (JSON)."""
+
+    model_config = ConfigDict(extra="ignore")
+    prompt: str = Field(..., description="What to draw.")
+    model: str | None = Field(None, description="Accepted for compatibility; the server's model is used.")
+    n: int = Field(1, ge=1, description="Images to make (each a different seed).")
+    size: str | None = Field(None, description="'WxH' (multiples of the model's size multiple) or 'auto'.")
+    response_format: Literal["b64_json", "url"] | None = Field(None, description="Only b64_json is supported.")
+    output_format: OutputFormat | None = Field(None, description="Encoding of the images (default png).")
+    seed: int | None = Field(None, ge=0, description="Seed of the first image; image i uses seed + i.")
+    steps: int | None = Field(None, description="Model calls per image (1-4).")
+    guidance_scale: float | None = None
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: OutputFormat
+    size: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ditstream"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing or invalid API key"},
+    413: {"description": "upload over the size limit"},
+    422: {"description": "invalid field (the message names it)"},
+    429: {"description": "queue full; retry after Retry-After seconds"},
+    503: {"description": "engine not running"},
+}
+
+
+@router.get("/models", response_model=ModelList, summary="The model this server serves.")
+async def list_models(request: Request) -> ModelList:
+    state = state_of(request.app)
+    name = (state.runner.info.get("model") if state.runner else None) or state.settings.model
+    return ModelList(data=[ModelCard(id=str(name), created=int(state.started_at))])
+
+
+@router.post("/images/generations", response_model=ImagesResponse, responses=_ERRORS,
+             summary="Text to image (OpenAI Images API shape).")
+async def generations(body: GenerationRequest, request: Request) -> ImagesResponse:
+    state = state_of(request.app)
+    _check_common(state, body.n, body.response_format)
+    width, height = _size(state, body.size)
+    base = _base_config(state, "txt2img", body.prompt, width, height, body.seed, body.steps, body.guidance_scale)
+    cfgs = [base.replace(seed=base.seed + i) for i in range(body.n)]
+    outputs = await _run_jobs(state, request, cfgs, [None] * body.n)
+    return await _respond(state, outputs, body.output_format or "png", body.prompt)
+
+
+@router.post("/images/edits", response_model=ImagesResponse, responses=_ERRORS,
+             summary="Image to image (OpenAI Images API shape, multipart).")
+async def edits(
+    request: Request,
+    prompt: Annotated[str, Form(description="What to turn the image into.")],
+    image: Annotated[list[UploadFile] | None, File(description="The input image (PNG/JPEG/WebP).")] = None,
+    image_array: Annotated[list[UploadFile] | None, File(alias="image[]", description="Same, as sent for lists.")] = None,
+    mask: Annotated[UploadFile | None, File(description="Not supported (refused if given).")] = None,
+    model: Annotated[str | None, Form()] = None,
+    n: Annotated[int, Form(ge=1)] = 1,
+    size: Annotated[str | None, Form(description="'WxH'; default: the image's size rounded down.")] = None,
+    response_format: Annotated[Literal["b64_json", "url"] | None, Form()] = None,
+    output_format: Annotated[OutputFormat | None, Form()] = None,
+    strength: Annotated[float | None, Form(description="How far from the input to go, (0, 1].")] = None,
+    seed: Annotated[int | None, Form(ge=0)] = None,
+    steps: Annotated[int | None, Form()] = None,
+    guidance_scale: Annotated[float | None, Form()] = None,
+) -> ImagesResponse:
+    state = state_of(request.app)
+    _check_common(state, n, response_format)
+    if mask is not None:
+        raise ValidationError("mask is not supported: the whole image is re-rendered", field="mask")
+    files = [*(image or []), *(image_array or [])]
+    if len(files) != 1:
+        raise ValidationError(f"exactly one image is needed, got {len(files)}", field="image")
+    data = await files[0].read(state.settings.max_upload_bytes + 1)
+    if len(data) > state.settings.max_upload_bytes:
+        raise PayloadTooLargeError(f"image is over the upload limit of {state.settings.max_upload_bytes} bytes",
+                                   field="image")
+    loop = asyncio.get_running_loop()
+    pixels = await loop.run_in_executor(state.codec.pool, lambda: codec.decode(
+        data, max_pixels=state.settings.max_pixels))
+    if size is None or size == "auto":
+        mult = int(state.require_engine().info.get("size_multiple") or 1)
+        width, height = max(mult, pixels.shape[1] // mult * mult), max(mult, pixels.shape[0] // mult * mult)
+    else:
+        width, height = _size(state, size)
+    base = _base_config(state, "img2img", prompt, width, height, seed, steps, guidance_scale, strength)
+    fitted = await loop.run_in_executor(state.codec.pool, codec.resize, pixels, width, height)
+    cfgs = [base.replace(seed=base.seed + i) for i in range(n)]
+    outputs = await _run_jobs(state, request, cfgs, [fitted] * n)
+    return await _respond(state, outputs, output_format or "png", prompt)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _check_common(state: AppState, n: int, response_format: str | None) -> None:
+    state.require_engine()
+    if n > state.settings.max_images_per_request:
+        raise ValidationError(f"n is {n}; the limit is {state.settings.max_images_per_request}", field="n")
+    if response_format == "url":
+        raise ValidationError("response_format 'url' is not supported; use 'b64_json'", field="response_format")
+
+
+def _size(state: AppState, size: str | None) -> tuple[int, int]:
+    if size is None or size == "auto":
+        d = state.stream_defaults()
+        return int(d["width"]), int(d["height"])
+    return parse_size(size)
+
+
+def _base_config(state: AppState, mode: str, prompt: str, width: int, height: int, seed: int | None,
+                 steps: int | None, guidance: float | None, strength: float | None = None) -> StreamConfig:
+    d = state.stream_defaults()
+    d.update(mode=mode, prompt=prompt, width=width, height=height)
+    for k, v in (("seed", seed), ("steps", steps), ("guidance_scale", guidance), ("strength", strength)):
+        if v is not None:
+            d[k] = v
+    if seed is None:
+        d["seed"] = int(np.random.default_rng().integers(0, 2**31))
+    return state.require_engine().validate(StreamConfig(**d))
+
+
+async def _run_jobs(state: AppState, request: Request, cfgs: list[StreamConfig],
+                    images: list[np.ndarray | None]) -> list[StreamOutput]:
+    """Submit one engine job per image; cancel them all if the client leaves or time runs out."""
+    runner = state.require_engine()
+    t0 = time.perf_counter()
+    with state.admission.jobs.acquire(len(cfgs)):
+        futures: list[Future] = []
+        try:
+            for cfg, img in zip(cfgs, images, strict=True):
+                futures.append(runner.submit_job(cfg, img))
+            results = asyncio.ensure_future(asyncio.gather(*[asyncio.wrap_future(f) for f in futures]))
+            gone = asyncio.ensure_future(_disconnected(request))
+            done, _ = await asyncio.wait({results, gone}, timeout=state.settings.job_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if results in done:
+                outputs: list[StreamOutput] = results.result()
+            elif gone in done:
+                results.cancel()
+                raise CancelledError("client disconnected")
+            else:
+                results.cancel()
+                raise GenerationError(f"no result within {state.settings.job_timeout_s} s")
+        finally:
+            for f in futures:
+                f.cancel()  # no-op for finished jobs; removes queued ones from the engine
+    m = state.metrics
+    for out in outputs:
+        m.queue_seconds.observe(out.timings.get("queue", 0.0))
+        m.inference_seconds.observe(out.timings.get("inference", 0.0))
+    m.e2e_seconds.observe(time.perf_counter() - t0)
+    return outputs
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is already read, so only a disconnect is left)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _respond(state: AppState, outputs: list[StreamOutput], fmt: OutputFormat, prompt: str) -> ImagesResponse:
+    loop = asyncio.get_running_loop()
+    blobs = await asyncio.gather(*[loop.run_in_executor(state.codec.pool, codec.encode, o.image, fmt, 95)
+                                   for o in outputs])
+    h, w = outputs[0].image.shape[:2]
+    return ImagesResponse(created=int(time.time()), output_format=fmt, size=f"{w}x{h}",
+                          data=[ImageData(b64_json=base64.b64encode(b).decode("ascii"), revised_prompt=prompt)
+                                for b in blobs])

@@ -1,0 +1,88 @@
+"""Server settings: the only place in ditstream that reads the environment.
+
+Every field can be set as ``DITSTREAM_<NAME>`` (e.g. ``DITSTREAM_MAX_STREAMS=8``,
+``DITSTREAM_API_KEYS='["k1","k2"]'``) or overridden on the ``ditstream serve`` command line.
+API keys are ``SecretStr`` so they never show up in logs, reprs or ``/v1/models``; the auth
+middleware keeps only their sha256 digests.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All-in-one server configuration (host, model, limits, keys)."""
+
+    model_config = SettingsConfigDict(env_prefix="DITSTREAM_", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: ``demo``, a local diffusers folder or a hub id; ``null`` runs the echoing null engine.
+    model: str = "demo"
+    backend: str = "torch"
+    device: str = "auto"
+    dtype: str = "auto"
+    #: Live WebSocket streams admitted at once; one more is refused with close code 1013.
+    max_streams: int = Field(8, ge=1)
+    #: REST images queued or in flight at once; beyond it REST answers 429 + Retry-After.
+    max_queued_jobs: int = Field(16, ge=1)
+    retry_after_s: int = Field(1, ge=1)
+    #: Optional API keys; empty = no auth. Enforced identically on REST and WebSocket.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    #: Largest binary WebSocket message (one frame) and largest REST upload, in bytes.
+    max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    #: Largest text (control) message, in bytes.
+    max_control_bytes: int = Field(64 * 1024, ge=256)
+    #: Largest image area accepted or generated, in pixels.
+    max_pixels: int = Field(1024 * 1024, ge=64)
+    max_prompt_chars: int = Field(2000, ge=1)
+    #: Largest ``n`` of one REST request.
+    max_images_per_request: int = Field(4, ge=1)
+    #: Seconds a REST request may wait for its images before it fails (and is cancelled).
+    job_timeout_s: float = Field(120.0, gt=0)
+    #: txt2img streams: default and highest frame rate the server pushes.
+    default_fps: float = Field(10.0, gt=0)
+    max_fps: float = Field(60.0, gt=0)
+    #: Default stream size when the model has none (the demo model states its own).
+    default_width: int = 512
+    default_height: int = 512
+    #: Engine scheduler knobs.
+    max_batch: int = Field(16, ge=1)
+    output_queue_size: int = Field(4, ge=1)
+    #: JPEG quality of stream outputs.
+    jpeg_quality: int = Field(85, ge=1, le=100)
+    #: Threads that decode and encode images off the event loop.
+    codec_threads: int = Field(4, ge=1)
+    #: Bad messages in a row after which a socket is closed as abusive (1003).
+    max_consecutive_errors: int = Field(50, ge=1)
+    #: Seconds live streams get to finish at shutdown before they are closed.
+    shutdown_grace_s: float = Field(5.0, ge=0)
+    #: Delay per engine tick of the null engine (simulates inference time in benches).
+    null_delay_s: float = Field(0.0, ge=0)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        """Accept a comma-separated string as well as a JSON list (friendlier for env files)."""
+        if isinstance(v, str):
+            if v.strip().startswith("["):
+                import json
+
+                return json.loads(v)
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    def public(self) -> dict[str, object]:
+        """Settings safe to log (keys masked)."""
+        d = self.model_dump()
+        d["api_keys"] = [f"***{len(self.api_keys)} key(s)"] if self.api_keys else []
+        return d

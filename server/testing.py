@@ -1,0 +1,62 @@
+"""Run a real uvicorn server on loopback in a background thread (tests, examples).
+
+The socket is bound before uvicorn starts (port 0 → a free port, no race), and the context manager
+waits for startup — lifespan included, so the engine is running — and for a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+
+
+class ServerThread:
+    """``with ServerThread(app) as srv: srv.url, srv.ws_url`` — uvicorn on 127.0.0.1:<free port>."""
+
+    def __init__(self, app: Any, *, ws_max_size: int = 16 * 1024 * 1024, startup_timeout: float = 120.0) -> None:
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.config = uvicorn.Config(app, log_level="warning", ws_max_size=ws_max_size, lifespan="on",
+                                     timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self._run, name="uvicorn-test", daemon=True)
+        self.startup_timeout = startup_timeout
+        self.error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/stream"
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self.server.serve(sockets=[self.sock]))
+        except BaseException as exc:  # surfaced by __enter__
+            self.error = exc
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start: {self.error!r}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()

@@ -1,0 +1,398 @@
+"""``/v1/stream``: one live stream per WebSocket (protocol in ``docs/protocol.md``).
+
+Per connection: the receive loop (this coroutine) parses control messages and frames, decodes
+frames in the codec pool and offers them to the engine (latest wins, never blocks); one sender task
+is the only writer to the socket (uvicorn's ``send`` can block on a slow client, so nothing else
+may wait on it) and drains the stream's bounded drop-oldest output queue, woken by the engine
+thread through ``call_soon_threadsafe``; in txt2img mode a ticker task offers empty frames at the
+requested fps. Leaving for any reason closes the engine stream (its queued work is dropped),
+cancels the tasks and gives back the admission permit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections import OrderedDict, deque
+from typing import Any
+
+from fastapi import APIRouter, WebSocket
+
+from engine.config import StreamConfig
+from engine.errors import (
+    DitstreamError,
+    EngineDeadError,
+    OverloadedError,
+    PayloadTooLargeError,
+    ValidationError,
+)
+from engine.runner import StreamHandle
+from engine.types import StreamOutput
+from server import codec
+from server.app import AppState, state_of
+from server.auth import SUBPROTOCOL
+from server.errors import (
+    WS_INTERNAL_ERROR,
+    WS_TRY_AGAIN_LATER,
+    ProtocolAbuseError,
+    mapping_for,
+    ws_error,
+)
+from server.protocol import (
+    PROTOCOL_VERSION,
+    ConfigMessage,
+    PingMessage,
+    frame_header_fields,
+    pack_frame,
+    parse_control,
+    unpack_frame,
+)
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+#: Control replies waiting for the sender; a client that never reads them is cut off.
+MAX_PENDING_CONTROL = 256
+#: Receive times kept for frames in flight (more than the engine can ever hold per stream).
+MAX_TRACKED_FRAMES = 64
+
+
+@router.websocket("/v1/stream", name="stream")
+async def stream(websocket: WebSocket) -> None:
+    """Admit (or refuse with 1013), then run a ``StreamSession`` until either side leaves."""
+    state = state_of(websocket.app)
+    subprotocol = SUBPROTOCOL if SUBPROTOCOL in websocket.scope.get("subprotocols", ()) else None
+    try:
+        if state.shutting_down:
+            raise OverloadedError("server is shutting down", retry_after=state.settings.retry_after_s,
+                                  reason="shutting_down")
+        state.require_engine()
+        permit = state.admission.streams.acquire()
+    except DitstreamError as exc:
+        await websocket.accept(subprotocol=subprotocol)
+        await websocket.send_text(json.dumps(ws_error(exc)))
+        await websocket.close(mapping_for(exc).ws_close or WS_TRY_AGAIN_LATER, exc.error_type)
+        return
+    try:
+        await websocket.accept(subprotocol=subprotocol)
+        await StreamSession(websocket, state).run()
+    finally:
+        permit.release()
+
+
+class StreamSession:
+    """The state of one connection."""
+
+    def __init__(self, websocket: WebSocket, state: AppState) -> None:
+        self.ws = websocket
+        self.state = state
+        self.settings = state.settings
+        self.metrics = state.metrics
+        self.runner = state.require_engine()
+        self.loop = asyncio.get_running_loop()
+        self.wake = asyncio.Event()
+        self.control_out: deque[str] = deque()
+        self.handle: StreamHandle | None = None
+        #: The latest config asked for (the engine's copy may lag by one control message).
+        self.config: StreamConfig = StreamConfig()
+        self.fps = self.settings.default_fps
+        self.quality = self.settings.jpeg_quality
+        self.next_seq = 0
+        self.received: OrderedDict[int, tuple[float, float]] = OrderedDict()  # seq -> (t_recv, decode_s)
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.errors_in_row = 0
+        self.tasks: set[asyncio.Task] = set()
+        self.ticker: asyncio.Task | None = None
+        self._last_image: Any = None
+        self._last_bytes = b""
+        self._last_quality = -1
+        self._out_dropped = 0
+
+    # ------------------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        self.state.sessions.add(self)
+        self.metrics.streams_active.inc()
+        sender: asyncio.Task | None = None
+        try:
+            self.config = self.runner.validate(StreamConfig(**self.state.stream_defaults()))
+            self.handle = await asyncio.to_thread(self.runner.add_stream, self.config, self._notify)
+            logger.debug("stream %s opened", self.handle.id)
+            self.send_json({"type": "ready", "session": self.handle.id, "protocol": PROTOCOL_VERSION,
+                            "config": self._config_dict(self.config), "limits": self._limits(),
+                            "model": {k: self.runner.info.get(k) for k in ("model", "backend", "device", "dtype")}})
+            sender = asyncio.create_task(self._sender(), name=f"ditstream-sender-{self.handle.id}")
+            await self._receive_loop(sender)
+        except DitstreamError as exc:  # could not even open the stream
+            logger.warning("stream setup failed: %s", exc.message)
+            with contextlib.suppress(Exception):
+                await self.ws.send_text(json.dumps(ws_error(exc)))
+                await self.ws.close(mapping_for(exc).ws_close or WS_INTERNAL_ERROR, exc.error_type)
+        finally:
+            await self._cleanup(sender)
+
+    async def _cleanup(self, sender: asyncio.Task | None) -> None:
+        for task in [*self.tasks, *([self.ticker] if self.ticker else [])]:
+            task.cancel()
+        if sender is not None and not sender.done():
+            sender.cancel()
+            with contextlib.suppress(BaseException):
+                await sender
+        if self.handle is not None:
+            with contextlib.suppress(DitstreamError):
+                self.handle.close()  # the engine drops its slot, pipeline and outputs
+            logger.debug("stream %s closed (%s)", self.handle.id, self.handle.stats.as_dict())
+        self.metrics.streams_active.dec()
+        self.state.sessions.discard(self)
+
+    def request_close(self, code: int, reason: str) -> None:
+        """Ask the sender to flush pending messages and close the socket (from any coroutine)."""
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+        self.wake.set()
+
+    def _notify(self) -> None:
+        """Called on the engine thread after each output; must never raise there."""
+        with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
+            self.loop.call_soon_threadsafe(self.wake.set)
+
+    def send_json(self, message: dict[str, Any]) -> None:
+        if len(self.control_out) >= MAX_PENDING_CONTROL:
+            self.request_close(1008, "client does not read")
+            return
+        self.control_out.append(json.dumps(message, separators=(",", ":")))
+        self.wake.set()
+
+    # ------------------------------------------------------------------------------ receiving
+    async def _receive_loop(self, sender: asyncio.Task) -> None:
+        while self.close_code is None:
+            receive = asyncio.ensure_future(self.ws.receive())
+            done, _ = await asyncio.wait({receive, sender}, return_when=asyncio.FIRST_COMPLETED)
+            if receive not in done:  # the sender closed the socket (engine death, shutdown, abuse)
+                receive.cancel()
+                return
+            msg = receive.result()
+            if msg["type"] == "websocket.disconnect":
+                return
+            t_recv = time.perf_counter()
+            try:
+                if msg.get("bytes") is not None:
+                    await self._on_frame(msg["bytes"], t_recv)
+                else:
+                    await self._on_text(msg.get("text") or "")
+                self.errors_in_row = 0
+            except DitstreamError as exc:
+                self._on_error(exc)
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(sender, timeout=2.0)
+
+    def _on_error(self, exc: DitstreamError) -> None:
+        row = mapping_for(exc)
+        self.send_json(ws_error(exc))
+        if row.ws_close is not None:
+            self.request_close(row.ws_close, exc.error_type)
+            return
+        self.errors_in_row += 1
+        if self.errors_in_row >= self.settings.max_consecutive_errors:
+            abuse = ProtocolAbuseError(f"{self.errors_in_row} bad messages in a row")
+            self.send_json(ws_error(abuse))
+            self.request_close(mapping_for(abuse).ws_close or 1003, abuse.error_type)
+
+    async def _on_frame(self, data: bytes, t_recv: float) -> None:
+        if len(data) > self.settings.max_frame_bytes:
+            raise PayloadTooLargeError(
+                f"frame is {len(data)} bytes; the limit is {self.settings.max_frame_bytes}", field="frame")
+        header, image_bytes = unpack_frame(data)
+        seq, ts = frame_header_fields(header)
+        if seq is None:
+            seq = self.next_seq
+        self.next_seq = max(self.next_seq, seq + 1)
+        if ts is None:
+            ts = time.time() * 1e3
+        cfg = self.config
+        image = await self.loop.run_in_executor(
+            self.state.codec.pool, lambda: codec.decode(image_bytes, max_pixels=self.settings.max_pixels,
+                                                        size=(cfg.width, cfg.height)))
+        decode_s = time.perf_counter() - t_recv
+        self._track(seq, t_recv, decode_s)
+        assert self.handle is not None
+        if self.handle.submit(image, seq, ts):
+            self.metrics.frames.labels("dropped").inc()
+
+    def _track(self, seq: int, t_recv: float, decode_s: float) -> None:
+        self.received[seq] = (t_recv, decode_s)
+        while len(self.received) > MAX_TRACKED_FRAMES:
+            self.received.popitem(last=False)
+
+    async def _on_text(self, text: str) -> None:
+        if len(text.encode()) > self.settings.max_control_bytes:
+            raise PayloadTooLargeError(f"control message is over {self.settings.max_control_bytes} bytes",
+                                       field="message")
+        msg = parse_control(text)
+        if isinstance(msg, PingMessage):
+            self.send_json({"type": "pong", "ts": msg.ts, "server_time": time.time() * 1e3})
+        elif isinstance(msg, ConfigMessage):
+            await self._on_config(msg)
+
+    async def _on_config(self, msg: ConfigMessage) -> None:
+        if msg.fps is not None and msg.fps > self.settings.max_fps:
+            raise ValidationError(f"fps is {msg.fps}; the limit is {self.settings.max_fps}", field="fps")
+        try:
+            wanted = self.config.replace(**msg.engine_changes())
+        except TypeError as exc:
+            raise ValidationError(f"bad config: {exc}", field="config") from exc
+        wanted = self.runner.validate(wanted)  # names the field on error; nothing applied yet
+        if msg.fps is not None:
+            self.fps = msg.fps
+        if msg.quality is not None:
+            self.quality = msg.quality
+        assert self.handle is not None
+        changed = wanted != self.config
+        reshapes = (wanted.width, wanted.height, wanted.mode) != (self.config.width, self.config.height,
+                                                                  self.config.mode)
+        self.config = wanted
+        if not changed:
+            self._applied(wanted)
+            return
+        # Pass every field, not only the changes: the engine's copy may not have applied the previous
+        # message yet, and a diff against it would undo that message.
+        future = asyncio.wrap_future(self.handle.reconfigure(**_fields(wanted)))
+        if reshapes:
+            # Frames of the new size/mode must not reach the engine before it switched: wait (rare).
+            self._applied(await future)
+        else:
+            task = asyncio.create_task(self._await_applied(future))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _await_applied(self, future: asyncio.Future) -> None:
+        try:
+            self._applied(await future)
+        except DitstreamError as exc:
+            self._on_error(exc)
+
+    def _applied(self, cfg: StreamConfig) -> None:
+        self.send_json({"type": "config", "applied": self._config_dict(cfg)})
+        if cfg.mode == "txt2img" and self.ticker is None:
+            self.ticker = asyncio.create_task(self._ticker(), name="ditstream-txt2img-ticker")
+        elif cfg.mode != "txt2img" and self.ticker is not None:
+            self.ticker.cancel()
+            self.ticker = None
+
+    async def _ticker(self) -> None:
+        """txt2img: offer an empty frame every 1/fps s on an absolute schedule (no drift)."""
+        next_t = self.loop.time()
+        while True:
+            period = 1.0 / self.fps
+            next_t += period
+            now = self.loop.time()
+            if next_t < now - period:  # fell far behind (a stall): restart the schedule
+                next_t = now
+            await asyncio.sleep(max(0.0, next_t - now))
+            seq = self.next_seq
+            self.next_seq += 1
+            self._track(seq, time.perf_counter(), 0.0)
+            assert self.handle is not None
+            try:
+                if self.handle.submit(None, seq, time.time() * 1e3):
+                    self.metrics.frames.labels("dropped").inc()
+            except ValidationError:  # mode switched under us; the next applied config stops us
+                continue
+            except EngineDeadError:
+                return
+
+    # ------------------------------------------------------------------------------ sending
+    async def _sender(self) -> None:
+        """The only writer to the socket: control replies, then output frames, then a close."""
+        assert self.handle is not None
+        outputs = self.handle.outputs
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.control_out:
+                await self.ws.send_text(self.control_out.popleft())
+            if self.close_code is not None:
+                await self._close()
+                return
+            batch = outputs.drain()
+            self._count_output_drops()
+            if batch:
+                await self._send_outputs(batch)
+            if outputs.closed and not outputs:
+                err = self.runner.error
+                if err is not None or not self.runner.alive:
+                    dead = EngineDeadError(f"the engine stopped: {err!r}" if err else "the engine stopped")
+                    await self.ws.send_text(json.dumps(ws_error(dead)))
+                    self.close_code, self.close_reason = WS_INTERNAL_ERROR, dead.error_type
+                    await self._close()
+                    return
+
+    async def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close(self.close_code or 1000, self.close_reason[:120])
+
+    def _count_output_drops(self) -> None:
+        assert self.handle is not None
+        dropped = self.handle.outputs.dropped
+        if dropped > self._out_dropped:
+            self.metrics.frames.labels("dropped").inc(dropped - self._out_dropped)
+            self._out_dropped = dropped
+
+    async def _send_outputs(self, batch: list[StreamOutput]) -> None:
+        for out in batch:
+            data, encode_s = await self._encode(out.image)
+            t_recv, decode_s = self.received.pop(out.seq, (None, 0.0))
+            now = time.perf_counter()
+            server_s = (now - t_recv) if t_recv is not None else out.timings.get("total", 0.0) + encode_s
+            inference_s = out.timings.get("inference", 0.0)
+            header = {"seq": out.seq, "ts": out.ts, "skipped": out.skipped,
+                      "width": int(out.image.shape[1]), "height": int(out.image.shape[0]),
+                      "timings": {"decode_ms": _ms(decode_s), "queue_ms": _ms(out.timings.get("queue", 0.0)),
+                                  "inference_ms": _ms(inference_s), "encode_ms": _ms(encode_s),
+                                  "server_ms": _ms(server_s)}}
+            await self.ws.send_bytes(pack_frame(header, data))
+            m = self.metrics
+            m.frames.labels("skipped" if out.skipped else "processed").inc()
+            m.queue_seconds.observe(out.timings.get("queue", 0.0))
+            if not out.skipped:
+                m.inference_seconds.observe(inference_s)
+            m.e2e_seconds.observe(server_s)
+            m.overhead_seconds.observe(max(0.0, server_s - inference_s))
+
+    async def _encode(self, image: Any) -> tuple[bytes, float]:
+        """JPEG-encode in the codec pool; a skipped frame re-sends the same array, so reuse its bytes."""
+        quality = self.quality
+        if image is self._last_image and quality == self._last_quality:
+            return self._last_bytes, 0.0
+        t0 = time.perf_counter()
+        data = await self.loop.run_in_executor(self.state.codec.pool, codec.encode, image, "jpeg", quality)
+        self._last_image, self._last_bytes, self._last_quality = image, data, quality
+        return data, time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------ helpers
+    def _config_dict(self, cfg: StreamConfig) -> dict[str, Any]:
+        d = cfg.to_dict()
+        d["fps"] = self.fps
+        d["quality"] = self.quality
+        return d
+
+    def _limits(self) -> dict[str, Any]:
+        s = self.settings
+        ecfg = getattr(self.runner.core, "config", None)
+        return {"max_frame_bytes": s.max_frame_bytes, "max_control_bytes": s.max_control_bytes,
+                "max_pixels": s.max_pixels, "max_prompt_chars": s.max_prompt_chars,
+                "size_multiple": self.runner.info.get("size_multiple"), "max_fps": s.max_fps,
+                "steps": [1, 4], "output_queue": getattr(ecfg, "output_queue_size", None),
+                "input_formats": list(codec.FORMATS), "output_format": "jpeg"}
+
+
+def _fields(cfg: StreamConfig) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
