@@ -60,3 +60,53 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(30)
         self.sock.close()
+
+
+# ------------------------------------------------------------------------------ protocol helpers
+def jpeg(image: Any, quality: int = 90) -> bytes:
+    """uint8 (H, W, 3) → JPEG bytes."""
+    import numpy as np
+    import simplejpeg
+
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality, colorspace="RGB")
+
+
+def frame_message(image_bytes: bytes, seq: int, ts: float | None = None) -> bytes:
+    """A header-framed input frame."""
+    from server.protocol import pack_frame
+
+    return pack_frame({"seq": seq, "ts": time.perf_counter() * 1e3 if ts is None else ts}, image_bytes)
+
+
+def decode_output(message: bytes) -> tuple[dict[str, Any], Any]:
+    """An output frame → (header, uint8 image)."""
+    import simplejpeg
+
+    from server.protocol import unpack_frame
+
+    header, body = unpack_frame(message)
+    assert header is not None, "outputs always carry a header"
+    return header, simplejpeg.decode_jpeg(bytes(body), colorspace="RGB")
+
+
+async def recv_json(ws: Any, timeout: float = 30.0) -> dict[str, Any]:
+    """The next text message (binary frames before it are skipped)."""
+    import json
+
+    while True:
+        msg = await asyncio.wait_for(ws.recv(), timeout)
+        if isinstance(msg, str):
+            return json.loads(msg)
+
+
+async def recv_frame(ws: Any, timeout: float = 60.0, texts: list[dict[str, Any]] | None = None
+                     ) -> tuple[dict[str, Any], Any]:
+    """The next output frame; text messages before it are appended to ``texts``."""
+    import json
+
+    while True:
+        msg = await asyncio.wait_for(ws.recv(), timeout)
+        if isinstance(msg, bytes):
+            return decode_output(msg)
+        if texts is not None:
+            texts.append(json.loads(msg))
