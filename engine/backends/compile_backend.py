@@ -1,0 +1,149 @@
+"""torch.compile backend, with CUDA graphs per batch bucket on GPU.
+
+Why buckets: CUDA graphs need static shapes, and the cross-stream scheduler produces every batch
+size from 1 to ``max_batch``. Padding a batch up to the next bucket (1, 2, 4, 8, 16, ...) keeps the
+number of captured graphs small; the pad rows are copies of the last real row and are sliced away,
+and since every network here treats batch rows independently a row's result does not depend on its
+neighbours (the engine's isolation test checks exactly that). On CPU nothing is padded and the
+graphs are compiled with dynamic shapes.
+
+The modules compiled are the same wrappers the ONNX export uses (``trt_build.export``), so the
+compiled graph has plain positional tensor inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from engine.backends.base import Backend
+from engine.errors import BackendUnavailableError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+
+
+def bucket_for(batch: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> int:
+    """The smallest bucket ≥ ``batch`` (a batch beyond the last bucket runs unpadded)."""
+    for b in buckets:
+        if b >= batch:
+            return b
+    return batch
+
+
+def _pad(t: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    if t is None or t.shape[0] == size:
+        return t
+    extra = t[-1:].expand(size - t.shape[0], *t.shape[1:])
+    return torch.cat([t, extra], dim=0)
+
+
+def _per_sample(value: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+    """A (B,) fp32 tensor on ``device`` from a scalar, a 0-d or a (B,) tensor."""
+    t = torch.as_tensor(value, dtype=torch.float32, device=device)
+    return t.expand(batch) if t.ndim == 0 else t.reshape(batch)
+
+
+class CompileBackend(Backend):
+    """``torch.compile`` of transformer, VAE encoder and VAE decoder.
+
+    ``mode``: default ``"reduce-overhead"`` on CUDA (inductor + CUDA graph trees, one graph per
+    bucket shape) and ``"default"`` on CPU. ``compile_backend``: the dynamo backend (``"inductor"``).
+    """
+
+    name = "compile"
+
+    def __init__(self, components: Any, *, mode: str | None = None, compile_backend: str = "inductor",
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> None:
+        super().__init__(components)
+        if not hasattr(torch, "compile"):
+            raise BackendUnavailableError("backend 'compile' needs torch >= 2.0")
+        if compile_backend == "inductor" and self.device.type == "cpu":
+            import shutil
+
+            if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+                raise BackendUnavailableError("backend 'compile' on CPU needs a C++ compiler (g++ or clang++)")
+        from trt_build.export import TransformerExport, VaeDecoderExport, VaeEncoderExport
+
+        self.cuda_graphs = self.device.type == "cuda" and mode in (None, "reduce-overhead")
+        self.mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
+        self.buckets = buckets if self.cuda_graphs else ()
+        dynamic = None if self.cuda_graphs else True
+        self._with_guidance = bool(getattr(components.transformer.config, "guidance_embeds", False))
+
+        def comp(module: torch.nn.Module) -> Any:
+            return torch.compile(module.eval(), mode=self.mode, backend=compile_backend, dynamic=dynamic,
+                                 fullgraph=False)
+
+        self._transformer = comp(TransformerExport(components.transformer))
+        self._encoder = comp(VaeEncoderExport(components.vae))
+        self._decoder = comp(VaeDecoderExport(components.vae))
+        logger.info("compile backend: mode=%s backend=%s cuda_graphs=%s buckets=%s", self.mode,
+                    compile_backend, self.cuda_graphs, self.buckets or "none")
+
+    def _bucket(self, batch: int) -> int:
+        if self.buckets:
+            return bucket_for(batch, self.buckets)
+        # Dynamic shapes still specialise on size 1; padding 1 -> 2 lets one graph serve every batch.
+        return max(batch, 2)
+
+    def _finish(self, out: torch.Tensor, batch: int) -> torch.Tensor:
+        # CUDA-graph outputs live in memory the next replay overwrites: copy them out.
+        out = out[:batch]
+        return out.clone() if self.cuda_graphs else out
+
+    def warmup(self, shapes: list[tuple[int, int, int]]) -> None:
+        """Compile (and capture, on CUDA) every bucket the ``(batch, height, width)`` shapes need."""
+        from trt_build.export import transformer_inputs
+
+        f = self.components.vae_scale_factor
+        seen: set[tuple[int, int, int]] = set()
+        for batch, height, width in shapes:
+            key = (self._bucket(batch), height, width)
+            if key in seen:
+                continue
+            seen.add(key)
+            b = key[0]
+            x, t, ehs, mask, *g = transformer_inputs(self.components.transformer, b, height // f, width // f,
+                                                     dtype=self.dtype, device=self.device)
+            images = torch.zeros(b, 3, height, width, device=self.device, dtype=self.components.vae.dtype)
+            for _ in range(2 if self.cuda_graphs else 1):  # cudagraph trees record on the 2nd call
+                self.denoise(x, t, ehs, mask, g[0] if g else None)
+                self.decode(self.encode(images))
+        logger.info("compile backend warmed up for %d shape(s)", len(seen))
+
+    @torch.inference_mode()
+    def denoise(self, x, timestep, encoder_hidden_states, encoder_attention_mask, guidance):
+        batch = x.shape[0]
+        size = self._bucket(batch)
+        timestep = _per_sample(timestep, batch, x.device)
+        if self._with_guidance and guidance is None:
+            raise ValueError("this transformer embeds guidance; pass a guidance tensor")
+        if guidance is not None:
+            guidance = _per_sample(guidance, batch, x.device)
+        args = [_pad(x.to(self.dtype), size), _pad(timestep, size),
+                _pad(encoder_hidden_states.to(self.dtype), size), _pad(encoder_attention_mask, size)]
+        if self._with_guidance:
+            args.append(_pad(guidance, size))
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._finish(self._transformer(*args), batch)
+
+    @torch.inference_mode()
+    def encode(self, images):
+        batch = images.shape[0]
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        vae_dtype = self.components.vae.dtype
+        return self._finish(self._encoder(_pad(images.to(vae_dtype), self._bucket(batch))), batch)
+
+    @torch.inference_mode()
+    def decode(self, latents):
+        batch = latents.shape[0]
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        vae_dtype = self.components.vae.dtype
+        return self._finish(self._decoder(_pad(latents.to(vae_dtype), self._bucket(batch))), batch)

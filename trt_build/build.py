@@ -1,0 +1,264 @@
+"""TensorRT engine build: strongly typed network, min/opt/max profiles, timing cache, progress.
+
+Why strongly typed: precision then comes from the ONNX graph itself. The graph is exported in the
+target dtype, and diffusers' explicit fp32 casts around linear attention and RMSNorm survive the
+TorchScript exporter (``export.reduced_precision_islands`` checks it before every reduced-precision
+build), so those sub-graphs stay fp32 — fp16 would underflow the 1e-15 epsilon and overflow the
+sums and x². A weakly typed fp16 build is free to ignore such casts, which is why we never set
+``BuilderFlag.FP16``.
+
+``tensorrt`` is imported inside the functions; this module is importable (and its pure parts are
+tested) without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from trt_build.cache import BuildProfile, BuildSpec, EngineCache
+from trt_build.export import (
+    COMPONENTS,
+    DTYPE_NAMES,
+    MODEL_FILE,
+    component_dtype,
+    component_module,
+    get_or_export,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPT_LEVEL = 3
+#: The real DC-AE takes its quadratic-attention branch below 192 px (see ``export.make_export_spec``);
+#: the graph is traced on the linear branch, so smaller profiles would compute something else.
+MIN_PIXELS_REAL_DCAE = 192
+
+
+def trt_version() -> str:
+    """Installed TensorRT version, or ``""`` when TensorRT is not installed."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return ""
+    return str(trt.__version__)
+
+
+def compute_capability(device: int = 0) -> str:
+    """``"major.minor"`` of the CUDA device (engines are tied to it), or ``""`` without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}.{minor}"
+
+
+def input_profiles(components: Any, component: str, profile: BuildProfile) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """``{input name: (min shape, opt shape, max shape)}`` of ``component`` for ``profile`` (pixels)."""
+    f = components.vae_scale_factor
+    b, h, w, s = profile.batch, profile.height, profile.width, profile.seq_len
+    for dim, rng in (("height", h), ("width", w)):
+        if any(v % f for v in rng):
+            raise ValueError(f"profile {dim} {rng} must be multiples of the VAE factor {f}")
+    shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+
+    def three(fn: Any) -> tuple[tuple[int, ...], ...]:
+        return tuple(fn(i) for i in range(3))
+
+    if component == "transformer":
+        cfg = components.transformer.config
+        shapes["sample"] = three(lambda i: (b[i], cfg.in_channels, h[i] // f, w[i] // f))
+        shapes["timestep"] = three(lambda i: (b[i],))
+        shapes["encoder_hidden_states"] = three(lambda i: (b[i], s[i], cfg.caption_channels))
+        shapes["encoder_attention_mask"] = three(lambda i: (b[i], s[i]))
+        if getattr(cfg, "guidance_embeds", False):
+            shapes["guidance"] = three(lambda i: (b[i],))
+    elif component == "vae_encoder":
+        shapes["images"] = three(lambda i: (b[i], 3, h[i], w[i]))
+    elif component == "vae_decoder":
+        c = components.vae.config.latent_channels
+        shapes["latents"] = three(lambda i: (b[i], c, h[i] // f, w[i] // f))
+    else:
+        raise ValueError(f"unknown component {component!r}; choose one of {COMPONENTS}")
+    return shapes
+
+
+def engine_spec(components: Any, component: str, profile: BuildProfile, *, opt_level: int = DEFAULT_OPT_LEVEL,
+                weights: str | None = None, device: int = 0) -> BuildSpec:
+    """The cache spec of a TensorRT engine: weights, component, dtype, profile, flags, TRT, GPU."""
+    from trt_build.cache import weights_hash
+
+    return BuildSpec(
+        weights_hash=weights or weights_hash(component_module(components, component)),
+        component=component, dtype=DTYPE_NAMES[component_dtype(components, component)], profile=profile,
+        kind="tensorrt", flags=(("strongly_typed", True), ("opt_level", opt_level)),
+        trt_version=trt_version(), compute_capability=compute_capability(device),
+    )
+
+
+def cast_resize_to_fp32(model: Any) -> int:
+    """Wrap every bf16 ``Resize`` in Cast(fp32) → Resize → Cast(bf16); returns how many.
+
+    TensorRT has no bf16 Resize, and DC-AE's "interpolate" upsampler is one (ANCHORS.md). Works in
+    place on an ``onnx.ModelProto``; the result computes the same values (nearest/linear resize of
+    bf16 values is exact in fp32).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    new_nodes: list[Any] = []
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == "Resize" and types.get(node.input[0]) == TensorProto.BFLOAT16:
+            count += 1
+            src, dst = node.input[0], node.output[0]
+            cast_in, resized = f"{src}__fp32_{count}", f"{dst}__fp32_{count}"
+            new_nodes.append(helper.make_node("Cast", [src], [cast_in], to=TensorProto.FLOAT,
+                                              name=f"{node.name}/cast_in"))
+            node.input[0] = cast_in
+            node.output[0] = resized
+            new_nodes.append(node)
+            new_nodes.append(helper.make_node("Cast", [resized], [dst], to=TensorProto.BFLOAT16,
+                                              name=f"{node.name}/cast_out"))
+        else:
+            new_nodes.append(node)
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+    return count
+
+
+def prepare_onnx_for_trt(onnx_path: Path, dtype: str) -> Path:
+    """Check the fp32 islands of a reduced-precision graph and patch bf16 Resizes; returns the path.
+
+    Raises ``RuntimeError`` if an RMSNorm x² or a linear-attention division is not fp32 — building
+    such a graph would produce NaN/inf images, so we refuse instead.
+    """
+    import onnx
+
+    from trt_build.export import reduced_precision_islands
+
+    if dtype == "fp32":
+        return onnx_path
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    islands = reduced_precision_islands(model)
+    if islands["other"]:
+        raise RuntimeError(f"{dtype} graph {onnx_path} has reduced-precision ops that must be fp32: "
+                           f"{islands['other'][:5]}")
+    if dtype == "bf16":
+        model = onnx.load(str(onnx_path))
+        if cast_resize_to_fp32(model):
+            patched = onnx_path.with_name("model.trt.onnx")
+            tmp = patched.with_name(patched.name + ".tmp")
+            big = model.ByteSize() > 2**31 - 1
+            onnx.save(model, str(tmp), save_as_external_data=big, location=patched.name + ".data")
+            os.replace(tmp, patched)
+            return patched
+    return onnx_path
+
+
+def _timing_cache_path(cache: EngineCache, spec: BuildSpec) -> Path:
+    return cache.root / f"timing-trt{spec.trt_version}-sm{spec.compute_capability}.cache"
+
+
+def build_engine_bytes(onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...], ...]], *,
+                       opt_level: int = DEFAULT_OPT_LEVEL, timing_cache: Path | None = None,
+                       workspace_gb: float | None = None, progress: bool = True) -> bytes:
+    """Parse ``onnx_path`` into a strongly typed network and build a serialized engine."""
+    import tensorrt as trt
+
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.builder_optimization_level = opt_level
+    if workspace_gb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache_obj = None
+    if timing_cache is not None:
+        blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        cache_obj = config.create_timing_cache(blob)
+        config.set_timing_cache(cache_obj, ignore_mismatch=False)
+    if progress and hasattr(trt, "IProgressMonitor"):
+        config.progress_monitor = _progress_monitor(trt)
+    started = time.monotonic()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT build of {onnx_path} failed (see the TensorRT log above)")
+    logger.info("built %s in %.1f s", onnx_path, time.monotonic() - started)
+    if cache_obj is not None and timing_cache is not None:
+        tmp = timing_cache.with_name(f".{timing_cache.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(bytes(memoryview(cache_obj.serialize())))
+        os.replace(tmp, timing_cache)
+    return bytes(memoryview(serialized))
+
+
+def _progress_monitor(trt: Any) -> Any:
+    """A TensorRT progress monitor that logs each phase (and its steps at DEBUG)."""
+
+    class _Progress(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self._started: dict[str, float] = {}
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            self._started[phase_name] = time.monotonic()
+            if parent_phase is None:
+                logger.info("TensorRT: %s (%d steps)", phase_name, num_steps)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            logger.debug("TensorRT: %s step %d", phase_name, step)
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name: str) -> None:
+            took = time.monotonic() - self._started.pop(phase_name, time.monotonic())
+            logger.debug("TensorRT: %s done in %.1f s", phase_name, took)
+
+    return _Progress()
+
+
+def get_or_build_engine(components: Any, component: str, profile: BuildProfile, *,
+                        cache: EngineCache | None = None, opt_level: int = DEFAULT_OPT_LEVEL,
+                        progress: bool = True, force: bool = False) -> Path:
+    """The engine file for ``component`` at ``profile``: from the cache, or exported and built now.
+
+    The ONNX export is cached too, so a build interrupted after the export resumes at the build;
+    the timing cache makes a re-run of an interrupted build much faster.
+    """
+    cache = cache if cache is not None else EngineCache()
+    spec = engine_spec(components, component, profile, opt_level=opt_level)
+    if not spec.trt_version:
+        raise RuntimeError("TensorRT is not installed (pip install tensorrt)")
+    if not spec.compute_capability:
+        raise RuntimeError("building a TensorRT engine needs a CUDA GPU")
+    if not force:
+        hit = cache.lookup(spec)
+        if hit is not None:
+            logger.info("engine cache hit for %s: %s", component, hit.name)
+            return hit
+    shapes = input_profiles(components, component, profile)
+    onnx_path = get_or_export(components, component, cache=cache, weights=spec.weights_hash)
+    onnx_path = prepare_onnx_for_trt(onnx_path, spec.dtype)
+    logger.info("building TensorRT engine for %s (%s, %s)", component, spec.dtype, profile.describe())
+    data = build_engine_bytes(onnx_path, shapes, opt_level=opt_level,
+                              timing_cache=_timing_cache_path(cache, spec), progress=progress)
+    return cache.store_bytes(spec, data, info={"onnx": str(onnx_path), "shapes": {
+        k: [list(s) for s in v] for k, v in shapes.items()}})
+
+
+__all__ = ["MODEL_FILE", "build_engine_bytes", "cast_resize_to_fp32", "compute_capability", "engine_spec",
+           "get_or_build_engine", "input_profiles", "prepare_onnx_for_trt", "trt_version"]
