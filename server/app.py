@@ -25,12 +25,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine.config import StreamConfig
 from engine.errors import DitstreamError, EngineDeadError, PayloadTooLargeError, ValidationError
 from engine.runner import EngineRunner
 from server.admission import Admission
 from server.auth import APIKeyMiddleware
 from server.codec import Codec
-from server.errors import mapping_for, rest_error_body, rest_headers
+from server.errors import MalformedMessageError, mapping_for, rest_error_body, rest_headers
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -62,6 +63,18 @@ class AppState:
         if self.runner is None or not self.runner.alive:
             raise EngineDeadError("the engine is not running")
         return self.runner
+
+    def validate(self, cfg: StreamConfig) -> StreamConfig:
+        """The engine's validation plus the server's own limits (an injected engine may allow more)."""
+        cfg = self.require_engine().validate(cfg)
+        s = self.settings
+        if len(cfg.prompt) > s.max_prompt_chars:
+            raise ValidationError(f"prompt is {len(cfg.prompt)} characters; the limit is {s.max_prompt_chars}",
+                                  field="prompt")
+        if cfg.width * cfg.height > s.max_pixels:
+            raise ValidationError(f"size {cfg.width}x{cfg.height} is {cfg.width * cfg.height} pixels; the limit "
+                                  f"is {s.max_pixels}", field="size")
+        return cfg
 
     def stream_defaults(self) -> dict[str, Any]:
         """Stream settings a new session starts with: the model's own defaults, else the server's."""
@@ -246,9 +259,14 @@ def create_app(settings: Settings | None = None, runner: EngineRunner | None = N
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
-        where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query"))
-        verr = ValidationError(f"{where or 'body'}: {err['msg']}", field=where or None)
-        return JSONResponse(rest_error_body(verr), status_code=422)
+        where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "form"))
+        if err.get("type") == "json_invalid":
+            verr: ValidationError = MalformedMessageError(f"request body is not valid JSON: {err['msg']}",
+                                                          field="body")
+        else:
+            verr = ValidationError(f"{where or 'body'}: {err['msg']} (got {err.get('input')!r:.80})",
+                                   field=where or None)
+        return JSONResponse(rest_error_body(verr), status_code=mapping_for(verr).http_status)
 
     app.include_router(rest.router)
     app.include_router(ws.router)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
 from concurrent.futures import Future
@@ -170,7 +171,7 @@ def _base_config(state: AppState, mode: str, prompt: str, width: int, height: in
             d[k] = v
     if seed is None:
         d["seed"] = int(np.random.default_rng().integers(0, 2**31))
-    return state.require_engine().validate(StreamConfig(**d))
+    return state.validate(StreamConfig(**d))
 
 
 async def _run_jobs(state: AppState, request: Request, cfgs: list[StreamConfig],
@@ -190,11 +191,13 @@ async def _run_jobs(state: AppState, request: Request, cfgs: list[StreamConfig],
             gone.cancel()
             if results in done:
                 outputs: list[StreamOutput] = results.result()
-            elif gone in done:
-                results.cancel()
-                raise CancelledError("client disconnected")
             else:
                 results.cancel()
+                with contextlib.suppress(BaseException):
+                    await results
+                if gone in done:
+                    logger.info("client left: cancelled %d queued image(s)", len(futures))
+                    raise CancelledError("client disconnected")
                 raise GenerationError(f"no result within {state.settings.job_timeout_s} s")
         finally:
             for f in futures:

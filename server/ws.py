@@ -20,7 +20,8 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
-from fastapi import APIRouter, WebSocket
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from uvicorn.protocols.utils import ClientDisconnected
 
 from engine.config import StreamConfig
 from engine.errors import (
@@ -119,7 +120,7 @@ class StreamSession:
         self.metrics.streams_active.inc()
         sender: asyncio.Task | None = None
         try:
-            self.config = self.runner.validate(StreamConfig(**self.state.stream_defaults()))
+            self.config = self.state.validate(StreamConfig(**self.state.stream_defaults()))
             self.handle = await asyncio.to_thread(self.runner.add_stream, self.config, self._notify)
             logger.debug("stream %s opened", self.handle.id)
             self.send_json({"type": "ready", "session": self.handle.id, "protocol": PROTOCOL_VERSION,
@@ -245,7 +246,7 @@ class StreamSession:
             wanted = self.config.replace(**msg.engine_changes())
         except TypeError as exc:
             raise ValidationError(f"bad config: {exc}", field="config") from exc
-        wanted = self.runner.validate(wanted)  # names the field on error; nothing applied yet
+        wanted = self.state.validate(wanted)  # names the field on error; nothing applied yet
         if msg.fps is not None:
             self.fps = msg.fps
         if msg.quality is not None:
@@ -308,6 +309,12 @@ class StreamSession:
     # ------------------------------------------------------------------------------ sending
     async def _sender(self) -> None:
         """The only writer to the socket: control replies, then output frames, then a close."""
+        try:
+            await self._send_loop()
+        except (WebSocketDisconnect, ClientDisconnected, RuntimeError) as exc:  # the client left mid-send
+            logger.debug("sender stopped: %r", exc)
+
+    async def _send_loop(self) -> None:
         assert self.handle is not None
         outputs = self.handle.outputs
         while True:
