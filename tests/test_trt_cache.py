@@ -1,0 +1,172 @@
+"""Engine cache keys, sidecars and atomic writes — all without TensorRT.
+
+The failure these guard against is StreamDiffusion's: an engine reused for another resolution or
+TensorRT version, or a half-written file that looks valid after a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from trt_build.build import engine_spec, input_profiles, trt_version
+from trt_build.cache import BuildProfile, BuildSpec, EngineCache, weights_hash
+
+BASE = BuildSpec(weights_hash="abc", component="transformer", dtype="fp16",
+                 profile=BuildProfile(batch=(1, 1, 4), height=(256, 512, 1024), width=(256, 512, 1024)),
+                 flags=(("strongly_typed", True), ("opt_level", 3)), trt_version="10.9.0",
+                 compute_capability="8.9")
+
+
+@pytest.mark.parametrize("change", [
+    {"weights_hash": "abd"},
+    {"component": "vae_decoder"},
+    {"dtype": "bf16"},
+    {"profile": BuildProfile(batch=(1, 1, 8), height=(256, 512, 1024), width=(256, 512, 1024))},
+    {"profile": BuildProfile(batch=(1, 1, 4), height=(256, 768, 1024), width=(256, 512, 1024))},
+    {"flags": (("strongly_typed", True), ("opt_level", 5))},
+    {"trt_version": "10.10.0"},
+    {"compute_capability": "9.0"},
+    {"kind": "onnx"},
+], ids=lambda c: next(iter(c)))
+def test_every_field_changes_the_key(change):
+    assert dataclasses.replace(BASE, **change).key() != BASE.key()
+
+
+def test_key_is_stable_and_filename_is_readable():
+    same = BuildSpec(**{f.name: getattr(BASE, f.name) for f in dataclasses.fields(BuildSpec)})
+    assert same.key() == BASE.key()
+    assert len(BASE.key()) == 24
+    assert BASE.filename(".plan") == f"transformer-fp16-{BASE.key()}.plan"
+
+
+def test_profile_from_request_covers_everything_asked_for():
+    p = BuildProfile.from_request([(768, 512), (512, 512), (1024, 1024)], [4, 1, 8], seq_len=300)
+    assert p.batch == (1, 4, 8)
+    assert p.width == (512, 768, 1024) and p.height == (512, 512, 1024)
+    assert p.covers(8, 1024, 1024) and p.covers(1, 512, 768)
+    assert not p.covers(9, 512, 512) and not p.covers(1, 256, 512)
+    with pytest.raises(ValueError):
+        BuildProfile(batch=(4, 1, 8))
+    with pytest.raises(ValueError):
+        BuildProfile.from_request([], [1])
+
+
+def test_weights_hash_follows_content_not_identity():
+    torch.manual_seed(0)
+    a = torch.nn.Linear(4, 4)
+    b = torch.nn.Linear(4, 4)
+    b.load_state_dict(a.state_dict())
+    assert weights_hash(a) == weights_hash(b)
+    with torch.no_grad():
+        b.weight[0, 0] += 1e-3
+    assert weights_hash(a) != weights_hash(b)
+    assert weights_hash(a.to(torch.bfloat16)) != weights_hash(b)  # bf16 hashes by its bytes
+
+
+def test_store_then_lookup_hits(tmp_path):
+    cache = EngineCache(tmp_path)
+    assert cache.lookup(BASE) is None
+    path = cache.store_bytes(BASE, b"engine bytes", info={"note": "x"})
+    assert path.name == BASE.filename(".plan")
+    assert cache.lookup(BASE) == path
+    meta = json.loads(cache.sidecar(path).read_text())
+    assert meta["spec"] == BASE.to_dict() and meta["size"] == len(b"engine bytes") and meta["note"] == "x"
+    assert [e["key"] for e in cache.entries()] == [BASE.key()]
+
+
+def test_other_spec_misses(tmp_path):
+    cache = EngineCache(tmp_path)
+    cache.store_bytes(BASE, b"engine")
+    assert cache.lookup(dataclasses.replace(BASE, trt_version="10.10.0")) is None
+
+
+def test_sidecar_of_another_spec_is_not_trusted(tmp_path):
+    cache = EngineCache(tmp_path)
+    path = cache.store_bytes(BASE, b"engine")
+    side = cache.sidecar(path)
+    meta = json.loads(side.read_text())
+    meta["spec"]["profile"]["batch"] = [1, 1, 8]
+    side.write_text(json.dumps(meta))
+    assert cache.lookup(BASE) is None
+
+
+def test_truncated_or_altered_artifact_misses(tmp_path):
+    cache = EngineCache(tmp_path)
+    path = cache.store_bytes(BASE, b"0123456789")
+    path.write_bytes(b"01234")
+    assert cache.lookup(BASE) is None
+    path.write_bytes(b"0123456788")  # same size, different bytes
+    assert cache.lookup(BASE) is None
+    assert cache.lookup(BASE, verify_digest=False) == path
+
+
+def test_artifact_without_sidecar_misses(tmp_path):
+    """A crash after the artifact landed but before its sidecar leaves an entry that does not count."""
+    cache = EngineCache(tmp_path)
+    path = cache.store_bytes(BASE, b"engine")
+    cache.sidecar(path).unlink()
+    assert cache.lookup(BASE) is None
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    cache = EngineCache(tmp_path)
+
+    def writer(tmp):
+        tmp.write_bytes(b"half an engine")
+        raise RuntimeError("builder crashed")
+
+    with pytest.raises(RuntimeError, match="builder crashed"):
+        cache.store_with(BASE, writer)
+    assert list(tmp_path.iterdir()) == []
+    assert cache.lookup(BASE) is None
+
+
+def test_failed_rebuild_keeps_no_valid_looking_old_entry_half_replaced(tmp_path):
+    cache = EngineCache(tmp_path)
+    old = cache.store_bytes(BASE, b"old engine")
+
+    def writer(tmp):
+        raise KeyboardInterrupt  # even an interrupt cleans up
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.store_with(BASE, writer)
+    # The old complete entry is untouched, and no temporary is left behind.
+    assert cache.lookup(BASE) == old and old.read_bytes() == b"old engine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([old.name, cache.sidecar(old).name])
+
+
+def test_folder_artifacts_are_published_whole(tmp_path):
+    cache = EngineCache(tmp_path)
+
+    def writer(tmp):
+        tmp.mkdir()
+        (tmp / "model.onnx").write_bytes(b"graph")
+
+    path = cache.store_with(BASE, writer, suffix=".onnx")
+    assert (path / "model.onnx").read_bytes() == b"graph"
+    assert cache.lookup(BASE, suffix=".onnx") == path
+    # rebuilding replaces the folder
+    cache.store_with(BASE, lambda tmp: (tmp.mkdir(), (tmp / "model.onnx").write_bytes(b"new")), suffix=".onnx")
+    assert (path / "model.onnx").read_bytes() == b"new"
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_engine_spec_and_input_profiles_from_tiny_components(tiny_components):
+    profile = BuildProfile.from_request([(32, 32), (64, 48)], [1, 4], seq_len=8)
+    spec = engine_spec(tiny_components, "transformer", profile)
+    assert spec.dtype == "fp32" and spec.trt_version == trt_version()
+    assert spec.key() == engine_spec(tiny_components, "transformer", profile).key()
+    assert spec.key() != engine_spec(tiny_components, "vae_decoder", profile).key()
+
+    shapes = input_profiles(tiny_components, "transformer", profile)
+    assert shapes["sample"] == ((1, 4, 16, 16), (1, 4, 16, 16), (4, 4, 24, 32))
+    assert shapes["encoder_hidden_states"][2] == (4, 8, 8)
+    assert set(shapes) == {"sample", "timestep", "encoder_hidden_states", "encoder_attention_mask", "guidance"}
+    assert input_profiles(tiny_components, "vae_encoder", profile)["images"][2] == (4, 3, 48, 64)
+    assert input_profiles(tiny_components, "vae_decoder", profile)["latents"][0] == (1, 4, 16, 16)
+    with pytest.raises(ValueError, match="multiples"):
+        input_profiles(tiny_components, "vae_encoder", BuildProfile(height=(31, 32, 32)))
