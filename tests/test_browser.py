@@ -1,0 +1,75 @@
+"""The browser page, driven by headless Chromium with a fake camera, receives and shows frames.
+
+Chromium comes from the system (``/usr/bin/chromium``, or ``DITSTREAM_CHROMIUM``); its
+``--use-fake-device-for-media-stream`` camera feeds ``getUserMedia``. The screenshot is written
+under ``$DITSTREAM_ARTIFACTS`` (default: the test's tmp dir).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine.null import null_runner
+from server.app import create_app
+from server.settings import Settings
+from server.testing import ServerThread
+
+CHROMIUM = os.environ.get("DITSTREAM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+        "--disable-background-networking"]
+KEY = "browser-key-123"
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server():
+    settings = Settings(model="null", api_keys=[KEY], default_width=256, default_height=256)
+    with ServerThread(create_app(settings, null_runner())) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("source", ["webcam", "pattern"])
+def test_page_streams_the_camera_and_shows_output(server, source, tmp_path):
+    artifacts = Path(os.environ.get("DITSTREAM_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            console: list[str] = []
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            page.goto(server.url + "/")
+            page.select_option("#source", source)
+            page.fill("#key", KEY)
+            page.fill("#prompt", "a watercolor painting of a city at night")
+            page.click("#start")
+            page.wait_for_function("window.ditstream.stats.received >= 20", timeout=60_000)
+            stats = page.evaluate("({...window.ditstream.stats, source: window.ditstream.source.constructor.name})")
+            assert stats["source"] == ("CameraSource" if source == "webcam" else "PatternSource"), (stats, console)
+            assert stats["errors"] == [], stats["errors"]
+            assert page.inner_text("#status") == "live"
+            # The output canvas shows a real picture (not blank) of the stream's size.
+            pixels = page.evaluate("""() => {
+                const c = document.getElementById('output');
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let sum = 0, sq = 0; for (let i = 0; i < d.length; i += 4) { sum += d[i + 1]; sq += d[i + 1] ** 2; }
+                const n = d.length / 4; return {w: c.width, h: c.height, mean: sum / n, var: sq / n - (sum / n) ** 2};
+            }""")
+            assert (pixels["w"], pixels["h"]) == (256, 256)
+            assert pixels["var"] > 10, f"output canvas looks blank: {pixels}"
+            assert float(page.inner_text("#fps")) > 0
+            page.wait_for_timeout(300)  # let the readouts refresh once more for the screenshot
+            shot = artifacts / f"page-{source}.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            page.click("#start")  # stop: the socket closes cleanly
+            page.wait_for_function("!window.ditstream.running")
+        finally:
+            browser.close()
