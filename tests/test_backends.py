@@ -1,0 +1,110 @@
+"""The ``onnx`` and ``compile`` backends against the eager ``torch`` reference on the tiny pipeline.
+
+The engine's own parity and isolation suites (tests/test_engine_*.py) run on these backends too
+through the ``backend_name`` fixture; this file checks the backend contract directly (same
+numbers at several shapes, per-row independence, typed failures instead of silent fallbacks).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from engine.backends import create_backend
+from engine.backends.compile_backend import bucket_for
+from engine.errors import BackendUnavailableError
+from trt_build.export import transformer_inputs
+
+SHAPES = [(1, 32, 32), (3, 48, 64)]  # (batch, height, width) pixels
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_components):
+    return create_backend("torch", tiny_components)
+
+
+@pytest.fixture(scope="module")
+def onnx_backend(tiny_components, tmp_path_factory):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is in the 'test' extra")
+    from engine.backends.onnx_backend import OnnxBackend
+
+    return OnnxBackend(tiny_components, cache_dir=tmp_path_factory.mktemp("engines"))
+
+
+@pytest.fixture(scope="module")
+def compile_backend(tiny_components):
+    return create_backend("compile", tiny_components)
+
+
+def _check_parity(backend, reference, components, batch, h, w, tol):
+    f = components.vae_scale_factor
+    x, t, ehs, mask, guidance = transformer_inputs(components.transformer, batch, h // f, w // f, seed=h + batch)
+    got, want = backend.denoise(x, t, ehs, mask, guidance), reference.denoise(x, t, ehs, mask, guidance)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert (got - want).abs().max().item() < tol
+    images = torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(batch)) * 2 - 1
+    got, want = backend.encode(images), reference.encode(images)
+    assert got.shape == want.shape and (got - want).abs().max().item() < tol
+    latents = torch.randn(batch, components.latent_channels, h // f, w // f)
+    got, want = backend.decode(latents), reference.decode(latents)
+    assert got.shape == want.shape and (got - want).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}_{}x{}".format(*s))
+def test_onnx_matches_torch(onnx_backend, reference, tiny_components, shape):
+    _check_parity(onnx_backend, reference, tiny_components, *shape, tol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}_{}x{}".format(*s))
+def test_compile_matches_torch(compile_backend, reference, tiny_components, shape):
+    _check_parity(compile_backend, reference, tiny_components, *shape, tol=1e-4)
+
+
+def test_onnx_rows_are_independent(onnx_backend, tiny_components):
+    """A row's result does not depend on the other rows in its batch (cross-stream isolation)."""
+    x, t, ehs, mask, g = transformer_inputs(tiny_components.transformer, 3, 16, 16, seed=7)
+    t = torch.tensor([0.2, 0.5, 0.9])
+    g = torch.tensor([1.0, 4.5, 8.0])
+    together = onnx_backend.denoise(x, t, ehs, mask, g)
+    for i in range(3):
+        alone = onnx_backend.denoise(x[i:i + 1], t[i:i + 1], ehs[i:i + 1], mask[i:i + 1], g[i:i + 1])
+        assert (together[i:i + 1] - alone).abs().max().item() < 1e-5
+
+
+def test_onnx_export_is_cached(tiny_components, tmp_path, caplog):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is in the 'test' extra")
+    from engine.backends.onnx_backend import OnnxBackend
+
+    OnnxBackend(tiny_components, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.onnx.json"))) == 3
+    with caplog.at_level("INFO", logger="trt_build.export"):
+        OnnxBackend(tiny_components, cache_dir=tmp_path)
+    assert sum("onnx cache hit" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_named_onnx_backend_without_onnxruntime_raises(tiny_components, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now fails
+    with pytest.raises(BackendUnavailableError, match="onnxruntime"):
+        create_backend("onnx", tiny_components)
+
+
+def test_onnx_refuses_bf16(tiny_components, monkeypatch):
+    from engine.backends.onnx_backend import OnnxBackend
+
+    monkeypatch.setattr(tiny_components, "dtype", torch.bfloat16)
+    with pytest.raises(BackendUnavailableError, match="bf16"):
+        OnnxBackend(tiny_components)
+
+
+def test_tensorrt_backend_without_tensorrt_or_cuda_raises(tiny_components):
+    """On this CPU model the tensorrt backend must refuse with a reason, never fall back to torch."""
+    with pytest.raises(BackendUnavailableError, match=r"tensorrt|CUDA"):
+        create_backend("tensorrt", tiny_components)
+
+
+def test_batch_buckets():
+    assert [bucket_for(b) for b in (1, 2, 3, 5, 8, 9, 33)] == [1, 2, 4, 8, 8, 16, 33]
+    assert bucket_for(3, (4, 12)) == 4 and bucket_for(5, (4, 12)) == 12
