@@ -217,7 +217,7 @@ class StreamSession:
         cfg = self.config
         image = await self.loop.run_in_executor(
             self.state.codec.pool, lambda: codec.decode(image_bytes, max_pixels=self.settings.max_pixels,
-                                                        size=(cfg.width, cfg.height)))
+                                                        size=(cfg.width, cfg.height), fast=True))
         decode_s = time.perf_counter() - t_recv
         self._track(seq, t_recv, decode_s)
         assert self.handle is not None

@@ -1,0 +1,301 @@
+"""``ditstream bench server``: N concurrent WebSocket streams at a fixed input fps for T seconds.
+
+Measures what a user sees and what the server adds:
+* per-stream output fps, glass-to-glass latency p50/p99 (frame sent → its output received, one
+  clock: the bench's own), dropped % (inputs never answered: latest-wins at the server) and
+  skipped % (similarity filter);
+* server overhead per frame from the output headers: ``server_ms − inference_ms`` (receipt to
+  send, minus model time), with decode and encode medians;
+* the server's event-loop lag over the run, from its ``/metrics`` (stalls over 20 ms counted from
+  the ``ditstream_event_loop_lag_seconds`` histogram), and the bench client's own loop lag (a
+  stalled client would inflate latencies, so it is reported too).
+
+The same load is run against a null-engine server started for the purpose (``ditstream serve
+--model null`` in a subprocess), which isolates the server's overhead from the model's.
+Frames are a moving pattern, JPEG-encoded once up front, so the client spends no time encoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+STALL_S = 0.02
+
+
+@dataclass
+class BenchSpec:
+    streams: int = 4
+    fps: float = 30.0
+    seconds: float = 10.0
+    width: int = 512
+    height: int = 512
+    prompt: str = "a watercolor painting"
+    quality: int = 85
+    warmup_s: float = 1.0
+
+
+def _pattern(width: int, height: int, n: int, quality: int) -> list[bytes]:
+    import simplejpeg
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = []
+    for t in range(n):
+        img = np.stack([(x / width * 255 + t * 8) % 256, (y / height * 255 + t * 4) % 256,
+                        np.full_like(x, 128 + 100 * np.sin(t / 5))], -1).astype(np.uint8)
+        s = min(width, height) // 5
+        cx, cy = int((width - s) * (0.5 + 0.45 * np.sin(t / 4))), int((height - s) * (0.5 + 0.45 * np.cos(t / 3)))
+        img[cy : cy + s, cx : cx + s] = 255
+        out.append(simplejpeg.encode_jpeg(img, quality=quality, colorspace="RGB"))
+    return out
+
+
+def _pack(seq: int, ts: float, image: bytes) -> bytes:
+    head = json.dumps({"seq": seq, "ts": ts}, separators=(",", ":")).encode()
+    return struct.pack(">I", len(head)) + head + image
+
+
+def _unpack_header(data: bytes) -> dict[str, Any]:
+    (n,) = struct.unpack_from(">I", data)
+    return json.loads(data[4 : 4 + n])
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+        self.skipped = 0
+        self.latency_ms: list[float] = []
+        self.overhead_ms: list[float] = []
+        self.decode_ms: list[float] = []
+        self.encode_ms: list[float] = []
+        self.errors: list[dict[str, Any]] = []
+
+
+async def _one_stream(url: str, headers: dict[str, str] | None, spec: BenchSpec, frames: list[bytes],
+                      t_start: float, t_end: float, index: int) -> _Stream:
+    import websockets
+
+    st = _Stream()
+    first_seq: int | None = None
+    async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:
+        ready = json.loads(await ws.recv())
+        if ready.get("type") != "ready":
+            raise RuntimeError(f"stream refused: {ready}")
+        await ws.send(json.dumps({"type": "config", "prompt": spec.prompt, "size": f"{spec.width}x{spec.height}",
+                                  "seed": index}))
+        while True:
+            msg = json.loads(await ws.recv())
+            if msg.get("type") == "config":
+                break
+            if msg.get("type") == "error":
+                raise RuntimeError(f"config refused: {msg}")
+
+        async def receive() -> None:
+            nonlocal first_seq
+            async for msg in ws:
+                now = time.perf_counter() * 1e3
+                if isinstance(msg, str):
+                    st.errors.append(json.loads(msg))
+                    continue
+                h = _unpack_header(msg)
+                if first_seq is None or h["seq"] < first_seq:
+                    continue  # warm-up frame
+                st.received += 1
+                st.skipped += bool(h.get("skipped"))
+                st.latency_ms.append(now - h["ts"])
+                t = h.get("timings", {})
+                st.overhead_ms.append(t.get("server_ms", 0.0) - t.get("inference_ms", 0.0))
+                st.decode_ms.append(t.get("decode_ms", 0.0))
+                st.encode_ms.append(t.get("encode_ms", 0.0))
+
+        recv = asyncio.create_task(receive())
+        period = 1.0 / spec.fps
+        # Stagger the streams inside one period so they do not all send at the same instant.
+        next_t = t_start - spec.warmup_s + period * index / max(spec.streams, 1)
+        seq = 0
+        while True:
+            next_t += period
+            if next_t >= t_end:
+                break
+            await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
+            if first_seq is None and time.perf_counter() >= t_start:
+                first_seq = seq
+            await ws.send(_pack(seq, time.perf_counter() * 1e3, frames[seq % len(frames)]))
+            if first_seq is not None:
+                st.sent += 1
+            seq += 1
+        await asyncio.sleep(min(1.0, 10 * period))  # let the last answers arrive
+        recv.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await recv
+    return st
+
+
+async def _client_lag(stop: asyncio.Event, out: list[float], interval: float = 0.01) -> None:
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        t0 = loop.time()
+        await asyncio.sleep(interval)
+        out.append(max(0.0, loop.time() - t0 - interval))
+
+
+def _lag_buckets(http_url: str, headers: dict[str, str] | None) -> dict[float, float]:
+    text = httpx.get(http_url + "/metrics", headers=headers, timeout=10).text
+    out: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("ditstream_event_loop_lag_seconds_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def measure(url: str, spec: BenchSpec, api_key: str | None = None) -> dict[str, Any]:
+    """One run of ``spec`` against the server at ``url`` (ws:// or http:// base)."""
+    base = url.rstrip("/").replace("/v1/stream", "")
+    http_url = base.replace("ws://", "http://").replace("wss://", "https://")
+    ws_url = http_url.replace("http://", "ws://").replace("https://", "wss://") + "/v1/stream"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    frames = await asyncio.to_thread(_pattern, spec.width, spec.height, 30, spec.quality)
+    before = await asyncio.to_thread(_lag_buckets, http_url, headers)
+    client_lag: list[float] = []
+    stop = asyncio.Event()
+    lag_task = asyncio.create_task(_client_lag(stop, client_lag))
+    t_start = time.perf_counter() + spec.warmup_s + 0.5
+    t_end = t_start + spec.seconds
+    streams = await asyncio.gather(*[_one_stream(ws_url, headers, spec, frames, t_start, t_end, i)
+                                     for i in range(spec.streams)])
+    stop.set()
+    await lag_task
+    after = await asyncio.to_thread(_lag_buckets, http_url, headers)
+    return _summarise(spec, list(streams), before, after, client_lag)
+
+
+def _pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 3) if values else float("nan")
+
+
+def _summarise(spec: BenchSpec, streams: list[_Stream], before: dict[float, float], after: dict[float, float],
+               client_lag: list[float]) -> dict[str, Any]:
+    lat = [v for s in streams for v in s.latency_ms]
+    over = [v for s in streams for v in s.overhead_ms]
+    sent = sum(s.sent for s in streams)
+    received = sum(s.received for s in streams)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    total_ticks = delta.get(float("inf"), 0.0)
+    stalls = total_ticks - delta.get(STALL_S, total_ticks)
+    nonzero = [k for k in sorted(delta) if delta[k] < total_ticks]  # buckets some sample exceeded
+    lag_max_le = min((k for k in sorted(delta) if delta[k] >= total_ticks), default=float("inf"))
+    return {
+        "streams": spec.streams,
+        "fps_per_stream": [round(s.received / spec.seconds, 2) for s in streams],
+        "fps_per_stream_mean": round(received / spec.seconds / max(1, spec.streams), 2),
+        "g2g_ms_p50": _pct(lat, 50), "g2g_ms_p99": _pct(lat, 99),
+        "server_overhead_ms_p50": _pct(over, 50), "server_overhead_ms_p99": _pct(over, 99),
+        "decode_ms_p50": _pct([v for s in streams for v in s.decode_ms], 50),
+        "encode_ms_p50": _pct([v for s in streams for v in s.encode_ms], 50),
+        "sent": sent, "received": received,
+        "dropped_pct": round(100.0 * (sent - received) / sent, 2) if sent else float("nan"),
+        "skipped_pct": round(100.0 * sum(s.skipped for s in streams) / received, 2) if received else float("nan"),
+        "server_loop_ticks": int(total_ticks),
+        "server_loop_stalls_over_20ms": int(stalls),
+        "server_loop_lag_max_ms_le": round(lag_max_le * 1e3, 1) if nonzero or total_ticks else float("nan"),
+        "client_loop_lag_ms_max": round(max(client_lag, default=0.0) * 1e3, 2),
+        "errors": [e for s in streams for e in s.errors][:5],
+    }
+
+
+# ------------------------------------------------------------------------------ null server
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def null_server(spec: BenchSpec, timeout: float = 120.0) -> Iterator[str]:
+    """A ``ditstream serve --model null`` subprocess on a free port; yields its ws:// base URL."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "ditstream", "serve", "--model", "null", "--host", "127.0.0.1", "--port", str(port),
+           "--max-streams", str(spec.streams + 1), "--width", str(spec.width), "--height", str(spec.height),
+           "--log-level", "warning"]
+    env = {**os.environ, "DITSTREAM_API_KEYS": ""}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"null server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("null server did not become ready")
+            time.sleep(0.2)
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_bench(spec: BenchSpec, url: str | None = None, api_key: str | None = None,
+              null: bool = True) -> dict[str, dict[str, Any]]:
+    """Run ``spec`` against ``url`` and/or a fresh null-engine server."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    results: dict[str, dict[str, Any]] = {}
+    if url:
+        results["server"] = asyncio.run(measure(url, spec, api_key))
+    if null:
+        with null_server(spec) as null_url:
+            results["null engine"] = asyncio.run(measure(null_url, spec))
+    return results
+
+
+def format_report(spec: BenchSpec, results: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        ("streams × input fps", lambda r: f"{r['streams']} × {spec.fps:g}"),
+        ("output fps per stream (mean)", lambda r: f"{r['fps_per_stream_mean']:.1f}"),
+        ("output fps per stream (min)", lambda r: f"{min(r['fps_per_stream'], default=0):.1f}"),
+        ("glass-to-glass p50 / p99 ms", lambda r: f"{r['g2g_ms_p50']:.1f} / {r['g2g_ms_p99']:.1f}"),
+        ("server overhead p50 / p99 ms", lambda r: f"{r['server_overhead_ms_p50']:.2f} / "
+                                                  f"{r['server_overhead_ms_p99']:.2f}"),
+        ("  decode / encode p50 ms", lambda r: f"{r['decode_ms_p50']:.2f} / {r['encode_ms_p50']:.2f}"),
+        ("dropped % / skipped %", lambda r: f"{r['dropped_pct']:.1f} / {r['skipped_pct']:.1f}"),
+        ("server loop stalls > 20 ms", lambda r: f"{r['server_loop_stalls_over_20ms']} of {r['server_loop_ticks']}"),
+        ("server loop lag max (≤ bucket)", lambda r: f"{r['server_loop_lag_max_ms_le']} ms"),
+        ("bench client loop lag max", lambda r: f"{r['client_loop_lag_ms_max']} ms"),
+    ]
+    names = list(results)
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"ditstream bench server: {spec.streams} streams, {spec.width}x{spec.height} JPEG q{spec.quality} at "
+             f"{spec.fps:g} fps for {spec.seconds:g} s", "",
+             "".ljust(width) + "".join(n.rjust(22) for n in names)]
+    for label, fn in rows:
+        lines.append(label.ljust(width) + "".join(fn(results[n]).rjust(22) for n in names))
+    if "server" in results and "null engine" in results:
+        s, n = results["server"], results["null engine"]
+        if s["g2g_ms_p50"] and s["g2g_ms_p50"] == s["g2g_ms_p50"]:
+            lines += ["", f"server share of glass-to-glass p50: {100 * n['g2g_ms_p50'] / s['g2g_ms_p50']:.1f} %"]
+    for name, r in results.items():
+        if r["errors"]:
+            lines.append(f"{name}: errors: {r['errors']}")
+    return "\n".join(lines)

@@ -1,0 +1,25 @@
+"""``ditstream bench server`` runs end to end (tiny load; the numbers themselves are not asserted)."""
+
+from __future__ import annotations
+
+from engine.null import null_runner
+from server.app import create_app
+from server.bench import BenchSpec, format_report, run_bench
+from server.settings import Settings
+from server.testing import ServerThread
+
+
+def test_bench_against_a_server_and_a_null_engine():
+    spec = BenchSpec(streams=2, fps=15, seconds=1.5, width=64, height=64, warmup_s=0.3)
+    app = create_app(Settings(model="null", api_keys=["bench-key"]), null_runner())
+    with ServerThread(app) as srv:
+        results = run_bench(spec, url=srv.url, api_key="bench-key", null=True)
+    assert set(results) == {"server", "null engine"}
+    for r in results.values():
+        assert r["errors"] == []
+        assert r["sent"] > 0 and 0 < r["received"] <= r["sent"]
+        assert len(r["fps_per_stream"]) == 2
+        assert r["server_loop_ticks"] > 0
+        assert r["g2g_ms_p50"] > 0 and r["server_overhead_ms_p50"] >= 0
+    report = format_report(spec, results)
+    assert "server overhead p50 / p99 ms" in report and "null engine" in report
