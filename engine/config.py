@@ -6,6 +6,7 @@ validated once (``validate``) so that the hot loop can trust it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -33,7 +34,10 @@ class ModelConfig:
     dtype: str = "auto"
     backend: str = "torch"
     prompt_cache_size: int = 256
-    max_sequence_length: int = 300
+    #: Text tokens per prompt; ``None`` = the model's ``ditstream.json`` value, else 300 (SANA's).
+    #: Padding is masked out of cross-attention, so a shorter length changes cost, not results,
+    #: for prompts that fit.
+    max_sequence_length: int | None = None
     complex_human_instruction: bool | None = None
     local_files_only: bool = True
 
@@ -117,7 +121,7 @@ class StreamConfig:
             ts = tuple(float(t) for t in self.timesteps)
             if len(ts) != self.steps:
                 raise ValidationError(f"timesteps has {len(ts)} entries but steps is {self.steps}", field="timesteps")
-            if any(not 0.0 < t <= math.pi / 2 + 1e-4 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+            if any(not 0.0 < t <= math.pi / 2 + 1e-4 for t in ts) or any(a <= b for a, b in itertools.pairwise(ts)):
                 raise ValidationError("timesteps must be strictly descending angles in (0, π/2]", field="timesteps")
         self.filter.validate()
         return self

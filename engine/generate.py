@@ -26,14 +26,14 @@ class Generator:
     def __init__(self, components: ModelComponents, backend: Backend | None = None,
                  prompts: PromptCache | None = None) -> None:
         self.components = components
-        self.backend = backend or create_backend("torch", components)
-        self.prompts = prompts or PromptCache(components)
+        self.backend = backend if backend is not None else create_backend("torch", components)
+        self.prompts = prompts if prompts is not None else PromptCache(components)
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> Generator:
         components = load_components(config)
         return cls(components, create_backend(config.backend, components),
-                   PromptCache(components, config.prompt_cache_size, config.max_sequence_length))
+                   PromptCache(components, config.prompt_cache_size))
 
     @property
     def size_multiple(self) -> int:

@@ -49,6 +49,7 @@ class ModelComponents:
     complex_human_instruction: list[str] | None = None
     #: The pipeline defaults the model was made for (steps, guidance, ...), from ``ditstream.json``.
     defaults: dict[str, Any] | None = None
+    max_sequence_length: int = 300
 
     @property
     def sigma_data(self) -> float:
@@ -137,10 +138,11 @@ def load_components(config: ModelConfig) -> ModelComponents:
     kwargs: dict[str, Any] = {"local_files_only": config.local_files_only} if not isinstance(source, Path) else {}
     src = str(source)
     try:
-        transformer = SanaTransformer2DModel.from_pretrained(src, subfolder="transformer", **kwargs)
+        transformer = SanaTransformer2DModel.from_pretrained(src, subfolder="transformer", torch_dtype=dtype, **kwargs)
         # DC-AE must not run in fp16 (ANCHORS.md): bf16 or fp32 only.
-        vae = AutoencoderDC.from_pretrained(src, subfolder="vae", **kwargs)
-        text_encoder = AutoModel.from_pretrained(src, subfolder="text_encoder", **kwargs)
+        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+        vae = AutoencoderDC.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **kwargs)
+        text_encoder = AutoModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **kwargs)
         scheduler = SCMScheduler.from_pretrained(src, subfolder="scheduler", **kwargs)
     except ModelLoadError:
@@ -148,10 +150,9 @@ def load_components(config: ModelConfig) -> ModelComponents:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {config.model!r}: {exc}") from exc
 
-    vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-    transformer.to(device=device, dtype=dtype).eval()
-    vae.to(device=device, dtype=vae_dtype).eval()
-    text_encoder.to(device=device, dtype=dtype).eval()
+    transformer.to(device=device).eval()
+    vae.to(device=device).eval()
+    text_encoder.to(device=device).eval()
     for module in (transformer, vae, text_encoder):
         module.requires_grad_(False)
 
@@ -162,6 +163,7 @@ def load_components(config: ModelConfig) -> ModelComponents:
         transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         scheduler=scheduler, device=device, dtype=dtype, source=src,
         complex_human_instruction=chi, defaults=extra.get("defaults"),
+        max_sequence_length=int(config.max_sequence_length or extra.get("max_sequence_length") or 300),
     )
 
 

@@ -28,12 +28,12 @@ class PromptCache:
     reference pipeline's. Thread-safe; the encoder runs outside the lock only for misses.
     """
 
-    def __init__(self, components: ModelComponents, max_size: int = 256, max_sequence_length: int = 300) -> None:
+    def __init__(self, components: ModelComponents, max_size: int = 256, max_sequence_length: int | None = None) -> None:
         from diffusers import SanaSprintPipeline
 
         self.components = components
         self.max_size = max_size
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = max_sequence_length or components.max_sequence_length
         self._pipe = SanaSprintPipeline(
             tokenizer=components.tokenizer, text_encoder=components.text_encoder, vae=components.vae,
             transformer=components.transformer, scheduler=components.scheduler,

@@ -121,7 +121,7 @@ class EngineRunner:
 
         components = load_components(model)
         backend = create_backend(model.backend, components)
-        prompts = PromptCache(components, model.prompt_cache_size, model.max_sequence_length)
+        prompts = PromptCache(components, model.prompt_cache_size)
         runner = cls(EngineCore(components, backend, prompts, engine))
         runner.info = {"model": model.model, "backend": backend.name, "device": str(components.device),
                        "dtype": str(components.dtype).replace("torch.", ""),

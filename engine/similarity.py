@@ -48,6 +48,11 @@ class SimilarityFilter:
         if config.seed is not None:
             self._rng = random.Random(config.seed)
 
+    def reset(self) -> None:
+        """Forget the reference frame (e.g. after a size change); the random stream continues."""
+        self._last = None
+        self.consecutive = 0
+
     def should_skip(self, image: np.ndarray) -> bool:
         """True if this frame may be skipped; updates the reference when the frame is processed."""
         if not self.config.enabled:

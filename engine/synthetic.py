@@ -27,6 +27,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         text=dict(hidden_size=8, head_dim=16, intermediate_size=64, num_attention_heads=2,
                   num_hidden_layers=1, num_key_value_heads=2),
     ),
+    # ~0.3M-parameter transformer on 8×8 latents (64×64 px, f8): the size class of the demo model, where
+    # a CPU is still overhead-bound so batching pays, as a GPU is for the real model.
+    "small": dict(
+        transformer=dict(patch_size=1, in_channels=8, out_channels=8, num_layers=4, num_attention_heads=2,
+                         attention_head_dim=32, num_cross_attention_heads=2, cross_attention_head_dim=32,
+                         cross_attention_dim=64, caption_channels=64, sample_size=32),
+        vae=dict(latent_channels=8, attention_head_dim=8, block_out_channels=(8, 16, 32, 32),
+                 block_types=("ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock"),
+                 qkv_multiscales=((), (), (), (5,)), layers_per_block=(1, 1, 1, 1)),
+        text=dict(hidden_size=64, head_dim=16, intermediate_size=128, num_attention_heads=4,
+                  num_hidden_layers=1, num_key_value_heads=4),
+    ),
     # Big enough that one batched call is clearly cheaper than several small ones on a CPU.
     "medium": dict(
         transformer=dict(patch_size=1, in_channels=16, out_channels=16, num_layers=6, num_attention_heads=8,

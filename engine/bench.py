@@ -1,0 +1,129 @@
+"""``ditstream bench engine``: stream batch vs sequential, cross-batched vs one-at-a-time, SSF skip rates.
+
+Every ratio is measured side by side in one run on the same frames, because this machine is shared
+and noisy; absolute fps are printed too but only the ratios are comparable across machines.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.config import EngineConfig, FilterConfig, ModelConfig, StreamConfig
+from engine.core import EngineCore
+from engine.generate import Generator
+from engine.similarity import SimilarityFilter
+from engine.synthetic import PRESETS, make_pipeline_folder
+from engine.types import Frame
+
+
+def moving_clip(n: int, size: int, seed: int = 0, speed: int = 3) -> list[np.ndarray]:
+    """A synthetic clip: a bright square moving over a textured background."""
+    rs = np.random.RandomState(seed)
+    bg = (rs.rand(size, size, 3) * 80 + 60).astype(np.uint8)
+    side = size // 4
+    frames = []
+    for i in range(n):
+        f = bg.copy()
+        x = (i * speed) % (size - side)
+        y = (size - side) // 2 + int(round((size // 6) * np.sin(i / 4)))
+        f[y : y + side, x : x + side] = (230, 60, 40)
+        frames.append(f)
+    return frames
+
+
+def static_clip(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """The same frame with faint sensor noise, as a still camera gives."""
+    rs = np.random.RandomState(seed)
+    base = moving_clip(1, size, seed)[0].astype(np.int16)
+    return [np.clip(base + rs.randint(-2, 3, base.shape), 0, 255).astype(np.uint8) for _ in range(n)]
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> float:
+    """Best wall time of ``repeats`` runs (the least disturbed by other load)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _stream_run(gen: Generator, configs: list[StreamConfig], frames: list[np.ndarray], max_batch: int) -> int:
+    core = EngineCore(gen.components, gen.backend, gen.prompts, EngineConfig(max_batch=max_batch))
+    ids = [core.add(c).id for c in configs]
+    n = 0
+    for i, f in enumerate(frames):
+        for sid in ids:
+            core.submit(sid, Frame(image=f, seq=i))
+        n += len(core.step())
+    n += len(core.flush())
+    return n
+
+
+def run_engine_bench(model: str = "small", size: int = 64, frames: int = 12, streams: int = 8, steps: int = 4,
+                     repeats: int = 3, threads: int | None = 1) -> dict[str, Any]:
+    """Run the three measurements and return a JSON-able dict."""
+    if threads:
+        torch.set_num_threads(threads)
+    if model in PRESETS:
+        tmp = tempfile.TemporaryDirectory()
+        path = make_pipeline_folder(f"{tmp.name}/pipe", model, seed=0, complex_human_instruction=False,
+                                    max_sequence_length=32)
+        gen = Generator.from_config(ModelConfig(model=str(path)))
+    else:
+        gen = Generator.from_config(ModelConfig(model=model))
+    clip = moving_clip(frames, size)
+    base = StreamConfig(prompt="a red square on a gray background", mode="img2img", strength=0.8, seed=1,
+                        width=size, height=size)
+    # warm up (prompt cache, allocator, first-call overheads)
+    _stream_run(gen, [base.replace(steps=steps)], clip[:2], 64)
+    gen.generate_unit(base.replace(steps=steps), clip[0])
+
+    # 1. sequential n-step sampling vs stream batch (one stream, same frames)
+    cfg_n = base.replace(steps=steps)
+    t_seq = _timed(lambda: [gen.generate_unit(cfg_n, f) for f in clip], repeats)
+    t_sb = _timed(lambda: _stream_run(gen, [cfg_n], clip, 64), repeats)
+
+    # 2. N one-step streams one at a time vs cross-batched
+    cfgs = [base.replace(seed=s, prompt=f"a {c} square on a gray background")
+            for s, c in zip(range(streams), ["red", "blue", "green", "white", "black", "pink", "cyan", "gray"] * 4)]
+    t_one = _timed(lambda: [_stream_run(gen, [c], clip, 64) for c in cfgs], repeats)
+    t_cross = _timed(lambda: _stream_run(gen, cfgs, clip, 64), repeats)
+
+    # 3. similarity filter skip rate on a static and a moving clip (StreamDiffusion defaults)
+    rates = {}
+    for name, c in (("static", static_clip(200, size)), ("moving", moving_clip(200, size))):
+        flt = SimilarityFilter(FilterConfig(enabled=True, threshold=0.98, max_skip=10, seed=0))
+        rates[name] = sum(flt.should_skip(f) for f in c) / len(c)
+
+    params = sum(p.numel() for p in gen.components.transformer.parameters())
+    return {
+        "model": model, "transformer_params": params, "size": size, "frames": frames, "steps": steps,
+        "streams": streams, "torch_threads": torch.get_num_threads(), "device": str(gen.components.device),
+        "sequential_fps": frames / t_seq, "stream_batch_fps": frames / t_sb,
+        "stream_batch_speedup": t_seq / t_sb,
+        "one_at_a_time_fps": streams * frames / t_one, "cross_batched_fps": streams * frames / t_cross,
+        "cross_batch_speedup": t_one / t_cross,
+        "ssf_skip_rate_static": rates["static"], "ssf_skip_rate_moving": rates["moving"],
+    }
+
+
+def format_table(r: dict[str, Any]) -> str:
+    rows = [
+        (f"sequential {r['steps']}-step", f"{r['sequential_fps']:.1f} fps", ""),
+        (f"stream batch {r['steps']}-step", f"{r['stream_batch_fps']:.1f} fps", f"{r['stream_batch_speedup']:.2f}x"),
+        (f"{r['streams']} streams one at a time", f"{r['one_at_a_time_fps']:.1f} fps", ""),
+        (f"{r['streams']} streams cross-batched", f"{r['cross_batched_fps']:.1f} fps", f"{r['cross_batch_speedup']:.2f}x"),
+        ("SSF skip rate, static clip", f"{100 * r['ssf_skip_rate_static']:.0f} %", ""),
+        ("SSF skip rate, moving clip", f"{100 * r['ssf_skip_rate_moving']:.0f} %", ""),
+    ]
+    head = (f"model={r['model']} ({r['transformer_params'] / 1e6:.2f}M transformer params) size={r['size']} "
+            f"device={r['device']} threads={r['torch_threads']}")
+    w = max(len(a) for a, _, _ in rows)
+    return "\n".join([head, *(f"{a:<{w}}  {b:>12}  {c:>7}" for a, b, c in rows)])

@@ -1,0 +1,95 @@
+"""``ditstream generate`` and ``ditstream bench engine``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def parse_size(size: str | None) -> tuple[int, int] | None:
+    """``"WxH"`` → (W, H); ``None`` stays None (the model's default size)."""
+    if size is None:
+        return None
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError as exc:
+        raise typer.BadParameter(f"size must look like 512x512, got {size!r}") from exc
+    return w, h
+
+
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="What to draw."),
+    out: Path = typer.Option(Path("out.png"), "--out", "-o",
+                             help="Output file: PNG/JPEG/WebP, or .npy for the float32 [0,1] array before rounding."),
+    image: Path | None = typer.Option(None, "--image", "-i", help="Input image for img2img (omit for txt2img)."),
+    strength: float | None = typer.Option(None, help="img2img strength in (0, 1]: entry angle = strength·π/2."),
+    steps: int | None = typer.Option(None, help="Model calls per image, 1-4."),
+    seed: int = typer.Option(0, help="Noise seed (same seed, same image)."),
+    size: str | None = typer.Option(None, help="WxH; default: the model's native size."),
+    guidance_scale: float | None = typer.Option(None, help="Distilled guidance embedding scale."),
+    model: str = typer.Option("demo", help="'demo', a diffusers-layout folder or a hub id."),
+    backend: str = typer.Option("torch", help="torch, compile, onnx, tensorrt or auto."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("auto", help="auto, fp32, bf16 or fp16."),
+) -> None:
+    """Make one image (txt2img, or img2img with --image)."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.config import ModelConfig, StreamConfig
+    from engine.errors import DitstreamError
+    from engine.generate import Generator
+
+    try:
+        gen = Generator.from_config(ModelConfig(model=model, backend=backend, device=device, dtype=dtype))
+        d = gen.components.defaults or {}
+        wh = parse_size(size) or (int(d.get("width", 512)), int(d.get("height", 512)))
+        cfg = StreamConfig(
+            prompt=prompt, mode="img2img" if image else "txt2img", seed=seed, width=wh[0], height=wh[1],
+            steps=steps or int(d.get("steps", 1)), strength=strength or float(d.get("strength", 0.6)),
+            guidance_scale=guidance_scale if guidance_scale is not None else float(d.get("guidance_scale", 4.5)),
+        )
+        arr = None
+        if image is not None:
+            pil = Image.open(image).convert("RGB")
+            if pil.size != wh:
+                typer.echo(f"resizing input {pil.size[0]}x{pil.size[1]} to {wh[0]}x{wh[1]}", err=True)
+                pil = pil.resize(wh, Image.Resampling.BICUBIC)
+            arr = np.asarray(pil, dtype=np.uint8)
+        unit = gen.generate_unit(cfg, arr).numpy()
+    except DitstreamError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, unit)
+    else:
+        from engine.images import to_uint8
+
+        Image.fromarray(to_uint8(unit)).save(out)
+    typer.echo(f"wrote {out} ({cfg.width}x{cfg.height}, {cfg.mode}, {cfg.steps} step(s), seed {cfg.seed})")
+
+
+def bench_engine(
+    model: str = typer.Option("small", help="A synthetic preset (small, medium, tiny) or a model folder/'demo'."),
+    size: int = typer.Option(64, help="Square frame size in pixels."),
+    frames: int = typer.Option(12, help="Frames per clip."),
+    streams: int = typer.Option(8, help="Streams for the cross-batching measurement."),
+    steps: int = typer.Option(4, help="Steps for the stream-batch measurement."),
+    repeats: int = typer.Option(3, help="Timed repeats (best is kept)."),
+    threads: int = typer.Option(1, help="torch CPU threads (1 avoids OpenMP oversubscription on shared CPUs)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Stream batch vs sequential; N streams cross-batched vs one at a time; SSF skip rates."""
+    from engine.bench import format_table, run_engine_bench
+
+    result = run_engine_bench(model=model, size=size, frames=frames, streams=streams, steps=steps,
+                              repeats=repeats, threads=threads)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    app.command("generate")(generate)
+    bench.command("engine")(bench_engine)

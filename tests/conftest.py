@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny real-class SANA-Sprint pipeline saved in diffusers layout, and loaders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Backends the engine's parity and isolation tests run on (accelerated backends add themselves).
+ENGINE_BACKENDS = ["torch", "onnx", "compile"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """diffusers' own tiny test configuration of the real classes, random weights, saved and reloadable."""
+    from engine.synthetic import make_pipeline_folder
+
+    return make_pipeline_folder(tmp_path_factory.mktemp("tiny") / "pipe", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tiny_model_dir: Path):
+    from engine.config import ModelConfig
+    from engine.loader import load_components
+
+    return load_components(ModelConfig(model=str(tiny_model_dir)))
+
+
+@pytest.fixture(params=ENGINE_BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_generator(tiny_components, backend_name: str):
+    """A sequential generator on the tiny model with the backend under test."""
+    from engine.backends import create_backend
+    from engine.generate import Generator
+
+    return Generator(tiny_components, create_backend(backend_name, tiny_components))
