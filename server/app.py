@@ -179,7 +179,7 @@ async def _lag_monitor(metrics: Metrics, interval: float = 0.025) -> None:
             logger.warning("event loop stalled for %.1f ms", lag * 1e3)
 
 
-def _load_runner(settings: Settings) -> EngineRunner:
+def load_runner(settings: Settings) -> EngineRunner:
     """Build the engine named in the settings (blocking: called in a worker thread)."""
     from engine.config import EngineConfig, ModelConfig
 
@@ -198,7 +198,7 @@ def _lifespan(state: AppState):
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.runner is None:
             logger.info("loading model %r (backend %s)", state.settings.model, state.settings.backend)
-            state.runner = await asyncio.to_thread(_load_runner, state.settings)
+            state.runner = await asyncio.to_thread(load_runner, state.settings)
         runner = state.runner
         if hasattr(runner.core, "on_batch"):
             runner.core.on_batch = state.metrics.observe_batch

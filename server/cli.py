@@ -51,7 +51,17 @@ def serve(
         null_delay_s=null_delay_ms / 1e3 if null_delay_ms is not None else None).items() if v is not None}
     settings = Settings(**overrides)
     logging.getLogger("server").info("settings: %s", settings.public())
-    app = create_app(settings)
+    # Load before uvicorn starts (it binds the port only after startup anyway), so that a bad model
+    # or backend is one clear line, not a lifespan traceback.
+    from engine.errors import DitstreamError
+    from server.app import load_runner
+
+    try:
+        runner = load_runner(settings)
+    except DitstreamError as exc:
+        typer.echo(f"ditstream serve: cannot load model {settings.model!r}: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    app = create_app(settings, runner)
     typer.echo(f"ditstream: serving {settings.model!r} on http://{settings.host}:{settings.port}/ "
                f"(WebSocket /v1/stream, REST /v1/images/*)")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
