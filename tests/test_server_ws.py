@@ -240,3 +240,31 @@ def test_disconnect_frees_the_stream_and_admission_refuses_with_1013():
         assert _wait_for(lambda: _metric(srv.url, "ditstream_streams_active") == 0)
         assert _metric(srv.url, 'ditstream_rejected_total{reason="streams"}') == 1
         assert app.state.ditstream.admission.streams.in_use == 0
+
+
+def test_engine_death_is_loud():
+    runner = null_runner()
+    app = create_app(Settings(model="null", default_width=64, default_height=64), runner)
+    with ServerThread(app) as srv:
+        async def main():
+            ws = await _open(srv.ws_url)
+            await _lockstep(ws, jpeg(_image(6, 64)), range(2))
+
+            def boom() -> None:
+                raise RuntimeError("simulated GPU fault")
+
+            runner.core._denoise_all = boom  # the next tick kills the engine thread
+            await ws.send(frame_message(jpeg(_image(6, 64)), 3))
+            err = await recv_json(ws)
+            assert err["code"] == "engine_dead" and "simulated GPU fault" in err["message"]
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await ws.recv()
+            assert info.value.rcvd.code == 1011
+            # New streams are refused the same way; readiness says so.
+            ws2 = await websockets.connect(srv.ws_url)
+            assert (await recv_json(ws2))["code"] == "engine_dead"
+
+        asyncio.run(main())
+        r = httpx.get(srv.url + "/ready")
+        assert r.status_code == 503 and "simulated GPU fault" in r.json()["error"]
+        assert httpx.post(srv.url + "/v1/images/generations", json={"prompt": "x"}).status_code == 503
