@@ -31,7 +31,7 @@ def moving_clip(n: int, size: int, seed: int = 0, speed: int = 3) -> list[np.nda
     for i in range(n):
         f = bg.copy()
         x = (i * speed) % (size - side)
-        y = (size - side) // 2 + int(round((size // 6) * np.sin(i / 4)))
+        y = (size - side) // 2 + int(np.round((size // 6) * np.sin(i / 4)))
         f[y : y + side, x : x + side] = (230, 60, 40)
         frames.append(f)
     return frames
