@@ -183,6 +183,10 @@ def load_runner(settings: Settings) -> EngineRunner:
     """Build the engine named in the settings (blocking: called in a worker thread)."""
     from engine.config import EngineConfig, ModelConfig
 
+    if settings.redis_url:  # gateway mode: the engines are `ditstream worker` processes behind Redis
+        from server.gateway import RedisGatewayRunner
+
+        return RedisGatewayRunner.from_settings(settings)  # type: ignore[return-value]
     ecfg = EngineConfig(max_batch=settings.max_batch, output_queue_size=settings.output_queue_size,
                         max_pixels=settings.max_pixels, max_prompt_chars=settings.max_prompt_chars)
     if settings.model == "null":
@@ -202,6 +206,8 @@ def _lifespan(state: AppState):
         runner = state.runner
         if hasattr(runner.core, "on_batch"):
             runner.core.on_batch = state.metrics.observe_batch
+        if hasattr(runner, "bind_metrics"):  # gateway: per-worker metrics
+            runner.bind_metrics(state.metrics.registry)
         runner.start()
         state.metrics.workers_up.set(1)
         logger.info("engine ready: %s", runner.info)
@@ -283,11 +289,13 @@ def create_app(settings: Settings | None = None, runner: EngineRunner | None = N
                 "shutting_down": state.shutting_down, "streams": len(state.sessions)}
         if state.runner is not None and state.runner.error is not None:
             body["error"] = repr(state.runner.error)
+        if hasattr(state.runner, "health"):  # gateway: Redis reachable, live workers
+            body.update(state.runner.health())
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics (prefix ditstream_).")
     async def prometheus() -> Response:
-        state.metrics.workers_up.set(1 if state.ready else 0)
+        state.metrics.workers_up.set(getattr(state.runner, "workers_up", 1 if state.ready else 0))
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     if WEB_DIR.is_dir():

@@ -33,6 +33,8 @@ def serve(
     width: int = typer.Option(None, "--width", help="Default stream width when the model states none."),
     height: int = typer.Option(None, "--height", help="Default stream height when the model states none."),
     null_delay_ms: float = typer.Option(None, help="Null engine only: simulated inference time per tick."),
+    redis: str = typer.Option(None, "--redis", help="Gateway mode: take engines from `ditstream worker` "
+                              "processes through this Redis (env DITSTREAM_REDIS_URL); --model is then unused."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Run the all-in-one server: REST + WebSocket + the engine in one process."""
@@ -48,7 +50,8 @@ def serve(
         max_queued_jobs=max_queued_jobs, api_keys=api_key or None, max_frame_bytes=max_frame_bytes,
         max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_prompt_chars=max_prompt_chars,
         max_fps=max_fps, default_width=width, default_height=height,
-        null_delay_s=null_delay_ms / 1e3 if null_delay_ms is not None else None).items() if v is not None}
+        null_delay_s=null_delay_ms / 1e3 if null_delay_ms is not None else None, redis_url=redis).items()
+        if v is not None}
     settings = Settings(**overrides)
     logging.getLogger("server").info("settings: %s", settings.public())
     # Load before uvicorn starts (it binds the port only after startup anyway), so that a bad model

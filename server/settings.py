@@ -8,7 +8,7 @@ middleware keeps only their sha256 digests.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -65,6 +65,22 @@ class Settings(BaseSettings):
     #: Delay per engine tick of the null engine (simulates inference time in benches).
     null_delay_s: float = Field(0.0, ge=0)
 
+    #: Scale-out (docs/deploy.md): with a Redis URL ``serve`` is a gateway and ``worker`` runs engines.
+    redis_url: str | None = None
+    redis_prefix: str = "ditstream"
+    worker_heartbeat_s: float = Field(1.0, gt=0)
+    #: A worker silent this long is dead: its sessions are re-pinned, its jobs re-claimed.
+    worker_ttl_s: float = Field(5.0, gt=0)
+    job_claim_idle_s: float = Field(5.0, gt=0)
+    #: Deliveries of one job before it goes to the dead-letter stream.
+    job_max_attempts: int = Field(3, ge=1)
+    #: REST jobs one worker holds at once.
+    worker_max_jobs: int = Field(4, ge=1)
+    #: Encoding of stream frames between gateway and workers.
+    frame_codec: Literal["raw", "jpeg", "png"] = "jpeg"
+    #: ``ditstream worker``: port of its own /health and /metrics (0 = off).
+    worker_health_port: int = Field(0, ge=0)
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
@@ -85,4 +101,6 @@ class Settings(BaseSettings):
         """Settings safe to log (keys masked)."""
         d = self.model_dump()
         d["api_keys"] = [f"***{len(self.api_keys)} key(s)"] if self.api_keys else []
+        if self.redis_url and "@" in self.redis_url:  # redis://:password@host — mask the password
+            d["redis_url"] = self.redis_url.split("://", 1)[0] + "://***@" + self.redis_url.rpartition("@")[2]
         return d

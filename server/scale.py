@@ -1,0 +1,149 @@
+"""What the gateway and the workers share: scale-out settings, the Redis client and loop helpers.
+
+Every long-lived loop on either side survives Redis going away: a ``ConnectionError`` (or a
+``NOGROUP`` after a restart wiped the consumer group) is logged once, waited out with capped
+exponential backoff and the loop resumes — nothing is cached that a restarted Redis would
+invalidate, except stream positions, which stay valid because stream ids are time-based.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from server.messages import Codec, Keys
+
+if TYPE_CHECKING:
+    import redis
+
+    from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """Knobs of the Redis transport (defaults suit one LAN; the tests shrink the timeouts)."""
+
+    redis_url: str
+    prefix: str = "ditstream"
+    #: A worker beats this often and its key lives ``worker_ttl_s``: a dead worker is noticed
+    #: (sessions re-pinned) within ``worker_ttl_s`` plus one supervisor pass.
+    heartbeat_s: float = 1.0
+    worker_ttl_s: float = 5.0
+    #: A pending job nobody touched for this long belongs to a dead worker and is XAUTOCLAIMed.
+    #: Live workers re-claim their in-flight jobs every beat, so a slow job is never stolen.
+    claim_idle_s: float = 5.0
+    #: Deliveries (crashes included) after which a job goes to the dead-letter stream.
+    max_attempts: int = 3
+    #: Jobs one worker holds at once (the rest stay in the stream for other workers).
+    max_jobs: int = 4
+    #: Encoding of stream frames on the wire; jobs and their results always travel raw (lossless).
+    frame_codec: Codec = "jpeg"
+    jpeg_quality: int = 90
+    #: Input frames kept per session (latest wins) and outputs kept per session (oldest dropped).
+    frames_in_len: int = 2
+    frames_out_len: int = 4
+    #: Reply entries kept per gateway, dead-letter entries kept, and how long "answered" marks live.
+    replies_len: int = 1000
+    dead_letter_len: int = 1000
+    done_ttl_s: int = 3600
+    #: Gateway: how often it checks workers, sessions and deadlines.
+    supervise_s: float = 0.25
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.prefix)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> ScaleConfig:
+        url = overrides.pop("redis_url", None) or settings.redis_url
+        if not url:
+            raise ValueError("no Redis URL: pass --redis or set DITSTREAM_REDIS_URL")
+        values: dict[str, Any] = {
+            "prefix": settings.redis_prefix, "heartbeat_s": settings.worker_heartbeat_s,
+            "worker_ttl_s": settings.worker_ttl_s, "claim_idle_s": settings.job_claim_idle_s,
+            "max_attempts": settings.job_max_attempts, "max_jobs": settings.worker_max_jobs,
+            "frame_codec": settings.frame_codec, "frames_out_len": settings.output_queue_size,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(redis_url=url, **values)
+
+
+def connect(url: str) -> redis.Redis:
+    """A thread-safe pooled client that retries a dropped connection with capped backoff.
+
+    ``socket_timeout`` is above every BLOCK we issue (≤ 1 s), so a blocking read never times out
+    on its own; a dead server shows up as ``ConnectionError`` within ``socket_connect_timeout``.
+    """
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        url, socket_timeout=5.0, socket_connect_timeout=2.0, health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError], client_name="ditstream")
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def ensure_group(r: redis.Redis, keys: Keys) -> None:
+    """Create the jobs stream and its consumer group if missing (after a Redis restart, too).
+
+    The group starts at id 0 so jobs queued before any worker existed are still delivered.
+    """
+    import redis as _redis
+
+    try:
+        r.xgroup_create(keys.jobs, keys.group, id="0", mkstream=True)
+    except _redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class Backoff:
+    """Capped exponential wait for loops that lost Redis; logs the outage once, not per retry."""
+
+    def __init__(self, what: str, stop: threading.Event, base: float = 0.05, cap: float = 1.0) -> None:
+        self.what = what
+        self.stop = stop
+        self.base = base
+        self.cap = cap
+        self.delay = 0.0
+        self.failures = 0
+
+    def failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            logger.warning("%s: lost Redis (%s); retrying", self.what, exc)
+        self.delay = min(self.cap, max(self.base, self.delay * 2))
+        self.stop.wait(self.delay)
+
+    def ok(self) -> None:
+        if self.failures:
+            logger.info("%s: Redis is back after %d failed attempt(s)", self.what, self.failures)
+        self.failures = 0
+        self.delay = 0.0
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    return "NOGROUP" in str(exc)
+
+
+def fields_get(fields: dict[Any, Any], name: str) -> bytes | None:
+    """A stream entry field, whatever the client's key type (bytes or str)."""
+    v = fields.get(name.encode(), fields.get(name))
+    return v if v is None or isinstance(v, bytes) else str(v).encode()
+
+
+def sid_str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

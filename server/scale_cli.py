@@ -1,0 +1,151 @@
+"""``ditstream worker`` and ``ditstream bench scale`` (scale-out over Redis; see docs/deploy.md).
+
+Only typer is imported at module level; the engine, Redis and uvicorn load inside the commands.
+"""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    app.command("worker")(worker)
+    bench.command("scale")(bench_scale)
+
+
+def worker(
+    redis: str = typer.Option(None, "--redis", help="Redis URL, e.g. redis://redis:6379/0 (env DITSTREAM_REDIS_URL)."),
+    model: str = typer.Option(None, help="'demo' (default), a diffusers folder, a hub id, or 'null' (echo engine)."),
+    backend: str = typer.Option(None, help="torch | compile | onnx | tensorrt | auto."),
+    device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
+    dtype: str = typer.Option(None, help="auto | float32 | bfloat16 | float16."),
+    max_batch: int = typer.Option(None, help="Largest batched model call."),
+    max_jobs: int = typer.Option(None, help="REST jobs this worker holds at once (env DITSTREAM_WORKER_MAX_JOBS)."),
+    worker_id: str = typer.Option(None, help="Stable name (default host-pid-random)."),
+    heartbeat_s: float = typer.Option(None, help="Seconds between heartbeats."),
+    ttl_s: float = typer.Option(None, help="A worker silent this long is dead (sessions move, jobs are claimed)."),
+    claim_idle_s: float = typer.Option(None, help="Idle seconds after which a pending job is claimed."),
+    max_attempts: int = typer.Option(None, help="Deliveries before a job goes to the dead-letter stream."),
+    prefix: str = typer.Option(None, help="Redis key prefix (several deployments can share one Redis)."),
+    frame_codec: str = typer.Option(None, help="Stream frames on the wire: jpeg | raw | png."),
+    null_delay_ms: float = typer.Option(None, help="Null engine only: simulated inference time per tick."),
+    threads: int = typer.Option(None, help="torch CPU threads (one per worker when several share a CPU)."),
+    health_port: int = typer.Option(None, "--health-port", help="Serve /health and /metrics on this port "
+                                    "(0 = off; env DITSTREAM_WORKER_HEALTH_PORT)."),
+) -> None:
+    """Run an engine that serves REST jobs and pinned streams from Redis (gateway: `serve --redis`)."""
+    import logging
+    import signal
+
+    from server.settings import Settings
+
+    overrides = {k: v for k, v in dict(
+        redis_url=redis, model=model, backend=backend, device=device, dtype=dtype, max_batch=max_batch,
+        worker_max_jobs=max_jobs, worker_heartbeat_s=heartbeat_s, worker_ttl_s=ttl_s, job_claim_idle_s=claim_idle_s,
+        job_max_attempts=max_attempts, redis_prefix=prefix, frame_codec=frame_codec,
+        null_delay_s=null_delay_ms / 1e3 if null_delay_ms is not None else None).items() if v is not None}
+    settings = Settings(**overrides)
+    if not settings.redis_url:
+        typer.echo("ditstream worker: no Redis URL (--redis or DITSTREAM_REDIS_URL)", err=True)
+        raise typer.Exit(2)
+    log = logging.getLogger("server.worker")
+    log.info("settings: %s", settings.public())
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from engine.errors import DitstreamError
+    from server.app import load_runner
+    from server.scale import ScaleConfig
+    from server.worker import Worker
+
+    try:
+        runner = load_runner(settings.model_copy(update={"redis_url": None}))
+    except DitstreamError as exc:
+        typer.echo(f"ditstream worker: cannot load model {settings.model!r}: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    w = Worker(runner, ScaleConfig.from_settings(settings), worker_id=worker_id)
+
+    def _leave(signum: int, _frame: object) -> None:
+        log.info("worker %s: signal %d, leaving", w.id, signum)
+        w._stop.set()
+
+    signal.signal(signal.SIGTERM, _leave)
+    signal.signal(signal.SIGINT, _leave)
+    w.start()
+    port = health_port if health_port is not None else settings.worker_health_port
+    server = _health_server(w, port) if port else None
+    typer.echo(f"ditstream worker {w.id}: model {runner.info.get('model')!r} on {runner.info.get('device')}, "
+               f"Redis {settings.public()['redis_url']}")
+    while not w.wait(0.5):
+        pass
+    if server is not None:
+        server.shutdown()
+    w.stop()
+    if w.error is not None:
+        typer.echo(f"ditstream worker {w.id}: stopped on error: {w.error!r}", err=True)
+        raise typer.Exit(1)
+
+
+def _health_server(w: object, port: int):  # -> http.server.ThreadingHTTPServer
+    """``/health`` (200 while the engine runs and Redis answers, else 503) and ``/metrics`` for one worker."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from server.worker import Worker
+
+    assert isinstance(w, Worker)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/metrics"):
+                lines = [f'ditstream_worker_{k}{{worker="{w.id}"}} {v}' for k, v in sorted(w.counters.items())]
+                body, code, ctype = ("\n".join(lines) + "\n").encode(), 200, "text/plain; version=0.0.4"
+            else:
+                hb = w.heartbeat()
+                ok = hb.engine_alive and not w.stopping
+                body = json.dumps({"status": "ok" if ok else "down", **hb.model_dump(exclude={"counters"})}).encode()
+                code, ctype = (200 if ok else 503), "application/json"
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:  # no access log per probe
+            return
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    threading.Thread(target=server.serve_forever, name="ditstream-worker-health", daemon=True).start()
+    return server
+
+
+def bench_scale(
+    model: str = typer.Option("demo", help="Model the workers load ('demo', a folder, or 'null')."),
+    workers: int = typer.Option(2, "--workers", "-w", help="Workers of the scaled run (compared with 1)."),
+    jobs: int = typer.Option(40, "--jobs", "-n", help="REST images per run."),
+    concurrency: int = typer.Option(8, "--concurrency", "-c", help="Requests in flight at once."),
+    size: str = typer.Option(None, help="Image size WxH (default: the model's own)."),
+    steps: int = typer.Option(1, help="Model calls per image."),
+    threads: int = typer.Option(1, help="torch threads per worker (1 = one core each, like one GPU each)."),
+    max_jobs: int = typer.Option(2, help="Jobs each worker holds at once."),
+    backend: str = typer.Option("torch", help="Worker backend."),
+    device: str = typer.Option("auto", help="Worker device."),
+    null_delay_ms: float = typer.Option(50.0, help="Null model only: simulated inference time per tick."),
+    redis: str = typer.Option(None, "--redis", help="Use this Redis (default: start a private redis-server)."),
+    json_out: str = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
+) -> None:
+    """REST throughput through the gateway with 1 worker, then with N, on the same load (ratio reported)."""
+    import json
+
+    from server.scale_bench import ScaleBenchSpec, format_report, run_scale_bench
+
+    spec = ScaleBenchSpec(model=model, workers=workers, jobs=jobs, concurrency=concurrency, size=size, steps=steps,
+                          threads=threads, max_jobs=max_jobs, backend=backend, device=device,
+                          null_delay_ms=null_delay_ms)
+    results = run_scale_bench(spec, redis_url=redis)
+    typer.echo(format_report(spec, results))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({"spec": spec.__dict__, "results": results}, f, indent=2)
