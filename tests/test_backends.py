@@ -108,3 +108,33 @@ def test_tensorrt_backend_without_tensorrt_or_cuda_raises(tiny_components):
 def test_batch_buckets():
     assert [bucket_for(b) for b in (1, 2, 3, 5, 8, 9, 33)] == [1, 2, 4, 8, 8, 16, 33]
     assert bucket_for(3, (4, 12)) == 4 and bucket_for(5, (4, 12)) == 12
+
+
+def test_gpu_bench_machinery_on_the_tiny_model(tmp_path):
+    """The bench's loop, baseline, table and JSON on CPU with the tiny architecture (the GPU run is manual)."""
+    import json
+
+    from trt_build.bench_gpu import format_table, run_gpu_bench, to_json
+
+    result = run_gpu_bench(arch="tiny", device="cpu", dtype="fp32", resolutions=(32,), batches=(1, 2),
+                           backends=("torch", "onnx", "tensorrt"), min_time=0.0, cache_dir=str(tmp_path))
+    by = {(r.backend, r.batch): r for r in result.rows}
+    assert {b for b, _ in by} == {"diffusers", "torch", "onnx", "tensorrt"}
+    for name in ("diffusers", "torch", "onnx"):
+        assert by[(name, 2)].status == "ok" and by[(name, 2)].fps > 0
+    assert by[("onnx", 1)].speedup_vs_diffusers > 0
+    assert by[("tensorrt", 1)].status == "unavailable" and "tensorrt" in by[("tensorrt", 1)].note
+    assert result.tflop_per_frame[32] > 0
+    assert "diffusers" in format_table(result)
+    assert json.loads(to_json(result))["rows"][0]["backend"] == "diffusers"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_gpu_refuses_without_cuda():
+    from typer.testing import CliRunner
+
+    from ditstream.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "gpu"])
+    assert result.exit_code == 2
+    assert "needs a CUDA GPU" in result.output
