@@ -138,3 +138,17 @@ def test_bench_gpu_refuses_without_cuda():
     result = CliRunner().invoke(app, ["bench", "gpu"])
     assert result.exit_code == 2
     assert "needs a CUDA GPU" in result.output
+
+
+def test_auto_picks_onnx_on_cpu_and_says_why(tiny_components, monkeypatch, caplog, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is in the 'test' extra")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with caplog.at_level("INFO", logger="engine.backends"):
+        assert create_backend("auto", tiny_components).name == "onnx"
+    assert "backend auto -> onnx: fastest available" in caplog.text
+
+    caplog.clear()
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with caplog.at_level("INFO", logger="engine.backends"):
+        assert create_backend("auto", tiny_components).name == "torch"
+    assert "skipped onnx:" in caplog.text and "onnxruntime" in caplog.text
