@@ -170,3 +170,31 @@ def test_engine_spec_and_input_profiles_from_tiny_components(tiny_components):
     assert input_profiles(tiny_components, "vae_decoder", profile)["latents"][0] == (1, 4, 16, 16)
     with pytest.raises(ValueError, match="multiples"):
         input_profiles(tiny_components, "vae_encoder", BuildProfile(height=(31, 32, 32)))
+
+
+def test_build_engine_cli_onnx_only_then_list(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from ditstream.cli import app
+
+    runner = CliRunner()
+    args = ["build-engine", "--model", str(tiny_model_dir), "--onnx-only", "--cache-dir", str(tmp_path),
+            "-r", "64x32", "-r", "32", "-b", "1", "-b", "4"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "batch 1/1/4, height 32/32/32, width 32/64/64" in result.output
+    assert len(list(tmp_path.glob("*.onnx.json"))) == 3
+    listed = runner.invoke(app, ["build-engine", "--list", "--cache-dir", str(tmp_path)])
+    assert listed.exit_code == 0 and listed.output.count("onnx ") == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and bool(trt_version()), reason="checks the refusal without TensorRT/CUDA")
+def test_build_engine_cli_refuses_without_tensorrt_or_cuda(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from ditstream.cli import app
+
+    result = CliRunner().invoke(app, ["build-engine", "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "TensorRT is not installed" in result.output or "needs a CUDA GPU" in result.output
+    assert list(tmp_path.iterdir()) == []
