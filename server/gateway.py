@@ -94,8 +94,13 @@ class GatewayStreamHandle:
         return self._config
 
     def submit(self, image: np.ndarray | None, seq: int = 0, ts: float = 0.0) -> bool:
-        """Offer a frame; never blocks (the publisher thread sends it). True if one was replaced."""
-        self._runner.check_alive()
+        """Offer a frame; never blocks (the publisher thread sends it). True if one was replaced.
+
+        Not refused while Redis or the worker is briefly gone: the slot keeps the newest frame and
+        the session resumes when the supervisor has re-pinned it — a stream outlives an outage.
+        """
+        if self.closed or not self._runner.running:
+            raise EngineDeadError("the gateway is not running")
         if image is None and self._config.mode == "img2img":
             raise ValidationError("img2img streams need an image in every frame", field="image")
         replaced = self.slot.put((image, seq, ts))
@@ -189,6 +194,10 @@ class RedisGatewayRunner:
             self.r.delete(self.replies)
             self.r.close()
         self._started = False
+
+    @property
+    def running(self) -> bool:
+        return self._started and not self._stop.is_set()
 
     @property
     def alive(self) -> bool:
