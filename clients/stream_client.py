@@ -241,7 +241,7 @@ async def run_stream(url: str, frames: Iterator[np.ndarray], *, config: dict[str
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     stats = StreamStats()
-    async with websockets.connect(url, additional_headers=headers, max_size=None,
+    async with websockets.connect(url, additional_headers=headers, max_size=None, compression=None,
                                   subprotocols=["ditstream"]) as ws:  # type: ignore[list-item]
         ready = json.loads(await ws.recv())
         if ready.get("type") != "ready":

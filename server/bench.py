@@ -94,7 +94,7 @@ async def _one_stream(url: str, headers: dict[str, str] | None, spec: BenchSpec,
 
     st = _Stream()
     first_seq: int | None = None
-    async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:
+    async with websockets.connect(url, additional_headers=headers, max_size=None, compression=None) as ws:
         ready = json.loads(await ws.recv())
         if ready.get("type") != "ready":
             raise RuntimeError(f"stream refused: {ready}")
@@ -166,8 +166,23 @@ def _lag_buckets(http_url: str, headers: dict[str, str] | None) -> dict[float, f
     return out
 
 
-async def measure(url: str, spec: BenchSpec, api_key: str | None = None) -> dict[str, Any]:
-    """One run of ``spec`` against the server at ``url`` (ws:// or http:// base)."""
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a local process (all its threads), from /proc; None elsewhere."""
+    if pid is None:
+        return None
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def measure(url: str, spec: BenchSpec, api_key: str | None = None, pid: int | None = None) -> dict[str, Any]:
+    """One run of ``spec`` against the server at ``url`` (ws:// or http:// base).
+
+    ``pid``: the server's process id when it runs on this machine, to report its CPU time per frame
+    (a load-independent view of the overhead: wall-clock figures grow when the cores are shared).
+    """
     base = url.rstrip("/").replace("/v1/stream", "")
     http_url = base.replace("ws://", "http://").replace("wss://", "https://")
     ws_url = http_url.replace("http://", "ws://").replace("https://", "wss://") + "/v1/stream"
@@ -179,12 +194,23 @@ async def measure(url: str, spec: BenchSpec, api_key: str | None = None) -> dict
     lag_task = asyncio.create_task(_client_lag(stop, client_lag))
     t_start = time.perf_counter() + spec.warmup_s + 0.5
     t_end = t_start + spec.seconds
+    cpu: list[float | None] = []
+
+    async def mark_cpu(at: float) -> None:
+        await asyncio.sleep(max(0.0, at - time.perf_counter()))
+        cpu.append(_cpu_seconds(pid))
+
+    marks = [asyncio.create_task(mark_cpu(t_start)), asyncio.create_task(mark_cpu(t_end))]
     streams = await asyncio.gather(*[_one_stream(ws_url, headers, spec, frames, t_start, t_end, i)
                                      for i in range(spec.streams)])
+    await asyncio.gather(*marks)
     stop.set()
     await lag_task
     after = await asyncio.to_thread(_lag_buckets, http_url, headers)
-    return _summarise(spec, list(streams), before, after, client_lag)
+    out = _summarise(spec, list(streams), before, after, client_lag)
+    if len(cpu) == 2 and cpu[0] is not None and cpu[1] is not None and out["received"]:
+        out["server_cpu_ms_per_frame"] = round((cpu[1] - cpu[0]) * 1e3 / out["received"], 3)
+    return out
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -229,8 +255,8 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def null_server(spec: BenchSpec, timeout: float = 120.0) -> Iterator[str]:
-    """A ``ditstream serve --model null`` subprocess on a free port; yields its ws:// base URL."""
+def null_server(spec: BenchSpec, timeout: float = 120.0) -> Iterator[tuple[str, int]]:
+    """A ``ditstream serve --model null`` subprocess on a free port; yields (ws:// base URL, pid)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "ditstream", "serve", "--model", "null", "--host", "127.0.0.1", "--port", str(port),
            "--max-streams", str(spec.streams + 1), "--width", str(spec.width), "--height", str(spec.height),
@@ -248,7 +274,7 @@ def null_server(spec: BenchSpec, timeout: float = 120.0) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError("null server did not become ready")
             time.sleep(0.2)
-        yield f"ws://127.0.0.1:{port}"
+        yield f"ws://127.0.0.1:{port}", proc.pid
     finally:
         proc.terminate()
         try:
@@ -265,8 +291,8 @@ def run_bench(spec: BenchSpec, url: str | None = None, api_key: str | None = Non
     if url:
         results["server"] = asyncio.run(measure(url, spec, api_key))
     if null:
-        with null_server(spec) as null_url:
-            results["null engine"] = asyncio.run(measure(null_url, spec))
+        with null_server(spec) as (null_url, pid):
+            results["null engine"] = asyncio.run(measure(null_url, spec, pid=pid))
     return results
 
 
@@ -279,6 +305,7 @@ def format_report(spec: BenchSpec, results: dict[str, dict[str, Any]]) -> str:
         ("server overhead p50 / p99 ms", lambda r: f"{r['server_overhead_ms_p50']:.2f} / "
                                                   f"{r['server_overhead_ms_p99']:.2f}"),
         ("  decode / encode p50 ms", lambda r: f"{r['decode_ms_p50']:.2f} / {r['encode_ms_p50']:.2f}"),
+        ("server CPU per frame ms (local)", lambda r: f"{r.get('server_cpu_ms_per_frame', float('nan')):.2f}"),
         ("dropped % / skipped %", lambda r: f"{r['dropped_pct']:.1f} / {r['skipped_pct']:.1f}"),
         ("server loop stalls > 20 ms", lambda r: f"{r['server_loop_stalls_over_20ms']} of {r['server_loop_ticks']}"),
         ("server loop lag max (≤ bucket)", lambda r: f"{r['server_loop_lag_max_ms_le']} ms"),

@@ -26,6 +26,7 @@ class ServerThread:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.config = uvicorn.Config(app, log_level="warning", ws_max_size=ws_max_size, lifespan="on",
+                                     ws_per_message_deflate=False,
                                      timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self._run, name="uvicorn-test", daemon=True)

@@ -1,11 +1,12 @@
 """``/v1/stream``: one live stream per WebSocket (protocol in ``docs/protocol.md``).
 
-Per connection: the receive loop (this coroutine) parses control messages and frames, decodes
-frames in the codec pool and offers them to the engine (latest wins, never blocks); one sender task
-is the only writer to the socket (uvicorn's ``send`` can block on a slow client, so nothing else
-may wait on it) and drains the stream's bounded drop-oldest output queue, woken by the engine
-thread through ``call_soon_threadsafe``; in txt2img mode a ticker task offers empty frames at the
-requested fps. Leaving for any reason closes the engine stream (its queued work is dropped),
+Per connection: the receive loop parses control messages and frames; a codec thread decodes each
+frame and offers it to the engine itself (latest wins, never blocks). The engine thread's
+``notify`` starts a per-stream encoder in the codec pool that drains the bounded drop-oldest output
+queue in order and wakes the event loop; one sender task is the only writer to the socket
+(uvicorn's ``send`` can block on a slow client, so nothing else may wait on it). A frame thus
+crosses threads only loop → codec → engine → codec → loop. In txt2img mode a ticker task offers
+empty frames at the requested fps. Leaving for any reason closes the engine stream (its queued work is dropped),
 cancels the tasks and gives back the admission permit.
 """
 
@@ -16,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import threading
 import time
 from collections import OrderedDict, deque
 from typing import Any
@@ -103,7 +105,7 @@ class StreamSession:
         self.fps = self.settings.default_fps
         self.quality = self.settings.jpeg_quality
         self.next_seq = 0
-        self.received: OrderedDict[int, tuple[float, float]] = OrderedDict()  # seq -> (t_recv, decode_s)
+        self.received: OrderedDict[int, float] = OrderedDict()  # seq -> receive time (perf_counter)
         self.close_code: int | None = None
         self.close_reason = ""
         self.errors_in_row = 0
@@ -113,6 +115,14 @@ class StreamSession:
         self._last_bytes = b""
         self._last_quality = -1
         self._out_dropped = 0
+        #: seq -> decode seconds, written by codec threads (plain dict ops are atomic under the GIL).
+        self.decode_s: dict[int, float] = {}
+        #: Encoded outputs handed from the codec pool to the sender, in order.
+        self.encoded: deque[tuple[StreamOutput, bytes, float]] = deque()
+        self._encode_lock = threading.Lock()
+        self._encode_scheduled = False
+        self._encode_again = False
+        self._closed_seen = False
 
     # ------------------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -157,9 +167,58 @@ class StreamSession:
         self.wake.set()
 
     def _notify(self) -> None:
-        """Called on the engine thread after each output; must never raise there."""
+        """Engine thread, after each output: start (or re-arm) this stream's encoder in the codec pool.
+
+        Encoding straight from here, instead of waking the event loop first, takes one thread hop
+        off every frame's path. At most one encoder runs per stream, so outputs stay in order.
+        Must never raise: it runs on the engine thread.
+        """
+        try:
+            with self._encode_lock:
+                if self._encode_scheduled:
+                    self._encode_again = True
+                    return
+                self._encode_scheduled = True
+            self.state.codec.pool.submit(self._encode_pending)
+        except Exception:  # pool shut down at exit
+            logger.debug("encoder not scheduled", exc_info=True)
+            with self._encode_lock:
+                self._encode_scheduled = False
+            self._wake_loop()
+
+    def _wake_loop(self) -> None:
         with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
             self.loop.call_soon_threadsafe(self.wake.set)
+
+    def _encode_pending(self) -> None:
+        """Codec thread: encode every queued output in order, hand them to the sender."""
+        try:
+            while True:
+                handle = self.handle
+                batch = handle.outputs.drain() if handle is not None else []
+                for out in batch:
+                    t0 = time.perf_counter()
+                    quality = self.quality
+                    if out.image is self._last_image and quality == self._last_quality:
+                        data = self._last_bytes  # a skipped frame re-sends the same array
+                    else:
+                        data = codec.encode(out.image, "jpeg", quality)
+                        self._last_image, self._last_bytes, self._last_quality = out.image, data, quality
+                    self.encoded.append((out, data, time.perf_counter() - t0))
+                if batch:
+                    self._wake_loop()
+                with self._encode_lock:
+                    if not self._encode_again:
+                        self._encode_scheduled = False
+                        break
+                    self._encode_again = False
+            if handle is not None and handle.outputs.closed:
+                self._wake_loop()  # after the flag is down, so the sender sees a settled state
+        except Exception:
+            logger.exception("encoding failed")
+            with self._encode_lock:
+                self._encode_scheduled = False
+            self._wake_loop()
 
     def send_json(self, message: dict[str, Any]) -> None:
         if len(self.control_out) >= MAX_PENDING_CONTROL:
@@ -170,13 +229,20 @@ class StreamSession:
 
     # ------------------------------------------------------------------------------ receiving
     async def _receive_loop(self, sender: asyncio.Task) -> None:
+        """Read until the client leaves or a close is requested; the sender does the closing."""
+        reader = asyncio.create_task(self._read_messages(), name="ditstream-reader")
+        done, _ = await asyncio.wait({reader, sender}, return_when=asyncio.FIRST_COMPLETED)
+        if reader not in done:  # the sender closed the socket (engine death, shutdown, client gone)
+            reader.cancel()
+        with contextlib.suppress(BaseException):
+            await reader
+        if self.close_code is not None:  # we asked to close: let the sender flush the error and close
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(sender, timeout=2.0)
+
+    async def _read_messages(self) -> None:
         while self.close_code is None:
-            receive = asyncio.ensure_future(self.ws.receive())
-            done, _ = await asyncio.wait({receive, sender}, return_when=asyncio.FIRST_COMPLETED)
-            if receive not in done:  # the sender closed the socket (engine death, shutdown, abuse)
-                receive.cancel()
-                return
-            msg = receive.result()
+            msg = await self.ws.receive()
             if msg["type"] == "websocket.disconnect":
                 return
             t_recv = time.perf_counter()
@@ -188,8 +254,6 @@ class StreamSession:
                 self.errors_in_row = 0
             except DitstreamError as exc:
                 self._on_error(exc)
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(sender, timeout=2.0)
 
     def _on_error(self, exc: DitstreamError) -> None:
         row = mapping_for(exc)
@@ -215,19 +279,24 @@ class StreamSession:
         if ts is None:
             ts = time.time() * 1e3
         cfg = self.config
-        image = await self.loop.run_in_executor(
-            self.state.codec.pool, lambda: codec.decode(image_bytes, max_pixels=self.settings.max_pixels,
-                                                        size=(cfg.width, cfg.height), fast=True))
-        decode_s = time.perf_counter() - t_recv
-        self._track(seq, t_recv, decode_s)
-        assert self.handle is not None
-        if self.handle.submit(image, seq, ts):
+        self._track(seq, t_recv)
+        if await self.loop.run_in_executor(self.state.codec.pool, self._decode_and_submit, image_bytes, seq, ts,
+                                           (cfg.width, cfg.height), t_recv):
             self.metrics.frames.labels("dropped").inc()
 
-    def _track(self, seq: int, t_recv: float, decode_s: float) -> None:
-        self.received[seq] = (t_recv, decode_s)
+    def _decode_and_submit(self, data: memoryview, seq: int, ts: float, size: tuple[int, int],
+                           t_recv: float) -> bool:
+        """Codec thread: decode and offer the frame to the engine directly (no hop back to the loop)."""
+        image = codec.decode(data, max_pixels=self.settings.max_pixels, size=size, fast=True)
+        self.decode_s[seq] = time.perf_counter() - t_recv
+        assert self.handle is not None
+        return self.handle.submit(image, seq, ts)
+
+    def _track(self, seq: int, t_recv: float) -> None:
+        self.received[seq] = t_recv
         while len(self.received) > MAX_TRACKED_FRAMES:
-            self.received.popitem(last=False)
+            old, _ = self.received.popitem(last=False)
+            self.decode_s.pop(old, None)
 
     async def _on_text(self, text: str) -> None:
         if len(text.encode()) > self.settings.max_control_bytes:
@@ -296,7 +365,7 @@ class StreamSession:
             await asyncio.sleep(max(0.0, next_t - now))
             seq = self.next_seq
             self.next_seq += 1
-            self._track(seq, time.perf_counter(), 0.0)
+            self._track(seq, time.perf_counter())
             assert self.handle is not None
             try:
                 if self.handle.submit(None, seq, time.time() * 1e3):
@@ -325,11 +394,10 @@ class StreamSession:
             if self.close_code is not None:
                 await self._close()
                 return
-            batch = outputs.drain()
             self._count_output_drops()
-            if batch:
-                await self._send_outputs(batch)
-            if outputs.closed and not outputs:
+            while self.encoded:
+                await self._send_output(*self.encoded.popleft())
+            if outputs.closed and not outputs and not self.encoded and not self._encode_scheduled:
                 err = self.runner.error
                 if err is not None or not self.runner.alive:
                     dead = EngineDeadError(f"the engine stopped: {err!r}" if err else "the engine stopped")
@@ -349,36 +417,25 @@ class StreamSession:
             self.metrics.frames.labels("dropped").inc(dropped - self._out_dropped)
             self._out_dropped = dropped
 
-    async def _send_outputs(self, batch: list[StreamOutput]) -> None:
-        for out in batch:
-            data, encode_s = await self._encode(out.image)
-            t_recv, decode_s = self.received.pop(out.seq, (None, 0.0))
-            now = time.perf_counter()
-            server_s = (now - t_recv) if t_recv is not None else out.timings.get("total", 0.0) + encode_s
-            inference_s = out.timings.get("inference", 0.0)
-            header = {"seq": out.seq, "ts": out.ts, "skipped": out.skipped,
-                      "width": int(out.image.shape[1]), "height": int(out.image.shape[0]),
-                      "timings": {"decode_ms": _ms(decode_s), "queue_ms": _ms(out.timings.get("queue", 0.0)),
-                                  "inference_ms": _ms(inference_s), "encode_ms": _ms(encode_s),
-                                  "server_ms": _ms(server_s)}}
-            await self.ws.send_bytes(pack_frame(header, data))
-            m = self.metrics
-            m.frames.labels("skipped" if out.skipped else "processed").inc()
-            m.queue_seconds.observe(out.timings.get("queue", 0.0))
-            if not out.skipped:
-                m.inference_seconds.observe(inference_s)
-            m.e2e_seconds.observe(server_s)
-            m.overhead_seconds.observe(max(0.0, server_s - inference_s))
-
-    async def _encode(self, image: Any) -> tuple[bytes, float]:
-        """JPEG-encode in the codec pool; a skipped frame re-sends the same array, so reuse its bytes."""
-        quality = self.quality
-        if image is self._last_image and quality == self._last_quality:
-            return self._last_bytes, 0.0
-        t0 = time.perf_counter()
-        data = await self.loop.run_in_executor(self.state.codec.pool, codec.encode, image, "jpeg", quality)
-        self._last_image, self._last_bytes, self._last_quality = image, data, quality
-        return data, time.perf_counter() - t0
+    async def _send_output(self, out: StreamOutput, data: bytes, encode_s: float) -> None:
+        t_recv = self.received.pop(out.seq, None)
+        decode_s = self.decode_s.pop(out.seq, 0.0)
+        now = time.perf_counter()
+        server_s = (now - t_recv) if t_recv is not None else out.timings.get("total", 0.0) + encode_s
+        inference_s = out.timings.get("inference", 0.0)
+        header = {"seq": out.seq, "ts": out.ts, "skipped": out.skipped,
+                  "width": int(out.image.shape[1]), "height": int(out.image.shape[0]),
+                  "timings": {"decode_ms": _ms(decode_s), "queue_ms": _ms(out.timings.get("queue", 0.0)),
+                              "inference_ms": _ms(inference_s), "encode_ms": _ms(encode_s),
+                              "server_ms": _ms(server_s)}}
+        await self.ws.send_bytes(pack_frame(header, data))
+        m = self.metrics
+        m.frames.labels("skipped" if out.skipped else "processed").inc()
+        m.queue_seconds.observe(out.timings.get("queue", 0.0))
+        if not out.skipped:
+            m.inference_seconds.observe(inference_s)
+        m.e2e_seconds.observe(server_s)
+        m.overhead_seconds.observe(max(0.0, server_s - inference_s))
 
     # ------------------------------------------------------------------------------ helpers
     def _config_dict(self, cfg: StreamConfig) -> dict[str, Any]:
