@@ -1,0 +1,57 @@
+"""``ditstream train-demo`` and ``ditstream bench quality``.
+
+Only typer is imported at module level (``ditstream --help`` stays fast); torch and the training
+code are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    """Add ``train-demo`` to the main app and ``quality`` to the bench group."""
+
+    @app.command("train-demo")
+    def train_demo_cmd(
+        out: str = typer.Option("", help="Output folder (default: the packaged engine/assets/demo)."),
+        seed: int = typer.Option(0, help="Seed for data, initialisation and sampling."),
+        device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+        threads: int = typer.Option(1, help="CPU threads; 1 is fastest on a busy 2-core machine."),
+        workdir: str = typer.Option("", help="Checkpoint folder; a rerun resumes after the last finished stage."),
+        scale: float = typer.Option(1.0, help="Multiply every stage's step count (0.05 for a smoke run)."),
+    ) -> None:
+        """Reproduce the demo model from scratch: autoencoder → flow teacher → one-step student."""
+        from dataclasses import replace
+
+        from engine.demo.train import TrainConfig, train_demo
+        from engine.loader import DEMO_MODEL_DIR
+
+        cfg = TrainConfig(seed=seed, device=device, threads=threads)
+        if scale != 1.0:
+            cfg = replace(cfg, **{k: max(1, int(getattr(cfg, k) * scale)) for k in
+                                  ("ae_steps", "teacher_steps", "pairs", "student_steps")})
+        path = train_demo(out or DEMO_MODEL_DIR, cfg, workdir=workdir or None)
+        typer.echo(f"saved {path}")
+
+    @bench.command("quality")
+    def quality_cmd(
+        model: str = typer.Option("demo", help="Model folder (default: the packaged demo model)."),
+        n: int = typer.Option(280, help="txt2img images (cycled over all 280 captions)."),
+        frames: int = typer.Option(16, help="Frames of the synthetic moving-shape video for img2img."),
+        strength: float = typer.Option(-1.0, help="img2img strength (default: the model's own default)."),
+        seed: int = typer.Option(0),
+        threads: int = typer.Option(2),
+        json_out: str = typer.Option("", "--json", help="Also write the figures as JSON here."),
+    ) -> None:
+        """Score one-step txt2img/img2img (and 2-step) with the model-independent evaluator; measure fps."""
+        import json
+
+        from engine.demo.quality import format_report, run_quality
+
+        report = run_quality(model, n=n, frames=frames, strength=None if strength < 0 else strength,
+                             seed=seed, threads=threads)
+        typer.echo(format_report(report))
+        if json_out:
+            with open(json_out, "w") as f:
+                json.dump(report, f, indent=2)

@@ -1,0 +1,461 @@
+"""``ditstream train-demo``: reproduce the demo model from scratch (autoencoder → teacher → one step).
+
+Recipe (all seeded, see ``docs/demo_model_card.md``):
+
+1. **Autoencoder.** A 4-level ``AutoencoderDC`` (f8, 16 latent channels) trained on procedural shapes
+   with L1+L2 reconstruction and a little latent noise (a smooth latent space is easier to diffuse);
+   ``scaling_factor`` is set to 1/std of the latents.
+2. **Teacher.** A ``SanaTransformer2DModel`` trained as a TrigFlow flow model over t ∈ (0, π/2] with
+   the exact SANA-Sprint parametrisation (σd = 0.5), jointly with a 2-layer ``Gemma2Model`` text
+   encoder; 10 % caption dropout so that it can be sampled with classifier-free guidance.
+3. **Distillation.** Teacher ODE trajectories (DDIM in TrigFlow angles, CFG) give (x_t, t) → x0 pairs
+   from t = π/2 down; the one-step student (initialised from the teacher) regresses the trajectory's
+   end point from any point on it (trajectory/consistency distillation). At img2img entry angles it
+   also learns from procedurally paired edits — the same geometry rendered with the prompt's colours —
+   so that one-step img2img keeps the input's position while taking the prompt's colour.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from engine.demo import dataset as ds
+
+logger = logging.getLogger(__name__)
+
+SIGMA_D = 0.5
+LATENT_CHANNELS = 16
+TEXT_HIDDEN = 64
+#: Tokens per caption in training: "<bos> a red circle on a blue background" is 8; padding is masked
+#: and the encoder is causal, so the embeddings equal those of the 300-token inference path.
+TRAIN_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of the recipe; the defaults reproduce the shipped weights."""
+
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 1
+    n_images: int = 8000
+    ae_steps: int = 1500
+    ae_batch: int = 16
+    ae_lr: float = 2e-3
+    teacher_steps: int = 2500
+    teacher_batch: int = 32
+    teacher_lr: float = 1e-3
+    caption_dropout: float = 0.1
+    pairs: int = 2048
+    teacher_sample_steps: int = 8
+    cfg_scale: float = 3.0
+    student_steps: int = 1200
+    student_batch: int = 32
+    student_lr: float = 3e-4
+    ema: float = 0.999
+    transformer: dict[str, Any] = field(default_factory=lambda: dict(
+        hidden=64, layers=4, heads=4))
+    vae_channels: tuple[int, ...] = (8, 16, 32, 64)
+
+
+# --------------------------------------------------------------------------- components
+
+def build_components(cfg: TrainConfig) -> dict[str, Any]:
+    """Untrained real-class components (same classes the loader uses for SANA-Sprint)."""
+    from diffusers import AutoencoderDC, SanaTransformer2DModel, SCMScheduler
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = make_demo_tokenizer()
+    n = len(cfg.vae_channels)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=LATENT_CHANNELS, attention_head_dim=8,
+        encoder_block_types=("ResBlock",) * n, decoder_block_types=("ResBlock",) * n,
+        encoder_block_out_channels=cfg.vae_channels, decoder_block_out_channels=cfg.vae_channels,
+        encoder_qkv_multiscales=((),) * n, decoder_qkv_multiscales=((),) * n,
+        encoder_layers_per_block=(1,) * n, decoder_layers_per_block=(1,) * n,
+        downsample_block_type="conv", upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=1.0,
+    )
+    t = cfg.transformer
+    transformer = SanaTransformer2DModel(
+        patch_size=1, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=t["layers"],
+        num_attention_heads=t["heads"], attention_head_dim=t["hidden"] // t["heads"],
+        num_cross_attention_heads=t["heads"], cross_attention_head_dim=t["hidden"] // t["heads"],
+        cross_attention_dim=t["hidden"], caption_channels=TEXT_HIDDEN, sample_size=8,
+        qk_norm="rms_norm_across_heads", guidance_embeds=True, interpolation_scale=1,
+    )
+    text_encoder = Gemma2Model(Gemma2Config(
+        hidden_size=TEXT_HIDDEN, head_dim=16, intermediate_size=128, num_attention_heads=4,
+        num_hidden_layers=2, num_key_value_heads=4, vocab_size=len(tokenizer),
+    ))
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                scheduler=SCMScheduler(sigma_data=SIGMA_D))
+
+
+def make_demo_tokenizer():
+    """Word-level tokenizer over the caption words that prepends ``<bos>`` like Gemma's.
+
+    The ``<bos>`` matters: an empty prompt (the unconditional branch) still has one unmasked token,
+    so cross-attention never sees an all-masked row.
+    """
+    from tokenizers.processors import TemplateProcessing
+
+    from engine.synthetic import make_tokenizer
+
+    tok = make_tokenizer(ds.vocabulary())
+    bos = tok.convert_tokens_to_ids("<bos>")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return tok
+
+
+# --------------------------------------------------------------------------- TrigFlow model call
+
+def trigflow_x0(transformer, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor,
+                guidance: float) -> torch.Tensor:
+    """Predicted clean latent ``x0`` (B, C, h, w) at angles ``t`` (B,) — SANA-Sprint's parametrisation.
+
+    Mirrors diffusers' ``SanaSprintPipeline`` loop exactly so training and serving agree.
+    """
+    s = (torch.sin(t) / (torch.sin(t) + torch.cos(t))).view(-1, 1, 1, 1)
+    norm = torch.sqrt(s**2 + (1 - s) ** 2)
+    x_in = x / SIGMA_D * norm
+    g = torch.full((x.shape[0],), guidance * transformer.config.guidance_embeds_scale, device=x.device)
+    raw = transformer(x_in, encoder_hidden_states=emb, encoder_attention_mask=mask, guidance=g,
+                      timestep=s.flatten(), return_dict=False)[0]
+    flow = ((1 - 2 * s) * x_in + (1 - 2 * s + 2 * s**2) * raw) / norm * SIGMA_D
+    tt = t.view(-1, 1, 1, 1)
+    return torch.cos(tt) * x - torch.sin(tt) * flow
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    tt = t.view(-1, 1, 1, 1)
+    return torch.cos(tt) * x0 + torch.sin(tt) * SIGMA_D * noise
+
+
+# --------------------------------------------------------------------------- helpers
+
+def to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) → float (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def tokenize(tokenizer, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer([c.lower().strip() for c in captions], padding="max_length", max_length=TRAIN_TOKENS,
+                    truncation=True, return_tensors="pt")
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def encode_text(text_encoder, tokenizer, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = tokenize(tokenizer, captions, device)
+    return text_encoder(ids, attention_mask=mask).last_hidden_state, mask
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1.0 - decay)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
+    """Linear warm-up, flat, then linear decay over the last 30 %."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    tail = int(0.7 * total)
+    if step < tail:
+        return base
+    return base * max(0.05, (total - step) / max(total - tail, 1))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+# --------------------------------------------------------------------------- stages
+
+def train_autoencoder(vae, images: np.ndarray, cfg: TrainConfig, device: torch.device,
+                      rng: np.random.Generator) -> float:
+    """Train the autoencoder; return the latent scaling factor (1 / latent std)."""
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.ae_lr, weight_decay=0.0)
+    bar = tqdm(range(cfg.ae_steps), desc="autoencoder", dynamic_ncols=True)
+    for step in bar:
+        set_lr(opt, lr_at(step, cfg.ae_steps, cfg.ae_lr))
+        x = to_tensor(images[rng.integers(len(images), size=cfg.ae_batch)], device)
+        z = vae.encoder(x)
+        # Latent noise + a small L2 keep the latent space smooth and at a stable scale.
+        z_std = z.detach().std().clamp_min(1e-3)
+        rec = vae.decoder(z + 0.1 * z_std * torch.randn_like(z))
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * z.square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        z = torch.cat([vae.encoder(to_tensor(images[i : i + 256], device)) for i in range(0, min(2048, len(images)), 256)])
+    return float(1.0 / z.std())
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, scale: float, device: torch.device) -> torch.Tensor:
+    """Clean latents ``x0 = latent · scaling_factor · σd`` (N, C, h, w) for the whole dataset."""
+    out = [vae.encoder(to_tensor(images[i : i + 256], device)) for i in
+           tqdm(range(0, len(images), 256), desc="encode latents", dynamic_ncols=True)]
+    return torch.cat(out) * scale * SIGMA_D
+
+
+def sample_train_t(n: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    """TrigFlow training angles: log-normal σ (tan t = σ/σd) plus 10 % exactly π/2 (txt2img start)."""
+    sigma = torch.exp(torch.randn(n, generator=gen, device=device) * 1.4 - 0.4)
+    t = torch.atan(sigma / SIGMA_D).clamp(1e-3, math.pi / 2)
+    top = torch.rand(n, generator=gen, device=device) < 0.1
+    return torch.where(top, torch.full_like(t, math.pi / 2), t)
+
+
+def train_teacher(transformer, text_encoder, tokenizer, latents: torch.Tensor, captions: list[str],
+                  cfg: TrainConfig, device: torch.device, gen: torch.Generator,
+                  rng: np.random.Generator) -> torch.nn.Module:
+    """TrigFlow flow matching; returns the EMA teacher."""
+    transformer.train()
+    text_encoder.train()
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.teacher_lr, weight_decay=0.0)
+    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
+    bar = tqdm(range(cfg.teacher_steps), desc="teacher", dynamic_ncols=True)
+    for step in bar:
+        set_lr(opt, lr_at(step, cfg.teacher_steps, cfg.teacher_lr))
+        idx = rng.integers(len(latents), size=cfg.teacher_batch)
+        x0 = latents[idx]
+        caps = ["" if rng.random() < cfg.caption_dropout else captions[i] for i in idx]
+        emb, mask = encode_text(text_encoder, tokenizer, caps, device)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        t = sample_train_t(len(idx), device, gen)
+        xt = add_noise(x0, noise, t)
+        pred = trigflow_x0(transformer, xt, t, emb, mask, cfg.cfg_scale)
+        # Loss on the TrigFlow velocity F (x0 error / sin t), the sCM training target.
+        tt = t.view(-1, 1, 1, 1)
+        loss = ((pred - x0) / torch.sin(tt).clamp_min(0.05)).square().mean() / SIGMA_D**2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_update(ema, transformer, cfg.ema if step > 200 else 0.0)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    text_encoder.eval().requires_grad_(False)
+    return ema
+
+
+def teacher_angles(n: int, t_start: float = math.pi / 2) -> list[float]:
+    return list(np.linspace(t_start, 0.0, n + 1)[:-1])
+
+
+@torch.no_grad()
+def teacher_sample(teacher, x: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor, uemb: torch.Tensor,
+                   umask: torch.Tensor, cfg: TrainConfig, angles: list[float]) -> list[torch.Tensor]:
+    """Deterministic DDIM in TrigFlow angles with CFG; returns the states at ``angles`` plus x0."""
+    states = []
+    b = x.shape[0]
+    for k, a in enumerate(angles):
+        states.append(x)
+        t = torch.full((b,), a, device=x.device)
+        both = trigflow_x0(teacher, torch.cat([x, x]), torch.cat([t, t]), torch.cat([emb, uemb]),
+                           torch.cat([mask, umask]), cfg.cfg_scale)
+        cond, unc = both.chunk(2)
+        x0 = unc + cfg.cfg_scale * (cond - unc)
+        eps = (x - math.cos(a) * x0) / (math.sin(a) * SIGMA_D)
+        nxt = angles[k + 1] if k + 1 < len(angles) else 0.0
+        x = math.cos(nxt) * x0 + math.sin(nxt) * SIGMA_D * eps
+    states.append(x)
+    return states
+
+
+def make_pairs(teacher, text_encoder, tokenizer, cfg: TrainConfig, device: torch.device,
+               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Teacher trajectories from noise: (states (N, K, C, h, w), angles (K,), x0 (N, C, h, w), caption ids)."""
+    caps = ds.all_captions()
+    cap_ids = [i % len(caps) for i in range(cfg.pairs)]
+    angles = teacher_angles(cfg.teacher_sample_steps)
+    all_states, ends = [], []
+    uemb, umask = encode_text(text_encoder, tokenizer, [""], device)
+    bs = 128
+    for i in tqdm(range(0, cfg.pairs, bs), desc="teacher pairs", dynamic_ncols=True):
+        ids = cap_ids[i : i + bs]
+        emb, mask = encode_text(text_encoder, tokenizer, [ds.caption_for(*caps[j]) for j in ids], device)
+        noise = torch.randn((len(ids), LATENT_CHANNELS, 8, 8), generator=gen, device=device) * SIGMA_D
+        states = teacher_sample(teacher, noise, emb, mask, uemb.expand(len(ids), -1, -1),
+                                umask.expand(len(ids), -1), cfg, angles)
+        all_states.append(torch.stack(states[:-1], 1))
+        ends.append(states[-1])
+    return torch.cat(all_states), torch.tensor(angles, dtype=torch.float32, device=device), torch.cat(ends), cap_ids
+
+
+def edit_batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(source images, target images, target captions): same geometry, the prompt's colours/shape.
+
+    A third are identity pairs (the prompt describes the input); the rest change the shape colour,
+    and sometimes the background or the shape class.
+    """
+    src, tgt, caps = [], [], []
+    for _ in range(n):
+        s = ds.random_spec(rng)
+        if rng.random() < 0.33:
+            t = s
+        else:
+            shape = s.shape if rng.random() < 0.7 else ds.SHAPES[int(rng.integers(len(ds.SHAPES)))]
+            bg = s.background if rng.random() < 0.6 else ds.COLOUR_NAMES[int(rng.integers(len(ds.COLOUR_NAMES)))]
+            colours = [c for c in ds.COLOUR_NAMES if c != bg]
+            colour = colours[int(rng.integers(len(colours)))]
+            t = ds.ShapeSpec(shape, colour, bg, s.cx, s.cy, s.radius, s.size)
+        src.append(ds.render(s))
+        tgt.append(ds.render(t))
+        caps.append(t.caption)
+    return np.stack(src), np.stack(tgt), caps
+
+
+def train_student(student, teacher_pairs, vae, scale: float, cap_table: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  cfg: TrainConfig, device: torch.device, gen: torch.Generator,
+                  rng: np.random.Generator) -> torch.nn.Module:
+    """One-step distillation; returns the EMA student."""
+    states, angles, ends, cap_ids = teacher_pairs
+    caps = ds.all_captions()
+    student.train()
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.student_lr, weight_decay=0.0)
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
+    half = cfg.student_batch // 2
+    bar = tqdm(range(cfg.student_steps), desc="distil one-step", dynamic_ncols=True)
+    for step in bar:
+        set_lr(opt, lr_at(step, cfg.student_steps, cfg.student_lr))
+        # (a) trajectory points → teacher end point; half of them at t = π/2 (txt2img).
+        idx = torch.from_numpy(rng.integers(len(ends), size=half)).to(device)
+        k = torch.from_numpy(np.where(rng.random(half) < 0.5, 0, rng.integers(len(angles), size=half))).to(device)
+        xa, ta, ya = states[idx, k], angles[k], ends[idx]
+        ca = [ds.caption_for(*caps[cap_ids[int(i)]]) for i in idx]
+        # (b) img2img entry angles: paired edits and identity pairs from real data.
+        src, tgt, cb = edit_batch(rng, cfg.student_batch - half)
+        with torch.no_grad():
+            zs = vae.encoder(to_tensor(src, device)) * scale * SIGMA_D
+            yb = vae.encoder(to_tensor(tgt, device)) * scale * SIGMA_D
+        tb = torch.from_numpy(rng.uniform(0.15, 0.9, size=len(cb)) * math.pi / 2).float().to(device)
+        xb = add_noise(zs, torch.randn(zs.shape, generator=gen, device=device), tb)
+        x, t, y = torch.cat([xa, xb]), torch.cat([ta, tb]), torch.cat([ya, yb])
+        emb = torch.cat([cap_table[c][0] for c in ca + cb])
+        mask = torch.cat([cap_table[c][1] for c in ca + cb])
+        pred = trigflow_x0(student, x, t, emb, mask, cfg.cfg_scale)
+        loss = (pred - y).square().mean() / SIGMA_D**2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, student, 0.995 if step > 100 else 0.0)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return ema
+
+
+# --------------------------------------------------------------------------- driver
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train_demo(out: str | Path, cfg: TrainConfig | None = None, *, default_strength: float = 0.6,
+               workdir: str | Path | None = None) -> Path:
+    """Run the whole recipe and save a diffusers-layout folder at ``out``.
+
+    With ``workdir``, each finished stage leaves a checkpoint there and a rerun with the same
+    config resumes after the last finished stage (a 45-minute CPU run should not restart from zero).
+    """
+    from engine.synthetic import save_pipeline
+
+    cfg = cfg or TrainConfig()
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    t0 = time.time()
+    comps = build_components(cfg)
+    vae, transformer, text_encoder, tokenizer = (comps["vae"].to(device), comps["transformer"].to(device),
+                                                 comps["text_encoder"].to(device), comps["tokenizer"])
+    logger.info("generating %d procedural images", cfg.n_images)
+    images, specs = ds.make_dataset(cfg.n_images, seed=cfg.seed)
+    captions = [s.caption for s in specs]
+
+    ckpt = Path(workdir) if workdir is not None else None
+    if ckpt is not None:
+        ckpt.mkdir(parents=True, exist_ok=True)
+    if ckpt is not None and (ckpt / "autoencoder.pt").is_file():
+        state = torch.load(ckpt / "autoencoder.pt", map_location=device)
+        vae.load_state_dict(state["vae"])
+        scale = state["scale"]
+        rng.bit_generator.state = state["rng"]
+        logger.info("resumed autoencoder from %s", ckpt)
+    else:
+        scale = train_autoencoder(vae, images, cfg, device, rng)
+        if ckpt is not None:
+            torch.save({"vae": vae.state_dict(), "scale": scale, "rng": rng.bit_generator.state}, ckpt / "autoencoder.pt")
+    vae.eval()
+    vae.register_to_config(scaling_factor=scale)
+    vae.requires_grad_(False)
+    latents = encode_latents(vae, images, scale, device)
+    t_ae = time.time()
+
+    if ckpt is not None and (ckpt / "teacher.pt").is_file():
+        state = torch.load(ckpt / "teacher.pt", map_location=device)
+        transformer.load_state_dict(state["teacher"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        text_encoder.eval().requires_grad_(False)
+        teacher = transformer.eval().requires_grad_(False)
+        rng.bit_generator.state = state["rng"]
+        gen.set_state(state["gen"])
+        logger.info("resumed teacher from %s", ckpt)
+    else:
+        teacher = train_teacher(transformer, text_encoder, tokenizer, latents, captions, cfg, device, gen, rng)
+        if ckpt is not None:
+            torch.save({"teacher": teacher.state_dict(), "text_encoder": text_encoder.state_dict(),
+                        "rng": rng.bit_generator.state, "gen": gen.get_state()}, ckpt / "teacher.pt")
+    t_teacher = time.time()
+
+    pairs = make_pairs(teacher, text_encoder, tokenizer, cfg, device, gen)
+    cap_table = {}
+    with torch.no_grad():
+        for c in ds.all_captions():
+            text = ds.caption_for(*c)
+            cap_table[text] = encode_text(text_encoder, tokenizer, [text], device)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    student = train_student(student, pairs, vae, scale, cap_table, cfg, device, gen, rng)
+    t_end = time.time()
+
+    comps.update(transformer=student.cpu(), vae=vae.cpu(), text_encoder=text_encoder.cpu())
+    timings = {"autoencoder_s": round(t_ae - t0), "teacher_s": round(t_teacher - t_ae),
+               "distillation_s": round(t_end - t_teacher), "total_s": round(t_end - t0),
+               "device": str(device)}
+    extra = {"complex_human_instruction": False,
+             "defaults": {"width": 64, "height": 64, "steps": 1, "strength": default_strength,
+                          "guidance_scale": cfg.cfg_scale},
+             "training": {"config": _jsonable(asdict(cfg)), "timings": timings}}
+    path = save_pipeline(comps, out, extra=extra)
+    logger.info("saved demo model to %s (%s)", path, timings)
+    return path
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
