@@ -134,7 +134,7 @@ def weights_hash(module: Any) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).reshape(-1).cpu().numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).cpu().numpy())  # buffer protocol: no extra copy
     return h.hexdigest()
 
 

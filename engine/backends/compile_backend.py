@@ -55,6 +55,8 @@ class CompileBackend(Backend):
     """
 
     name = "compile"
+    #: Prompt length used by ``warmup`` (the prompt cache pads to ``max_sequence_length``).
+    warmup_seq_len = 300
 
     def __init__(self, components: Any, *, mode: str | None = None, compile_backend: str = "inductor",
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> None:
@@ -108,7 +110,8 @@ class CompileBackend(Backend):
             seen.add(key)
             b = key[0]
             x, t, ehs, mask, *g = transformer_inputs(self.components.transformer, b, height // f, width // f,
-                                                     dtype=self.dtype, device=self.device)
+                                                     seq_len=self.warmup_seq_len, dtype=self.dtype,
+                                                     device=self.device)
             images = torch.zeros(b, 3, height, width, device=self.device, dtype=self.components.vae.dtype)
             for _ in range(2 if self.cuda_graphs else 1):  # cudagraph trees record on the 2nd call
                 self.denoise(x, t, ehs, mask, g[0] if g else None)

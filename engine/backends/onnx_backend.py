@@ -5,8 +5,11 @@ our ONNX graphs — the input to every TensorRT build — compute what torch com
 from ``trt_build.export`` (TorchScript exporter, dynamic batch/height/width).
 
 Providers: on a CUDA device the CUDA execution provider is required (a CUDA model silently running
-on CPU would be a hidden fallback); the TensorRT EP is added in front of it when present and asked
-for. On CUDA, inputs and outputs stay on the GPU through IO binding (no host copies).
+on CPU would be a hidden fallback). onnxruntime's TensorRT EP is put in front of it when it is
+present and ``tensorrt_provider=True``; it is opt-in because that EP builds an engine inside the
+first request of every new shape range (seconds to minutes of stall), whereas our ``tensorrt``
+backend builds ahead of time for explicit profiles. On CUDA, inputs and outputs stay on the GPU
+through IO binding (no host copies).
 """
 
 from __future__ import annotations
@@ -51,11 +54,11 @@ class OnnxBackend(Backend):
             raise BackendUnavailableError(
                 "backend 'onnx' does not run bf16 (onnxruntime has few bf16 kernels); use --dtype fp16 or fp32"
             )
-        self.providers = self._choose_providers(tensorrt_provider)
         from trt_build.cache import EngineCache
         from trt_build.export import get_or_export
 
         self.cache = EngineCache(Path(cache_dir) if cache_dir is not None else None)
+        self.providers = self._choose_providers(tensorrt_provider)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -88,6 +91,7 @@ class OnnxBackend(Backend):
             providers.append(("TensorrtExecutionProvider", {
                 "device_id": device_id, "trt_fp16_enable": self.dtype == torch.float16,
                 "trt_engine_cache_enable": True, "trt_timing_cache_enable": True,
+                "trt_engine_cache_path": str(self.cache.root / "ort-trt"),
             }))
         providers.append(("CUDAExecutionProvider", {"device_id": device_id}))
         return providers
