@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # Backends the engine's parity and isolation tests run on (accelerated backends add themselves).
-ENGINE_BACKENDS = ["torch", "onnx", "compile"]
+ENGINE_BACKENDS = ["torch", "onnx", pytest.param("compile", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="session")
