@@ -152,3 +152,19 @@ def test_auto_picks_onnx_on_cpu_and_says_why(tiny_components, monkeypatch, caplo
     with caplog.at_level("INFO", logger="engine.backends"):
         assert create_backend("auto", tiny_components).name == "torch"
     assert "skipped onnx:" in caplog.text and "onnxruntime" in caplog.text
+
+
+def test_bucket_padding_does_not_change_any_row(tiny_components, reference):
+    """Batch 3 padded to bucket 4 (as on GPU with CUDA graphs) returns exactly the 3 real rows."""
+    from engine.backends.compile_backend import CompileBackend
+
+    padded = CompileBackend(tiny_components, compile_backend="eager", pad_to_buckets=True)
+    assert padded.buckets and padded._bucket(3) == 4
+    x, t, ehs, mask, g = transformer_inputs(tiny_components.transformer, 3, 16, 12, seed=3)
+    t, g = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([2.0, 4.5, 7.0])
+    got, want = padded.denoise(x, t, ehs, mask, g), reference.denoise(x, t, ehs, mask, g)
+    assert got.shape == want.shape and (got - want).abs().max().item() < 1e-5
+    latents = torch.randn(3, tiny_components.latent_channels, 8, 8)
+    assert (padded.decode(latents) - reference.decode(latents)).abs().max().item() < 1e-5
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    assert padded.encode(images).shape == reference.encode(images).shape

@@ -52,6 +52,7 @@ class CompileBackend(Backend):
 
     ``mode``: default ``"reduce-overhead"`` on CUDA (inductor + CUDA graph trees, one graph per
     bucket shape) and ``"default"`` on CPU. ``compile_backend``: the dynamo backend (``"inductor"``).
+    ``pad_to_buckets``: pad batches up to ``buckets`` (default: only when CUDA graphs are used).
     """
 
     name = "compile"
@@ -59,7 +60,7 @@ class CompileBackend(Backend):
     warmup_seq_len = 300
 
     def __init__(self, components: Any, *, mode: str | None = None, compile_backend: str = "inductor",
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> None:
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, pad_to_buckets: bool | None = None) -> None:
         super().__init__(components)
         if not hasattr(torch, "compile"):
             raise BackendUnavailableError("backend 'compile' needs torch >= 2.0")
@@ -72,7 +73,8 @@ class CompileBackend(Backend):
 
         self.cuda_graphs = self.device.type == "cuda" and mode in (None, "reduce-overhead")
         self.mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
-        self.buckets = buckets if self.cuda_graphs else ()
+        # Padding to buckets bounds the number of CUDA graphs; without graphs it only costs compute.
+        self.buckets = buckets if (self.cuda_graphs if pad_to_buckets is None else pad_to_buckets) else ()
         dynamic = None if self.cuda_graphs else True
         self._with_guidance = bool(getattr(components.transformer.config, "guidance_embeds", False))
 
