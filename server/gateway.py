@@ -288,7 +288,7 @@ class RedisGatewayRunner:
             return
         self.counters["jobs_answered"] += 1
         fut.set_result(StreamOutput(stream_id=res.job, seq=0, ts=0.0, image=image, skipped=res.skipped,
-                                    timings={**res.timings, "worker": res.worker}))  # type: ignore[dict-item]
+                                    timings=dict(res.timings)))
 
     # ------------------------------------------------------------------------------ sessions
     def add_stream(self, cfg: StreamConfig, notify: Callable[[], None] | None = None,
@@ -310,8 +310,7 @@ class RedisGatewayRunner:
                 if time.monotonic() > deadline or not (set(self.workers) - tried):
                     raise OverloadedError("no worker could open the stream", reason="no_worker")
         except BaseException:
-            with self._lock:
-                self._sessions.pop(handle.id, None)
+            self.close_session(handle)  # also tells a worker that opened it late, and drops the record
             raise
 
     def _pick_worker(self, exclude: set[str]) -> str | None:

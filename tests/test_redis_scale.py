@@ -345,3 +345,21 @@ def test_no_worker_means_not_ready_and_503(cluster: Cluster):
     r = httpx.post(cluster.url + "/v1/images/generations", json={"prompt": "x", "size": f"{SIZE}x{SIZE}"})
     assert r.status_code == 503
     assert json.loads(r.text)["error"]["code"] == "engine_dead"
+
+
+def test_bench_scale_two_workers_double_throughput(tmp_path: Path):
+    """``ditstream bench scale`` on the null engine: the transport adds no serialisation point.
+
+    The simulated inference is a sleep, so the figure does not depend on free CPU cores: it checks
+    that two workers really share the load (fair claiming, no gateway bottleneck). The real-model
+    figure from the same command is recorded in docs/benchmarks.md.
+    """
+    from server.scale_bench import ScaleBenchSpec, format_report, run_scale_bench
+
+    spec = ScaleBenchSpec(model="null", workers=2, jobs=40, concurrency=8, size=f"{SIZE}x{SIZE}", max_jobs=2,
+                          null_delay_ms=100.0, warmup_per_worker=2, start_timeout_s=120)
+    results = run_scale_bench(spec, log_dir=tmp_path)
+    report = format_report(spec, results)
+    for run in results["runs"].values():
+        assert run["errors"] == 0 and run["images"] == spec.jobs, report
+    assert results["speedup"] >= 1.6, report
