@@ -117,8 +117,10 @@ class StreamSession:
         self._out_dropped = 0
         #: seq -> decode seconds, written by codec threads (plain dict ops are atomic under the GIL).
         self.decode_s: dict[int, float] = {}
-        #: Encoded outputs handed from the codec pool to the sender, in order.
+        #: Encoded outputs handed from the codec pool to the sender, in order; bounded like the
+        #: engine's output queue, so a client that stops reading costs a fixed amount of memory.
         self.encoded: deque[tuple[StreamOutput, bytes, float]] = deque()
+        self.encoded_limit = self.settings.output_queue_size
         self._encode_lock = threading.Lock()
         self._encode_scheduled = False
         self._encode_again = False
@@ -204,6 +206,9 @@ class StreamSession:
                     else:
                         data = codec.encode(out.image, "jpeg", quality)
                         self._last_image, self._last_bytes, self._last_quality = out.image, data, quality
+                    if len(self.encoded) >= self.encoded_limit:  # the client reads too slowly: drop oldest
+                        self.encoded.popleft()
+                        self.metrics.frames.labels("dropped").inc()
                     self.encoded.append((out, data, time.perf_counter() - t0))
                 if batch:
                     self._wake_loop()
