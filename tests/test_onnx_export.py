@@ -169,3 +169,18 @@ def test_opset_below_17_is_refused(tmp_path):
     with pytest.raises(ValueError, match="opset"):
         export_module(torch.nn.Identity(), (torch.ones(1),), tmp_path / "x", input_names=["x"],
                       output_names=["y"], dynamic_axes={}, opset=16)
+
+
+def test_optional_graphsurgeon_cleanup_keeps_numbers_and_epsilon(tiny_components, tmp_path):
+    pytest.importorskip("onnx_graphsurgeon", reason="graph clean-up is optional (pip install onnx-graphsurgeon)")
+    from trt_build.export import cleanup_onnx
+
+    path = export_component(tiny_components, "transformer", tmp_path / "t", clean=False)
+    assert cleanup_onnx(path) is True
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert has_linear_attention_eps(model)
+    inputs, ref = _torch_and_inputs(tiny_components, "transformer", 2, 32, 48)
+    session = _session(path)
+    out = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)})[0]
+    assert np.isfinite(out).all() and np.abs(out - ref).max() < 1e-4
