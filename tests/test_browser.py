@@ -69,6 +69,12 @@ def test_page_streams_the_camera_and_shows_output(server, source, tmp_path):
             shot = artifacts / f"page-{source}.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+            if source == "pattern":  # txt2img: the page stops sending and the server paces the output
+                page.select_option("#mode", "txt2img")
+                page.wait_for_function("window.ditstream.config && window.ditstream.config.mode === 'txt2img'")
+                sent, received = page.evaluate("[window.ditstream.stats.sent, window.ditstream.stats.received]")
+                page.wait_for_function(f"window.ditstream.stats.received >= {received + 10}", timeout=30_000)
+                assert page.evaluate("window.ditstream.stats.sent") <= sent + 2  # frames already in flight
             page.click("#start")  # stop: the socket closes cleanly
             page.wait_for_function("!window.ditstream.running")
         finally:
