@@ -124,14 +124,15 @@ class TensorRTBackend(Backend):
     """Runs the three networks as TensorRT engines.
 
     ``resolutions`` (width, height) and ``batch_sizes`` decide the build profile (min/opt/max; opt
-    is the first of each). ``cuda_graphs`` captures one graph per exact shape after its first use.
+    is the first of each); ``seq_len`` defaults to the model's ``max_sequence_length``. ``cuda_graphs``
+    captures one graph per exact shape after its first use.
     """
 
     name = "tensorrt"
 
     def __init__(self, components: Any, *, cache_dir: str | Path | None = None,
                  resolutions: tuple[tuple[int, int], ...] | list[tuple[int, int]] = DEFAULT_RESOLUTIONS,
-                 batch_sizes: tuple[int, ...] | list[int] = DEFAULT_BATCH_SIZES, seq_len: int = 300,
+                 batch_sizes: tuple[int, ...] | list[int] = DEFAULT_BATCH_SIZES, seq_len: int | None = None,
                  cuda_graphs: bool = True, opt_level: int | None = None) -> None:
         super().__init__(components)
         try:
@@ -146,6 +147,8 @@ class TensorRTBackend(Backend):
 
         self._trt = trt
         self.cache = EngineCache(Path(cache_dir) if cache_dir is not None else None)
+        # The prompt cache pads every prompt to the model's max_sequence_length: that is the one length.
+        seq_len = seq_len or int(getattr(components, "max_sequence_length", 300))
         self.profile = BuildProfile.from_request(resolutions, batch_sizes, seq_len=seq_len)
         self.runners: dict[str, _Runner] = {}
         for component in ("transformer", "vae_encoder", "vae_decoder"):
