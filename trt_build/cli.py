@@ -31,7 +31,7 @@ def build_engine(
     component: list[str] = typer.Option(["transformer", "vae_encoder", "vae_decoder"], "--component", "-c",
                                         help="Which networks to build (repeatable)."),
     dtype: str = typer.Option("auto", help="fp32, fp16 or bf16 (auto: bf16 on CUDA). DC-AE is never fp16."),
-    seq_len: int = typer.Option(300, help="Prompt length (tokens) the transformer engine takes."),
+    seq_len: int | None = typer.Option(None, help="Prompt length in tokens (default: the model's max_sequence_length)."),
     opt_level: int = typer.Option(3, min=0, max=5, help="TensorRT builder optimisation level."),
     cache_dir: str | None = typer.Option(None, help="Engine cache folder (default ~/.cache/ditstream/engines)."),
     onnx_only: bool = typer.Option(False, "--onnx-only", help="Export ONNX only (no TensorRT; works on CPU)."),
@@ -55,7 +55,6 @@ def build_engine(
                        f"profile {json.dumps(spec.get('profile'))}")
         return
     sizes = [_parse_size(r) for r in resolution]
-    profile = BuildProfile.from_request(sizes, batch, seq_len=seq_len)
     from engine.config import ModelConfig
     from engine.loader import load_components
     from trt_build.export import COMPONENTS, get_or_export
@@ -75,6 +74,7 @@ def build_engine(
             raise typer.Exit(2)
     device = "cpu" if onnx_only else "cuda"
     components = load_components(ModelConfig(model=model, device=device, dtype=dtype))
+    profile = BuildProfile.from_request(sizes, batch, seq_len=seq_len or components.max_sequence_length)
     logging.getLogger("trt_build").setLevel(logging.INFO)
     typer.echo(f"profile: {profile.describe()}")
     for name in component:
