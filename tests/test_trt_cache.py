@@ -198,3 +198,40 @@ def test_build_engine_cli_refuses_without_tensorrt_or_cuda(tiny_model_dir, tmp_p
     assert result.exit_code == 2
     assert "TensorRT is not installed" in result.output or "needs a CUDA GPU" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_get_or_build_engine_flow_without_tensorrt(tiny_components, tmp_path, monkeypatch):
+    """Export → checks → build → cache, with the TensorRT build itself replaced by a recorder."""
+    import copy
+
+    import trt_build.build as build
+
+    calls: list[tuple[str, dict]] = []
+
+    def fake_build(onnx_path, shapes, **kwargs):
+        calls.append((str(onnx_path), shapes))
+        return b"engine for " + str(sorted(shapes)).encode()
+
+    monkeypatch.setattr(build, "trt_version", lambda: "10.0.test")
+    monkeypatch.setattr(build, "compute_capability", lambda device=0: "8.9")
+    monkeypatch.setattr(build, "build_engine_bytes", fake_build)
+    cache = EngineCache(tmp_path)
+    profile = BuildProfile.from_request([(32, 32), (64, 64)], [1, 2], seq_len=8)
+
+    path = build.get_or_build_engine(tiny_components, "vae_decoder", profile, cache=cache)
+    assert path.read_bytes().startswith(b"engine for") and len(calls) == 1
+    assert calls[0][1]["latents"] == ((1, 4, 16, 16), (1, 4, 16, 16), (2, 4, 32, 32))
+    assert build.get_or_build_engine(tiny_components, "vae_decoder", profile, cache=cache) == path
+    assert len(calls) == 1  # cache hit: no second build
+    wider = BuildProfile.from_request([(32, 32), (64, 64)], [1, 4], seq_len=8)
+    assert build.get_or_build_engine(tiny_components, "vae_decoder", wider, cache=cache) != path
+    assert len(calls) == 2  # another profile is another engine
+    assert len(list(tmp_path.glob("*.onnx"))) == 1  # ...from the same cached export
+
+    class Bf16:  # bf16 decoder: the graph handed to TensorRT has its Resizes wrapped in fp32 casts
+        transformer = tiny_components.transformer
+        vae = copy.deepcopy(tiny_components.vae).to(torch.bfloat16)
+        vae_scale_factor = tiny_components.vae_scale_factor
+
+    build.get_or_build_engine(Bf16, "vae_decoder", profile, cache=cache)
+    assert calls[-1][0].endswith("model.trt.onnx")
