@@ -117,6 +117,10 @@ def open_source(source: str, width: int, height: int, loop: bool = True) -> Iter
     if source == "pattern":
         frames: Iterator[np.ndarray] = pattern_frames(width, height)
     elif source == "webcam" or source.startswith("webcam:"):
+        try:
+            import cv2
+        except ImportError as exc:
+            raise RuntimeError("reading a webcam needs OpenCV: pip install opencv-python") from exc
         frames = _cv2_frames(int(source.partition(":")[2] or 0), loop=False)
     else:
         if not Path(source).exists():

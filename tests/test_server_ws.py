@@ -268,3 +268,22 @@ def test_engine_death_is_loud():
         r = httpx.get(srv.url + "/ready")
         assert r.status_code == 503 and "simulated GPU fault" in r.json()["error"]
         assert httpx.post(srv.url + "/v1/images/generations", json={"prompt": "x"}).status_code == 503
+
+
+def test_similarity_filter_switched_on_live(null_server):
+    async def main():
+        ws = await _open(null_server.ws_url)
+        data = jpeg(_image(8, 64))
+        before = await _lockstep(ws, data, range(4))
+        assert not any(h["skipped"] for h, _ in before)  # off by default
+        await ws.send(json.dumps({"type": "config", "filter": {"enabled": True, "threshold": 0.5, "max_skip": 3,
+                                                               "seed": 0}}))
+        after = await _lockstep(ws, data, range(4, 20))
+        flags = [h["skipped"] for h, _ in after]
+        assert sum(flags) >= 8, flags  # a static input is mostly skipped...
+        runs = "".join("s" if f else "." for f in flags).split(".")
+        assert max(len(r) for r in runs) <= 3, flags  # ...but never more than max_skip in a row
+        assert all(_diff(out, _image(8, 64)) < 8 for _, out in after)  # a skip re-sends the last output
+        await ws.close()
+
+    asyncio.run(main())
