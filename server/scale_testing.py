@@ -19,6 +19,18 @@ from types import TracebackType
 from typing import Any
 
 
+def _die_with_parent() -> None:
+    """Child side of Popen (Linux): SIGKILL us when the parent dies, so no worker outlives a killed run."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _preexec() -> Any:
+    return _die_with_parent if sys.platform.startswith("linux") else None
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -51,7 +63,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning"],
-            stdout=log, stderr=subprocess.STDOUT)
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_preexec())
         deadline = time.monotonic() + timeout
         import redis
 
@@ -106,7 +118,8 @@ class WorkerProcess:
         out: Any = open(self.log, "ab") if self.log else subprocess.DEVNULL
         root = Path(__file__).resolve().parent.parent
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), self.env.get("PYTHONPATH", "")]))
-        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=root)
+        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=root,
+                                     preexec_fn=_preexec())
         return self
 
     @property

@@ -309,7 +309,7 @@ def test_redis_restart_gateway_and_workers_reconnect(cluster: Cluster):
         body = httpx.get(cluster.url + "/ready").json()
         assert body["redis"] is False
         await asyncio.sleep(1.0)
-        await asyncio.to_thread(cluster.redis.start)
+        cluster.redis.start()  # on this thread: the child dies with the thread that started it (PDEATHSIG)
         await asyncio.to_thread(wait_for, lambda: httpx.get(cluster.url + "/ready").status_code == 200, 30,
                                 what="/ready 200 after Redis came back")
         results = await _jobs(cluster.url, range(2000, 2010))
