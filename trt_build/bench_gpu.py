@@ -259,6 +259,8 @@ def run_gpu_bench(*, resolutions: Sequence[int] = (512, 1024), batches: Sequence
                                      min_time=min_time)
                 row = _row(name_, size, batch, secs, result.tflop_per_frame[size])
                 row.speedup_vs_diffusers = round(baseline[(size, batch)] / secs, 2)
+                if backend.dtype != components.dtype:
+                    row.note = f"transformer {str(backend.dtype).removeprefix('torch.')}"
                 result.rows.append(row)
                 say(f"{name_} {size}² b{batch}: {row.fps:.2f} fps ({row.speedup_vs_diffusers}× diffusers)")
         backend = None  # free its engines/graphs before the next backend builds its own
@@ -285,6 +287,15 @@ def _make_backend(name: str, components: Any, resolutions: Sequence[int], batche
     if name == "onnx":
         from engine.backends.onnx_backend import OnnxBackend
 
+        if components.dtype == torch.bfloat16:
+            # onnxruntime has almost no bf16 kernels: measure it as a user would run it, with an fp16
+            # transformer and an fp32 DC-AE (DC-AE must not run fp16).
+            import copy
+            import dataclasses
+
+            components = dataclasses.replace(
+                components, transformer=copy.deepcopy(components.transformer).half(),
+                vae=copy.deepcopy(components.vae).float(), dtype=torch.float16)
         return OnnxBackend(components, cache_dir=cache_dir)
     from engine.backends import create_backend
 
@@ -303,7 +314,7 @@ def format_table(result: BenchResult) -> str:
             continue
         speed = f"{r.speedup_vs_diffusers:.2f}x" if r.speedup_vs_diffusers else "1.00x"
         lines.append(f"{r.backend:<10} {r.resolution:>5} {r.batch:>5} {r.seconds_per_call * 1e3:>9.2f} "
-                     f"{r.fps:>9.2f} {r.tflops:>9.2f} {speed:>13}")
+                     f"{r.fps:>9.2f} {r.tflops:>9.2f} {speed:>13}  {r.note}".rstrip())
     per = ", ".join(f"{k}²: {v:.4g}" for k, v in result.tflop_per_frame.items())
     lines.append(f"measured TFLOP per frame (encode+denoise+decode): {per}; published 512²: "
                  f"{sum(TFLOP_512.values()):.2f} ({', '.join(f'{k} {v}' for k, v in TFLOP_512.items())})")
