@@ -192,7 +192,8 @@ def _diffusers_call(components: Any) -> Callable[[torch.Tensor, torch.Tensor, to
 def run_gpu_bench(*, resolutions: Sequence[int] = (512, 1024), batches: Sequence[int] = (1, 4, 8),
                   backends: Sequence[str] = DEFAULT_BACKENDS, arch: str = "sana-sprint-0.6b", dtype: str = "bf16",
                   budget_s: float = 480.0, device: str = "cuda", cache_dir: str | None = None,
-                  min_time: float = 1.0, progress: Callable[[str], None] | None = None) -> BenchResult:
+                  min_time: float = 1.0, trt_opt_level: int = 3,
+                  progress: Callable[[str], None] | None = None) -> BenchResult:
     """Run the bench; see the module docstring. ``device="cpu"`` is only for the ``tiny`` self-test."""
     say = progress or (lambda msg: logger.info("%s", msg))
     started = time.monotonic()
@@ -207,7 +208,8 @@ def run_gpu_bench(*, resolutions: Sequence[int] = (512, 1024), batches: Sequence
     torch_dtype = resolve_dtype(dtype, dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     result = BenchResult(device=name, arch=arch, dtype=dtype)
-    result.info = {"torch": torch.__version__, "budget_s": budget_s, "strength": STRENGTH}
+    result.info = {"torch": torch.__version__, "budget_s": budget_s, "strength": STRENGTH,
+                   "trt_opt_level": trt_opt_level}
     if dev.type == "cuda":
         major, minor = torch.cuda.get_device_capability(dev)
         result.info["compute_capability"] = f"{major}.{minor}"
@@ -243,7 +245,8 @@ def run_gpu_bench(*, resolutions: Sequence[int] = (512, 1024), batches: Sequence
             continue
         try:
             t0 = time.monotonic()
-            backend = _make_backend(name_, components, resolutions, batches, cache_dir)
+            backend = _make_backend(name_, components, resolutions, batches, cache_dir,
+                                    deadline=started + budget_s - 20, opt_level=trt_opt_level)
             backend.warmup([(b, s, s) for s in resolutions for b in batches])
             result.setup_s[name_] = round(time.monotonic() - t0, 2)
         except Exception as exc:  # report why, keep measuring the others
@@ -277,13 +280,14 @@ def _row(backend: str, size: int, batch: int, secs: float, tflop: float) -> Benc
 
 
 def _make_backend(name: str, components: Any, resolutions: Sequence[int], batches: Sequence[int],
-                  cache_dir: str | None) -> Any:
+                  cache_dir: str | None, *, deadline: float | None = None, opt_level: int = 3) -> Any:
     if name == "tensorrt":
         from engine.backends.tensorrt_backend import TensorRTBackend
 
         res = [(s, s) for s in resolutions]
         return TensorRTBackend(components, cache_dir=cache_dir, resolutions=res, batch_sizes=list(batches),
-                               seq_len=SEQ_LEN if components.transformer.config.caption_channels > 64 else 8)
+                               seq_len=SEQ_LEN if components.transformer.config.caption_channels > 64 else 8,
+                               opt_level=opt_level, build_deadline=deadline)
     if name == "onnx":
         from engine.backends.onnx_backend import OnnxBackend
 

@@ -169,8 +169,13 @@ def _timing_cache_path(cache: EngineCache, spec: BuildSpec) -> Path:
 
 def build_engine_bytes(onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...], ...]], *,
                        opt_level: int = DEFAULT_OPT_LEVEL, timing_cache: Path | None = None,
-                       workspace_gb: float | None = None, progress: bool = True) -> bytes:
-    """Parse ``onnx_path`` into a strongly typed network and build a serialized engine."""
+                       workspace_gb: float | None = None, progress: bool = True,
+                       deadline: float | None = None) -> bytes:
+    """Parse ``onnx_path`` into a strongly typed network and build a serialized engine.
+
+    ``deadline`` (a ``time.monotonic()`` value) cancels the build through the progress monitor once
+    passed; the build then raises and nothing is cached.
+    """
     import tensorrt as trt
 
     trt_logger = trt.Logger(trt.Logger.WARNING)
@@ -193,11 +198,13 @@ def build_engine_bytes(onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...],
         blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
         cache_obj = config.create_timing_cache(blob)
         config.set_timing_cache(cache_obj, ignore_mismatch=False)
-    if progress and hasattr(trt, "IProgressMonitor"):
-        config.progress_monitor = _progress_monitor(trt)
+    if (progress or deadline is not None) and hasattr(trt, "IProgressMonitor"):
+        config.progress_monitor = _progress_monitor(trt, deadline)
     started = time.monotonic()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"TensorRT build of {onnx_path} cancelled: time budget spent")
         raise RuntimeError(f"TensorRT build of {onnx_path} failed (see the TensorRT log above)")
     logger.info("built %s in %.1f s", onnx_path, time.monotonic() - started)
     if cache_obj is not None and timing_cache is not None:
@@ -207,8 +214,8 @@ def build_engine_bytes(onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...],
     return bytes(memoryview(serialized))
 
 
-def _progress_monitor(trt: Any) -> Any:
-    """A TensorRT progress monitor that logs each phase (and its steps at DEBUG)."""
+def _progress_monitor(trt: Any, deadline: float | None = None) -> Any:
+    """A TensorRT progress monitor that logs each phase (steps at DEBUG) and cancels after ``deadline``."""
 
     class _Progress(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
@@ -222,7 +229,10 @@ def _progress_monitor(trt: Any) -> Any:
 
         def step_complete(self, phase_name: str, step: int) -> bool:
             logger.debug("TensorRT: %s step %d", phase_name, step)
-            return True  # False would cancel the build
+            if deadline is not None and time.monotonic() > deadline:
+                logger.warning("TensorRT: cancelling the build (time budget spent)")
+                return False  # cancels the build
+            return True
 
         def phase_finish(self, phase_name: str) -> None:
             took = time.monotonic() - self._started.pop(phase_name, time.monotonic())
@@ -233,7 +243,7 @@ def _progress_monitor(trt: Any) -> Any:
 
 def get_or_build_engine(components: Any, component: str, profile: BuildProfile, *,
                         cache: EngineCache | None = None, opt_level: int = DEFAULT_OPT_LEVEL,
-                        progress: bool = True, force: bool = False) -> Path:
+                        progress: bool = True, force: bool = False, deadline: float | None = None) -> Path:
     """The engine file for ``component`` at ``profile``: from the cache, or exported and built now.
 
     The ONNX export is cached too, so a build interrupted after the export resumes at the build;
@@ -255,7 +265,8 @@ def get_or_build_engine(components: Any, component: str, profile: BuildProfile, 
     onnx_path = prepare_onnx_for_trt(onnx_path, spec.dtype)
     logger.info("building TensorRT engine for %s (%s, %s)", component, spec.dtype, profile.describe())
     data = build_engine_bytes(onnx_path, shapes, opt_level=opt_level,
-                              timing_cache=_timing_cache_path(cache, spec), progress=progress)
+                              timing_cache=_timing_cache_path(cache, spec), progress=progress,
+                              deadline=deadline)
     return cache.store_bytes(spec, data, info={"onnx": str(onnx_path), "shapes": {
         k: [list(s) for s in v] for k, v in shapes.items()}})
 

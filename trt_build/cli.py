@@ -94,7 +94,9 @@ def bench_gpu(
     backend: list[str] = typer.Option(["torch", "tensorrt", "compile", "onnx"], "--backend",
                                       help="Backends to measure (repeatable); diffusers is always the baseline."),
     dtype: str = typer.Option("bf16", help="Model dtype (bf16 or fp16; DC-AE runs bf16/fp32)."),
-    budget_s: float = typer.Option(480.0, help="Stop starting new backends after this many seconds."),
+    budget_s: float = typer.Option(480.0, help="Time box: no new backend starts (and engine builds are "
+                                               "cancelled) once this many seconds have passed."),
+    opt_level: int = typer.Option(3, min=0, max=5, help="TensorRT builder optimisation level."),
     cache_dir: str | None = typer.Option(None, help="Engine cache folder."),
     json_out: str | None = typer.Option(None, "--json-out", help="Also write the JSON result to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
@@ -104,7 +106,7 @@ def bench_gpu(
 
     try:
         result = run_gpu_bench(resolutions=resolution, batches=batch, backends=backend, dtype=dtype,
-                               budget_s=budget_s, cache_dir=cache_dir,
+                               budget_s=budget_s, cache_dir=cache_dir, trt_opt_level=opt_level,
                                progress=lambda msg: typer.echo(msg, err=True))
     except BenchRefused as exc:
         typer.echo(f"error: {exc}", err=True)

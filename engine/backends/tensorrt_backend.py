@@ -125,7 +125,8 @@ class TensorRTBackend(Backend):
 
     ``resolutions`` (width, height) and ``batch_sizes`` decide the build profile (min/opt/max; opt
     is the first of each); ``seq_len`` defaults to the model's ``max_sequence_length``. ``cuda_graphs``
-    captures one graph per exact shape after its first use.
+    captures one graph per exact shape after its first use. ``build_deadline`` (``time.monotonic()``)
+    cancels engine builds still running after it (used by the time-boxed GPU bench).
     """
 
     name = "tensorrt"
@@ -133,7 +134,8 @@ class TensorRTBackend(Backend):
     def __init__(self, components: Any, *, cache_dir: str | Path | None = None,
                  resolutions: tuple[tuple[int, int], ...] | list[tuple[int, int]] = DEFAULT_RESOLUTIONS,
                  batch_sizes: tuple[int, ...] | list[int] = DEFAULT_BATCH_SIZES, seq_len: int | None = None,
-                 cuda_graphs: bool = True, opt_level: int | None = None) -> None:
+                 cuda_graphs: bool = True, opt_level: int | None = None,
+                 build_deadline: float | None = None) -> None:
         super().__init__(components)
         try:
             import tensorrt as trt
@@ -154,7 +156,7 @@ class TensorRTBackend(Backend):
         for component in ("transformer", "vae_encoder", "vae_decoder"):
             try:
                 path = get_or_build_engine(components, component, self.profile, cache=self.cache,
-                                           opt_level=opt_level or DEFAULT_OPT_LEVEL)
+                                           opt_level=opt_level or DEFAULT_OPT_LEVEL, deadline=build_deadline)
             except Exception as exc:
                 raise BackendUnavailableError(f"backend 'tensorrt' could not build {component}: {exc}") from exc
             self.runners[component] = _Runner(trt, path, components.device, cuda_graphs)
