@@ -124,7 +124,6 @@ class StreamSession:
         self._encode_lock = threading.Lock()
         self._encode_scheduled = False
         self._encode_again = False
-        self._closed_seen = False
 
     # ------------------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -133,7 +132,12 @@ class StreamSession:
         sender: asyncio.Task | None = None
         try:
             self.config = self.state.validate(StreamConfig(**self.state.stream_defaults()))
-            self.handle = await asyncio.to_thread(self.runner.add_stream, self.config, self._notify)
+            adding = self.loop.run_in_executor(None, self.runner.add_stream, self.config, self._notify)
+            try:
+                self.handle = await asyncio.shield(adding)
+            except asyncio.CancelledError:  # left while the engine was building the stream: undo it
+                adding.add_done_callback(_close_if_added)
+                raise
             logger.debug("stream %s opened", self.handle.id)
             self.send_json({"type": "ready", "session": self.handle.id, "protocol": PROTOCOL_VERSION,
                             "config": self._config_dict(self.config), "limits": self._limits(),
@@ -457,6 +461,11 @@ class StreamSession:
                 "size_multiple": self.runner.info.get("size_multiple"), "max_fps": s.max_fps,
                 "steps": [1, 4], "output_queue": getattr(ecfg, "output_queue_size", None),
                 "input_formats": list(codec.FORMATS), "output_format": "jpeg"}
+
+
+def _close_if_added(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
 
 
 def _fields(cfg: StreamConfig) -> dict[str, Any]:
