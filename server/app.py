@@ -21,7 +21,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -293,7 +293,8 @@ def create_app(settings: Settings | None = None, runner: EngineRunner | None = N
             body.update(state.runner.health())
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics (prefix ditstream_).")
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics (prefix ditstream_).",
+             response_class=PlainTextResponse)
     async def prometheus() -> Response:
         state.metrics.workers_up.set(getattr(state.runner, "workers_up", 1 if state.ready else 0))
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
@@ -305,8 +306,43 @@ def create_app(settings: Settings | None = None, runner: EngineRunner | None = N
         async def index() -> FileResponse:
             return FileResponse(WEB_DIR / "index.html")
 
+    if settings.api_keys:
+        _declare_bearer_auth(app)
     # Outermost first: metrics see every answer (auth refusals and 413s included).
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + 256 * 1024)
     app.add_middleware(APIKeyMiddleware, keys=[k.get_secret_value() for k in settings.api_keys], metrics=metrics)
+    if settings.cors_origins:  # off by default; outside auth so that preflights (no key) get an answer
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Retry-After"], max_age=600)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+def _declare_bearer_auth(app: FastAPI) -> None:
+    """With keys configured, the schema says so: a bearer scheme and a 401 on every guarded operation.
+
+    The middleware, not a FastAPI dependency, enforces the keys (it covers WebSocket and 404s too),
+    so FastAPI cannot see them; without this the schema would describe an open API.
+    """
+    from server.auth import APIKeyMiddleware
+
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+        if "bearer" not in schemes:
+            schemes["bearer"] = {"type": "http", "scheme": "bearer",
+                                 "description": "An API key: `Authorization: Bearer <key>`."}
+            for path, operations in schema.get("paths", {}).items():
+                if APIKeyMiddleware.is_open(path):
+                    continue
+                for op in operations.values():
+                    op["security"] = [{"bearer": []}]
+                    op.setdefault("responses", {}).setdefault("401", {"description": "missing or invalid API key"})
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -80,7 +80,7 @@ class APIKeyMiddleware:
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or not self._digests or self._is_open(scope["path"]):
+        if scope["type"] not in ("http", "websocket") or not self._digests or self.is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         token = presented_token(scope)
@@ -96,7 +96,8 @@ class APIKeyMiddleware:
             await self._reject_ws(scope, receive, send, err)
 
     @staticmethod
-    def _is_open(path: str) -> bool:
+    def is_open(path: str) -> bool:
+        """Paths served without a key (no secrets behind them)."""
         return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
     @staticmethod

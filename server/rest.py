@@ -36,9 +36,13 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 
 
 class GenerationRequest(BaseModel):
-    """``POST /v1/images/generations`` (JSON)."""
+    """``POST /v1/images/generations`` (JSON).
 
-    model_config = ConfigDict(extra="ignore")
+    Strict types: the body is JSON, so ``"guidance_scale": false`` or ``"n": 1.5`` is a client bug to
+    refuse (422), not to coerce — and the OpenAPI schema then says exactly what is accepted.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
     prompt: str = Field(..., description="What to draw.")
     model: str | None = Field(None, description="Accepted for compatibility; the server's model is used.")
     n: int = Field(1, ge=1, description="Images to make (each a different seed).")
@@ -75,10 +79,13 @@ class ModelList(BaseModel):
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "body is not JSON, or the upload is not an image"},
     401: {"description": "missing or invalid API key"},
     413: {"description": "upload over the size limit"},
     422: {"description": "invalid field (the message names it)"},
     429: {"description": "queue full; retry after Retry-After seconds"},
+    499: {"description": "the client went away; its queued images were cancelled"},
+    500: {"description": "the model failed or timed out"},
     503: {"description": "engine not running"},
 }
 
@@ -106,7 +113,8 @@ async def generations(body: GenerationRequest, request: Request) -> ImagesRespon
              summary="Image to image (OpenAI Images API shape, multipart).")
 async def edits(
     request: Request,
-    prompt: Annotated[str, Form(description="What to turn the image into.")],
+    prompt: Annotated[str, Form(min_length=1, description="What to turn the image into (an empty form "
+                                                           "field counts as missing).")],
     image: Annotated[list[UploadFile] | None, File(description="The input image (PNG/JPEG/WebP).")] = None,
     image_array: Annotated[list[UploadFile] | None, File(alias="image[]", description="Same, as sent for lists.")] = None,
     mask: Annotated[UploadFile | None, File(description="Not supported (refused if given).")] = None,

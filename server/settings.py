@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=1)
     #: Optional API keys; empty = no auth. Enforced identically on REST and WebSocket.
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    #: Browser origins allowed to call the API from another site (CORS), e.g. ``https://app.example``;
+    #: ``*`` allows any. Empty (the default) = no CORS headers at all: only same-origin pages.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: Largest binary WebSocket message (one frame) and largest REST upload, in bytes.
     max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1024)
@@ -81,7 +84,7 @@ class Settings(BaseSettings):
     #: ``ditstream worker``: port of its own /health and /metrics (0 = off).
     worker_health_port: int = Field(0, ge=0)
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
         """Accept a comma-separated string as well as a JSON list (friendlier for env files)."""
