@@ -67,8 +67,8 @@ def worker(
     w = Worker(runner, ScaleConfig.from_settings(settings), worker_id=worker_id)
 
     def _leave(signum: int, _frame: object) -> None:
-        log.info("worker %s: signal %d, leaving", w.id, signum)
-        w._stop.set()
+        log.info("worker %s: signal %d, leaving (answering the jobs it holds first)", w.id, signum)
+        w.request_stop()
 
     signal.signal(signal.SIGTERM, _leave)
     signal.signal(signal.SIGINT, _leave)

@@ -103,6 +103,8 @@ class Worker:
         self.r = connect(cfg.redis_url)
         self.started = time.time()
         self._stop = threading.Event()
+        #: Set when leaving: take no new work, stop beating, finish (answer) the jobs held.
+        self._leaving = threading.Event()
         self._threads: list[threading.Thread] = []
         self._jobs: dict[str, _Job] = {}
         self._jobs_lock = threading.Lock()
@@ -139,18 +141,33 @@ class Worker:
             except BaseException as exc:  # a loop bug must stop the worker, not leave a zombie
                 logger.exception("worker loop %s died", target.__name__)
                 self.error = exc
+                self._leaving.set()
                 self._stop.set()
         return run
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until stopped (or the engine died); True if stopped."""
-        return self._stop.wait(timeout)
+        """Block until asked to leave (``request_stop``, a signal) or the engine died; True if so."""
+        return self._leaving.wait(timeout)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Leave cleanly: stop taking work, drop the heartbeat (sessions re-pin at once), stop the engine.
+    def request_stop(self) -> None:
+        """Safe from a signal handler: ``wait()`` returns, then the owner calls ``stop()``."""
+        self._leaving.set()
 
-        Jobs still held are left un-acknowledged: the janitor of another worker claims them.
+    def stop(self, timeout: float = 5.0, drain_s: float = 10.0) -> None:
+        """Leave cleanly: take no new work, drop the heartbeat (sessions re-pin at once), answer the
+        jobs already held (up to ``drain_s``), then stop the engine.
+
+        Jobs still held after ``drain_s`` are left un-acknowledged: another worker's janitor claims them.
         """
+        self._leaving.set()
+        with contextlib.suppress(Exception):
+            self.r.delete(self.keys.worker(self.id))
+            self.r.srem(self.keys.workers, self.id)
+        deadline = time.monotonic() + drain_s
+        while self.error is None and self._jobs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._jobs:
+            logger.warning("worker %s: leaving %d job(s) unanswered for another worker", self.id, len(self._jobs))
         self._stop.set()
         self._room.set()
         self._out_wake.set()
@@ -169,7 +186,7 @@ class Worker:
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self._leaving.is_set()
 
     # ------------------------------------------------------------------------------ heartbeat + janitor
     def heartbeat(self) -> Heartbeat:
@@ -188,9 +205,15 @@ class Worker:
             if not self.runner.alive:
                 logger.error("worker %s: the engine died (%r); leaving", self.id, self.runner.error)
                 self.error = self.runner.error or EngineDeadError("the engine stopped")
+                self._leaving.set()
                 self._stop.set()
                 return
             try:
+                if self._leaving.is_set():  # draining: keep our jobs ours, but no heartbeat, no claims
+                    self._touch_jobs()
+                    backoff.ok()
+                    self._stop.wait(self.cfg.heartbeat_s)
+                    continue
                 hb = self.heartbeat()
                 pipe = self.r.pipeline(transaction=False)
                 pipe.set(self.keys.worker(self.id), hb.dump(), px=int(self.cfg.worker_ttl_s * 1e3))
@@ -277,7 +300,7 @@ class Worker:
                     ensure_group(self.r, self.keys)
                     need_group = False
                 with self._jobs_lock:
-                    room = self.cfg.max_jobs - len(self._jobs)
+                    room = 0 if self._leaving.is_set() else self.cfg.max_jobs - len(self._jobs)
                 if room <= 0:
                     self._room.wait(0.2)
                     self._room.clear()

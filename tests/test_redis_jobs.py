@@ -254,3 +254,27 @@ def test_tiny_model_result_through_redis_equals_the_local_engine(scfg: ScaleConf
         gw.stop()
         w.stop()
         local.stop()
+
+
+def test_graceful_stop_answers_the_jobs_it_holds_and_stops_beating_at_once(scfg: ScaleConfig, r: redis.Redis):
+    import threading
+
+    w = _null_worker(scfg, "leaving", delay_s=0.5).start()
+    gw = RedisGatewayRunner(scfg, job_timeout_s=30).start()
+    try:
+        wait_for(lambda: gw.alive, 10, what="gateway sees the worker")
+        futures = [gw.submit_job(StreamConfig(mode="txt2img", prompt="p", width=64, height=64, seed=i))
+                   for i in range(2)]
+        wait_for(lambda: len(w._jobs) == 2, 10, what="the worker holds both jobs")
+        stopper = threading.Thread(target=w.stop, kwargs={"drain_s": 10.0})
+        stopper.start()
+        wait_for(lambda: r.get(scfg.keys.worker(w.id)) is None, 2, what="heartbeat dropped at once")
+        for f in futures:
+            assert f.result(5).image.shape == (64, 64, 3)
+        stopper.join(10)
+        assert not stopper.is_alive()
+        assert w.counters["jobs_done"] == 2 and r.xlen(scfg.keys.jobs) == 0
+        assert r.xpending(scfg.keys.jobs, scfg.keys.group)["pending"] == 0
+    finally:
+        gw.stop()
+        w.stop()
