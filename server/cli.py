@@ -65,7 +65,9 @@ def serve(
         typer.echo(f"ditstream serve: cannot load model {settings.model!r}: {exc.message}", err=True)
         raise typer.Exit(2) from exc
     app = create_app(settings, runner)
-    typer.echo(f"ditstream: serving {settings.model!r} on http://{settings.host}:{settings.port}/ "
+    what = f"gateway for the workers on {settings.public()['redis_url']}" if settings.redis_url \
+        else repr(settings.model)
+    typer.echo(f"ditstream: serving {what} on http://{settings.host}:{settings.port}/ "
                f"(WebSocket /v1/stream, REST /v1/images/*)")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
                 ws_max_size=settings.max_frame_bytes + 64 * 1024,

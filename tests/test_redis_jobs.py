@@ -278,3 +278,40 @@ def test_graceful_stop_answers_the_jobs_it_holds_and_stops_beating_at_once(scfg:
     finally:
         gw.stop()
         w.stop()
+
+
+def test_serve_with_redis_is_a_gateway(redis_url: str, tmp_path):
+    """The real command line: ``ditstream serve --redis URL`` builds the gateway, /ready follows workers."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from server.app import load_runner
+    from server.scale_testing import free_port
+    from server.settings import Settings
+
+    url = redis_url.rsplit("/", 1)[0] + "/1"  # its own database: the default key prefix is used here
+    assert isinstance(load_runner(Settings(redis_url=url)), RedisGatewayRunner)
+    port = free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "ditstream", "serve", "--redis", url, "--port", str(port),
+                             "--width", "64", "--height", "64", "--log-level", "warning"], stdout=log,
+                            stderr=subprocess.STDOUT)
+    w = None
+    try:
+        base = f"http://127.0.0.1:{port}"
+        body = wait_for(lambda: httpx.get(base + "/ready").json(), 60, what="gateway answering")
+        assert body["status"] == "not_ready" and body["redis"] is True and body["workers"] == 0
+        w = _null_worker(ScaleConfig(redis_url=url, heartbeat_s=0.2, worker_ttl_s=1.0)).start()
+        wait_for(lambda: httpx.get(base + "/ready").status_code == 200, 20, what="/ready with a worker")
+        r = httpx.post(base + "/v1/images/generations", json={"prompt": "x", "size": "64x64"}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert "ditstream_workers_up 1.0" in httpx.get(base + "/metrics").text
+    finally:
+        if w is not None:
+            w.stop()
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+    assert "gateway for the workers" in (tmp_path / "serve.log").read_text()
