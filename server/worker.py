@@ -116,6 +116,7 @@ class Worker:
         self._replies: queue.SimpleQueue[tuple[str, SessionReply]] = queue.SimpleQueue()
         self._answer = self.r.register_script(_ANSWER_LUA)
         self._ctl_last = "0-0"
+        self._claim_cursor = "0-0"
         self.counters: dict[str, float] = {k: 0 for k in (
             "jobs_done", "jobs_failed", "jobs_expired", "jobs_duplicate", "jobs_claimed", "jobs_dead_lettered",
             "jobs_retried", "frames_in", "frames_out", "sessions_opened", "inference_s")}
@@ -256,11 +257,15 @@ class Worker:
             return
         try:
             res = self.r.xautoclaim(self.keys.jobs, self.keys.group, self.id,
-                                    min_idle_time=int(self.cfg.claim_idle_s * 1e3), start_id="0-0", count=room)
+                                    min_idle_time=int(self.cfg.claim_idle_s * 1e3), start_id=self._claim_cursor,
+                                    count=room)
         except redis.ResponseError as exc:
             if is_nogroup(exc):
+                self._claim_cursor = "0-0"
                 return
             raise
+        # XAUTOCLAIM scans a bounded slice of the pending list per call: resume where it stopped.
+        self._claim_cursor = sid_str(res[0]) if res and res[0] else "0-0"
         for entry_id, fields in res[1]:
             if not fields:  # deleted under us
                 continue

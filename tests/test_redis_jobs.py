@@ -315,3 +315,29 @@ def test_serve_with_redis_is_a_gateway(redis_url: str, tmp_path):
         proc.wait(20)
         log.close()
     assert "gateway for the workers" in (tmp_path / "serve.log").read_text()
+
+
+def test_jobs_pending_across_a_redis_restart_are_sent_again(tmp_path):
+    """Redis runs without persistence: a restart loses the queued job; the gateway re-sends it."""
+    with RedisServer(log_dir=tmp_path) as server:
+        cfg = ScaleConfig(redis_url=server.url, prefix="rst", heartbeat_s=0.2, worker_ttl_s=1.0, supervise_s=0.1)
+        r = redis.Redis.from_url(server.url)
+        keys = cfg.keys
+        _fake_heartbeat(r, keys)
+        gw = RedisGatewayRunner(cfg, job_timeout_s=60).start()
+        try:
+            wait_for(lambda: gw.alive, 5, what="gateway alive")
+            fut = gw.submit_job(StreamConfig(mode="txt2img", prompt="p", width=64, height=64))
+            wait_for(lambda: r.xlen(keys.jobs) == 1, 5, what="job queued")
+            server.restart()
+            r = redis.Redis.from_url(server.url)
+            wait_for(lambda: gw.counters["jobs_resent"] == 1, 15, what="job re-sent after the restart")
+            w = _null_worker(cfg).start()
+            try:
+                assert fut.result(20).image.shape == (64, 64, 3)
+            finally:
+                w.stop()
+            assert gw.counters["duplicate_answers"] == 0
+        finally:
+            gw.stop()
+            r.close()
