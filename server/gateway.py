@@ -339,6 +339,9 @@ class RedisGatewayRunner:
             applied = fut.result(self.open_timeout_s)
         except TimeoutError:
             logger.warning("worker %s did not open session %s in %.0f s", wid, handle.id, self.open_timeout_s)
+            with self._lock:  # forget the request: a late reply is ignored, nothing leaks
+                for req in [k for k, (f, _sid) in self._controls.items() if f is fut]:
+                    self._controls.pop(req)
             return False
         except ValidationError:
             raise
