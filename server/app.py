@@ -242,9 +242,10 @@ async def _drain_sessions(state: AppState) -> None:
 # ------------------------------------------------------------------------------------ factory
 def create_app(settings: Settings | None = None, runner: EngineRunner | None = None) -> FastAPI:
     """Build the app. ``runner`` (not yet started) replaces the model named in ``settings``."""
-    from server import rest, ws
+    from server import logsafe, rest, ws
 
     settings = settings or Settings()
+    logsafe.install()  # uvicorn logs query strings (?token=<key>); rewrite them before any handler
     metrics = Metrics()
     state = AppState(settings=settings, metrics=metrics,
                      admission=Admission(settings.max_streams, settings.max_queued_jobs, metrics,
