@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -76,6 +77,20 @@ async def _load(url: str, spec: ScaleBenchSpec, n: int, seed0: int) -> dict[str,
             }
 
 
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _workers_cpu_s(procs: list[Any]) -> float | None:
+    vals = [_cpu_s(p.proc.pid) for p in procs if p.proc is not None]
+    return None if not vals or any(v is None for v in vals) else sum(v for v in vals if v is not None)
+
+
 def run_scale_bench(spec: ScaleBenchSpec, redis_url: str | None = None, log_dir: Path | None = None
                     ) -> dict[str, Any]:
     """Run 1 worker, then ``spec.workers``; returns per-run figures and ``speedup``."""
@@ -116,8 +131,15 @@ def run_scale_bench(spec: ScaleBenchSpec, redis_url: str | None = None, log_dir:
                 raise RuntimeError(f"workers did not come up:\n{tails}") from None
             wait_for(lambda: httpx.get(srv.url + "/ready").status_code == 200, 60, what="gateway ready")
             asyncio.run(_load(srv.url, spec, spec.warmup_per_worker * n, seed0=10_000))
+            w0, g0 = _workers_cpu_s(procs), time.process_time()
             run = asyncio.run(_load(srv.url, spec, spec.jobs, seed0=0))
+            w1, g1 = _workers_cpu_s(procs), time.process_time()
             run["workers"] = n
+            # CPU per image: if it stays flat from 1 to N workers, what limits the speed-up is free cores.
+            if w0 is not None and w1 is not None and run["images"]:
+                run["worker_cpu_ms_per_image"] = round((w1 - w0) * 1e3 / run["images"], 2)
+            if run["images"]:
+                run["gateway_and_client_cpu_ms_per_image"] = round((g1 - g0) * 1e3 / run["images"], 2)
             results["runs"][str(n)] = run
             logger.info("%d worker(s): %.2f images/s", n, run["images_per_s"])
     one, many = results["runs"].get("1"), results["runs"].get(str(spec.workers))
@@ -129,10 +151,13 @@ def run_scale_bench(spec: ScaleBenchSpec, redis_url: str | None = None, log_dir:
 def format_report(spec: ScaleBenchSpec, results: dict[str, Any]) -> str:
     lines = [f"bench scale: model {spec.model!r}, {spec.jobs} REST images per run, concurrency {spec.concurrency}, "
              f"{spec.threads} torch thread(s) and {spec.max_jobs} job(s) in flight per worker",
-             f"{'workers':>8} {'images/s':>9} {'p50 s':>7} {'p99 s':>7} {'errors':>7}"]
+             f"{'workers':>8} {'images/s':>9} {'p50 s':>7} {'p99 s':>7} {'errors':>7} {'worker CPU ms/img':>18} "
+             f"{'gateway+client CPU ms/img':>26}"]
     for n, run in sorted(results["runs"].items(), key=lambda kv: int(kv[0])):
+        wcpu, gcpu = run.get("worker_cpu_ms_per_image"), run.get("gateway_and_client_cpu_ms_per_image")
         lines.append(f"{n:>8} {run['images_per_s']:>9.2f} {run['latency_p50_s'] or 0:>7.3f} "
-                     f"{run['latency_p99_s'] or 0:>7.3f} {run['errors']:>7}")
+                     f"{run['latency_p99_s'] or 0:>7.3f} {run['errors']:>7} "
+                     f"{'-' if wcpu is None else f'{wcpu:.1f}':>18} {'-' if gcpu is None else f'{gcpu:.1f}':>26}")
     if "speedup" in results:
         lines.append(f"speed-up with {spec.workers} workers over 1: {results['speedup']:.2f}x")
     return "\n".join(lines)
