@@ -6,12 +6,12 @@ A closed-loop client (send, wait, send) slows down with the server and hides ove
 run: throughput, p50/p99 latency of admitted work (REST: request → 200; streams: frame sent → its
 output), and rejections (REST 429, streams refused with 1013), plus anything else (which must be 0).
 
-**Capacity** of a null-engine server (``--null``, started here) follows from its settings: every
+**Capacity** of a null-engine server (started here when no ``--url`` is given) follows from its settings: every
 engine tick takes ``delay`` and serves every queued item, so an admitted image is answered within two
 ticks and at most ``max_queued_jobs`` are admitted at once: REST capacity is
-``max_queued_jobs / (2·delay)`` images/s (the rate the admission limit sustains in the worst case); stream capacity is ``max_streams``. ``--levels 0.5,1.5``
-runs the same mix at those multiples and reports the p99 of admitted work at the highest level over
-its p99 at the lowest (the acceptance bound is 2×).
+``max_queued_jobs / (2·delay)`` images/s (what the admission limit sustains in the worst case);
+stream capacity is ``max_streams``. ``--levels 0.5,1.5`` runs the same mix at those multiples and
+reports the p99 of admitted work at the highest level over its p99 at the lowest (the bound is 2×).
 
 **Soak** runs N WebSocket connect/exchange/disconnect cycles and M REST requests against a fresh
 null-engine server and reports its resident memory before (after a warm-up) and after.
@@ -358,6 +358,7 @@ async def _soak_cycles(base_url: str, cycles: int, requests: int, width: int, he
 def soak(base_url: str, pid: int, cycles: int, requests: int, width: int = 64, height: int = 64,
          warmup: int = 50, api_key: str | None = None) -> dict[str, Any]:
     """RSS after ``warmup`` cycles and requests, then after the full soak; growth in %."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     asyncio.run(_soak_cycles(base_url, warmup, warmup, width, height, headers))
     time.sleep(0.5)
