@@ -1,0 +1,38 @@
+"""``ditstream bench load`` end to end, CI-sized: over capacity the server refuses cleanly.
+
+Open-loop load at 0.5× and 1.5× the capacity of a null-engine server (one engine tick = 100 ms,
+4 streams, 4 queued images). Asserted: every answer is a 200, a 429 or a 1013 refusal — nothing
+else, at either level; at 1.5× REST is refused with 429 and exactly the streams over
+``max_streams`` are refused with 1013; at 0.5× no stream is refused. The latency bound (p99 of
+admitted work at 1.5× within 2× of its p99 at 0.5×) is a timing figure: it is measured and
+published by ``ditstream bench load`` (docs/reliability.md), not asserted on shared CI cores.
+"""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from ditstream.cli import app
+from server.loadbench import NullServerConfig, format_levels, run_levels
+
+
+def test_overload_is_refused_cleanly():
+    cfg = NullServerConfig(delay_ms=100.0, max_streams=4, max_queued_jobs=4)
+    report = run_levels(cfg, [0.5, 1.5], seconds=4.0, fps=10.0)
+    low, high = report["runs"]["0.5x"], report["runs"]["1.5x"]
+    for r in (low, high):
+        assert r["unclean"] == 0, r
+        assert r["rest_sent"] == r["rest_ok"] + r["rest_429"], r
+        assert r["rest_ok"] > 0 and r["frames_answered"] > 0, r
+    assert low["streams_refused_1013"] == 0 and low["streams_admitted"] == 2
+    assert high["streams_admitted"] == 4 and high["streams_refused_1013"] == 2
+    assert high["rest_429"] > 0
+    assert high["rest_throughput"] >= low["rest_throughput"]  # refusing keeps the admitted work flowing
+    text = format_levels(report)
+    assert "p99 of admitted work" in text and "1.5x" in text
+
+
+def test_bench_commands_are_registered():
+    result = CliRunner().invoke(app, ["bench", "--help"])
+    assert result.exit_code == 0
+    assert "load" in result.output and "soak" in result.output
