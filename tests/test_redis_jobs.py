@@ -341,3 +341,27 @@ def test_jobs_pending_across_a_redis_restart_are_sent_again(tmp_path):
         finally:
             gw.stop()
             r.close()
+
+
+def test_worker_health_and_metrics_endpoint(scfg: ScaleConfig):
+    """What the container healthcheck and Prometheus read from a worker (``--health-port``)."""
+    import httpx
+
+    from server.scale_cli import _health_server
+    from server.scale_testing import free_port
+
+    w = _null_worker(scfg, "probe").start()
+    port = free_port()
+    server = _health_server(w, port)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        health = httpx.get(base + "/health")
+        assert health.status_code == 200 and health.json()["worker"] == "probe"
+        assert health.json()["engine_alive"] is True
+        metrics = httpx.get(base + "/metrics").text
+        assert 'ditstream_worker_jobs_done{worker="probe"} 0' in metrics
+        w.request_stop()
+        assert httpx.get(base + "/health").status_code == 503, "a leaving worker reports unhealthy"
+    finally:
+        server.shutdown()
+        w.stop()
