@@ -68,7 +68,7 @@ class LiveStream:
     """Another client streaming frames lock-step the whole time; counts what it gets back."""
 
     def __init__(self, url: str) -> None:
-        self.url, self.received, self.task = url, 0, None
+        self.url, self.received, self.task, self.stopping = url, 0, None, False
 
     async def __aenter__(self) -> LiveStream:
         self.ws = await websockets.connect(self.url, additional_headers=AUTH)
@@ -79,7 +79,7 @@ class LiveStream:
 
     async def _run(self) -> None:
         seq = 0
-        while True:
+        while not self.stopping:
             await self.ws.send(frame_message(GOOD, seq))
             header, _ = await recv_frame(self.ws)
             assert header["seq"] == seq
@@ -95,7 +95,11 @@ class LiveStream:
         await asyncio.wait_for(_wait(), timeout)
 
     async def __aexit__(self, *exc) -> None:
+        self.stopping = True  # a cancel can be swallowed by wait_for (Python 3.11): stop the loop too
         self.task.cancel()
+        await asyncio.wait({self.task}, timeout=10)
+        if self.task.done() and not self.task.cancelled():
+            self.task.exception()  # retrieved: no "never retrieved" noise
         await self.ws.close()
 
 
