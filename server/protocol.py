@@ -44,7 +44,7 @@ def unpack_frame(data: bytes) -> tuple[dict[str, Any] | None, memoryview]:
             "[u32 header length][JSON header][image]", field="frame")
     try:
         header = json.loads(view[4 : 4 + n].tobytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # "[[[[…" overflows the stack
         raise MalformedMessageError(f"frame header is not valid JSON: {exc}", field="frame") from exc
     if not isinstance(header, dict):
         raise MalformedMessageError("frame header must be a JSON object", field="frame")
@@ -119,7 +119,7 @@ def parse_control(text: str) -> BaseModel:
     """Text message → a validated control model (typed errors for every failure)."""
     try:
         raw = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:  # deep nesting ("[[[[…") overflows the stack
         raise MalformedMessageError(f"control message is not valid JSON: {exc}", field="message") from exc
     if not isinstance(raw, dict):
         raise MalformedMessageError("control message must be a JSON object", field="message")
