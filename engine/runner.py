@@ -155,7 +155,8 @@ class EngineRunner:
             raise EngineDeadError("the engine is not running")
 
     def wake(self) -> None:
-        self._wake.set()
+        if not self._wake.is_set():  # called per frame: skip the lock when already set
+            self._wake.set()
 
     def send(self, msg: Control) -> Future:
         self.check_alive()
