@@ -263,6 +263,9 @@ class StreamSession:
                 self.errors_in_row = 0
             except DitstreamError as exc:
                 self._on_error(exc)
+            except Exception:  # a bug, not bad input: loud in the log, and the client gets 1011, not silence
+                logger.exception("unexpected error handling a %s message", "binary" if msg.get("bytes") else "text")
+                self._on_error(DitstreamError("internal error while handling the message"))
 
     def _on_error(self, exc: DitstreamError) -> None:
         row = mapping_for(exc)
