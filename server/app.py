@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.config import StreamConfig
@@ -84,6 +85,10 @@ class AppState:
             if k in ("width", "height", "steps", "strength", "guidance_scale", "prompt", "seed"):
                 d[k] = v
         return d
+
+
+#: ``code`` of FastAPI's own HTTP refusals in the error body.
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
 
 
 def state_of(app: Any) -> AppState:
@@ -262,6 +267,24 @@ def create_app(settings: Settings | None = None, runner: EngineRunner | None = N
         if row.http_status >= 500:
             logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
         return JSONResponse(rest_error_body(exc), status_code=row.http_status, headers=rest_headers(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """FastAPI's own refusals (404, 405, an unreadable body) in the same error shape as ours.
+
+        FastAPI turns any exception while reading a body into a bare 400; the cause tells the real
+        story — the body limit tripping on a chunked upload (413) or JSON nested past the recursion
+        limit (400 malformed_message).
+        """
+        cause = exc.__cause__
+        if isinstance(cause, DitstreamError):
+            return await _ditstream_error(request, cause)
+        if exc.status_code == 400:
+            return await _ditstream_error(request, MalformedMessageError(f"request body cannot be parsed: "
+                                                                        f"{exc.detail}", field="body"))
+        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error" if exc.status_code < 500
+                          else "server_error", "code": _HTTP_CODES.get(exc.status_code, "http_error"), "param": None}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

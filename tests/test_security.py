@@ -377,3 +377,22 @@ def _exercise(srv: ServerThread, tagged_jpeg: bytes, bogus: bytes) -> None:
                 await recv_json(ws)
 
     asyncio.run(sockets())
+
+
+def test_chunked_body_over_the_limit_and_deep_json_get_our_errors():
+    """Without Content-Length the body limit trips while FastAPI reads the body: still a 413, in our shape."""
+    app = create_app(Settings(model="null", max_upload_bytes=1024), null_runner())
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompt":"'
+        for _ in range(400):
+            yield b"x" * 1024
+        yield b'"}'
+
+    with TestClient(app) as client:
+        r = client.post("/v1/images/generations", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+        r = client.post("/v1/images/generations", content=b"[" * 100_000, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_message"
+        r = client.delete("/v1/models")
+        assert r.status_code == 405 and r.headers["allow"] == "GET" and r.json()["error"]["code"] == "method_not_allowed"
