@@ -1,0 +1,131 @@
+"""The built-in demo model: procedural data, the model-independent evaluator, and a fast subset of
+the quality figures of ``ditstream bench quality`` (the full run is in docs/demo_model_card.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.demo import dataset as ds
+from engine.demo.evaluator import read_image, score
+
+# --------------------------------------------------------------------------- data and evaluator
+
+def test_dataset_is_deterministic_by_seed() -> None:
+    a, sa = ds.make_dataset(12, seed=3)
+    b, sb = ds.make_dataset(12, seed=3)
+    c, _ = ds.make_dataset(12, seed=4)
+    assert a.shape == (12, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and sa == sb
+    assert not np.array_equal(a, c)
+
+
+def test_captions_cover_every_combination_with_a_known_vocabulary() -> None:
+    caps = ds.all_captions()
+    assert len(caps) == len(ds.SHAPES) * len(ds.COLOURS) * (len(ds.COLOURS) - 1) == 280
+    assert all(colour != bg for _, colour, bg in caps)
+    vocab = set(ds.vocabulary())
+    assert all(set(ds.caption_for(*c).split()) <= vocab for c in caps)
+    assert ds.caption_for("triangle", "green", "white") == "a green triangle on a white background"
+
+
+def test_images_show_what_the_caption_says() -> None:
+    spec = ds.ShapeSpec("square", "red", "blue", 20.0, 40.0, 10.0)
+    img = ds.render(spec)
+    assert tuple(img[40, 20]) == ds.COLOURS["red"]
+    assert tuple(img[2, 2]) == ds.COLOURS["blue"]
+    cx, cy = ds.true_centroid(spec)
+    assert abs(cx - 20.0) < 0.3 and abs(cy - 40.0) < 0.3
+
+
+def test_evaluator_is_accurate_on_ground_truth() -> None:
+    images, specs = ds.make_dataset(150, seed=11)
+    s = score(images, [(x.shape, x.colour, x.background) for x in specs])
+    assert s.colour == 1.0 and s.background == 1.0
+    assert s.shape >= 0.99
+    errs = [np.hypot(*(np.subtract(read_image(i).centroid, ds.true_centroid(x)))) for i, x in zip(images, specs)]
+    assert max(errs) < 0.5
+
+
+def test_evaluator_tolerates_noise_and_flags_blur() -> None:
+    images, specs = ds.make_dataset(60, seed=12)
+    rng = np.random.default_rng(0)
+    noisy = np.clip(images.astype(np.float32) + rng.normal(0, 12, images.shape), 0, 255).astype(np.uint8)
+    s = score(noisy, [(x.shape, x.colour, x.background) for x in specs])
+    assert s.colour >= 0.95 and s.shape >= 0.9
+    # The "blurry mean of positions": the average of many images of one caption is not a sharp shape.
+    mean = np.mean([ds.render(ds.ShapeSpec("star", "red", "white", *ds.random_geometry(rng))) for _ in range(32)],
+                   axis=0).astype(np.uint8)
+    sharp = read_image(ds.render(ds.ShapeSpec("star", "red", "white", 32, 32, 14)))
+    blurry = read_image(mean)
+    assert sharp.shape == "star" and sharp.sharpness > 0.9
+    assert blurry.sharpness < sharp.sharpness - 0.2
+
+
+# --------------------------------------------------------------------------- the shipped model
+
+@pytest.fixture(scope="module")
+def components():
+    import torch
+
+    from engine.config import ModelConfig
+    from engine.loader import load_components
+
+    torch.set_num_threads(2)
+    return load_components(ModelConfig(model="demo", device="cpu", dtype="fp32"))
+
+
+@pytest.fixture(scope="module")
+def generator(components):
+    from engine.generate import Generator
+
+    return Generator(components)
+
+
+def test_demo_model_loads_through_the_loader_as_sana_sprint(components) -> None:
+    from diffusers import AutoencoderDC, SanaTransformer2DModel, SCMScheduler
+    from transformers import Gemma2Model
+
+    from engine.loader import DEMO_MODEL_DIR
+
+    assert isinstance(components.transformer, SanaTransformer2DModel)
+    assert isinstance(components.vae, AutoencoderDC)
+    assert isinstance(components.text_encoder, Gemma2Model)
+    assert isinstance(components.scheduler, SCMScheduler)
+    assert components.complex_human_instruction is None
+    assert components.defaults["width"] == 64 and components.defaults["steps"] == 1
+    weights = sum(p.stat().st_size for p in DEMO_MODEL_DIR.rglob("*.safetensors"))
+    assert weights < 16 * 2**20, f"demo weights are {weights / 2**20:.1f} MB"
+
+
+def test_one_step_txt2img_follows_the_prompt_colour(generator, components) -> None:
+    """40 captions spread over all shapes/colours; the full 280-image figures are in the model card.
+
+    Chance is 12.5 % for colour; the shipped weights measure ~57 % on all 280 captions.
+    """
+    from engine.demo.quality import _defaults, txt2img_scores
+
+    # Stride 13 is coprime with 280, so 40 captions spread over every shape, colour and background.
+    s = txt2img_scores(generator, _defaults(components), 40, 1, seed=100, stride=13)
+    assert s["background"] >= 0.9, s
+    assert s["colour"] >= 0.4, s
+    assert s["sharpness"] >= 0.85, s
+
+
+@pytest.mark.xfail(reason="issue 3 acceptance not reached yet: the teacher trained in the CPU budget draws "
+                          "blobs (shape ~17 %, colour ~57 % over 280 captions); see docs/demo_model_card.md",
+                   strict=False)
+def test_one_step_txt2img_meets_the_acceptance_thresholds(generator, components) -> None:
+    from engine.demo.quality import _defaults, txt2img_scores
+
+    s = txt2img_scores(generator, _defaults(components), 40, 1, seed=100, stride=13)
+    assert s["colour"] >= 0.8 and s["shape"] >= 0.7, s
+
+
+def test_one_step_img2img_keeps_position_and_takes_the_prompt_colour(generator, components) -> None:
+    from engine.demo.quality import CLIPS, _defaults, img2img_one_step
+
+    d = _defaults(components)
+    s = img2img_one_step(generator, d, 4, float(d["strength"]), seed=0, clips=CLIPS[:2])
+    assert s["centroid_err_mean"] <= 4.0, s
+    assert s["colour"] >= 0.75, s
