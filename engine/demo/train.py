@@ -375,7 +375,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train_demo(out: str | Path, cfg: TrainConfig | None = None, *, default_strength: float = 0.6,
+def train_demo(out: str | Path, cfg: TrainConfig | None = None, *, default_strength: float = 0.5,
                workdir: str | Path | None = None) -> Path:
     """Run the whole recipe and save a diffusers-layout folder at ``out``.
 
