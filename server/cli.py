@@ -25,6 +25,8 @@ def serve(
     max_queued_jobs: int = typer.Option(None, help="REST images queued at once (more get 429 + Retry-After)."),
     api_key: list[str] = typer.Option(None, "--api-key", help="Accept this API key (repeatable). "
                                       "Better: DITSTREAM_API_KEYS=k1,k2 (keeps keys out of `ps`)."),
+    cors_origin: list[str] = typer.Option(None, "--cors-origin", help="Let pages from this origin call the API "
+                                          "(repeatable; '*' = any; env DITSTREAM_CORS_ORIGINS). Default: no CORS."),
     max_frame_bytes: int = typer.Option(None, help="Largest WebSocket frame in bytes."),
     max_upload_bytes: int = typer.Option(None, help="Largest REST upload in bytes."),
     max_pixels: int = typer.Option(None, help="Largest image area in pixels."),
@@ -47,7 +49,8 @@ def serve(
 
     overrides = {k: v for k, v in dict(
         host=host, port=port, model=model, backend=backend, device=device, dtype=dtype, max_streams=max_streams,
-        max_queued_jobs=max_queued_jobs, api_keys=api_key or None, max_frame_bytes=max_frame_bytes,
+        max_queued_jobs=max_queued_jobs, api_keys=api_key or None, cors_origins=cors_origin or None,
+        max_frame_bytes=max_frame_bytes,
         max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_prompt_chars=max_prompt_chars,
         max_fps=max_fps, default_width=width, default_height=height,
         null_delay_s=null_delay_ms / 1e3 if null_delay_ms is not None else None, redis_url=redis).items()
