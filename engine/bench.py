@@ -6,6 +6,7 @@ and noisy; absolute fps are printed too but only the ratios are comparable acros
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,14 +45,25 @@ def static_clip(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
     return [np.clip(base + rs.randint(-2, 3, base.shape), 0, 255).astype(np.uint8) for _ in range(n)]
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> float:
-    """Best wall time of ``repeats`` runs (the least disturbed by other load)."""
-    best = float("inf")
+def _wall(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _paired(baseline: Callable[[], Any], candidate: Callable[[], Any], repeats: int) -> tuple[float, float, float]:
+    """Run the two arms interleaved ``repeats`` times.
+
+    Returns (median baseline time, median candidate time, median of the per-pair ratios): each
+    ratio compares two runs made back to back, so load that comes and goes on a shared machine
+    hits both arms of a pair alike.
+    """
+    base, cand = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        base.append(_wall(baseline))
+        cand.append(_wall(candidate))
+    ratios = [b / c for b, c in zip(base, cand, strict=True)]
+    return statistics.median(base), statistics.median(cand), statistics.median(ratios)
 
 
 def _stream_run(gen: Generator, configs: list[StreamConfig], frames: list[np.ndarray], max_batch: int) -> int:
@@ -66,8 +78,8 @@ def _stream_run(gen: Generator, configs: list[StreamConfig], frames: list[np.nda
     return n
 
 
-def run_engine_bench(model: str = "small", size: int = 64, frames: int = 12, streams: int = 8, steps: int = 4,
-                     repeats: int = 3, threads: int | None = 1) -> dict[str, Any]:
+def run_engine_bench(model: str = "demo", size: int = 64, frames: int = 12, streams: int = 8, steps: int = 4,
+                     repeats: int = 5, threads: int | None = None) -> dict[str, Any]:
     """Run the three measurements and return a JSON-able dict."""
     if threads:
         torch.set_num_threads(threads)
@@ -87,14 +99,14 @@ def run_engine_bench(model: str = "small", size: int = 64, frames: int = 12, str
 
     # 1. sequential n-step sampling vs stream batch (one stream, same frames)
     cfg_n = base.replace(steps=steps)
-    t_seq = _timed(lambda: [gen.generate_unit(cfg_n, f) for f in clip], repeats)
-    t_sb = _timed(lambda: _stream_run(gen, [cfg_n], clip, 64), repeats)
+    t_seq, t_sb, sb_ratio = _paired(lambda: [gen.generate_unit(cfg_n, f) for f in clip],
+                                    lambda: _stream_run(gen, [cfg_n], clip, 64), repeats)
 
     # 2. N one-step streams one at a time vs cross-batched
     cfgs = [base.replace(seed=s, prompt=f"a {c} square on a gray background")
             for s, c in zip(range(streams), ["red", "blue", "green", "white", "black", "pink", "cyan", "gray"] * 4)]
-    t_one = _timed(lambda: [_stream_run(gen, [c], clip, 64) for c in cfgs], repeats)
-    t_cross = _timed(lambda: _stream_run(gen, cfgs, clip, 64), repeats)
+    t_one, t_cross, cross_ratio = _paired(lambda: [_stream_run(gen, [c], clip, 64) for c in cfgs],
+                                         lambda: _stream_run(gen, cfgs, clip, 64), repeats)
 
     # 3. similarity filter skip rate on a static and a moving clip (StreamDiffusion defaults)
     rates = {}
@@ -107,9 +119,9 @@ def run_engine_bench(model: str = "small", size: int = 64, frames: int = 12, str
         "model": model, "transformer_params": params, "size": size, "frames": frames, "steps": steps,
         "streams": streams, "torch_threads": torch.get_num_threads(), "device": str(gen.components.device),
         "sequential_fps": frames / t_seq, "stream_batch_fps": frames / t_sb,
-        "stream_batch_speedup": t_seq / t_sb,
+        "stream_batch_speedup": sb_ratio, "repeats": repeats,
         "one_at_a_time_fps": streams * frames / t_one, "cross_batched_fps": streams * frames / t_cross,
-        "cross_batch_speedup": t_one / t_cross,
+        "cross_batch_speedup": cross_ratio,
         "ssf_skip_rate_static": rates["static"], "ssf_skip_rate_moving": rates["moving"],
     }
 

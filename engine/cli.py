@@ -73,20 +73,21 @@ def generate(
 
 
 def bench_engine(
-    model: str = typer.Option("small", help="A synthetic preset (small, medium, tiny) or a model folder/'demo'."),
+    model: str = typer.Option("demo", help="'demo', a model folder, or a synthetic preset (small, medium, tiny)."),
     size: int = typer.Option(64, help="Square frame size in pixels."),
     frames: int = typer.Option(12, help="Frames per clip."),
     streams: int = typer.Option(8, help="Streams for the cross-batching measurement."),
     steps: int = typer.Option(4, help="Steps for the stream-batch measurement."),
-    repeats: int = typer.Option(3, help="Timed repeats (best is kept)."),
-    threads: int = typer.Option(1, help="torch CPU threads (1 avoids OpenMP oversubscription on shared CPUs)."),
+    repeats: int = typer.Option(5, help="Interleaved repeats of each pair of arms (medians are reported)."),
+    threads: int = typer.Option(0, help="torch CPU threads; 0 = torch's default (all cores). On a CPU shared with "
+                                "other jobs, 1 avoids OpenMP oversubscription."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Stream batch vs sequential; N streams cross-batched vs one at a time; SSF skip rates."""
     from engine.bench import format_table, run_engine_bench
 
     result = run_engine_bench(model=model, size=size, frames=frames, streams=streams, steps=steps,
-                              repeats=repeats, threads=threads)
+                              repeats=repeats, threads=threads or None)
     typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
