@@ -22,10 +22,7 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +30,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+from server.testing import serve_subprocess
 
 logger = logging.getLogger(__name__)
 
@@ -248,39 +247,13 @@ def _summarise(spec: BenchSpec, streams: list[_Stream], before: dict[float, floa
 
 
 # ------------------------------------------------------------------------------ null server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def null_server(spec: BenchSpec, timeout: float = 120.0) -> Iterator[tuple[str, int]]:
     """A ``ditstream serve --model null`` subprocess on a free port; yields (ws:// base URL, pid)."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "ditstream", "serve", "--model", "null", "--host", "127.0.0.1", "--port", str(port),
-           "--max-streams", str(spec.streams + 1), "--width", str(spec.width), "--height", str(spec.height),
-           "--log-level", "warning"]
-    env = {**os.environ, "DITSTREAM_API_KEYS": ""}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"null server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("null server did not become ready")
-            time.sleep(0.2)
-        yield f"ws://127.0.0.1:{port}", proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    args = ["--model", "null", "--max-streams", str(spec.streams + 1), "--width", str(spec.width),
+            "--height", str(spec.height), "--log-level", "warning"]
+    with serve_subprocess(args, {"DITSTREAM_API_KEYS": ""}, timeout) as (port, pid):
+        yield f"ws://127.0.0.1:{port}", pid
 
 
 def run_bench(spec: BenchSpec, url: str | None = None, api_key: str | None = None,

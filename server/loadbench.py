@@ -23,12 +23,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
-import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -36,6 +32,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+from server.testing import serve_subprocess
 
 logger = logging.getLogger(__name__)
 
@@ -60,42 +58,14 @@ class NullServerConfig:
         return self.max_queued_jobs / (2.0 * self.delay_ms / 1e3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def null_server(cfg: NullServerConfig, timeout: float = 120.0) -> Iterator[tuple[str, int]]:
     """Start the server on a free loopback port; yields (http:// base URL, pid). Stopped on exit."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "ditstream", "serve", "--model", "null", "--host", "127.0.0.1", "--port", str(port),
-           "--max-streams", str(cfg.max_streams), "--max-queued-jobs", str(cfg.max_queued_jobs),
-           "--width", str(cfg.width), "--height", str(cfg.height), "--null-delay-ms", str(cfg.delay_ms),
-           "--log-level", "warning"]
-    env = {**os.environ, "DITSTREAM_API_KEYS": "", **dict(cfg.extra_env)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-                raise RuntimeError(f"null server exited ({proc.returncode}): {err}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("null server did not become ready")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}", proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    args = ["--model", "null", "--max-streams", str(cfg.max_streams), "--max-queued-jobs", str(cfg.max_queued_jobs),
+            "--width", str(cfg.width), "--height", str(cfg.height), "--null-delay-ms", str(cfg.delay_ms),
+            "--log-level", "warning"]
+    with serve_subprocess(args, {"DITSTREAM_API_KEYS": "", **dict(cfg.extra_env)}, timeout) as (port, pid):
+        yield f"http://127.0.0.1:{port}", pid
 
 
 def rss_bytes(pid: int) -> int:

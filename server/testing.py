@@ -7,9 +7,14 @@ waits for startup — lifespan included, so the engine is running — and for a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -111,3 +116,41 @@ async def recv_frame(ws: Any, timeout: float = 60.0, texts: list[dict[str, Any]]
             return decode_output(msg)
         if texts is not None:
             texts.append(json.loads(msg))
+
+
+@contextlib.contextmanager
+def serve_subprocess(args: list[str], env: dict[str, str] | None = None,
+                     timeout: float = 120.0) -> Iterator[tuple[int, int]]:
+    """``ditstream serve <args>`` in a subprocess on a free loopback port; yields (port, pid).
+
+    Waits for ``/ready``; a server that exits first raises with the tail of its stderr. The
+    process is terminated (then killed) on exit, so a bench or test never leaves one behind.
+    """
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "ditstream", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+                raise RuntimeError(f"server exited ({proc.returncode}): {err}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.2)
+        yield port, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
