@@ -23,7 +23,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
-import numpy as np
 import torch
 
 from engine import images as imgs
@@ -32,7 +31,7 @@ from engine.backends.base import Backend
 from engine.config import EngineConfig, StreamConfig
 from engine.errors import GenerationError, ValidationError
 from engine.loader import ModelComponents
-from engine.plan import decode_clean, encode_clean, make_plan, predict_x0
+from engine.plan import Plan, decode_clean, encode_clean, make_plan, predict_x0
 from engine.prompt_cache import PromptCache
 from engine.queues import OutputQueue
 from engine.similarity import SimilarityFilter
@@ -70,18 +69,21 @@ class EngineCore:
         cfg = self.validate(cfg)
         sid = stream_id or new_stream_id("job" if one_shot else "s")
         state = StreamState(
-            id=sid, config=cfg, plan=make_plan(cfg, self.components, self.prompts),
+            id=sid, config=cfg, plan=self._plan(cfg),
             outputs=OutputQueue(self.config.output_queue_size, notify), filter=SimilarityFilter(cfg.filter, cfg.seed),
             one_shot=one_shot,
         )
         self.streams[sid] = state
         return state
 
+    def _plan(self, cfg: StreamConfig) -> Plan | None:
+        return make_plan(cfg, self.components, self.prompts)
+
     def reconfigure(self, stream_id: str, cfg: StreamConfig) -> StreamConfig:
         """New frames use ``cfg``; frames in flight finish with the plan they entered with."""
         state = self.streams[stream_id]
         cfg = self.validate(cfg)
-        state.plan = make_plan(cfg, self.components, self.prompts)
+        state.plan = self._plan(cfg)
         state.filter.reconfigure(cfg.filter)
         state.config = cfg
         return cfg
@@ -234,8 +236,3 @@ class EngineCore:
 def _chunks(items: list[InFlight], size: int) -> Iterable[list[InFlight]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-def stack_images(outputs: list[StreamOutput]) -> np.ndarray:
-    """Helper for tests and benches: (N, H, W, 3) of the outputs' images."""
-    return np.stack([o.image for o in outputs])

@@ -8,16 +8,13 @@ filter, counters) is the real code, so ``ditstream bench server --null`` isolate
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import numpy as np
 
 from engine.config import EngineConfig, StreamConfig
 from engine.core import EngineCore
-from engine.queues import OutputQueue
 from engine.runner import EngineRunner
-from engine.similarity import SimilarityFilter
-from engine.stream import InFlight, StreamState, new_stream_id
+from engine.stream import InFlight, StreamState
 
 
 class NullCore(EngineCore):
@@ -35,20 +32,8 @@ class NullCore(EngineCore):
     def size_multiple(self) -> int:
         return self._size_multiple
 
-    def add(self, cfg: StreamConfig, *, stream_id: str | None = None, one_shot: bool = False,
-            notify: Callable[[], None] | None = None) -> StreamState:
-        cfg = self.validate(cfg)
-        sid = stream_id or new_stream_id("job" if one_shot else "s")
-        state = StreamState(id=sid, config=cfg, plan=None, outputs=OutputQueue(self.config.output_queue_size, notify),
-                            filter=SimilarityFilter(cfg.filter, cfg.seed), one_shot=one_shot)
-        self.streams[sid] = state
-        return state
-
-    def reconfigure(self, stream_id: str, cfg: StreamConfig) -> StreamConfig:
-        state = self.streams[stream_id]
-        state.config = self.validate(cfg)
-        state.filter.reconfigure(state.config.filter)
-        return state.config
+    def _plan(self, cfg: StreamConfig) -> None:
+        return None  # no model: frames need no noise, angles or embeddings
 
     def _admit_new_frames(self) -> None:
         now = time.perf_counter()
