@@ -86,6 +86,8 @@ def bench_server(
     seconds: float = typer.Option(10.0, "--seconds", "-t", help="Duration of each run."),
     size: str = typer.Option("512x512", help="Frame size WxH (JPEG frames of a moving pattern)."),
     prompt: str = typer.Option("a watercolor painting", help="Prompt sent to each stream."),
+    subsampling: str = typer.Option("420", help="Chroma subsampling of the input JPEGs: 420 (what browsers "
+                                    "and OpenCV send) or 444."),
     api_key: str = typer.Option(None, envvar="DITSTREAM_API_KEY", help="API key for --url."),
     null: bool = typer.Option(True, "--null/--no-null", help="Also run the same load against a null-engine "
                               "server started for the purpose (isolates server overhead)."),
@@ -96,8 +98,11 @@ def bench_server(
 
     from server.bench import BenchSpec, format_report, run_bench
 
+    if subsampling not in ("420", "422", "444"):
+        raise typer.BadParameter("--subsampling must be 420, 422 or 444")
     w, h = (int(x) for x in size.lower().split("x"))
-    spec = BenchSpec(streams=streams, fps=fps, seconds=seconds, width=w, height=h, prompt=prompt)
+    spec = BenchSpec(streams=streams, fps=fps, seconds=seconds, width=w, height=h, prompt=prompt,
+                     subsampling=subsampling)
     results = run_bench(spec, url=url, api_key=api_key, null=null)
     typer.echo(format_report(spec, results))
     if json_out:

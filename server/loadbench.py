@@ -137,10 +137,10 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _frame_bytes(width: int, height: int) -> bytes:
-    import simplejpeg
+    from clients.stream_client import encode_jpeg
 
     img = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return simplejpeg.encode_jpeg(img, quality=80, colorspace="RGB")
+    return encode_jpeg(img, quality=80)
 
 
 def _pack(seq: int, ts: float, image: bytes) -> bytes:

@@ -23,3 +23,17 @@ def test_bench_against_a_server_and_a_null_engine():
         assert r["g2g_ms_p50"] > 0 and r["server_overhead_ms_p50"] >= 0
     report = format_report(spec, results)
     assert "server overhead p50 / p99 ms" in report and "null engine" in report
+
+
+def test_bench_and_client_frames_are_420_like_browsers_send():
+    """The bench measures the input real clients send: 4:2:0 JPEG (4:4:4 on request)."""
+    import numpy as np
+    import simplejpeg
+
+    from clients.stream_client import encode_jpeg
+    from server.bench import _pattern
+
+    assert simplejpeg.decode_jpeg_header(_pattern(64, 64, 1, 85)[0])[3] == "420"
+    assert simplejpeg.decode_jpeg_header(_pattern(64, 64, 1, 85, "444")[0])[3] == "444"
+    assert simplejpeg.decode_jpeg_header(encode_jpeg(np.zeros((32, 32, 3), np.uint8)))[3] == "420"
+    assert "4:2:0" in format_report(BenchSpec(), {})

@@ -67,6 +67,17 @@ class TrainConfig:
     transformer: dict[str, Any] = field(default_factory=lambda: dict(
         hidden=64, layers=4, heads=4))
     vae_channels: tuple[int, ...] = (8, 16, 32, 64)
+    latent_channels: int = LATENT_CHANNELS
+    #: Transformer patch size over the latent grid (2 on an f4 latent = the token grid of f8 at patch 1).
+    patch_size: int = 1
+    #: Teacher samples scored by the evaluator every this many steps (0: never); logged, not used.
+    eval_every: int = 0
+    image_size: int = 64
+
+    @property
+    def latent_size(self) -> int:
+        """Side of the latent grid: the image side over the autoencoder's 2^(levels−1) downsampling."""
+        return self.image_size // 2 ** (len(self.vae_channels) - 1)
 
 
 # --------------------------------------------------------------------------- components
@@ -80,7 +91,7 @@ def build_components(cfg: TrainConfig) -> dict[str, Any]:
     tokenizer = make_demo_tokenizer()
     n = len(cfg.vae_channels)
     vae = AutoencoderDC(
-        in_channels=3, latent_channels=LATENT_CHANNELS, attention_head_dim=8,
+        in_channels=3, latent_channels=cfg.latent_channels, attention_head_dim=8,
         encoder_block_types=("ResBlock",) * n, decoder_block_types=("ResBlock",) * n,
         encoder_block_out_channels=cfg.vae_channels, decoder_block_out_channels=cfg.vae_channels,
         encoder_qkv_multiscales=((),) * n, decoder_qkv_multiscales=((),) * n,
@@ -90,10 +101,11 @@ def build_components(cfg: TrainConfig) -> dict[str, Any]:
     )
     t = cfg.transformer
     transformer = SanaTransformer2DModel(
-        patch_size=1, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=t["layers"],
+        patch_size=cfg.patch_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        num_layers=t["layers"],
         num_attention_heads=t["heads"], attention_head_dim=t["hidden"] // t["heads"],
         num_cross_attention_heads=t["heads"], cross_attention_head_dim=t["hidden"] // t["heads"],
-        cross_attention_dim=t["hidden"], caption_channels=TEXT_HIDDEN, sample_size=8,
+        cross_attention_dim=t["hidden"], caption_channels=TEXT_HIDDEN, sample_size=cfg.latent_size,
         qk_norm="rms_norm_across_heads", guidance_embeds=True, interpolation_scale=1,
     )
     text_encoder = Gemma2Model(Gemma2Config(
@@ -228,8 +240,11 @@ def sample_train_t(n: int, device: torch.device, gen: torch.Generator) -> torch.
 
 def train_teacher(transformer, text_encoder, tokenizer, latents: torch.Tensor, captions: list[str],
                   cfg: TrainConfig, device: torch.device, gen: torch.Generator,
-                  rng: np.random.Generator) -> torch.nn.Module:
-    """TrigFlow flow matching; returns the EMA teacher."""
+                  rng: np.random.Generator, probe=None) -> torch.nn.Module:
+    """TrigFlow flow matching; returns the EMA teacher.
+
+    ``probe(ema, step)`` (optional) is called every ``cfg.eval_every`` steps to log sample quality.
+    """
     transformer.train()
     text_encoder.train()
     params = list(transformer.parameters()) + list(text_encoder.parameters())
@@ -256,6 +271,10 @@ def train_teacher(transformer, text_encoder, tokenizer, latents: torch.Tensor, c
         ema_update(ema, transformer, cfg.ema if step > 200 else 0.0)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if probe is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            text_encoder.eval()
+            probe(ema, step + 1)
+            text_encoder.train()
     text_encoder.eval().requires_grad_(False)
     return ema
 
@@ -296,7 +315,8 @@ def make_pairs(teacher, text_encoder, tokenizer, cfg: TrainConfig, device: torch
     for i in tqdm(range(0, cfg.pairs, bs), desc="teacher pairs", dynamic_ncols=True):
         ids = cap_ids[i : i + bs]
         emb, mask = encode_text(text_encoder, tokenizer, [ds.caption_for(*caps[j]) for j in ids], device)
-        noise = torch.randn((len(ids), LATENT_CHANNELS, 8, 8), generator=gen, device=device) * SIGMA_D
+        noise = torch.randn((len(ids), cfg.latent_channels, cfg.latent_size, cfg.latent_size), generator=gen,
+                            device=device) * SIGMA_D
         states = teacher_sample(teacher, noise, emb, mask, uemb.expand(len(ids), -1, -1),
                                 umask.expand(len(ids), -1), cfg, angles)
         all_states.append(torch.stack(states[:-1], 1))
@@ -367,6 +387,32 @@ def train_student(student, teacher_pairs, vae, scale: float, cap_table: dict[str
     return ema
 
 
+@torch.no_grad()
+def probe_teacher(teacher, text_encoder, tokenizer, vae, scale: float, cfg: TrainConfig, device: torch.device,
+                  n: int = 40, steps: int = 8) -> dict[str, float]:
+    """Score ``n`` teacher samples (``steps``-step DDIM, CFG) over spread captions with the evaluator."""
+    from engine.demo.evaluator import score
+
+    caps = ds.all_captions()
+    chosen = [caps[(i * 17) % len(caps)] for i in range(n)]
+    gen = torch.Generator(device=device).manual_seed(1234)
+    emb, mask = encode_text(text_encoder, tokenizer, [ds.caption_for(*c) for c in chosen], device)
+    uemb, umask = encode_text(text_encoder, tokenizer, [""], device)
+    noise = torch.randn((n, cfg.latent_channels, cfg.latent_size, cfg.latent_size), generator=gen,
+                        device=device) * SIGMA_D
+    x0 = teacher_sample(teacher, noise, emb, mask, uemb.expand(n, -1, -1), umask.expand(n, -1), cfg,
+                        teacher_angles(steps))[-1]
+    images = decode_images(vae, x0, scale)
+    return score(images, chosen).as_dict()
+
+
+@torch.no_grad()
+def decode_images(vae, x0: torch.Tensor, scale: float) -> np.ndarray:
+    """Clean latents → uint8 (B, H, W, 3), the inverse of ``encode_latents``."""
+    rec = vae.decoder(x0 / (scale * SIGMA_D)).clamp(-1, 1)
+    return ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 # --------------------------------------------------------------------------- driver
 
 def resolve_device(name: str) -> torch.device:
@@ -416,6 +462,13 @@ def train_demo(out: str | Path, cfg: TrainConfig | None = None, *, default_stren
     vae.register_to_config(scaling_factor=scale)
     vae.requires_grad_(False)
     latents = encode_latents(vae, images, scale, device)
+    if cfg.eval_every:
+        from engine.demo.evaluator import score
+
+        held, held_specs = ds.make_dataset(200, seed=cfg.seed + 1)
+        rec = decode_images(vae, encode_latents(vae, held, scale, device), scale)
+        logger.info("autoencoder reconstructions: %s",
+                    score(rec, [(s.shape, s.colour, s.background) for s in held_specs]).as_dict())
     t_ae = time.time()
 
     if ckpt is not None and (ckpt / "teacher.pt").is_file():
@@ -428,7 +481,12 @@ def train_demo(out: str | Path, cfg: TrainConfig | None = None, *, default_stren
         gen.set_state(state["gen"])
         logger.info("resumed teacher from %s", ckpt)
     else:
-        teacher = train_teacher(transformer, text_encoder, tokenizer, latents, captions, cfg, device, gen, rng)
+        def probe(ema, step):
+            logger.info("teacher step %d: %s", step,
+                        probe_teacher(ema, text_encoder, tokenizer, vae, scale, cfg, device))
+
+        teacher = train_teacher(transformer, text_encoder, tokenizer, latents, captions, cfg, device, gen, rng,
+                                probe=probe)
         if ckpt is not None:
             torch.save({"teacher": teacher.state_dict(), "text_encoder": text_encoder.state_dict(),
                         "rng": rng.bit_generator.state, "gen": gen.get_state()}, ckpt / "teacher.pt")
