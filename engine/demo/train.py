@@ -18,6 +18,7 @@ Recipe (all seeded, see ``docs/demo_model_card.md``):
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
@@ -59,6 +60,11 @@ class TrainConfig:
     caption_dropout: float = 0.1
     pairs: int = 2048
     teacher_sample_steps: int = 8
+    #: Where the one-step student's txt2img pairs come from. ``"inversion"``: real training images
+    #: carried to noise by the teacher's own ODE (DDIM run backwards), so every pair (noise → image)
+    #: follows the teacher's flow but ends on a real, correctly shaped image. ``"teacher"``: classic
+    #: reflow pairs, noise → teacher sample (the student then inherits the teacher's blobby shapes).
+    pairs_from: str = "teacher"
     cfg_scale: float = 3.0
     student_steps: int = 1200
     student_batch: int = 32
@@ -140,15 +146,25 @@ def trigflow_x0(transformer, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor
 
     Mirrors diffusers' ``SanaSprintPipeline`` loop exactly so training and serving agree.
     """
+    flow = trigflow_flow(transformer, x, t, emb, mask, guidance)
+    tt = t.view(-1, 1, 1, 1)
+    return torch.cos(tt) * x - torch.sin(tt) * flow
+
+
+def trigflow_flow(transformer, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor,
+                  guidance: float) -> torch.Tensor:
+    """The predicted TrigFlow velocity ``dx/dt`` (sampler units, = σd·F) at angles ``t``.
+
+    ``x0 = cos t·x − sin t·flow`` and ``σd·ε = sin t·x + cos t·flow``; it is defined at t = 0 too,
+    which the inversion in ``invert_pairs`` needs.
+    """
     s = (torch.sin(t) / (torch.sin(t) + torch.cos(t))).view(-1, 1, 1, 1)
     norm = torch.sqrt(s**2 + (1 - s) ** 2)
     x_in = x / SIGMA_D * norm
     g = torch.full((x.shape[0],), guidance * transformer.config.guidance_embeds_scale, device=x.device)
     raw = transformer(x_in, encoder_hidden_states=emb, encoder_attention_mask=mask, guidance=g,
                       timestep=s.flatten(), return_dict=False)[0]
-    flow = ((1 - 2 * s) * x_in + (1 - 2 * s + 2 * s**2) * raw) / norm * SIGMA_D
-    tt = t.view(-1, 1, 1, 1)
-    return torch.cos(tt) * x - torch.sin(tt) * flow
+    return ((1 - 2 * s) * x_in + (1 - 2 * s + 2 * s**2) * raw) / norm * SIGMA_D
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -321,7 +337,59 @@ def make_pairs(teacher, text_encoder, tokenizer, cfg: TrainConfig, device: torch
                                 umask.expand(len(ids), -1), cfg, angles)
         all_states.append(torch.stack(states[:-1], 1))
         ends.append(states[-1])
-    return torch.cat(all_states), torch.tensor(angles, dtype=torch.float32, device=device), torch.cat(ends), cap_ids
+    return (torch.cat(all_states), torch.tensor(angles, dtype=torch.float32, device=device), torch.cat(ends),
+            [ds.caption_for(*caps[j]) for j in cap_ids])
+
+
+def heun_step(teacher, x: torch.Tensor, a: float, b: float, emb: torch.Tensor, mask: torch.Tensor,
+              guidance: float) -> torch.Tensor:
+    """Second-order DDIM step from angle ``a`` to ``b`` (either direction): average the (x0, σd·ε)
+    predictions at both ends. Plain DDIM inversion in 12 steps loses the shape on the way back."""
+    def predict(x: torch.Tensor, angle: float) -> tuple[torch.Tensor, torch.Tensor]:
+        f = trigflow_flow(teacher, x, torch.full((x.shape[0],), angle, device=x.device), emb, mask, guidance)
+        c, s = math.cos(angle), math.sin(angle)
+        return c * x - s * f, s * x + c * f
+
+    x0a, ea = predict(x, a)
+    x0b, eb = predict(math.cos(b) * x0a + math.sin(b) * ea, b)
+    x0 = 0.5 * (x0a + x0b)
+    # The noise that, with the averaged x0, is consistent with the current state (undefined at a = 0).
+    eps = (x - math.cos(a) * x0) / math.sin(a) if math.sin(a) > 1e-3 else 0.5 * (ea + eb)
+    return math.cos(b) * x0 + math.sin(b) * eps
+
+
+@torch.no_grad()
+def invert_pairs(teacher, text_encoder, tokenizer, latents: torch.Tensor, captions: list[str], cfg: TrainConfig,
+                 device: torch.device, rng: np.random.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Reflow pairs with real end points: DDIM inversion of training latents along the teacher's ODE.
+
+    In TrigFlow a DDIM step from angle a to b is the rotation ``x_b = cos(b−a)·x + sin(b−a)·flow(x, a)``;
+    run from 0 up to π/2 (conditional teacher, no CFG: inversion with guidance drifts) it carries a
+    real image to the noise the teacher would turn back into it. Returns the same layout as
+    ``make_pairs``: states at the forward angles (π/2 … Δ), those angles, the real x0, captions.
+    """
+    idx = rng.choice(len(latents), size=min(cfg.pairs, len(latents)), replace=False)
+    up = list(np.linspace(0.0, math.pi / 2, cfg.teacher_sample_steps + 1))
+    all_states, ends, caps = [], [], []
+    bs = 128
+    for i in tqdm(range(0, len(idx), bs), desc="invert pairs", dynamic_ncols=True):
+        sel = idx[i : i + bs]
+        c = [captions[j] for j in sel]
+        emb, mask = encode_text(text_encoder, tokenizer, c, device)
+        x0 = latents[torch.from_numpy(sel).to(device)]
+        x, states = x0, []
+        for a, b in itertools.pairwise(up):
+            x = heun_step(teacher, x, a, b, emb, mask, cfg.cfg_scale)
+            states.append(x)
+        # The inverted noise comes out a little narrower than N(0, σd²) (the teacher is not exact);
+        # rescale the start state per sample so that the student sees the noise it gets at serving.
+        states[-1] = states[-1] / states[-1].flatten(1).std(1).view(-1, 1, 1, 1) * SIGMA_D
+        all_states.append(torch.stack(states[::-1], 1))  # forward order: π/2 first
+        ends.append(x0)
+        caps.extend(c)
+    angles = torch.tensor(up[1:][::-1], dtype=torch.float32, device=device)
+    return torch.cat(all_states), angles, torch.cat(ends), caps
 
 
 def edit_batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -351,8 +419,7 @@ def train_student(student, teacher_pairs, vae, scale: float, cap_table: dict[str
                   cfg: TrainConfig, device: torch.device, gen: torch.Generator,
                   rng: np.random.Generator) -> torch.nn.Module:
     """One-step distillation; returns the EMA student."""
-    states, angles, ends, cap_ids = teacher_pairs
-    caps = ds.all_captions()
+    states, angles, ends, pair_caps = teacher_pairs
     student.train()
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.student_lr, weight_decay=0.0)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
@@ -364,7 +431,7 @@ def train_student(student, teacher_pairs, vae, scale: float, cap_table: dict[str
         idx = torch.from_numpy(rng.integers(len(ends), size=half)).to(device)
         k = torch.from_numpy(np.where(rng.random(half) < 0.5, 0, rng.integers(len(angles), size=half))).to(device)
         xa, ta, ya = states[idx, k], angles[k], ends[idx]
-        ca = [ds.caption_for(*caps[cap_ids[int(i)]]) for i in idx]
+        ca = [pair_caps[int(i)] for i in idx]
         # (b) img2img entry angles: paired edits and identity pairs from real data.
         src, tgt, cb = edit_batch(rng, cfg.student_batch - half)
         with torch.no_grad():
@@ -492,7 +559,12 @@ def train_demo(out: str | Path, cfg: TrainConfig | None = None, *, default_stren
                         "rng": rng.bit_generator.state, "gen": gen.get_state()}, ckpt / "teacher.pt")
     t_teacher = time.time()
 
-    pairs = make_pairs(teacher, text_encoder, tokenizer, cfg, device, gen)
+    if cfg.pairs_from == "inversion":
+        pairs = invert_pairs(teacher, text_encoder, tokenizer, latents, captions, cfg, device, rng)
+    elif cfg.pairs_from == "teacher":
+        pairs = make_pairs(teacher, text_encoder, tokenizer, cfg, device, gen)
+    else:
+        raise ValueError(f"pairs_from must be 'inversion' or 'teacher', got {cfg.pairs_from!r}")
     cap_table = {}
     with torch.no_grad():
         for c in ds.all_captions():
