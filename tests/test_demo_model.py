@@ -101,19 +101,20 @@ def test_demo_model_loads_through_the_loader_as_sana_sprint(components) -> None:
 def test_one_step_txt2img_follows_the_prompt_colour(generator, components) -> None:
     """40 captions spread over all shapes/colours; the full 280-image figures are in the model card.
 
-    Chance is 12.5 % for colour; the shipped weights measure ~57 % on all 280 captions.
+    Chance is 12.5 % for colour; the shipped weights measure 88.9 % on all 280 captions (issue 3
+    asks ≥ 80 %) and 87.5 % on this subset.
     """
     from engine.demo.quality import _defaults, txt2img_scores
 
     # Stride 13 is coprime with 280, so 40 captions spread over every shape, colour and background.
     s = txt2img_scores(generator, _defaults(components), 40, 1, seed=100, stride=13)
     assert s["background"] >= 0.9, s
-    assert s["colour"] >= 0.4, s
+    assert s["colour"] >= 0.75, s
     assert s["sharpness"] >= 0.85, s
 
 
-@pytest.mark.xfail(reason="issue 3 acceptance not reached yet: the teacher trained in the CPU budget draws "
-                          "blobs (shape ~17 %, colour ~57 % over 280 captions); see docs/demo_model_card.md",
+@pytest.mark.xfail(reason="issue 3 acceptance not reached yet: colour is met (88.9 % over 280 captions) but the "
+                          "one-step model still draws blobs (shape 28.2 %, ≥ 70 % asked); see docs/demo_model_card.md",
                    strict=True)
 def test_one_step_txt2img_meets_the_acceptance_thresholds(generator, components) -> None:
     from engine.demo.quality import _defaults, txt2img_scores

@@ -8,8 +8,10 @@ Recipe (all seeded, see ``docs/demo_model_card.md``):
 2. **Teacher.** A ``SanaTransformer2DModel`` trained as a TrigFlow flow model over t ∈ (0, π/2] with
    the exact SANA-Sprint parametrisation (σd = 0.5), jointly with a 2-layer ``Gemma2Model`` text
    encoder; 10 % caption dropout so that it can be sampled with classifier-free guidance.
-3. **Distillation.** Teacher ODE trajectories (DDIM in TrigFlow angles, CFG) give (x_t, t) → x0 pairs
-   from t = π/2 down; the one-step student (initialised from the teacher) regresses the trajectory's
+3. **Distillation.** Reflow pairs along the teacher's ODE: by default real training images are carried
+   to noise by the teacher's ODE run backwards (second-order DDIM in TrigFlow angles), so each
+   trajectory ends on a real, correctly drawn image (``pairs_from="teacher"``: noise → teacher sample
+   with CFG instead). The one-step student (initialised from the teacher) regresses the trajectory's
    end point from any point on it (trajectory/consistency distillation). At img2img entry angles it
    also learns from procedurally paired edits — the same geometry rendered with the prompt's colours —
    so that one-step img2img keeps the input's position while taking the prompt's colour.
@@ -51,22 +53,22 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 1
     n_images: int = 8000
-    ae_steps: int = 1500
+    ae_steps: int = 3000
     ae_batch: int = 16
     ae_lr: float = 2e-3
-    teacher_steps: int = 2500
-    teacher_batch: int = 32
+    teacher_steps: int = 5000
+    teacher_batch: int = 64
     teacher_lr: float = 1e-3
     caption_dropout: float = 0.1
-    pairs: int = 2048
-    teacher_sample_steps: int = 8
+    pairs: int = 8000
+    teacher_sample_steps: int = 12
     #: Where the one-step student's txt2img pairs come from. ``"inversion"``: real training images
     #: carried to noise by the teacher's own ODE (DDIM run backwards), so every pair (noise → image)
     #: follows the teacher's flow but ends on a real, correctly shaped image. ``"teacher"``: classic
     #: reflow pairs, noise → teacher sample (the student then inherits the teacher's blobby shapes).
-    pairs_from: str = "teacher"
+    pairs_from: str = "inversion"
     cfg_scale: float = 3.0
-    student_steps: int = 1200
+    student_steps: int = 2500
     student_batch: int = 32
     student_lr: float = 3e-4
     ema: float = 0.999
@@ -77,7 +79,7 @@ class TrainConfig:
     #: Transformer patch size over the latent grid (2 on an f4 latent = the token grid of f8 at patch 1).
     patch_size: int = 1
     #: Teacher samples scored by the evaluator every this many steps (0: never); logged, not used.
-    eval_every: int = 0
+    eval_every: int = 500
     image_size: int = 64
 
     @property
