@@ -1,7 +1,8 @@
 """``/v1/stream``: one live stream per WebSocket (protocol in ``docs/protocol.md``).
 
-Per connection: the receive loop parses control messages and frames; a codec thread decodes each
-frame and offers it to the engine itself (latest wins, never blocks). The engine thread's
+Per connection: the receive loop parses control messages and frames; one codec job at a time per
+stream decodes the newest received frame (latest wins already before decoding) and offers it to the
+engine itself, so neither the frame nor its result wakes the event loop again (errors do). The engine thread's
 ``notify`` starts a per-stream encoder in the codec pool that drains the bounded drop-oldest output
 queue in order and wakes the event loop; one sender task is the only writer to the socket
 (uvicorn's ``send`` can block on a slow client, so nothing else may wait on it). A frame thus
@@ -124,6 +125,12 @@ class StreamSession:
         self._encode_lock = threading.Lock()
         self._encode_scheduled = False
         self._encode_again = False
+        #: The newest received frame not yet decoded (latest wins before decoding, too) and whether a
+        #: codec thread is draining it: frames are decoded one at a time per stream, in order.
+        self._decode_lock = threading.Lock()
+        self._decode_slot: tuple[memoryview, int, float, tuple[int, int], float] | None = None
+        self._decode_scheduled = False
+        self._ended = False
 
     # ------------------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -159,6 +166,9 @@ class StreamSession:
             sender.cancel()
             with contextlib.suppress(BaseException):
                 await sender
+        with self._decode_lock:
+            self._decode_slot = None  # a frame not decoded yet is not worth decoding now
+            self._ended = True
         if self.handle is not None:
             with contextlib.suppress(DitstreamError):
                 self.handle.close()  # the engine drops its slot, pipeline and outputs
@@ -257,10 +267,10 @@ class StreamSession:
             t_recv = time.perf_counter()
             try:
                 if msg.get("bytes") is not None:
-                    await self._on_frame(msg["bytes"], t_recv)
+                    self._on_frame(msg["bytes"], t_recv)  # a frame counts as good once decoded
                 else:
                     await self._on_text(msg.get("text") or "")
-                self.errors_in_row = 0
+                    self.errors_in_row = 0
             except DitstreamError as exc:
                 self._on_error(exc)
             except Exception:  # a bug, not bad input: loud in the log, and the client gets 1011, not silence
@@ -279,7 +289,7 @@ class StreamSession:
             self.send_json(ws_error(abuse))
             self.request_close(mapping_for(abuse).ws_close or 1003, abuse.error_type)
 
-    async def _on_frame(self, data: bytes, t_recv: float) -> None:
+    def _on_frame(self, data: bytes, t_recv: float) -> None:
         if len(data) > self.settings.max_frame_bytes:
             raise PayloadTooLargeError(
                 f"frame is {len(data)} bytes; the limit is {self.settings.max_frame_bytes}", field="frame")
@@ -292,17 +302,58 @@ class StreamSession:
             ts = time.time() * 1e3
         cfg = self.config
         self._track(seq, t_recv)
-        if await self.loop.run_in_executor(self.state.codec.pool, self._decode_and_submit, image_bytes, seq, ts,
-                                           (cfg.width, cfg.height), t_recv):
+        with self._decode_lock:
+            replaced, self._decode_slot = self._decode_slot, (image_bytes, seq, ts, (cfg.width, cfg.height), t_recv)
+            start, self._decode_scheduled = not self._decode_scheduled, True
+        if replaced is not None:  # not decoded yet and already superseded: dropped like a late frame
+            self._untrack(replaced[1])
             self.metrics.frames.labels("dropped").inc()
+        if start:
+            self.state.codec.pool.submit(self._decode_pending)
 
-    def _decode_and_submit(self, data: memoryview, seq: int, ts: float, size: tuple[int, int],
-                           t_recv: float) -> bool:
-        """Codec thread: decode and offer the frame to the engine directly (no hop back to the loop)."""
-        image = codec.decode(data, max_pixels=self.settings.max_pixels, size=size, fast=True)
-        self.decode_s[seq] = time.perf_counter() - t_recv
-        assert self.handle is not None
-        return self.handle.submit(image, seq, ts)
+    def _decode_pending(self) -> None:
+        """Codec thread: decode the stream's newest frame and offer it to the engine directly.
+
+        Neither the frame nor its result goes back through the event loop (no loop wake-up per
+        frame); only an error does. At most one of these runs per stream, so frames stay in order.
+        Must never raise: it runs in the codec pool.
+        """
+        while True:
+            with self._decode_lock:
+                job, self._decode_slot = self._decode_slot, None
+                if job is None:
+                    self._decode_scheduled = False
+                    return
+            data, seq, ts, size, t_recv = job
+            if self._ended:  # the client left while this frame waited: nothing to answer
+                continue
+            try:
+                image = codec.decode(data, max_pixels=self.settings.max_pixels, size=size, fast=True)
+                self.decode_s[seq] = time.perf_counter() - t_recv
+                assert self.handle is not None
+                if self.handle.submit(image, seq, ts):
+                    self.metrics.frames.labels("dropped").inc()
+                self.errors_in_row = 0
+            except DitstreamError as exc:
+                self._call_loop(self._on_frame_error, seq, exc)
+            except Exception:  # a bug, not bad input: loud in the log, and the client gets 1011
+                if self._ended:  # raced with the stream's end (e.g. the engine slot is gone)
+                    logger.debug("frame dropped at the end of its stream", exc_info=True)
+                    continue
+                logger.exception("unexpected error decoding a frame")
+                self._call_loop(self._on_frame_error, seq, DitstreamError("internal error while handling the message"))
+
+    def _call_loop(self, fn: Any, *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def _on_frame_error(self, seq: int, exc: DitstreamError) -> None:
+        self._untrack(seq)
+        self._on_error(exc)
+
+    def _untrack(self, seq: int) -> None:
+        self.received.pop(seq, None)
+        self.decode_s.pop(seq, None)
 
     def _track(self, seq: int, t_recv: float) -> None:
         self.received[seq] = t_recv
