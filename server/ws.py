@@ -203,8 +203,7 @@ class StreamSession:
             self._wake_loop()
 
     def _wake_loop(self) -> None:
-        with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
-            self.loop.call_soon_threadsafe(self.wake.set)
+        self._call_loop(self.wake.set)
 
     def _encode_pending(self) -> None:
         """Codec thread: encode every queued output in order, hand them to the sender."""

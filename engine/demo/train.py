@@ -345,8 +345,10 @@ def make_pairs(teacher, text_encoder, tokenizer, cfg: TrainConfig, device: torch
 
 def heun_step(teacher, x: torch.Tensor, a: float, b: float, emb: torch.Tensor, mask: torch.Tensor,
               guidance: float) -> torch.Tensor:
-    """Second-order DDIM step from angle ``a`` to ``b`` (either direction): average the (x0, σd·ε)
-    predictions at both ends. Plain DDIM inversion in 12 steps loses the shape on the way back."""
+    """Second-order DDIM step from angle ``a`` to ``b`` (either direction): predict x0 at ``a``, take a
+    DDIM step, predict x0 again at ``b``, and step from ``a`` with the average x0 and the noise that
+    average implies for the current state. Plain DDIM inversion in 12 steps loses the shape on the
+    way back."""
     def predict(x: torch.Tensor, angle: float) -> tuple[torch.Tensor, torch.Tensor]:
         f = trigflow_flow(teacher, x, torch.full((x.shape[0],), angle, device=x.device), emb, mask, guidance)
         c, s = math.cos(angle), math.sin(angle)
@@ -477,9 +479,10 @@ def probe_teacher(teacher, text_encoder, tokenizer, vae, scale: float, cfg: Trai
 
 @torch.no_grad()
 def decode_images(vae, x0: torch.Tensor, scale: float) -> np.ndarray:
-    """Clean latents → uint8 (B, H, W, 3), the inverse of ``encode_latents``."""
-    rec = vae.decoder(x0 / (scale * SIGMA_D)).clamp(-1, 1)
-    return ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    """Clean latents → uint8 (B, H, W, 3), the inverse of ``encode_latents``, rounded as the engine serves."""
+    from engine import images, sampler
+
+    return images.to_uint8(images.to_unit(vae.decoder(sampler.to_vae_latent(x0, SIGMA_D, scale))))
 
 
 # --------------------------------------------------------------------------- driver
