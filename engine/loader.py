@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
+from engine.sampler import DEFAULT_INTERMEDIATE
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,9 @@ class ModelComponents:
     #: The pipeline defaults the model was made for (steps, guidance, ...), from ``ditstream.json``.
     defaults: dict[str, Any] | None = None
     max_sequence_length: int = 300
+    #: Second angle of two-step txt2img (``ditstream.json`` ``intermediate_angle``; SANA-Sprint's 1.3
+    #: when absent). A model distilled differently may resolve its second step better elsewhere.
+    intermediate_angle: float = DEFAULT_INTERMEDIATE
 
     @property
     def sigma_data(self) -> float:
@@ -164,6 +169,7 @@ def load_components(config: ModelConfig) -> ModelComponents:
         scheduler=scheduler, device=device, dtype=dtype, source=src,
         complex_human_instruction=chi, defaults=extra.get("defaults"),
         max_sequence_length=int(config.max_sequence_length or extra.get("max_sequence_length") or 300),
+        intermediate_angle=_intermediate_angle(config.model, extra),
     )
 
 
@@ -172,6 +178,14 @@ def read_extra(source: str | Path) -> dict[str, Any]:
     if isinstance(source, Path) and (source / "ditstream.json").is_file():
         return json.loads((source / "ditstream.json").read_text())
     return {}
+
+
+def _intermediate_angle(model: str, extra: dict[str, Any]) -> float:
+    value = extra.get("intermediate_angle", DEFAULT_INTERMEDIATE)
+    if not isinstance(value, int | float) or not 0.0 < value < math.pi / 2:
+        raise ModelLoadError(f"model {model!r}: ditstream.json intermediate_angle must be an angle in "
+                             f"(0, π/2), got {value!r}")
+    return float(value)
 
 
 def _instruction(flag: bool | None, extra: dict[str, Any]) -> list[str] | None:

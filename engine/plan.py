@@ -49,7 +49,8 @@ def latent_shape(components: ModelComponents, width: int, height: int) -> tuple[
 
 def make_plan(cfg: StreamConfig, components: ModelComponents, prompts: PromptCache) -> Plan:
     """Build the plan of ``cfg`` (the prompt embedding comes from the cache)."""
-    angles = sampler.step_angles(cfg.mode, cfg.steps, cfg.strength, cfg.timesteps)
+    angles = sampler.step_angles(cfg.mode, cfg.steps, cfg.strength, cfg.timesteps,
+                                 intermediate=components.intermediate_angle)
     shape = latent_shape(components, cfg.width, cfg.height)
     noise = sampler.draw_noise(cfg.seed, shape, angles.shape[0], device=components.device)
     embeds, mask = prompts.get(cfg.prompt)

@@ -40,11 +40,18 @@ def img2img_angles(steps: int, strength: float) -> torch.Tensor:
     return torch.linspace(strength * MAX_ANGLE, 0, steps + 1, dtype=torch.float32)[:-1]
 
 
-def step_angles(mode: str, steps: int, strength: float, custom: Sequence[float] | None = None) -> torch.Tensor:
-    """The step list of a stream: a custom list if given, else the defaults of ``mode``."""
+def step_angles(mode: str, steps: int, strength: float, custom: Sequence[float] | None = None, *,
+                intermediate: float = DEFAULT_INTERMEDIATE) -> torch.Tensor:
+    """The step list of a stream: a custom list if given, else the defaults of ``mode``.
+
+    ``intermediate`` is the model's second txt2img angle (``ModelComponents.intermediate_angle``):
+    1.3 is SANA-Sprint's choice for its own weights, not a property of the sampler.
+    """
     if custom is not None:
         return torch.tensor(list(custom), dtype=torch.float32)
-    return txt2img_angles(steps) if mode == "txt2img" else img2img_angles(steps, strength)
+    if mode == "txt2img":
+        return txt2img_angles(steps, intermediate=intermediate)
+    return img2img_angles(steps, strength)
 
 
 def draw_noise(seed: int, shape: Sequence[int], count: int, *, device: torch.device | str = "cpu") -> torch.Tensor:

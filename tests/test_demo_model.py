@@ -123,6 +123,30 @@ def test_one_step_txt2img_meets_the_acceptance_thresholds(generator, components)
     assert s["colour"] >= 0.8 and s["shape"] >= 0.7, s
 
 
+def test_two_steps_are_at_least_as_good_as_one(generator, components) -> None:
+    """Issue 3: 2 steps (the model's own intermediate angle) vs 1 step, same seeds, on the fast subset.
+
+    txt2img over 100 captions: colour agreement must not drop (it does at SANA-Sprint's angle 1.3:
+    87 % against 89 %; at the model's 0.7 it rises to 97 %). Shape agreement is near chance for this
+    model at either step count, so it may differ by the noise of 100 samples (5 points). img2img
+    through a 2-slot stream batch: the prompt colour must not drop and the centroid may move by at
+    most a quarter pixel (full runs: 0.65–0.72 px against 0.57–0.65 px for one step over four seeds;
+    a real regression is pixels).
+    """
+    from engine.demo.quality import CLIPS, _defaults, img2img_one_step, img2img_stream, txt2img_scores
+
+    d = _defaults(components)
+    assert components.intermediate_angle == pytest.approx(0.7)
+    one = txt2img_scores(generator, d, 100, 1, seed=100, stride=13)
+    two = txt2img_scores(generator, d, 100, 2, seed=100, stride=13)
+    assert two["colour"] >= one["colour"] and two["shape"] >= one["shape"] - 0.05, (one, two)
+    strength = float(d["strength"])
+    i1 = img2img_one_step(generator, d, 4, strength, seed=0, clips=CLIPS[:2])
+    i2 = img2img_stream(components, d, 4, strength, 2, seed=0, clips=CLIPS[:2])
+    assert i2["colour"] >= i1["colour"], (i1, i2)
+    assert i2["centroid_err_mean"] <= i1["centroid_err_mean"] + 0.25, (i1, i2)
+
+
 def test_one_step_img2img_keeps_position_and_takes_the_prompt_colour(generator, components) -> None:
     from engine.demo.quality import CLIPS, _defaults, img2img_one_step
 

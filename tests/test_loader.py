@@ -38,6 +38,28 @@ def test_partial_folder_names_every_missing_part(tmp_path, tiny_model_dir):
         load_components(ModelConfig(model=str(tmp_path / "nope")))
 
 
+def test_ditstream_json_sets_the_two_step_angle_and_rejects_a_bad_one(tmp_path, tiny_model_dir):
+    import json
+    import math
+
+    from engine import plan
+    from engine.config import StreamConfig
+
+    assert load_components(ModelConfig(model=str(tiny_model_dir))).intermediate_angle == pytest.approx(1.3)
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    extra_path = model / "ditstream.json"
+    extra = json.loads(extra_path.read_text()) if extra_path.is_file() else {}
+    extra_path.write_text(json.dumps({**extra, "intermediate_angle": 0.8}))
+    c = load_components(ModelConfig(model=str(model)))
+    p = plan.make_plan(StreamConfig(prompt="x", mode="txt2img", steps=2, width=16, height=16), c, PromptCache(c))
+    assert p.angles.tolist() == pytest.approx([math.pi / 2, 0.8])
+    for bad in (2.0, 0, "1.0"):
+        extra_path.write_text(json.dumps({**extra, "intermediate_angle": bad}))
+        with pytest.raises(ModelLoadError, match="intermediate_angle"):
+            load_components(ModelConfig(model=str(model)))
+
+
 def test_hub_id_offline_gives_a_clear_error():
     assert resolve_source("Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers") == \
         "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers"

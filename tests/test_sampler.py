@@ -16,6 +16,15 @@ def test_txt2img_step_lists_follow_design():
     assert sampler.txt2img_angles(4).tolist() == pytest.approx([math.pi / 2 * (1 - k / 4) for k in range(4)])
 
 
+def test_a_model_sets_its_own_two_step_intermediate_angle():
+    """``step_angles`` takes the model's intermediate angle for 2-step txt2img only."""
+    assert sampler.step_angles("txt2img", 2, 1.0).tolist() == pytest.approx([math.pi / 2, 1.3])
+    assert sampler.step_angles("txt2img", 2, 1.0, intermediate=0.7).tolist() == pytest.approx([math.pi / 2, 0.7])
+    assert sampler.step_angles("img2img", 2, 0.5, intermediate=0.7).tolist() == pytest.approx(
+        sampler.img2img_angles(2, 0.5).tolist())
+    assert sampler.step_angles("txt2img", 2, 1.0, [1.5, 1.0], intermediate=0.7).tolist() == pytest.approx([1.5, 1.0])
+
+
 def test_img2img_entry_angle_is_strength_times_half_pi():
     a = sampler.img2img_angles(3, 0.6)
     assert a[0].item() == pytest.approx(0.6 * math.pi / 2)

@@ -174,7 +174,7 @@ def run_quality(model: str = "demo", *, n: int = 280, frames: int = 16, strength
     generator = Generator(components)
     t0 = time.perf_counter()
     report: dict[str, Any] = {"model": model, "strength": strength, "guidance_scale": defaults["guidance_scale"],
-                              "threads": threads}
+                              "threads": threads, "intermediate_angle": components.intermediate_angle}
     report["txt2img_1step"] = txt2img_scores(generator, defaults, n, 1, seed)
     report["txt2img_2step"] = txt2img_scores(generator, defaults, n, 2, seed)
     report["img2img_1step"] = img2img_one_step(generator, defaults, frames, strength, seed)
@@ -197,7 +197,8 @@ def format_report(r: dict[str, Any]) -> str:
 
     s = r["speed"]
     lines = [
-        f"model {r['model']}  strength {r['strength']}  guidance {r['guidance_scale']}  threads {r['threads']}",
+        f"model {r['model']}  strength {r['strength']}  guidance {r['guidance_scale']}  threads {r['threads']}  "
+        f"2-step txt2img angles [π/2, {r['intermediate_angle']}]",
         t2i("txt2img_1step"), t2i("txt2img_2step"), i2i("img2img_1step"), i2i("img2img_stream_2step"),
         f"{'speed (img2img 1 step)':22s} {s['fps']:.1f} fps  (median {s['median_ms']:.1f} ms/frame, "
         f"best {s['best_fps']:.1f} fps, batch 1, torch, 64x64)",
