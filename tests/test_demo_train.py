@@ -120,3 +120,14 @@ def test_a_tiny_training_run_writes_a_model_the_engine_serves(tmp_path) -> None:
     image = Generator(comps).generate(StreamConfig(prompt=ds.caption_for("ring", "blue", "white"), mode="txt2img",
                                                    width=64, height=64, steps=1, seed=0))
     assert np.asarray(image).shape == (64, 64, 3)
+
+
+def test_shape_following_tells_a_shape_word_the_model_uses_from_one_it_ignores(components) -> None:
+    """The teacher probe's diagnosis: with its own caption the noised shape comes back; with a caption
+    naming another shape the shipped model still draws the input's shape (it does not follow shape
+    words), so the two shares must differ widely."""
+    f = T.shape_following(components.transformer, components.text_encoder, components.tokenizer,
+                          components.vae, float(components.scaling_factor), T.TrainConfig(),
+                          torch.device("cpu"), n=60)
+    assert 0.0 <= f["other"] <= 1.0 and 0.0 <= f["own"] <= 1.0
+    assert f["own"] > f["other"] + 0.2, f

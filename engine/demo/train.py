@@ -479,7 +479,37 @@ def probe_teacher(teacher, text_encoder, tokenizer, vae, scale: float, cfg: Trai
     x0 = teacher_sample(teacher, noise, emb, mask, uemb.expand(n, -1, -1), umask.expand(n, -1), cfg,
                         teacher_angles(steps))[-1]
     images = decode_images(vae, x0, scale)
-    return score(images, chosen).as_dict()
+    follows = shape_following(teacher, text_encoder, tokenizer, vae, scale, cfg, device)
+    return {**score(images, chosen).as_dict(), "follows_own_shape": follows["own"],
+            "follows_other_shape": follows["other"]}
+
+
+@torch.no_grad()
+def shape_following(model, text_encoder, tokenizer, vae, scale: float, cfg: TrainConfig, device: torch.device,
+                    n: int = 200, angle: float = 1.0) -> dict[str, float]:
+    """Does the model draw the shape its caption names? The diagnosis behind the demo's shape gap.
+
+    ``n`` real images are noised to ``angle`` (1.0: σ ≈ 0.8, the shape still readable in the input)
+    and predicted back to x0 once with their own caption and once with a caption naming another
+    shape (same colours). Returns the share read as the captioned shape in each case. A model that
+    uses the shape word scores high on both; one that only denoises what it sees scores ~0.2 (chance)
+    on ``"other"`` — the shipped teacher's 0.18 after 5000 steps, while it follows colour words.
+    """
+    from engine.demo.evaluator import score
+
+    images, specs = ds.make_dataset(n, seed=cfg.seed + 5)
+    x0 = encode_latents(vae, images, scale, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    t = torch.full((n,), angle, device=device)
+    xt = add_noise(x0, torch.randn(x0.shape, generator=gen, device=device), t)
+    own = [(s.shape, s.colour, s.background) for s in specs]
+    other = [(ds.SHAPES[(ds.SHAPES.index(s.shape) + 2) % len(ds.SHAPES)], s.colour, s.background) for s in specs]
+    out = {}
+    for name, caps in (("own", own), ("other", other)):
+        emb, mask = encode_text(text_encoder, tokenizer, [ds.caption_for(*c) for c in caps], device)
+        pred = trigflow_x0(model, xt, t, emb, mask, cfg.cfg_scale)
+        out[name] = score(decode_images(vae, pred, scale), caps).shape
+    return out
 
 
 @torch.no_grad()
