@@ -182,7 +182,7 @@ def read_extra(source: str | Path) -> dict[str, Any]:
 
 def _intermediate_angle(model: str, extra: dict[str, Any]) -> float:
     value = extra.get("intermediate_angle", DEFAULT_INTERMEDIATE)
-    if not isinstance(value, int | float) or not 0.0 < value < math.pi / 2:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value < math.pi / 2:
         raise ModelLoadError(f"model {model!r}: ditstream.json intermediate_angle must be an angle in "
                              f"(0, π/2), got {value!r}")
     return float(value)

@@ -54,7 +54,7 @@ def test_ditstream_json_sets_the_two_step_angle_and_rejects_a_bad_one(tmp_path, 
     c = load_components(ModelConfig(model=str(model)))
     p = plan.make_plan(StreamConfig(prompt="x", mode="txt2img", steps=2, width=16, height=16), c, PromptCache(c))
     assert p.angles.tolist() == pytest.approx([math.pi / 2, 0.8])
-    for bad in (2.0, 0, "1.0"):
+    for bad in (2.0, 0, "1.0", True):
         extra_path.write_text(json.dumps({**extra, "intermediate_angle": bad}))
         with pytest.raises(ModelLoadError, match="intermediate_angle"):
             load_components(ModelConfig(model=str(model)))
