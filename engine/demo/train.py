@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from engine.demo import dataset as ds
+from engine.images import to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -180,11 +181,6 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.T
 
 
 # --------------------------------------------------------------------------- helpers
-
-def to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, 3) → float (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
 
 def tokenize(tokenizer, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     enc = tokenizer([c.lower().strip() for c in captions], padding="max_length", max_length=TRAIN_TOKENS,
