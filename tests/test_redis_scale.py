@@ -213,7 +213,12 @@ def test_two_workers_serve_50_jobs_and_4_streams(cluster: Cluster):
         stop = asyncio.Event()
         runners = [asyncio.create_task(s.run(stop, answer_timeout=10.0)) for s in streams]
         results = await _jobs(cluster.url, range(50))
+        deadline = time.monotonic() + 120
         while min(len(s.outputs) for s in streams) < 8:
+            if time.monotonic() > deadline:  # say which stream stalled and why, instead of hanging
+                raise AssertionError(f"streams stalled: outputs {[len(s.outputs) for s in streams]}, runners "
+                                     f"{[r.exception() if r.done() else 'running' for r in runners]}, "
+                                     f"sessions {[s.session for s in streams]}")
             await asyncio.sleep(0.1)
         stop.set()
         await asyncio.gather(*runners)
