@@ -88,6 +88,9 @@ class GatewayStreamHandle:
         self.last_out = "0-0"
         self.closed = False
         self.refreshed = 0.0
+        #: True while ``add_stream`` is pinning it: the supervisor leaves it alone (it would otherwise
+        #: see a worker set but no record yet, "re-pin" it concurrently and split the session).
+        self.pinning = False
 
     @property
     def config(self) -> StreamConfig:
@@ -302,6 +305,7 @@ class RedisGatewayRunner:
         self._outbox.put(("wake-reader", None))  # the reader adds the new output stream to its XREAD
         deadline = time.monotonic() + (timeout or self.open_timeout_s)
         tried: set[str] = set()
+        handle.pinning = True
         try:
             while True:
                 if self._pin(handle, exclude=tried):
@@ -312,6 +316,8 @@ class RedisGatewayRunner:
         except BaseException:
             self.close_session(handle)  # also tells a worker that opened it late, and drops the record
             raise
+        finally:
+            handle.pinning = False
 
     def _pick_worker(self, exclude: set[str]) -> str | None:
         live = [hb for wid, hb in self.workers.items() if wid not in exclude and hb.engine_alive]
@@ -579,7 +585,7 @@ class RedisGatewayRunner:
     def _check_sessions(self) -> None:
         """Re-pin sessions whose worker is gone or whose record vanished; refresh the others' TTL."""
         with self._lock:
-            handles = [h for h in self._sessions.values() if h.worker]
+            handles = [h for h in self._sessions.values() if h.worker and not h.pinning]
         if not handles:
             return
         exists = self.r.pipeline(transaction=False)
@@ -588,7 +594,7 @@ class RedisGatewayRunner:
         present = exists.execute()
         now = time.monotonic()
         for h, ok in zip(handles, present):
-            if h.closed:
+            if h.closed or h.pinning:
                 continue
             if h.worker in self.workers and ok:
                 if now - h.refreshed > SESSION_TTL_S / 3:
@@ -603,10 +609,12 @@ class RedisGatewayRunner:
                 moved = self._pin(h, exclude={old} if len(self.workers) > 1 else set())
             except ValidationError as exc:
                 logger.error("session %s cannot be re-opened: %s", h.id, exc.message)
-                moved = False
+                continue
             if moved:
                 self.counters["sessions_repinned"] += 1
                 self._resolve_controls(h)
+            else:  # _pin recorded the new worker before it failed to open: drop it so the next pass retries
+                self.r.delete(self.keys.session(h.id))
 
     def _resolve_controls(self, handle: GatewayStreamHandle) -> None:
         """A re-pinned session was opened with its newest config: settle its pending reconfigures."""

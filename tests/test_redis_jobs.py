@@ -365,3 +365,27 @@ def test_worker_health_and_metrics_endpoint(scfg: ScaleConfig):
     finally:
         server.shutdown()
         w.stop()
+
+
+def test_supervisor_leaves_a_session_being_opened_alone_and_retries_a_failed_repin(scfg: ScaleConfig,
+                                                                                  r: redis.Redis):
+    """Seen once in CI: the supervisor saw a new session with its worker set but no record yet (the
+    open was still in flight), "re-pinned" it concurrently and the stream stalled. And a re-pin whose
+    open failed used to leave the record naming a worker that never opened the session: no retry."""
+    from server.gateway import GatewayStreamHandle
+
+    keys = scfg.keys
+    _fake_heartbeat(r, keys, "ghost")  # alive by heartbeat, never answers an open
+    gw = RedisGatewayRunner(scfg, job_timeout_s=30, open_timeout_s=0.3)  # not started: no supervisor thread
+    gw.workers = {"ghost": Heartbeat.load(r.get(keys.worker("ghost")))}
+    h = GatewayStreamHandle(gw, "s-pinning", StreamConfig(prompt="p", width=64, height=64), None)
+    gw._sessions[h.id] = h
+    h.worker, h.pinning = "ghost", True  # add_stream is between choosing the worker and its record
+    gw._check_sessions()
+    assert h.epoch == 0 and r.get(keys.session(h.id)) is None, "the supervisor must not touch it"
+    h.pinning = False  # now it looks orphaned: the supervisor re-pins, the open times out
+    gw._check_sessions()
+    assert h.epoch == 1, "the supervisor tried to re-pin"
+    assert r.get(keys.session(h.id)) is None, "a failed re-pin leaves no record, so the next pass retries"
+    gw._check_sessions()
+    assert h.epoch == 2
