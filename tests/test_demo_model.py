@@ -94,6 +94,7 @@ def test_demo_model_loads_through_the_loader_as_sana_sprint(components) -> None:
     assert isinstance(components.scheduler, SCMScheduler)
     assert components.complex_human_instruction is None
     assert components.defaults["width"] == 64 and components.defaults["steps"] == 1
+    assert components.max_sequence_length == 32
     weights = sum(p.stat().st_size for p in DEMO_MODEL_DIR.rglob("*.safetensors"))
     assert weights < 16 * 2**20, f"demo weights are {weights / 2**20:.1f} MB"
 

@@ -117,6 +117,7 @@ def test_a_tiny_training_run_writes_a_model_the_engine_serves(tmp_path) -> None:
     assert (tmp_path / "wd" / "teacher.pt").is_file()
     comps = load_components(ModelConfig(model=str(out), device="cpu", dtype="fp32"))
     assert comps.vae_scale_factor == 4 and comps.transformer.config.patch_size == 2
+    assert comps.max_sequence_length == T.SERVE_TOKENS  # the retrained demo once lost it (300 tokens served)
     image = Generator(comps).generate(StreamConfig(prompt=ds.caption_for("ring", "blue", "white"), mode="txt2img",
                                                    width=64, height=64, steps=1, seed=0))
     assert np.asarray(image).shape == (64, 64, 3)

@@ -44,6 +44,10 @@ TEXT_HIDDEN = 64
 #: Tokens per caption in training: "<bos> a red circle on a blue background" is 8; padding is masked
 #: and the encoder is causal, so the embeddings equal those of the 300-token inference path.
 TRAIN_TOKENS = 8
+#: Tokens the served model pads prompts to (``ditstream.json`` ``max_sequence_length``): room for
+#: longer prompts than the captions, and a tenth of the cross-attention of the 300-token default
+#: (padding is masked, so the images are the same).
+SERVE_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -615,6 +619,7 @@ def train_demo(out: str | Path, cfg: TrainConfig | None = None, *, default_stren
                "distillation_s": round(t_end - t_teacher), "total_s": round(t_end - t0),
                "device": str(device)}
     extra = {"complex_human_instruction": False, "intermediate_angle": cfg.intermediate_angle,
+             "max_sequence_length": SERVE_TOKENS,
              "defaults": {"width": 64, "height": 64, "steps": 1, "strength": default_strength,
                           "guidance_scale": cfg.cfg_scale},
              "training": {"config": _jsonable(asdict(cfg)), "timings": timings}}
