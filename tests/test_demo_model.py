@@ -99,11 +99,12 @@ def test_demo_model_loads_through_the_loader_as_sana_sprint(components) -> None:
     assert weights < 16 * 2**20, f"demo weights are {weights / 2**20:.1f} MB"
 
 
-def test_one_step_txt2img_follows_the_prompt_colour(generator, components) -> None:
+def test_one_step_txt2img_follows_the_prompt_colour_and_mostly_its_shape(generator, components) -> None:
     """40 captions spread over all shapes/colours; the full 280-image figures are in the model card.
 
-    Chance is 12.5 % for colour; the shipped weights measure 88.9 % on all 280 captions (issue 3
-    asks ≥ 80 %) and 87.5 % on this subset.
+    Chance is 12.5 % for colour and 20 % for shape; the shipped weights measure 86.1 % colour and
+    56.4 % shape on all 280 captions (issue 3 asks ≥ 80 % / ≥ 70 %), 90 % / 62.5 % on this subset.
+    The previous weights (learnt latent) drew blobs: 28 % shape.
     """
     from engine.demo.quality import _defaults, txt2img_scores
 
@@ -111,11 +112,12 @@ def test_one_step_txt2img_follows_the_prompt_colour(generator, components) -> No
     s = txt2img_scores(generator, _defaults(components), 40, 1, seed=100, stride=13)
     assert s["background"] >= 0.9, s
     assert s["colour"] >= 0.75, s
+    assert s["shape"] >= 0.5, s
     assert s["sharpness"] >= 0.85, s
 
 
-@pytest.mark.xfail(reason="issue 3 acceptance not reached yet: colour is met (88.9 % over 280 captions) but the "
-                          "one-step model still draws blobs (shape 28.2 %, ≥ 70 % asked); see docs/demo_model_card.md",
+@pytest.mark.xfail(reason="issue 3 acceptance not reached yet at one step: colour is met (86.1 % over 280 captions), "
+                          "shape 56.4 % (≥ 70 % asked; 2 steps: 81.1 %); see docs/demo_model_card.md",
                    strict=True)
 def test_one_step_txt2img_meets_the_acceptance_thresholds(generator, components) -> None:
     from engine.demo.quality import _defaults, txt2img_scores
@@ -127,12 +129,10 @@ def test_one_step_txt2img_meets_the_acceptance_thresholds(generator, components)
 def test_two_steps_are_at_least_as_good_as_one(generator, components) -> None:
     """Issue 3: 2 steps (the model's own intermediate angle) vs 1 step, same seeds, on the fast subset.
 
-    txt2img over 100 captions: colour agreement must not drop (it does at SANA-Sprint's angle 1.3:
-    87 % against 89 %; at the model's 0.7 it rises to 97 %). Shape agreement is near chance for this
-    model at either step count, so it may differ by the noise of 100 samples (5 points). img2img
+    txt2img over 100 captions: neither colour nor shape agreement may drop (measured: colour 90 →
+    96 %, shape 63 → 86 %; with the previous weights SANA-Sprint's angle 1.3 lost colour). img2img
     through a 2-slot stream batch: the prompt colour must not drop and the centroid may move by at
-    most a quarter pixel (full runs: 0.65–0.72 px against 0.57–0.65 px for one step over four seeds;
-    a real regression is pixels).
+    most a quarter pixel (full run: 0.56 px against 0.53 px for one step; a real regression is pixels).
     """
     from engine.demo.quality import CLIPS, _defaults, img2img_one_step, img2img_stream, txt2img_scores
 
@@ -140,7 +140,7 @@ def test_two_steps_are_at_least_as_good_as_one(generator, components) -> None:
     assert components.intermediate_angle == pytest.approx(0.7)
     one = txt2img_scores(generator, d, 100, 1, seed=100, stride=13)
     two = txt2img_scores(generator, d, 100, 2, seed=100, stride=13)
-    assert two["colour"] >= one["colour"] and two["shape"] >= one["shape"] - 0.05, (one, two)
+    assert two["colour"] >= one["colour"] and two["shape"] >= one["shape"], (one, two)
     strength = float(d["strength"])
     i1 = img2img_one_step(generator, d, 4, strength, seed=0, clips=CLIPS[:2])
     i2 = img2img_stream(components, d, 4, strength, 2, seed=0, clips=CLIPS[:2])

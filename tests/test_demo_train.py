@@ -57,9 +57,9 @@ def test_training_model_call_equals_the_engine_model_call(components) -> None:
 def test_second_order_inversion_round_trips_better_than_ddim(components) -> None:
     """Real images carried to noise and back along the same ODE come back (the inversion pairs)."""
     dev = torch.device("cpu")
-    images, specs = ds.make_dataset(8, seed=3)
+    _, specs = ds.make_dataset(8, seed=3)
     scale = float(components.scaling_factor)
-    x0 = T.encode_latents(components.vae, images, scale, dev)
+    x0 = T.clean_latents(specs, T.TrainConfig(), scale, dev)  # what the pairs are made from
     emb, mask = _captions_embedding(components, [s.caption for s in specs])
     tr, g = components.transformer, 3.0
     up = list(np.linspace(0.0, math.pi / 2, 9))
@@ -104,6 +104,38 @@ def test_inversion_pairs_start_from_unit_noise_and_end_on_the_real_latents(compo
     assert torch.allclose(start_std, torch.full_like(start_std, T.SIGMA_D), atol=1e-4)
 
 
+def test_the_designed_latent_holds_class_colours_and_coverage() -> None:
+    """The autoencoder's target latent: each channel group means what the docstring says."""
+    spec = ds.ShapeSpec("triangle", "red", "blue", 30.0, 25.0, 14.0)
+    other = ds.ShapeSpec("ring", "red", "blue", 30.0, 25.0, 14.0)
+    z = T.designed_latent([spec], 8)[0].numpy()
+    assert z.shape == (T.LATENT_CHANNELS, 8, 8)
+    mask = ds.shape_mask("triangle", 30.0, 25.0, 14.0)
+    cover = mask.reshape(8, 8, 8, 8).mean((1, 3))
+    k = ds.SHAPES.index("triangle")
+    np.testing.assert_allclose(z[k], T.CLASS_GAIN * cover, atol=1e-6)
+    assert np.abs(np.delete(z[:5], k, axis=0)).max() == 0.0
+    np.testing.assert_allclose(z[11], cover, atol=1e-6)
+    np.testing.assert_allclose(z[12:].mean(0), cover, atol=1e-6)  # the quarters average to the cell
+    inside = cover > 0.99
+    red = np.asarray(ds.COLOURS["red"]) / 127.5 - 1
+    blue = np.asarray(ds.COLOURS["blue"]) / 127.5 - 1
+    np.testing.assert_allclose(z[5:8][:, inside].mean(1), red, atol=1e-5)
+    np.testing.assert_allclose(z[8:11][:, cover == 0].mean(1), blue, atol=1e-5)
+    # Class from the spec, coverage from the geometry donor (how the decoder learns to read the class).
+    swapped = T.designed_latent([spec], 8, [other])[0].numpy()
+    ring_cover = ds.shape_mask("ring", 30.0, 25.0, 14.0).reshape(8, 8, 8, 8).mean((1, 3))
+    np.testing.assert_allclose(swapped[k], T.CLASS_GAIN * ring_cover, atol=1e-6)
+    assert not np.allclose(swapped[11], z[11])
+
+
+def test_the_autoencoder_refuses_a_latent_width_the_design_does_not_have() -> None:
+    cfg = T.TrainConfig(latent_channels=8, ae_steps=1)
+    with pytest.raises(ValueError, match="16 channels"):
+        T.train_autoencoder(None, np.zeros((1, 64, 64, 3), np.uint8), [], cfg, torch.device("cpu"),
+                            np.random.default_rng(0))
+
+
 def test_a_tiny_training_run_writes_a_model_the_engine_serves(tmp_path) -> None:
     """The whole recipe at a few steps (~30 s): a diffusers folder the loader reads and generates with."""
     from engine.config import ModelConfig, StreamConfig
@@ -112,7 +144,7 @@ def test_a_tiny_training_run_writes_a_model_the_engine_serves(tmp_path) -> None:
 
     cfg = T.TrainConfig(n_images=64, ae_steps=2, ae_batch=4, teacher_steps=3, teacher_batch=4, pairs=8,
                         teacher_sample_steps=2, student_steps=2, student_batch=4, vae_channels=(8, 16, 32),
-                        latent_channels=8, patch_size=2, transformer=dict(hidden=32, layers=1, heads=2))
+                        patch_size=2, transformer=dict(hidden=32, layers=1, heads=2))
     out = T.train_demo(tmp_path / "model", cfg, workdir=tmp_path / "wd")
     assert (tmp_path / "wd" / "teacher.pt").is_file()
     comps = load_components(ModelConfig(model=str(out), device="cpu", dtype="fp32"))
@@ -123,12 +155,13 @@ def test_a_tiny_training_run_writes_a_model_the_engine_serves(tmp_path) -> None:
     assert np.asarray(image).shape == (64, 64, 3)
 
 
-def test_shape_following_tells_a_shape_word_the_model_uses_from_one_it_ignores(components) -> None:
-    """The teacher probe's diagnosis: with its own caption the noised shape comes back; with a caption
-    naming another shape the shipped model still draws the input's shape (it does not follow shape
-    words), so the two shares must differ widely."""
+def test_the_shipped_model_draws_the_shape_its_caption_names(components) -> None:
+    """The teacher probe's diagnosis on the shipped model: noised real latents predicted back with their
+    own caption and with a caption naming another shape. A model that ignores shape words returns the
+    input's shape (the previous, learnt-latent weights: 18 % for another shape's word, chance 20 %);
+    the shipped one draws the named shape (93 % measured at n = 60)."""
     f = T.shape_following(components.transformer, components.text_encoder, components.tokenizer,
                           components.vae, float(components.scaling_factor), T.TrainConfig(),
                           torch.device("cpu"), n=60)
-    assert 0.0 <= f["other"] <= 1.0 and 0.0 <= f["own"] <= 1.0
-    assert f["own"] > f["other"] + 0.2, f
+    assert f["own"] >= 0.8, f
+    assert f["other"] >= 0.7, f
