@@ -2,9 +2,10 @@
 
 Recipe (all seeded, see ``docs/demo_model_card.md``):
 
-1. **Autoencoder.** A 4-level ``AutoencoderDC`` (f8, 16 latent channels) trained on procedural shapes
-   with L1+L2 reconstruction and a little latent noise (a smooth latent space is easier to diffuse);
-   ``scaling_factor`` is set to 1/std of the latents.
+1. **Autoencoder.** A 4-level ``AutoencoderDC`` (f8, 16 latent channels) around a *designed* latent
+   (``designed_latent``: per cell the shape class, colours and coverage): the encoder regresses it
+   from pixels, the decoder draws from it; ``scaling_factor`` is 1/std of the designed latents. The
+   teacher and the student learn from the exact designed latents of the training images.
 2. **Teacher.** A ``SanaTransformer2DModel`` trained as a TrigFlow flow model over t ∈ (0, π/2] with
    the exact SANA-Sprint parametrisation (σd = 0.5), jointly with a 2-layer ``Gemma2Model`` text
    encoder; 10 % caption dropout so that it can be sampled with classifier-free guidance.
