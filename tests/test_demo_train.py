@@ -129,6 +129,26 @@ def test_the_designed_latent_holds_class_colours_and_coverage() -> None:
     assert not np.allclose(swapped[11], z[11])
 
 
+def test_latent_blur_is_continuous_in_passes_and_keeps_constants() -> None:
+    """The decoder's training blur: 0 passes is the identity, 1 pass the 3×3 binomial filter, fractions
+    interpolate, a constant latent stays constant (edges replicated), amounts are per sample."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn((3, T.LATENT_CHANNELS, 8, 8), generator=g)
+    assert torch.equal(T.blur_latents(z, torch.zeros(3)), z)
+    one = T.blur_latents(z, torch.ones(3))
+    k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+    inner = (z[:, :, 3:6, 3:6] * k).sum((2, 3))  # the filter centred on cell (4, 4)
+    torch.testing.assert_close(one[:, :, 4, 4], inner)
+    half = T.blur_latents(z, torch.full((3,), 0.5))
+    torch.testing.assert_close(half, 0.5 * (z + one))
+    mixed = T.blur_latents(z, torch.tensor([0.0, 1.0, 2.5]))
+    torch.testing.assert_close(mixed[0], z[0])
+    torch.testing.assert_close(mixed[1], one[1])
+    assert one.std() < z.std()
+    flat = torch.full((2, T.LATENT_CHANNELS, 8, 8), 0.7)
+    torch.testing.assert_close(T.blur_latents(flat, torch.tensor([2.0, 3.0])), flat)
+
+
 def test_the_autoencoder_refuses_a_latent_width_the_design_does_not_have() -> None:
     cfg = T.TrainConfig(latent_channels=8, ae_steps=1)
     with pytest.raises(ValueError, match="16 channels"):
@@ -153,6 +173,14 @@ def test_a_tiny_training_run_writes_a_model_the_engine_serves(tmp_path) -> None:
     image = Generator(comps).generate(StreamConfig(prompt=ds.caption_for("ring", "blue", "white"), mode="txt2img",
                                                    width=64, height=64, steps=1, seed=0))
     assert np.asarray(image).shape == (64, 64, 3)
+    # A rerun with the same workdir resumes both checkpointed stages and says so in ditstream.json.
+    import json
+
+    again = T.train_demo(tmp_path / "again", cfg, workdir=tmp_path / "wd")
+    timings = json.loads((again / "ditstream.json").read_text())["training"]["timings"]
+    assert timings["resumed"] == ["autoencoder", "teacher"]
+    first = json.loads((out / "ditstream.json").read_text())["training"]["timings"]
+    assert first["resumed"] == []
 
 
 def test_the_shipped_model_draws_the_shape_its_caption_names(components) -> None:
