@@ -99,46 +99,44 @@ def test_demo_model_loads_through_the_loader_as_sana_sprint(components) -> None:
     assert weights < 16 * 2**20, f"demo weights are {weights / 2**20:.1f} MB"
 
 
-def test_one_step_txt2img_follows_the_prompt_colour_and_mostly_its_shape(generator, components) -> None:
-    """40 captions spread over all shapes/colours; the full 280-image figures are in the model card.
-
-    Chance is 12.5 % for colour and 20 % for shape; the shipped weights measure 86.1 % colour and
-    56.4 % shape on all 280 captions (issue 3 asks ≥ 80 % / ≥ 70 %), 90 % / 62.5 % on this subset.
-    The previous weights (learnt latent) drew blobs: 28 % shape.
-    """
+@pytest.fixture(scope="module")
+def one_step_subset(generator, components) -> dict[str, float]:
+    """One-step txt2img scores over 100 captions (stride 13 is coprime with 280, so they spread over
+    every shape, colour and background); shared by the acceptance and the 2-vs-1-step tests."""
     from engine.demo.quality import _defaults, txt2img_scores
 
-    # Stride 13 is coprime with 280, so 40 captions spread over every shape, colour and background.
-    s = txt2img_scores(generator, _defaults(components), 40, 1, seed=100, stride=13)
+    return txt2img_scores(generator, _defaults(components), 100, 1, seed=100, stride=13)
+
+
+def test_one_step_txt2img_meets_the_acceptance_thresholds(one_step_subset) -> None:
+    """Issue 3's one-step txt2img bar (≥ 80 % colour, ≥ 70 % shape, sharp) on the fast subset.
+
+    Chance is 12.5 % for colour and 20 % for shape. The full 280-caption figures are in the model
+    card (``ditstream bench quality``). History: the learnt-latent weights drew blobs (28 % shape);
+    the designed latent with a decoder trained on exact latents only, 56 %; that decoder fine-tuned
+    to draw through blurred latents lifted one step over the bar.
+    """
+    s = one_step_subset
     assert s["background"] >= 0.9, s
-    assert s["colour"] >= 0.75, s
-    assert s["shape"] >= 0.5, s
+    assert s["colour"] >= 0.8, s
+    assert s["shape"] >= 0.7, s
     assert s["sharpness"] >= 0.85, s
 
 
-@pytest.mark.xfail(reason="issue 3 acceptance not reached yet at one step: colour is met (86.1 % over 280 captions), "
-                          "shape 56.4 % (≥ 70 % asked; 2 steps: 81.1 %); see docs/demo_model_card.md",
-                   strict=True)
-def test_one_step_txt2img_meets_the_acceptance_thresholds(generator, components) -> None:
-    from engine.demo.quality import _defaults, txt2img_scores
-
-    s = txt2img_scores(generator, _defaults(components), 40, 1, seed=100, stride=13)
-    assert s["colour"] >= 0.8 and s["shape"] >= 0.7, s
-
-
-def test_two_steps_are_at_least_as_good_as_one(generator, components) -> None:
+def test_two_steps_are_at_least_as_good_as_one(generator, components, one_step_subset) -> None:
     """Issue 3: 2 steps (the model's own intermediate angle) vs 1 step, same seeds, on the fast subset.
 
-    txt2img over 100 captions: neither colour nor shape agreement may drop (measured: colour 90 →
-    96 %, shape 63 → 86 %; with the previous weights SANA-Sprint's angle 1.3 lost colour). img2img
-    through a 2-slot stream batch: the prompt colour must not drop and the centroid may move by at
-    most a quarter pixel (full run: 0.56 px against 0.53 px for one step; a real regression is pixels).
+    txt2img over 100 captions: neither colour nor shape agreement may drop (measured: colour 99 =
+    99 %, shape 79 → 90 %; at the earlier angle 0.7 these weights lost colour, 99.3 → 96.4 % over
+    280, as the earlier weights did at SANA-Sprint's 1.3). img2img through a 2-slot stream batch: the
+    prompt colour must not drop and the centroid may move by at most a quarter pixel (full run:
+    0.58 px against 0.53 px for one step; a real regression is pixels).
     """
     from engine.demo.quality import CLIPS, _defaults, img2img_one_step, img2img_stream, txt2img_scores
 
     d = _defaults(components)
-    assert components.intermediate_angle == pytest.approx(0.7)
-    one = txt2img_scores(generator, d, 100, 1, seed=100, stride=13)
+    assert components.intermediate_angle == pytest.approx(1.1)
+    one = one_step_subset
     two = txt2img_scores(generator, d, 100, 2, seed=100, stride=13)
     assert two["colour"] >= one["colour"] and two["shape"] >= one["shape"], (one, two)
     strength = float(d["strength"])

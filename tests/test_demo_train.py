@@ -149,6 +149,23 @@ def test_latent_blur_is_continuous_in_passes_and_keeps_constants() -> None:
     torch.testing.assert_close(T.blur_latents(flat, torch.tensor([2.0, 3.0])), flat)
 
 
+def test_the_decoder_stage_changes_only_the_decoder_and_no_shared_random_stream() -> None:
+    """``train_decoder_for_one_step`` runs between the autoencoder and the teacher: it must leave the
+    encoder (img2img inputs, the student's edit inputs) and torch's global generator alone, so the
+    later stages are the same with or without it (the shipped run resumed the teacher on that basis)."""
+    cfg = T.TrainConfig(vae_channels=(8, 16, 32, 64), decoder_steps=3, ae_batch=2)
+    vae = T.build_components(cfg)["vae"]
+    images, specs = ds.make_dataset(8, seed=0)
+    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    torch.manual_seed(123)
+    global_state = torch.get_rng_state()
+    T.train_decoder_for_one_step(vae, images, specs, cfg, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), global_state)
+    assert all(torch.equal(v, encoder[k]) for k, v in vae.encoder.state_dict().items())
+    assert any(not torch.equal(v, decoder[k]) for k, v in vae.decoder.state_dict().items())
+
+
 def test_the_autoencoder_refuses_a_latent_width_the_design_does_not_have() -> None:
     cfg = T.TrainConfig(latent_channels=8, ae_steps=1)
     with pytest.raises(ValueError, match="16 channels"):
@@ -162,11 +179,11 @@ def test_a_tiny_training_run_writes_a_model_the_engine_serves(tmp_path) -> None:
     from engine.generate import Generator
     from engine.loader import load_components
 
-    cfg = T.TrainConfig(n_images=64, ae_steps=2, ae_batch=4, teacher_steps=3, teacher_batch=4, pairs=8,
+    cfg = T.TrainConfig(n_images=64, ae_steps=2, ae_batch=4, decoder_steps=2, teacher_steps=3, teacher_batch=4, pairs=8, second_step_share=1.0,
                         teacher_sample_steps=2, student_steps=2, student_batch=4, vae_channels=(8, 16, 32),
                         patch_size=2, transformer=dict(hidden=32, layers=1, heads=2))
     out = T.train_demo(tmp_path / "model", cfg, workdir=tmp_path / "wd")
-    assert (tmp_path / "wd" / "teacher.pt").is_file()
+    assert (tmp_path / "wd" / "teacher.pt").is_file() and (tmp_path / "wd" / "decoder.pt").is_file()
     comps = load_components(ModelConfig(model=str(out), device="cpu", dtype="fp32"))
     assert comps.vae_scale_factor == 4 and comps.transformer.config.patch_size == 2
     assert comps.max_sequence_length == T.SERVE_TOKENS  # the retrained demo once lost it (300 tokens served)
@@ -178,7 +195,7 @@ def test_a_tiny_training_run_writes_a_model_the_engine_serves(tmp_path) -> None:
 
     again = T.train_demo(tmp_path / "again", cfg, workdir=tmp_path / "wd")
     timings = json.loads((again / "ditstream.json").read_text())["training"]["timings"]
-    assert timings["resumed"] == ["autoencoder", "teacher"]
+    assert timings["resumed"] == ["autoencoder", "decoder", "teacher"]
     first = json.loads((out / "ditstream.json").read_text())["training"]["timings"]
     assert first["resumed"] == []
 

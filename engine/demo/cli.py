@@ -30,7 +30,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         cfg = TrainConfig(seed=seed, device=device, threads=threads)
         if scale != 1.0:
             cfg = replace(cfg, **{k: max(1, int(getattr(cfg, k) * scale)) for k in
-                                  ("ae_steps", "teacher_steps", "pairs", "student_steps")})
+                                  ("ae_steps", "decoder_steps", "teacher_steps", "pairs", "student_steps")})
         path = train_demo(out or DEMO_MODEL_DIR, cfg, workdir=workdir or None)
         typer.echo(f"saved {path}")
 
