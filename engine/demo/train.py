@@ -17,7 +17,8 @@ Recipe (all seeded, see ``docs/demo_model_card.md``):
    with CFG instead). The one-step student (initialised from the teacher) regresses the trajectory's
    end point from any point on it (trajectory/consistency distillation). At img2img entry angles it
    also learns from procedurally paired edits — the same geometry rendered with the prompt's colours —
-   so that one-step img2img keeps the input's position while taking the prompt's colour.
+   so that one-step img2img keeps the input's position while taking the prompt's colour, and from
+   its own one-step output re-noised to an intermediate angle (what the second of two steps sees).
 """
 
 from __future__ import annotations
@@ -246,6 +247,19 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, bar, step: int,
+                   clip: list[torch.nn.Parameter] | None = None) -> None:
+    """One update of every training stage: backward, optional gradient clipping to norm 1, step; the
+    loss goes on the progress bar every 20 steps (reading it syncs a GPU, so not every step)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    if step % 20 == 0:
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
 # --------------------------------------------------------------------------- stages
 
 #: Magnitude of the shape-class channels: as loud as the colour channels, so that the diffusion loss
@@ -345,11 +359,7 @@ def train_autoencoder(vae, images: np.ndarray, specs: list[ds.ShapeSpec], cfg: T
         target = designed_latent(batch, cfg.cell).to(device)
         xx = torch.cat([x, x])
         loss = F.l1_loss(rec, xx) + F.mse_loss(rec, xx) + 10.0 * F.mse_loss(z, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        optimizer_step(opt, loss, bar, step)
     vae.eval()
     return float(1.0 / designed_latent(specs[:2048], cfg.cell).std())
 
@@ -363,9 +373,8 @@ def train_decoder_for_one_step(vae, images: np.ndarray, specs: list[ds.ShapeSpec
     A stage after a crisp autoencoder rather than blur from the start: blurred from step 0 (6000
     steps) the decoder drew exact latents' shapes 77 % of the time and the one-step student's 63–68 %;
     fine-tuned after the crisp stage it keeps the first (92.5 %) and gains more of the second (figures
-    in the model card). The encoder, the
-    scaling factor and the later stages' random streams are untouched (own generators), so teacher
-    and student are what they would be without this stage.
+    in the model card). The encoder, the scaling factor and the later stages' random streams are
+    untouched (own generators), so teacher and student are what they would be without this stage.
     """
     rng = np.random.default_rng([cfg.seed, 1])
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
@@ -384,11 +393,7 @@ def train_decoder_for_one_step(vae, images: np.ndarray, specs: list[ds.ShapeSpec
         x = to_tensor(images[idx], device)
         xx = torch.cat([x, x])
         loss = F.l1_loss(rec, xx) + F.mse_loss(rec, xx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        optimizer_step(opt, loss, bar, step)
     vae.eval()
 
 
@@ -445,13 +450,8 @@ def train_teacher(transformer, text_encoder, tokenizer, latents: torch.Tensor, c
         # Loss on the TrigFlow velocity F (x0 error / sin t), the sCM training target.
         tt = t.view(-1, 1, 1, 1)
         loss = ((pred - x0) / torch.sin(tt).clamp_min(0.05)).square().mean() / SIGMA_D**2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, bar, step, clip=params)
         ema_update(ema, transformer, cfg.ema if step > 200 else 0.0)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
         if probe is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             text_encoder.eval()
             probe(ema, step + 1)
@@ -626,13 +626,8 @@ def train_student(student, teacher_pairs, vae, scale: float, cap_table: dict[str
         mask = torch.cat([cap_table[c][1] for c in ca + cb])
         pred = trigflow_x0(student, x, t, emb, mask, cfg.cfg_scale)
         loss = (pred - y).square().mean() / SIGMA_D**2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, bar, step, clip=list(student.parameters()))
         ema_update(ema, student, 0.995 if step > 100 else 0.0)
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
     return ema
 
 
@@ -666,7 +661,7 @@ def shape_following(model, text_encoder, tokenizer, vae, scale: float, cfg: Trai
     and predicted back to x0 once with their own caption and once with a caption naming another
     shape (same colours). Returns the share read as the captioned shape in each case. A model that
     uses the shape word scores high on both; one that only denoises what it sees scores ~0.2 (chance)
-    on ``"other"`` — the shipped teacher's 0.18 after 5000 steps, while it follows colour words.
+    on ``"other"`` — the learnt-latent teacher's 0.18 after 5000 steps (it followed colour words).
     """
     from engine.demo.evaluator import score
 
