@@ -321,6 +321,12 @@ def with_shape(spec: ds.ShapeSpec, shape: str) -> ds.ShapeSpec:
     return replace(spec, shape=shape)
 
 
+def other_shape(shape: str) -> str:
+    """A fixed different class for ``shape`` (two along ``ds.SHAPES``): the "another shape's word" of
+    the shape-following diagnostics."""
+    return ds.SHAPES[(ds.SHAPES.index(shape) + 2) % len(ds.SHAPES)]
+
+
 def decoder_inputs(batch: list[ds.ShapeSpec], cfg: TrainConfig, rng: np.random.Generator,
                    device: torch.device) -> torch.Tensor:
     """Designed latents for two decodes of each spec, each with the coverage of the same layout drawn
@@ -599,16 +605,16 @@ def train_student(student, teacher_pairs, vae, scale: float, cap_table: dict[str
         k = torch.from_numpy(np.where(u < 0.5, 0, rng.integers(len(angles), size=half))).to(device)
         xa, ta, ya = states[idx, k], angles[k], ends[idx]
         ca = [pair_caps[int(i)] for i in idx]
+        emb_a = torch.cat([cap_table[c][0] for c in ca])
+        mask_a = torch.cat([cap_table[c][1] for c in ca])
         # (a') what the second of two steps sees: the student's own one-step prediction re-noised with
         # fresh noise to an intermediate angle, → the same end point.
         second = torch.from_numpy(u >= 1.0 - cfg.second_step_share).to(device)
         if bool(second.any()):
             n2 = int(second.sum())
-            emb2 = torch.cat([cap_table[c][0] for c, s2 in zip(ca, second.tolist()) if s2])
-            mask2 = torch.cat([cap_table[c][1] for c, s2 in zip(ca, second.tolist()) if s2])
             with torch.no_grad():
-                first = trigflow_x0(student, states[idx[second], 0], angles[:1].expand(n2), emb2, mask2,
-                                    cfg.cfg_scale)
+                first = trigflow_x0(student, states[idx[second], 0], angles[:1].expand(n2), emb_a[second],
+                                    mask_a[second], cfg.cfg_scale)
             t2 = torch.from_numpy(rng.uniform(*cfg.second_step_angles, size=n2)).float().to(device)
             xa, ta = xa.clone(), ta.clone()
             xa[second] = add_noise(first, torch.randn(first.shape, generator=gen, device=device), t2)
@@ -622,8 +628,8 @@ def train_student(student, teacher_pairs, vae, scale: float, cap_table: dict[str
         tb = torch.from_numpy(rng.uniform(0.15, 0.9, size=len(cb)) * math.pi / 2).float().to(device)
         xb = add_noise(zs, torch.randn(zs.shape, generator=gen, device=device), tb)
         x, t, y = torch.cat([xa, xb]), torch.cat([ta, tb]), torch.cat([ya, yb])
-        emb = torch.cat([cap_table[c][0] for c in ca + cb])
-        mask = torch.cat([cap_table[c][1] for c in ca + cb])
+        emb = torch.cat([emb_a] + [cap_table[c][0] for c in cb])
+        mask = torch.cat([mask_a] + [cap_table[c][1] for c in cb])
         pred = trigflow_x0(student, x, t, emb, mask, cfg.cfg_scale)
         loss = (pred - y).square().mean() / SIGMA_D**2
         optimizer_step(opt, loss, bar, step, clip=list(student.parameters()))
@@ -671,7 +677,7 @@ def shape_following(model, text_encoder, tokenizer, vae, scale: float, cfg: Trai
     t = torch.full((n,), angle, device=device)
     xt = add_noise(x0, torch.randn(x0.shape, generator=gen, device=device), t)
     own = [(s.shape, s.colour, s.background) for s in specs]
-    other = [(ds.SHAPES[(ds.SHAPES.index(s.shape) + 2) % len(ds.SHAPES)], s.colour, s.background) for s in specs]
+    other = [(other_shape(s.shape), s.colour, s.background) for s in specs]
     out = {}
     for name, caps in (("own", own), ("other", other)):
         emb, mask = encode_text(text_encoder, tokenizer, [ds.caption_for(*c) for c in caps], device)
@@ -698,7 +704,7 @@ def log_decoder(vae, scale: float, cfg: TrainConfig, device: torch.device, stage
     held, held_specs = ds.make_dataset(200, seed=cfg.seed + 1)
     targets = [(s.shape, s.colour, s.background) for s in held_specs]
     rec = decode_images(vae, encode_latents(vae, held, scale, device), scale)
-    named = [with_shape(s, ds.SHAPES[(ds.SHAPES.index(s.shape) + 2) % len(ds.SHAPES)]) for s in held_specs]
+    named = [with_shape(s, other_shape(s.shape)) for s in held_specs]
     z = clean_latents(named, cfg, scale, device, geometry=held_specs)
     blurred = blur_latents(clean_latents(held_specs, cfg, scale, device), torch.full((len(held),), 1.5, device=device))
     logger.info("%s — reconstructions: %s", stage, score(rec, targets).as_dict())
