@@ -37,7 +37,7 @@ def stream(
     """Stream frames to /v1/stream; prints output fps and glass-to-glass latency every second."""
     import asyncio
 
-    from clients.stream_client import open_sink, open_source, run_stream
+    from ditstream.clients.stream_client import open_sink, open_source, run_stream
 
     config: dict = {"prompt": prompt, "mode": mode}
     for k, v in (("strength", strength), ("steps", steps), ("seed", seed), ("size", size)):
@@ -107,8 +107,8 @@ def generate(
     import time
     from pathlib import Path
 
-    from clients.rest_client import APIError
-    from clients.rest_client import generate as rest_generate
+    from ditstream.clients.rest_client import APIError
+    from ditstream.clients.rest_client import generate as rest_generate
 
     t0 = time.perf_counter()
     try:

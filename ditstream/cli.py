@@ -25,8 +25,9 @@ app.add_typer(bench_app, name="bench")
 
 #: Packages that contribute commands, in help order. A missing module is skipped only if it is
 #: the module itself that is absent (a package not built yet), never on an import error inside it.
-COMMAND_MODULES = ("engine.cli", "engine.demo.cli", "server.cli", "server.scale_cli", "server.reliability_cli", "clients.cli",
-                   "trt_build.cli")
+COMMAND_MODULES = ("ditstream.engine.cli", "ditstream.engine.demo.cli", "ditstream.server.cli",
+                   "ditstream.server.scale_cli", "ditstream.server.reliability_cli", "ditstream.clients.cli",
+                   "ditstream.trt_build.cli")
 
 
 @app.callback()

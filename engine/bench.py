@@ -14,13 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from engine.config import EngineConfig, FilterConfig, ModelConfig, StreamConfig
-from engine.core import EngineCore
-from engine.generate import Generator
-from engine.similarity import SimilarityFilter
-from engine.synthetic import PRESETS, make_pipeline_folder
-from engine.types import Frame
+from ditstream.engine.config import EngineConfig, FilterConfig, ModelConfig, StreamConfig
+from ditstream.engine.core import EngineCore
+from ditstream.engine.generate import Generator
+from ditstream.engine.similarity import SimilarityFilter
+from ditstream.engine.synthetic import PRESETS, make_pipeline_folder
+from ditstream.engine.types import Frame
 
 
 def moving_clip(n: int, size: int, seed: int = 0, speed: int = 3) -> list[np.ndarray]:

@@ -36,11 +36,10 @@ def generate(
 ) -> None:
     """Make one image (txt2img, or img2img with --image)."""
     import numpy as np
+    from ditstream.engine.config import ModelConfig, StreamConfig
+    from ditstream.engine.errors import DitstreamError
+    from ditstream.engine.generate import Generator
     from PIL import Image
-
-    from engine.config import ModelConfig, StreamConfig
-    from engine.errors import DitstreamError
-    from engine.generate import Generator
 
     try:
         gen = Generator.from_config(ModelConfig(model=model, backend=backend, device=device, dtype=dtype))
@@ -66,7 +65,7 @@ def generate(
     if out.suffix == ".npy":
         np.save(out, unit)
     else:
-        from engine.images import to_uint8
+        from ditstream.engine.images import to_uint8
 
         Image.fromarray(to_uint8(unit)).save(out)
     typer.echo(f"wrote {out} ({cfg.width}x{cfg.height}, {cfg.mode}, {cfg.steps} step(s), seed {cfg.seed})")
@@ -84,7 +83,7 @@ def bench_engine(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Stream batch vs sequential; N streams cross-batched vs one at a time; SSF skip rates."""
-    from engine.bench import format_table, run_engine_bench
+    from ditstream.engine.bench import format_table, run_engine_bench
 
     result = run_engine_bench(model=model, size=size, frames=frames, streams=streams, steps=steps,
                               repeats=repeats, threads=threads or None)

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from engine.errors import ValidationError
+from ditstream.engine.errors import ValidationError
 
 Mode = Literal["img2img", "txt2img"]
 

@@ -24,19 +24,18 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
-
-from engine import images as imgs
-from engine import sampler
-from engine.backends.base import Backend
-from engine.config import EngineConfig, StreamConfig
-from engine.errors import GenerationError, ValidationError
-from engine.loader import ModelComponents
-from engine.plan import Plan, decode_clean, encode_clean, make_plan, predict_x0
-from engine.prompt_cache import PromptCache
-from engine.queues import OutputQueue
-from engine.similarity import SimilarityFilter
-from engine.stream import InFlight, StreamState, new_stream_id
-from engine.types import Frame, StreamOutput
+from ditstream.engine import images as imgs
+from ditstream.engine import sampler
+from ditstream.engine.backends.base import Backend
+from ditstream.engine.config import EngineConfig, StreamConfig
+from ditstream.engine.errors import GenerationError, ValidationError
+from ditstream.engine.loader import ModelComponents
+from ditstream.engine.plan import Plan, decode_clean, encode_clean, make_plan, predict_x0
+from ditstream.engine.prompt_cache import PromptCache
+from ditstream.engine.queues import OutputQueue
+from ditstream.engine.similarity import SimilarityFilter
+from ditstream.engine.stream import InFlight, StreamState, new_stream_id
+from ditstream.engine.types import Frame, StreamOutput
 
 logger = logging.getLogger(__name__)
 

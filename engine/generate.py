@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from engine import images as imgs
-from engine import sampler
-from engine.backends import create_backend
-from engine.backends.base import Backend
-from engine.config import ModelConfig, StreamConfig
-from engine.errors import GenerationError, ValidationError
-from engine.loader import ModelComponents, load_components
-from engine.plan import Plan, decode_clean, encode_clean, make_plan, predict_x0
-from engine.prompt_cache import PromptCache
+from ditstream.engine import images as imgs
+from ditstream.engine import sampler
+from ditstream.engine.backends import create_backend
+from ditstream.engine.backends.base import Backend
+from ditstream.engine.config import ModelConfig, StreamConfig
+from ditstream.engine.errors import GenerationError, ValidationError
+from ditstream.engine.loader import ModelComponents, load_components
+from ditstream.engine.plan import Plan, decode_clean, encode_clean, make_plan, predict_x0
+from ditstream.engine.prompt_cache import PromptCache
 
 
 class Generator:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from engine.errors import ValidationError
+from ditstream.engine.errors import ValidationError
 
 
 def check_image(image: np.ndarray, width: int | None = None, height: int | None = None) -> np.ndarray:

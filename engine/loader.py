@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from engine.config import ModelConfig
-from engine.errors import ModelLoadError
-from engine.sampler import DEFAULT_INTERMEDIATE
+from ditstream.engine.config import ModelConfig
+from ditstream.engine.errors import ModelLoadError
+from ditstream.engine.sampler import DEFAULT_INTERMEDIATE
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +188,7 @@ def _intermediate_angle(model: str, extra: dict[str, Any]) -> float:
 
 
 def _instruction(flag: bool | None, extra: dict[str, Any]) -> list[str] | None:
-    from engine.prompt_cache import default_complex_human_instruction
+    from ditstream.engine.prompt_cache import default_complex_human_instruction
 
     if flag is False:
         return None

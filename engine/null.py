@@ -10,11 +10,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
-from engine.config import EngineConfig, StreamConfig
-from engine.core import EngineCore
-from engine.runner import EngineRunner
-from engine.stream import InFlight, StreamState
+from ditstream.engine.config import EngineConfig, StreamConfig
+from ditstream.engine.core import EngineCore
+from ditstream.engine.runner import EngineRunner
+from ditstream.engine.stream import InFlight, StreamState
 
 
 class NullCore(EngineCore):

@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from engine import sampler
-from engine.backends.base import Backend
-from engine.config import StreamConfig
-from engine.loader import ModelComponents
-from engine.prompt_cache import PromptCache
+from ditstream.engine import sampler
+from ditstream.engine.backends.base import Backend
+from ditstream.engine.config import StreamConfig
+from ditstream.engine.loader import ModelComponents
+from ditstream.engine.prompt_cache import PromptCache
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from engine.loader import ModelComponents
+    from ditstream.engine.loader import ModelComponents
 
 
 def default_complex_human_instruction() -> list[str]:

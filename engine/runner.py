@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from engine.config import EngineConfig, ModelConfig, StreamConfig
-from engine.core import EngineCore
-from engine.errors import CancelledError, EngineDeadError, ValidationError
-from engine.stream import StreamState
-from engine.types import Frame, StreamOutput, StreamStats
+from ditstream.engine.config import EngineConfig, ModelConfig, StreamConfig
+from ditstream.engine.core import EngineCore
+from ditstream.engine.errors import CancelledError, EngineDeadError, ValidationError
+from ditstream.engine.stream import StreamState
+from ditstream.engine.types import Frame, StreamOutput, StreamStats
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +114,9 @@ class EngineRunner:
     @classmethod
     def from_config(cls, model: ModelConfig, engine: EngineConfig | None = None) -> EngineRunner:
         """Load the model and backend named in ``model`` and wrap them in a runner (not started)."""
-        from engine.backends import create_backend
-        from engine.loader import load_components
-        from engine.prompt_cache import PromptCache
+        from ditstream.engine.backends import create_backend
+        from ditstream.engine.loader import load_components
+        from ditstream.engine.prompt_cache import PromptCache
 
         components = load_components(model)
         backend = create_backend(model.backend, components)
@@ -187,7 +186,7 @@ class EngineRunner:
         cfg = self.validate(cfg)
         frame = Frame(image=image, received_at=time.perf_counter())
         if image is not None:
-            from engine.images import check_image
+            from ditstream.engine.images import check_image
 
             check_image(image, cfg.width, cfg.height)
         elif cfg.mode == "img2img":

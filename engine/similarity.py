@@ -10,8 +10,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
-
-from engine.config import FilterConfig
+from ditstream.engine.config import FilterConfig
 
 
 def features(image: np.ndarray, size: int) -> np.ndarray:

@@ -9,12 +9,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from engine.config import StreamConfig
-from engine.plan import Plan
-from engine.queues import LatestSlot, OutputQueue
-from engine.similarity import SimilarityFilter
-from engine.types import Frame, StreamOutput, StreamStats
+from ditstream.engine.config import StreamConfig
+from ditstream.engine.plan import Plan
+from ditstream.engine.queues import LatestSlot, OutputQueue
+from ditstream.engine.similarity import SimilarityFilter
+from ditstream.engine.types import Frame, StreamOutput, StreamStats
 
 _ids = itertools.count(1)
 

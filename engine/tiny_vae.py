@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ditstream.engine.backends.base import Backend
+from ditstream.engine.errors import ModelLoadError
 from torch import nn
-
-from engine.backends.base import Backend
-from engine.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from engine.errors import OverloadedError
-from server.metrics import Metrics
+from ditstream.engine.errors import OverloadedError
+from ditstream.server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -19,22 +19,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ditstream.engine.config import StreamConfig
+from ditstream.engine.errors import DitstreamError, EngineDeadError, PayloadTooLargeError, ValidationError
+from ditstream.engine.runner import EngineRunner
+from ditstream.server.admission import Admission
+from ditstream.server.auth import APIKeyMiddleware
+from ditstream.server.codec import Codec
+from ditstream.server.errors import MalformedMessageError, mapping_for, rest_error_body, rest_headers
+from ditstream.server.metrics import Metrics
+from ditstream.server.settings import Settings
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from engine.config import StreamConfig
-from engine.errors import DitstreamError, EngineDeadError, PayloadTooLargeError, ValidationError
-from engine.runner import EngineRunner
-from server.admission import Admission
-from server.auth import APIKeyMiddleware
-from server.codec import Codec
-from server.errors import MalformedMessageError, mapping_for, rest_error_body, rest_headers
-from server.metrics import Metrics
-from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -186,16 +185,16 @@ async def _lag_monitor(metrics: Metrics, interval: float = 0.025) -> None:
 
 def load_runner(settings: Settings) -> EngineRunner:
     """Build the engine named in the settings (blocking: called in a worker thread)."""
-    from engine.config import EngineConfig, ModelConfig
+    from ditstream.engine.config import EngineConfig, ModelConfig
 
     if settings.redis_url:  # gateway mode: the engines are `ditstream worker` processes behind Redis
-        from server.gateway import RedisGatewayRunner
+        from ditstream.server.gateway import RedisGatewayRunner
 
         return RedisGatewayRunner.from_settings(settings)  # type: ignore[return-value]
     ecfg = EngineConfig(max_batch=settings.max_batch, output_queue_size=settings.output_queue_size,
                         max_pixels=settings.max_pixels, max_prompt_chars=settings.max_prompt_chars)
     if settings.model == "null":
-        from engine.null import null_runner
+        from ditstream.engine.null import null_runner
 
         return null_runner(ecfg, delay_s=settings.null_delay_s)
     mcfg = ModelConfig(model=settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype)
@@ -247,7 +246,7 @@ async def _drain_sessions(state: AppState) -> None:
 # ------------------------------------------------------------------------------------ factory
 def create_app(settings: Settings | None = None, runner: EngineRunner | None = None) -> FastAPI:
     """Build the app. ``runner`` (not yet started) replaces the model named in ``settings``."""
-    from server import logsafe, rest, ws
+    from ditstream.server import logsafe, rest, ws
 
     settings = settings or Settings()
     logsafe.install()  # uvicorn logs query strings (?token=<key>); rewrite them before any handler
@@ -351,7 +350,7 @@ def _declare_bearer_auth(app: FastAPI) -> None:
     The middleware, not a FastAPI dependency, enforces the keys (it covers WebSocket and 404s too),
     so FastAPI cannot see them; without this the schema would describe an open API.
     """
-    from server.auth import APIKeyMiddleware
+    from ditstream.server.auth import APIKeyMiddleware
 
     build = app.openapi
 

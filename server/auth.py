@@ -22,11 +22,10 @@ import logging
 from collections.abc import Iterable
 from urllib.parse import parse_qs
 
+from ditstream.engine.errors import AuthError
+from ditstream.server.errors import WS_POLICY_VIOLATION, rest_error_body, rest_headers
+from ditstream.server.metrics import Metrics
 from starlette.types import ASGIApp, Receive, Scope, Send
-
-from engine.errors import AuthError
-from server.errors import WS_POLICY_VIOLATION, rest_error_body, rest_headers
-from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-
-from server.testing import serve_subprocess
+from ditstream.server.testing import serve_subprocess
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class BenchSpec:
 
 
 def _pattern(width: int, height: int, n: int, quality: int, subsampling: str = "420") -> list[bytes]:
-    from clients.stream_client import encode_jpeg
+    from ditstream.clients.stream_client import encode_jpeg
 
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     out = []

@@ -43,9 +43,8 @@ def serve(
     import logging
 
     import uvicorn
-
-    from server.app import create_app
-    from server.settings import Settings
+    from ditstream.server.app import create_app
+    from ditstream.server.settings import Settings
 
     overrides = {k: v for k, v in dict(
         host=host, port=port, model=model, backend=backend, device=device, dtype=dtype, max_streams=max_streams,
@@ -56,11 +55,11 @@ def serve(
         null_delay_s=null_delay_ms / 1e3 if null_delay_ms is not None else None, redis_url=redis).items()
         if v is not None}
     settings = Settings(**overrides)
-    logging.getLogger("server").info("settings: %s", settings.public())
+    logging.getLogger("ditstream.server").info("settings: %s", settings.public())
     # Load before uvicorn starts (it binds the port only after startup anyway), so that a bad model
     # or backend is one clear line, not a lifespan traceback.
-    from engine.errors import DitstreamError
-    from server.app import load_runner
+    from ditstream.engine.errors import DitstreamError
+    from ditstream.server.app import load_runner
 
     try:
         runner = load_runner(settings)
@@ -96,7 +95,7 @@ def bench_server(
     """N concurrent streams at a fixed input fps for T seconds: fps, glass-to-glass p50/p99, drops, loop lag."""
     import json
 
-    from server.bench import BenchSpec, format_report, run_bench
+    from ditstream.server.bench import BenchSpec, format_report, run_bench
 
     if subsampling not in ("420", "422", "444"):
         raise typer.BadParameter("--subsampling must be 420, 422 or 444")

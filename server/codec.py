@@ -15,9 +15,8 @@ from typing import Literal
 
 import numpy as np
 import simplejpeg
+from ditstream.engine.errors import ImageDecodeError, PayloadTooLargeError, ValidationError
 from PIL import Image, UnidentifiedImageError
-
-from engine.errors import ImageDecodeError, PayloadTooLargeError, ValidationError
 
 logger = logging.getLogger(__name__)
 

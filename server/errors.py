@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import (
+from ditstream.engine.errors import (
     ALL_ERRORS,
     AuthError,
     BackendUnavailableError,

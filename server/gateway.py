@@ -29,12 +29,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from engine.config import DEFAULT_SIZE_MULTIPLE, EngineConfig, StreamConfig
-from engine.errors import CancelledError, EngineDeadError, GenerationError, OverloadedError, ValidationError
-from engine.queues import LatestSlot, OutputQueue
-from engine.types import StreamOutput, StreamStats
-from server.messages import (
+from ditstream.engine.config import DEFAULT_SIZE_MULTIPLE, EngineConfig, StreamConfig
+from ditstream.engine.errors import (
+    CancelledError,
+    EngineDeadError,
+    GenerationError,
+    OverloadedError,
+    ValidationError,
+)
+from ditstream.engine.queues import LatestSlot, OutputQueue
+from ditstream.engine.types import StreamOutput, StreamStats
+from ditstream.server.messages import (
     FrameHeader,
     Heartbeat,
     JobMessage,
@@ -48,7 +53,7 @@ from server.messages import (
     decode_image,
     encode_image,
 )
-from server.scale import Backoff, ScaleConfig, connect, ensure_group, fields_get, redact, sid_str
+from ditstream.server.scale import Backoff, ScaleConfig, connect, ensure_group, fields_get, redact, sid_str
 
 logger = logging.getLogger(__name__)
 

@@ -32,8 +32,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-
-from server.testing import serve_subprocess
+from ditstream.server.testing import serve_subprocess
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +136,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _frame_bytes(width: int, height: int) -> bytes:
-    from clients.stream_client import encode_jpeg
+    from ditstream.clients.stream_client import encode_jpeg
 
     img = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return encode_jpeg(img, quality=80)

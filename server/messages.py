@@ -14,10 +14,9 @@ import uuid
 from typing import Any, Literal
 
 import numpy as np
+from ditstream.engine.config import FilterConfig, StreamConfig
+from ditstream.engine.errors import ALL_ERRORS, DitstreamError
 from pydantic import BaseModel, ConfigDict, Field
-
-from engine.config import FilterConfig, StreamConfig
-from engine.errors import ALL_ERRORS, DitstreamError
 
 #: Version of every message below; bump on an incompatible change.
 WIRE_VERSION = 1

@@ -12,12 +12,11 @@ import re
 import struct
 from typing import Any, Literal
 
+from ditstream.engine.errors import ImageDecodeError, ValidationError
+from ditstream.server.codec import sniff
+from ditstream.server.errors import MalformedMessageError, UnknownMessageTypeError
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
-
-from engine.errors import ImageDecodeError, ValidationError
-from server.codec import sniff
-from server.errors import MalformedMessageError, UnknownMessageTypeError
 
 PROTOCOL_VERSION = 1
 #: Largest frame header (JSON) accepted.

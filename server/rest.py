@@ -19,15 +19,14 @@ from concurrent.futures import Future
 from typing import Annotated, Any, Literal
 
 import numpy as np
+from ditstream.engine.config import StreamConfig
+from ditstream.engine.errors import CancelledError, GenerationError, PayloadTooLargeError, ValidationError
+from ditstream.engine.types import StreamOutput
+from ditstream.server import codec
+from ditstream.server.app import AppState, state_of
+from ditstream.server.protocol import parse_size
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
-
-from engine.config import StreamConfig
-from engine.errors import CancelledError, GenerationError, PayloadTooLargeError, ValidationError
-from engine.types import StreamOutput
-from server import codec
-from server.app import AppState, state_of
-from server.protocol import parse_size
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["images"])

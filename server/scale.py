@@ -13,12 +13,11 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from server.messages import Codec, Keys
+from ditstream.server.messages import Codec, Keys
 
 if TYPE_CHECKING:
     import redis
-
-    from server.settings import Settings
+    from ditstream.server.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ def worker(
     import logging
     import signal
 
-    from server.settings import Settings
+    from ditstream.server.settings import Settings
 
     overrides = {k: v for k, v in dict(
         redis_url=redis, model=model, backend=backend, device=device, dtype=dtype, max_batch=max_batch,
@@ -48,16 +48,16 @@ def worker(
     if not settings.redis_url:
         typer.echo("ditstream worker: no Redis URL (--redis or DITSTREAM_REDIS_URL)", err=True)
         raise typer.Exit(2)
-    log = logging.getLogger("server.worker")
+    log = logging.getLogger("ditstream.server.worker")
     log.info("settings: %s", settings.public())
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    from engine.errors import DitstreamError
-    from server.app import load_runner
-    from server.scale import ScaleConfig
-    from server.worker import Worker
+    from ditstream.engine.errors import DitstreamError
+    from ditstream.server.app import load_runner
+    from ditstream.server.scale import ScaleConfig
+    from ditstream.server.worker import Worker
 
     try:
         runner = load_runner(settings.model_copy(update={"redis_url": None}))
@@ -93,7 +93,7 @@ def _health_server(w: object, port: int):  # -> http.server.ThreadingHTTPServer
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from server.worker import Worker
+    from ditstream.server.worker import Worker
 
     assert isinstance(w, Worker)
 
@@ -139,7 +139,7 @@ def bench_scale(
     """REST throughput through the gateway with 1 worker, then with N, on the same load (ratio reported)."""
     import json
 
-    from server.scale_bench import ScaleBenchSpec, format_report, run_scale_bench
+    from ditstream.server.scale_bench import ScaleBenchSpec, format_report, run_scale_bench
 
     spec = ScaleBenchSpec(model=model, workers=workers, jobs=jobs, concurrency=concurrency, size=size, steps=steps,
                           threads=threads, max_jobs=max_jobs, backend=backend, device=device,

@@ -79,7 +79,7 @@ def jpeg(image: Any, quality: int = 90) -> bytes:
 
 def frame_message(image_bytes: bytes, seq: int, ts: float | None = None) -> bytes:
     """A header-framed input frame."""
-    from server.protocol import pack_frame
+    from ditstream.server.protocol import pack_frame
 
     return pack_frame({"seq": seq, "ts": time.perf_counter() * 1e3 if ts is None else ts}, image_bytes)
 
@@ -87,8 +87,7 @@ def frame_message(image_bytes: bytes, seq: int, ts: float | None = None) -> byte
 def decode_output(message: bytes) -> tuple[dict[str, Any], Any]:
     """An output frame → (header, uint8 image)."""
     import simplejpeg
-
-    from server.protocol import unpack_frame
+    from ditstream.server.protocol import unpack_frame
 
     header, body = unpack_frame(message)
     assert header is not None, "outputs always carry a header"

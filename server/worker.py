@@ -31,10 +31,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.errors import DitstreamError, EngineDeadError, GenerationError, ValidationError
-from engine.runner import EngineRunner, StreamHandle
-from engine.types import StreamOutput
-from server.messages import (
+from ditstream.engine.errors import DitstreamError, EngineDeadError, GenerationError, ValidationError
+from ditstream.engine.runner import EngineRunner, StreamHandle
+from ditstream.engine.types import StreamOutput
+from ditstream.server.messages import (
     ErrorInfo,
     FrameHeader,
     Heartbeat,
@@ -50,7 +50,16 @@ from server.messages import (
     decode_image,
     encode_image,
 )
-from server.scale import Backoff, ScaleConfig, connect, ensure_group, fields_get, is_nogroup, redact, sid_str
+from ditstream.server.scale import (
+    Backoff,
+    ScaleConfig,
+    connect,
+    ensure_group,
+    fields_get,
+    is_nogroup,
+    redact,
+    sid_str,
+)
 
 logger = logging.getLogger(__name__)
 

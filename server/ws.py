@@ -23,30 +23,27 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from uvicorn.protocols.utils import ClientDisconnected
-
-from engine.config import StreamConfig
-from engine.errors import (
+from ditstream.engine.config import StreamConfig
+from ditstream.engine.errors import (
     DitstreamError,
     EngineDeadError,
     OverloadedError,
     PayloadTooLargeError,
     ValidationError,
 )
-from engine.runner import StreamHandle
-from engine.types import StreamOutput
-from server import codec
-from server.app import AppState, state_of
-from server.auth import SUBPROTOCOL
-from server.errors import (
+from ditstream.engine.runner import StreamHandle
+from ditstream.engine.types import StreamOutput
+from ditstream.server import codec
+from ditstream.server.app import AppState, state_of
+from ditstream.server.auth import SUBPROTOCOL
+from ditstream.server.errors import (
     WS_INTERNAL_ERROR,
     WS_TRY_AGAIN_LATER,
     ProtocolAbuseError,
     mapping_for,
     ws_error,
 )
-from server.protocol import (
+from ditstream.server.protocol import (
     PROTOCOL_VERSION,
     ConfigMessage,
     PingMessage,
@@ -55,6 +52,8 @@ from server.protocol import (
     parse_control,
     unpack_frame,
 )
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from uvicorn.protocols.utils import ClientDisconnected
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

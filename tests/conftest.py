@@ -19,15 +19,15 @@ ENGINE_BACKENDS = ["torch", "onnx", pytest.param("compile", marks=pytest.mark.sl
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """diffusers' own tiny test configuration of the real classes, random weights, saved and reloadable."""
-    from engine.synthetic import make_pipeline_folder
+    from ditstream.engine.synthetic import make_pipeline_folder
 
     return make_pipeline_folder(tmp_path_factory.mktemp("tiny") / "pipe", "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_components(tiny_model_dir: Path):
-    from engine.config import ModelConfig
-    from engine.loader import load_components
+    from ditstream.engine.config import ModelConfig
+    from ditstream.engine.loader import load_components
 
     return load_components(ModelConfig(model=str(tiny_model_dir)))
 
@@ -40,7 +40,7 @@ def backend_name(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def tiny_generator(tiny_components, backend_name: str):
     """A sequential generator on the tiny model with the backend under test."""
-    from engine.backends import create_backend
-    from engine.generate import Generator
+    from ditstream.engine.backends import create_backend
+    from ditstream.engine.generate import Generator
 
     return Generator(tiny_components, create_backend(backend_name, tiny_components))

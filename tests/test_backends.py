@@ -11,11 +11,10 @@ import sys
 
 import pytest
 import torch
-
-from engine.backends import create_backend
-from engine.backends.compile_backend import bucket_for
-from engine.errors import BackendUnavailableError
-from trt_build.export import transformer_inputs
+from ditstream.engine.backends import create_backend
+from ditstream.engine.backends.compile_backend import bucket_for
+from ditstream.engine.errors import BackendUnavailableError
+from ditstream.trt_build.export import transformer_inputs
 
 SHAPES = [(1, 32, 32), (3, 48, 64)]  # (batch, height, width) pixels
 
@@ -28,7 +27,7 @@ def reference(tiny_components):
 @pytest.fixture(scope="module")
 def onnx_backend(tiny_components, tmp_path_factory):
     pytest.importorskip("onnxruntime", reason="onnxruntime is in the 'test' extra")
-    from engine.backends.onnx_backend import OnnxBackend
+    from ditstream.engine.backends.onnx_backend import OnnxBackend
 
     return OnnxBackend(tiny_components, cache_dir=tmp_path_factory.mktemp("engines"))
 
@@ -76,11 +75,11 @@ def test_onnx_rows_are_independent(onnx_backend, tiny_components):
 
 def test_onnx_export_is_cached(tiny_components, tmp_path, caplog):
     pytest.importorskip("onnxruntime", reason="onnxruntime is in the 'test' extra")
-    from engine.backends.onnx_backend import OnnxBackend
+    from ditstream.engine.backends.onnx_backend import OnnxBackend
 
     OnnxBackend(tiny_components, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.onnx.json"))) == 3
-    with caplog.at_level("INFO", logger="trt_build.export"):
+    with caplog.at_level("INFO", logger="ditstream.trt_build.export"):
         OnnxBackend(tiny_components, cache_dir=tmp_path)
     assert sum("onnx cache hit" in r.getMessage() for r in caplog.records) == 3
 
@@ -92,7 +91,7 @@ def test_named_onnx_backend_without_onnxruntime_raises(tiny_components, monkeypa
 
 
 def test_onnx_refuses_bf16(tiny_components, monkeypatch):
-    from engine.backends.onnx_backend import OnnxBackend
+    from ditstream.engine.backends.onnx_backend import OnnxBackend
 
     monkeypatch.setattr(tiny_components, "dtype", torch.bfloat16)
     with pytest.raises(BackendUnavailableError, match="bf16"):
@@ -114,7 +113,7 @@ def test_gpu_bench_machinery_on_the_tiny_model(tmp_path):
     """The bench's loop, baseline, table and JSON on CPU with the tiny architecture (the GPU run is manual)."""
     import json
 
-    from trt_build.bench_gpu import format_table, run_gpu_bench, to_json
+    from ditstream.trt_build.bench_gpu import format_table, run_gpu_bench, to_json
 
     result = run_gpu_bench(arch="tiny", device="cpu", dtype="fp32", resolutions=(32,), batches=(1, 2),
                            backends=("torch", "onnx", "tensorrt"), min_time=0.0, cache_dir=str(tmp_path))
@@ -143,20 +142,20 @@ def test_bench_gpu_refuses_without_cuda():
 def test_auto_picks_onnx_on_cpu_and_says_why(tiny_components, monkeypatch, caplog, tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is in the 'test' extra")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    with caplog.at_level("INFO", logger="engine.backends"):
+    with caplog.at_level("INFO", logger="ditstream.engine.backends"):
         assert create_backend("auto", tiny_components).name == "onnx"
     assert "backend auto -> onnx: fastest available" in caplog.text
 
     caplog.clear()
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with caplog.at_level("INFO", logger="engine.backends"):
+    with caplog.at_level("INFO", logger="ditstream.engine.backends"):
         assert create_backend("auto", tiny_components).name == "torch"
     assert "skipped onnx:" in caplog.text and "onnxruntime" in caplog.text
 
 
 def test_bucket_padding_does_not_change_any_row(tiny_components, reference):
     """Batch 3 padded to bucket 4 (as on GPU with CUDA graphs) returns exactly the 3 real rows."""
-    from engine.backends.compile_backend import CompileBackend
+    from ditstream.engine.backends.compile_backend import CompileBackend
 
     padded = CompileBackend(tiny_components, compile_backend="eager", pad_to_buckets=True)
     assert padded.buckets and padded._bucket(3) == 4

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from engine.demo import dataset as ds
-from engine.demo.evaluator import read_image, score
+from ditstream.engine.demo import dataset as ds
+from ditstream.engine.demo.evaluator import read_image, score
 
 # --------------------------------------------------------------------------- data and evaluator
 
@@ -67,9 +66,8 @@ def test_evaluator_tolerates_noise_and_flags_blur() -> None:
 @pytest.fixture(scope="module")
 def components():
     import torch
-
-    from engine.config import ModelConfig
-    from engine.loader import load_components
+    from ditstream.engine.config import ModelConfig
+    from ditstream.engine.loader import load_components
 
     torch.set_num_threads(2)
     return load_components(ModelConfig(model="demo", device="cpu", dtype="fp32"))
@@ -77,16 +75,15 @@ def components():
 
 @pytest.fixture(scope="module")
 def generator(components):
-    from engine.generate import Generator
+    from ditstream.engine.generate import Generator
 
     return Generator(components)
 
 
 def test_demo_model_loads_through_the_loader_as_sana_sprint(components) -> None:
     from diffusers import AutoencoderDC, SanaTransformer2DModel, SCMScheduler
+    from ditstream.engine.loader import DEMO_MODEL_DIR
     from transformers import Gemma2Model
-
-    from engine.loader import DEMO_MODEL_DIR
 
     assert isinstance(components.transformer, SanaTransformer2DModel)
     assert isinstance(components.vae, AutoencoderDC)
@@ -103,7 +100,7 @@ def test_demo_model_loads_through_the_loader_as_sana_sprint(components) -> None:
 def one_step_subset(generator, components) -> dict[str, float]:
     """One-step txt2img scores over 100 captions (stride 13 is coprime with 280, so they spread over
     every shape, colour and background); shared by the acceptance and the 2-vs-1-step tests."""
-    from engine.demo.quality import _defaults, txt2img_scores
+    from ditstream.engine.demo.quality import _defaults, txt2img_scores
 
     return txt2img_scores(generator, _defaults(components), 100, 1, seed=100, stride=13)
 
@@ -132,7 +129,13 @@ def test_two_steps_are_at_least_as_good_as_one(generator, components, one_step_s
     prompt colour must not drop and the centroid may move by at most a quarter pixel (full run:
     0.58 px against 0.53 px for one step; a real regression is pixels).
     """
-    from engine.demo.quality import CLIPS, _defaults, img2img_one_step, img2img_stream, txt2img_scores
+    from ditstream.engine.demo.quality import (
+        CLIPS,
+        _defaults,
+        img2img_one_step,
+        img2img_stream,
+        txt2img_scores,
+    )
 
     d = _defaults(components)
     assert components.intermediate_angle == pytest.approx(1.1)
@@ -147,7 +150,7 @@ def test_two_steps_are_at_least_as_good_as_one(generator, components, one_step_s
 
 
 def test_one_step_img2img_keeps_position_and_takes_the_prompt_colour(generator, components) -> None:
-    from engine.demo.quality import CLIPS, _defaults, img2img_one_step
+    from ditstream.engine.demo.quality import CLIPS, _defaults, img2img_one_step
 
     d = _defaults(components)
     s = img2img_one_step(generator, d, 4, float(d["strength"]), seed=0, clips=CLIPS[:2])

@@ -9,15 +9,14 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from engine.demo import dataset as ds
-from engine.demo import train as T
+from ditstream.engine.demo import dataset as ds
+from ditstream.engine.demo import train as T
 
 
 @pytest.fixture(scope="module")
 def components():
-    from engine.config import ModelConfig
-    from engine.loader import load_components
+    from ditstream.engine.config import ModelConfig
+    from ditstream.engine.loader import load_components
 
     torch.set_num_threads(2)
     return load_components(ModelConfig(model="demo", device="cpu", dtype="fp32"))
@@ -29,9 +28,9 @@ def _captions_embedding(components, captions):
 
 def test_training_model_call_equals_the_engine_model_call(components) -> None:
     """What the student is trained through is exactly what the engine serves with."""
-    from engine import plan
-    from engine.backends import create_backend
-    from engine.prompt_cache import PromptCache
+    from ditstream.engine import plan
+    from ditstream.engine.backends import create_backend
+    from ditstream.engine.prompt_cache import PromptCache
 
     caption = ds.caption_for("star", "red", "white")
     emb, mask = _captions_embedding(components, [caption])
@@ -175,9 +174,9 @@ def test_the_autoencoder_refuses_a_latent_width_the_design_does_not_have() -> No
 
 def test_a_tiny_training_run_writes_a_model_the_engine_serves(tmp_path) -> None:
     """The whole recipe at a few steps (~30 s): a diffusers folder the loader reads and generates with."""
-    from engine.config import ModelConfig, StreamConfig
-    from engine.generate import Generator
-    from engine.loader import load_components
+    from ditstream.engine.config import ModelConfig, StreamConfig
+    from ditstream.engine.generate import Generator
+    from ditstream.engine.loader import load_components
 
     cfg = T.TrainConfig(n_images=64, ae_steps=2, ae_batch=4, decoder_steps=2, teacher_steps=3, teacher_batch=4, pairs=8, second_step_share=1.0,
                         teacher_sample_steps=2, student_steps=2, student_batch=4, vae_channels=(8, 16, 32),

@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-
-from server.settings import Settings
+from ditstream.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRETISH = re.compile(r"(KEY|SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL)", re.I)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-
-from engine.config import EngineConfig, StreamConfig
-from engine.core import EngineCore
-from engine.types import Frame
+from ditstream.engine.config import EngineConfig, StreamConfig
+from ditstream.engine.core import EngineCore
+from ditstream.engine.types import Frame
 
 SIZE = 32
 CONFIGS = [

@@ -11,11 +11,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from ditstream.engine.config import EngineConfig, StreamConfig
+from ditstream.engine.core import EngineCore
+from ditstream.engine.types import Frame
 from PIL import Image
-
-from engine.config import EngineConfig, StreamConfig
-from engine.core import EngineCore
-from engine.types import Frame
 
 TOL = 1e-4
 SIZE = 32
@@ -121,8 +120,8 @@ def test_stream_batch_emits_no_warmup_garbage(tiny_generator):
 
 def test_shorter_text_length_changes_cost_not_results(tiny_components):
     """Padding is masked out of cross-attention: 32 tokens give the image 300 tokens give."""
-    from engine.generate import Generator
-    from engine.prompt_cache import PromptCache
+    from ditstream.engine.generate import Generator
+    from ditstream.engine.prompt_cache import PromptCache
 
     cfg = StreamConfig(prompt="a red circle on a blue background", mode="txt2img", steps=2, seed=3,
                        width=SIZE, height=SIZE)

@@ -6,11 +6,10 @@ import shutil
 
 import pytest
 import torch
-
-from engine.config import ModelConfig
-from engine.errors import ModelLoadError
-from engine.loader import check_folder, load_components, resolve_dtype, resolve_source
-from engine.prompt_cache import PromptCache
+from ditstream.engine.config import ModelConfig
+from ditstream.engine.errors import ModelLoadError
+from ditstream.engine.loader import check_folder, load_components, resolve_dtype, resolve_source
+from ditstream.engine.prompt_cache import PromptCache
 
 
 def test_loads_real_classes_from_diffusers_layout(tiny_components):
@@ -42,8 +41,8 @@ def test_ditstream_json_sets_the_two_step_angle_and_rejects_a_bad_one(tmp_path, 
     import json
     import math
 
-    from engine import plan
-    from engine.config import StreamConfig
+    from ditstream.engine import plan
+    from ditstream.engine.config import StreamConfig
 
     assert load_components(ModelConfig(model=str(tiny_model_dir))).intermediate_angle == pytest.approx(1.3)
     model = tmp_path / "m"

@@ -18,8 +18,8 @@ import torch
 onnx = pytest.importorskip("onnx", reason="onnx is in the 'test' extra")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the 'test' extra")
 
-from trt_build.build import cast_resize_to_fp32  # noqa: E402
-from trt_build.export import (  # noqa: E402
+from ditstream.trt_build.build import cast_resize_to_fp32  # noqa: E402
+from ditstream.trt_build.export import (  # noqa: E402
     COMPONENTS,
     export_component,
     export_module,
@@ -173,7 +173,7 @@ def test_opset_below_17_is_refused(tmp_path):
 
 def test_optional_graphsurgeon_cleanup_keeps_numbers_and_epsilon(tiny_components, tmp_path):
     pytest.importorskip("onnx_graphsurgeon", reason="graph clean-up is optional (pip install onnx-graphsurgeon)")
-    from trt_build.export import cleanup_onnx
+    from ditstream.trt_build.export import cleanup_onnx
 
     path = export_component(tiny_components, "transformer", tmp_path / "t", clean=False)
     assert cleanup_onnx(path) is True

@@ -16,8 +16,10 @@ def test_wheel_ships_demo_model_and_web_page(tmp_path):
     assert r.returncode == 0, r.stderr
     (wheel,) = tmp_path.glob("ditstream-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    demo = [p.relative_to(ROOT).as_posix() for p in (ROOT / "engine" / "assets" / "demo").rglob("*") if p.is_file()]
+    demo = ["ditstream/" + p.relative_to(ROOT).as_posix()
+            for p in (ROOT / "engine" / "assets" / "demo").rglob("*") if p.is_file()]
     assert demo, "the demo model folder is empty"
     missing = [p for p in demo if p not in names]
     assert not missing, f"wheel lacks {missing}"
-    assert {"clients/web/index.html", "clients/web/app.js", "ditstream/cli.py", "engine/core.py"} <= names
+    assert {"ditstream/clients/web/index.html", "ditstream/clients/web/app.js", "ditstream/cli.py",
+            "ditstream/engine/core.py"} <= names

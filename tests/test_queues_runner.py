@@ -6,12 +6,11 @@ import time
 
 import numpy as np
 import pytest
-
-from engine.config import EngineConfig, FilterConfig, StreamConfig
-from engine.errors import EngineDeadError, ValidationError
-from engine.null import null_runner
-from engine.queues import LatestSlot, OutputQueue
-from engine.runner import EngineRunner
+from ditstream.engine.config import EngineConfig, FilterConfig, StreamConfig
+from ditstream.engine.errors import EngineDeadError, ValidationError
+from ditstream.engine.null import null_runner
+from ditstream.engine.queues import LatestSlot, OutputQueue
+from ditstream.engine.runner import EngineRunner
 
 SIZE = 32
 
@@ -60,7 +59,7 @@ def test_fast_producer_never_grows_memory_and_newest_wins():
 
 
 def test_runner_jobs_are_batched_and_equal_sequential(tiny_model_dir, tiny_generator):
-    from engine.config import ModelConfig
+    from ditstream.engine.config import ModelConfig
 
     runner = EngineRunner.from_config(ModelConfig(model=str(tiny_model_dir)), EngineConfig()).start()
     try:

@@ -13,11 +13,10 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 import redis
-
-from engine.config import EngineConfig, FilterConfig, StreamConfig
-from engine.errors import GenerationError, OverloadedError, ValidationError
-from server.gateway import RedisGatewayRunner
-from server.messages import (
+from ditstream.engine.config import EngineConfig, FilterConfig, StreamConfig
+from ditstream.engine.errors import GenerationError, OverloadedError, ValidationError
+from ditstream.server.gateway import RedisGatewayRunner
+from ditstream.server.messages import (
     ErrorInfo,
     Heartbeat,
     JobMessage,
@@ -29,9 +28,9 @@ from server.messages import (
     decode_image,
     encode_image,
 )
-from server.scale import ScaleConfig
-from server.scale_testing import RedisServer, redis_server_binary, wait_for
-from server.worker import Worker
+from ditstream.server.scale import ScaleConfig
+from ditstream.server.scale_testing import RedisServer, redis_server_binary, wait_for
+from ditstream.server.worker import Worker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,7 +58,7 @@ def r(redis_url: str):
 
 
 def _null_worker(scfg: ScaleConfig, wid: str = "w1", delay_s: float = 0.01) -> Worker:
-    from engine.null import null_runner
+    from ditstream.engine.null import null_runner
 
     return Worker(null_runner(EngineConfig(), delay_s=delay_s), scfg, worker_id=wid)
 
@@ -163,7 +162,7 @@ def test_failing_job_is_retried_then_dead_lettered(scfg: ScaleConfig, r: redis.R
 
 
 def test_a_job_is_answered_once_even_if_two_workers_finish_it(scfg: ScaleConfig, r: redis.Redis):
-    from engine.types import StreamOutput
+    from ditstream.engine.types import StreamOutput
 
     keys = scfg.keys
     reply = f"{scfg.prefix}:replies:test"
@@ -234,8 +233,8 @@ def test_gateway_job_and_session_round_trip_through_a_worker(scfg: ScaleConfig, 
 
 def test_tiny_model_result_through_redis_equals_the_local_engine(scfg: ScaleConfig, tiny_model_dir):
     """A real engine behind the transport: same config and seed → the same pixels as in-process."""
-    from engine.config import ModelConfig
-    from engine.runner import EngineRunner
+    from ditstream.engine.config import ModelConfig
+    from ditstream.engine.runner import EngineRunner
 
     mcfg = ModelConfig(model=str(tiny_model_dir))
     local = EngineRunner.from_config(mcfg, EngineConfig()).start()
@@ -286,10 +285,9 @@ def test_serve_with_redis_is_a_gateway(redis_url: str, tmp_path):
     import sys
 
     import httpx
-
-    from server.app import load_runner
-    from server.scale_testing import free_port
-    from server.settings import Settings
+    from ditstream.server.app import load_runner
+    from ditstream.server.scale_testing import free_port
+    from ditstream.server.settings import Settings
 
     url = redis_url.rsplit("/", 1)[0] + "/1"  # its own database: the default key prefix is used here
     assert isinstance(load_runner(Settings(redis_url=url)), RedisGatewayRunner)
@@ -346,9 +344,8 @@ def test_jobs_pending_across_a_redis_restart_are_sent_again(tmp_path):
 def test_worker_health_and_metrics_endpoint(scfg: ScaleConfig):
     """What the container healthcheck and Prometheus read from a worker (``--health-port``)."""
     import httpx
-
-    from server.scale_cli import _health_server
-    from server.scale_testing import free_port
+    from ditstream.server.scale_cli import _health_server
+    from ditstream.server.scale_testing import free_port
 
     w = _null_worker(scfg, "probe").start()
     port = free_port()
@@ -372,7 +369,7 @@ def test_supervisor_leaves_a_session_being_opened_alone_and_retries_a_failed_rep
     """Seen once in CI: the supervisor saw a new session with its worker set but no record yet (the
     open was still in flight), "re-pinned" it concurrently and the stream stalled. And a re-pin whose
     open failed used to leave the record naming a worker that never opened the session: no retry."""
-    from server.gateway import GatewayStreamHandle
+    from ditstream.server.gateway import GatewayStreamHandle
 
     keys = scfg.keys
     _fake_heartbeat(r, keys, "ghost")  # alive by heartbeat, never answers an open

@@ -20,14 +20,13 @@ import numpy as np
 import pytest
 import redis
 import websockets
+from ditstream.server.app import create_app
+from ditstream.server.gateway import RedisGatewayRunner
+from ditstream.server.messages import JobResult, SessionRecord
+from ditstream.server.scale_testing import RedisServer, WorkerProcess, redis_server_binary, wait_for
+from ditstream.server.settings import Settings
+from ditstream.server.testing import ServerThread, frame_message, jpeg, recv_frame, recv_json
 from PIL import Image
-
-from server.app import create_app
-from server.gateway import RedisGatewayRunner
-from server.messages import JobResult, SessionRecord
-from server.scale_testing import RedisServer, WorkerProcess, redis_server_binary, wait_for
-from server.settings import Settings
-from server.testing import ServerThread, frame_message, jpeg, recv_frame, recv_json
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -359,7 +358,7 @@ def test_bench_scale_two_workers_double_throughput(tmp_path: Path):
     that two workers really share the load (fair claiming, no gateway bottleneck). The real-model
     figure from the same command is recorded in docs/benchmarks.md.
     """
-    from server.scale_bench import ScaleBenchSpec, format_report, run_scale_bench
+    from ditstream.server.scale_bench import ScaleBenchSpec, format_report, run_scale_bench
 
     spec = ScaleBenchSpec(model="null", workers=2, jobs=40, concurrency=8, size=f"{SIZE}x{SIZE}", max_jobs=2,
                           null_delay_ms=100.0, warmup_per_worker=2, start_timeout_s=120)

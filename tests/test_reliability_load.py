@@ -10,10 +10,10 @@ published by ``ditstream bench load`` (docs/reliability.md), not asserted on sha
 
 from __future__ import annotations
 
+from ditstream.server.loadbench import NullServerConfig, format_levels, run_levels
 from typer.testing import CliRunner
 
 from ditstream.cli import app
-from server.loadbench import NullServerConfig, format_levels, run_levels
 
 
 def test_overload_is_refused_cleanly():

@@ -19,13 +19,12 @@ from collections.abc import Iterator
 import pytest
 import requests
 import schemathesis
+from ditstream.engine.config import EngineConfig
+from ditstream.engine.null import null_runner
+from ditstream.server.app import create_app
+from ditstream.server.settings import Settings
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-
-from engine.config import EngineConfig
-from engine.null import null_runner
-from server.app import create_app
-from server.settings import Settings
 
 KEY = "sk-schema-0123456789"
 #: Examples per operation and configuration; enough to reach the edge cases in well under a minute.

@@ -39,9 +39,8 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-
-from server.loadbench import NullServerConfig, null_server, rss_bytes
-from server.testing import decode_output, frame_message, jpeg
+from ditstream.server.loadbench import NullServerConfig, null_server, rss_bytes
+from ditstream.server.testing import decode_output, frame_message, jpeg
 
 SIZE = 64
 MAX_FRAME = 256 * 1024

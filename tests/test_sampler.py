@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from engine import sampler
+from ditstream.engine import sampler
 
 
 def test_txt2img_step_lists_follow_design():

@@ -26,17 +26,16 @@ import httpx
 import numpy as np
 import pytest
 import websockets
+from ditstream.engine.config import EngineConfig
+from ditstream.engine.null import null_runner
+from ditstream.server import auth as auth_module
+from ditstream.server.app import create_app
+from ditstream.server.settings import Settings
+from ditstream.server.testing import ServerThread, frame_message, jpeg, recv_frame, recv_json
 from fastapi.testclient import TestClient
 from PIL import Image
 from starlette.routing import Mount
 from starlette.websockets import WebSocketDisconnect
-
-from engine.config import EngineConfig
-from engine.null import null_runner
-from server import auth as auth_module
-from server.app import create_app
-from server.settings import Settings
-from server.testing import ServerThread, frame_message, jpeg, recv_frame, recv_json
 
 KEY = "sk-sec-Zq81xYw3-secret"
 WRONG = "sk-sec-wrong-guess-00"
@@ -326,7 +325,7 @@ def test_logs_never_contain_keys_or_image_bytes():
                base64.b64encode(marker[:48]).decode()[:40], "89 50 4e 47", "ff d8 ff"]
 
     capture = _Capture()
-    names = ["", "uvicorn", "uvicorn.error", "uvicorn.access", "websockets", "server", "engine"]
+    names = ["", "uvicorn", "uvicorn.error", "uvicorn.access", "websockets", "ditstream.server", "ditstream.engine"]
     app = create_app(Settings(model="null", default_width=64, default_height=64, api_keys=[KEY]), null_runner())
     with ServerThread(app) as srv:
         saved = {n: (logging.getLogger(n).level, logging.getLogger(n).propagate) for n in names}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from engine.null import null_runner
-from server.app import create_app
-from server.bench import BenchSpec, format_report, run_bench
-from server.settings import Settings
-from server.testing import ServerThread
+from ditstream.engine.null import null_runner
+from ditstream.server.app import create_app
+from ditstream.server.bench import BenchSpec, format_report, run_bench
+from ditstream.server.settings import Settings
+from ditstream.server.testing import ServerThread
 
 
 def test_bench_against_a_server_and_a_null_engine():
@@ -29,9 +29,8 @@ def test_bench_and_client_frames_are_420_like_browsers_send():
     """The bench measures the input real clients send: 4:2:0 JPEG (4:4:4 on request)."""
     import numpy as np
     import simplejpeg
-
-    from clients.stream_client import encode_jpeg
-    from server.bench import _pattern
+    from ditstream.clients.stream_client import encode_jpeg
+    from ditstream.server.bench import _pattern
 
     assert simplejpeg.decode_jpeg_header(_pattern(64, 64, 1, 85)[0])[3] == "420"
     assert simplejpeg.decode_jpeg_header(_pattern(64, 64, 1, 85, "444")[0])[3] == "444"

@@ -14,8 +14,7 @@ import time
 import httpx
 import numpy as np
 import websockets
-
-from server.testing import frame_message, jpeg, recv_frame, recv_json
+from ditstream.server.testing import frame_message, jpeg, recv_frame, recv_json
 
 
 def _free_port() -> int:

@@ -11,13 +11,12 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-
-from engine.errors import ALL_ERRORS
-from engine.null import null_runner
-from server.app import create_app
-from server.errors import ERROR_TABLE, SERVER_ERRORS, mapping_for
-from server.settings import Settings
-from server.testing import ServerThread, frame_message, jpeg, recv_frame, recv_json
+from ditstream.engine.errors import ALL_ERRORS
+from ditstream.engine.null import null_runner
+from ditstream.server.app import create_app
+from ditstream.server.errors import ERROR_TABLE, SERVER_ERRORS, mapping_for
+from ditstream.server.settings import Settings
+from ditstream.server.testing import ServerThread, frame_message, jpeg, recv_frame, recv_json
 
 KEY = "k-" + "x" * 30
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -14,13 +14,12 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-
-from engine.config import EngineConfig, ModelConfig
-from engine.null import null_runner
-from engine.runner import EngineRunner
-from server.app import create_app
-from server.settings import Settings
-from server.testing import ServerThread, frame_message, jpeg, recv_frame, recv_json
+from ditstream.engine.config import EngineConfig, ModelConfig
+from ditstream.engine.null import null_runner
+from ditstream.engine.runner import EngineRunner
+from ditstream.server.app import create_app
+from ditstream.server.settings import Settings
+from ditstream.server.testing import ServerThread, frame_message, jpeg, recv_frame, recv_json
 
 SIZE = 32
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from engine.config import FilterConfig
-from engine.similarity import SimilarityFilter, cosine, features, skip_probability
+from ditstream.engine.config import FilterConfig
+from ditstream.engine.similarity import SimilarityFilter, cosine, features, skip_probability
 
 
 def _img(value: int = 100, seed: int = 0) -> np.ndarray:

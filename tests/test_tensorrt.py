@@ -28,8 +28,8 @@ SEQ = 8
 
 @pytest.fixture(scope="module")
 def cuda_components(tiny_model_dir):
-    from engine.config import ModelConfig
-    from engine.loader import load_components
+    from ditstream.engine.config import ModelConfig
+    from ditstream.engine.loader import load_components
 
     return load_components(ModelConfig(model=str(tiny_model_dir), device="cuda", dtype="fp32"))
 
@@ -41,7 +41,7 @@ def engine_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trt_backend(cuda_components, engine_dir):
-    from engine.backends.tensorrt_backend import TensorRTBackend
+    from ditstream.engine.backends.tensorrt_backend import TensorRTBackend
 
     return TensorRTBackend(cuda_components, cache_dir=engine_dir, resolutions=RESOLUTIONS, batch_sizes=BATCHES,
                            seq_len=SEQ, opt_level=1)
@@ -49,8 +49,8 @@ def trt_backend(cuda_components, engine_dir):
 
 @pytest.mark.parametrize("batch,width,height", [(1, 32, 32), (4, 64, 48), (3, 48, 32)])
 def test_tensorrt_matches_torch(trt_backend, cuda_components, batch, width, height):
-    from engine.backends.torch_backend import TorchBackend
-    from trt_build.export import transformer_inputs
+    from ditstream.engine.backends.torch_backend import TorchBackend
+    from ditstream.trt_build.export import transformer_inputs
 
     ref = TorchBackend(cuda_components)
     f = cuda_components.vae_scale_factor
@@ -81,9 +81,9 @@ def test_cuda_graph_replay_equals_eager(trt_backend, cuda_components):
 
 
 def test_second_backend_loads_from_cache(trt_backend, cuda_components, engine_dir, caplog):
-    from engine.backends.tensorrt_backend import TensorRTBackend
+    from ditstream.engine.backends.tensorrt_backend import TensorRTBackend
 
-    with caplog.at_level("INFO", logger="trt_build.build"):
+    with caplog.at_level("INFO", logger="ditstream.trt_build.build"):
         TensorRTBackend(cuda_components, cache_dir=engine_dir, resolutions=RESOLUTIONS, batch_sizes=BATCHES,
                         seq_len=SEQ, opt_level=1)
     messages = [r.getMessage() for r in caplog.records]
@@ -92,7 +92,7 @@ def test_second_backend_loads_from_cache(trt_backend, cuda_components, engine_di
 
 
 def test_shape_outside_profile_is_an_error(trt_backend, cuda_components):
-    from engine.errors import GenerationError
+    from ditstream.engine.errors import GenerationError
 
     latents = torch.randn(8, cuda_components.latent_channels, 16, 16, device="cuda")  # batch 8 > max 4
     with pytest.raises(GenerationError, match="profile"):
@@ -101,10 +101,10 @@ def test_shape_outside_profile_is_an_error(trt_backend, cuda_components):
 
 def test_fp16_transformer_engine_has_no_nan(tiny_model_dir, tmp_path):
     """Strongly typed fp16 build: RMSNorm and linear attention stay fp32, so no NaN/inf."""
-    from engine.config import ModelConfig
-    from engine.loader import load_components
-    from trt_build.build import get_or_build_engine
-    from trt_build.cache import BuildProfile, EngineCache
+    from ditstream.engine.config import ModelConfig
+    from ditstream.engine.loader import load_components
+    from ditstream.trt_build.build import get_or_build_engine
+    from ditstream.trt_build.cache import BuildProfile, EngineCache
 
     comps = load_components(ModelConfig(model=str(tiny_model_dir), device="cuda", dtype="fp16"))
     profile = BuildProfile.from_request(RESOLUTIONS, BATCHES, seq_len=SEQ)
@@ -112,9 +112,8 @@ def test_fp16_transformer_engine_has_no_nan(tiny_model_dir, tmp_path):
     assert path.is_file() and EngineCache(tmp_path).sidecar(path).is_file()
 
     import tensorrt as trt
-
-    from engine.backends.tensorrt_backend import _Runner
-    from trt_build.export import transformer_inputs
+    from ditstream.engine.backends.tensorrt_backend import _Runner
+    from ditstream.trt_build.export import transformer_inputs
 
     runner = _Runner(trt, path, torch.device("cuda"), cuda_graphs=False)
     x, t, ehs, mask, g = transformer_inputs(comps.transformer, 4, 24, 32, seq_len=SEQ, device="cuda")

@@ -11,10 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from engine.backends.base import Backend
-from engine.errors import ModelLoadError
-from engine.tiny_vae import (
+from ditstream.engine.backends.base import Backend
+from ditstream.engine.errors import ModelLoadError
+from ditstream.engine.tiny_vae import (
     TINY_SCALE_FACTOR,
     TinyAutoencoder,
     TinyVaeBackend,
@@ -129,7 +128,7 @@ def test_backend_wrapper_replaces_only_the_sides_it_has(weight_files):
 
 
 def test_backend_wrapper_refuses_a_model_of_another_scale(weight_files, tiny_components):
-    from engine.backends import create_backend
+    from ditstream.engine.backends import create_backend
 
     _, dec_path, _, _ = weight_files
     with pytest.raises(ModelLoadError, match="32"):

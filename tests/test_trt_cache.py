@@ -11,9 +11,8 @@ import json
 
 import pytest
 import torch
-
-from trt_build.build import engine_spec, input_profiles, trt_version
-from trt_build.cache import BuildProfile, BuildSpec, EngineCache, weights_hash
+from ditstream.trt_build.build import engine_spec, input_profiles, trt_version
+from ditstream.trt_build.cache import BuildProfile, BuildSpec, EngineCache, weights_hash
 
 BASE = BuildSpec(weights_hash="abc", component="transformer", dtype="fp16",
                  profile=BuildProfile(batch=(1, 1, 4), height=(256, 512, 1024), width=(256, 512, 1024)),
@@ -204,7 +203,7 @@ def test_get_or_build_engine_flow_without_tensorrt(tiny_components, tmp_path, mo
     """Export → checks → build → cache, with the TensorRT build itself replaced by a recorder."""
     import copy
 
-    import trt_build.build as build
+    import ditstream.trt_build.build as build
 
     calls: list[tuple[str, dict]] = []
 

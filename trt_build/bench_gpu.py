@@ -92,11 +92,10 @@ class BenchResult:
 def build_components(arch: str, device: torch.device, dtype: torch.dtype) -> Any:
     """Random-weight transformer + VAE of ``arch`` (``sana-sprint-0.6b`` or ``tiny``) as ModelComponents."""
     from diffusers import AutoencoderDC, SanaTransformer2DModel, SCMScheduler
-
-    from engine.loader import ModelComponents
+    from ditstream.engine.loader import ModelComponents
 
     if arch == "tiny":
-        from engine.synthetic import build_components as tiny
+        from ditstream.engine.synthetic import build_components as tiny
 
         parts = tiny("tiny")
         transformer, vae = parts["transformer"], parts["vae"]
@@ -117,7 +116,7 @@ def build_components(arch: str, device: torch.device, dtype: torch.dtype) -> Any
 def one_step_img2img(backend: Any, components: Any, images: torch.Tensor, ehs: torch.Tensor,
                      mask: torch.Tensor, noise: torch.Tensor, strength: float = STRENGTH) -> torch.Tensor:
     """Encode → one model call at t₁ = strength·π/2 → decode, with the engine's sampler math."""
-    from engine import sampler
+    from ditstream.engine import sampler
 
     sd, sf = components.sigma_data, components.scaling_factor
     b = images.shape[0]
@@ -203,7 +202,7 @@ def run_gpu_bench(*, resolutions: Sequence[int] = (512, 1024), batches: Sequence
                            "is False); run it on a CUDA machine")
     if dev.type != "cuda" and arch != "tiny":
         raise BenchRefused("the GPU bench runs the real architecture only on CUDA")
-    from engine.loader import resolve_dtype
+    from ditstream.engine.loader import resolve_dtype
 
     torch_dtype = resolve_dtype(dtype, dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
@@ -217,7 +216,7 @@ def run_gpu_bench(*, resolutions: Sequence[int] = (512, 1024), batches: Sequence
     t0 = time.monotonic()
     components = build_components(arch, dev, torch_dtype)
     result.setup_s["model"] = round(time.monotonic() - t0, 2)
-    from engine.backends.torch_backend import TorchBackend
+    from ditstream.engine.backends.torch_backend import TorchBackend
 
     for size in resolutions:
         result.tflop_per_frame[size] = float(f"{count_tflop(TorchBackend(components), components, size):.6g}")
@@ -282,14 +281,14 @@ def _row(backend: str, size: int, batch: int, secs: float, tflop: float) -> Benc
 def _make_backend(name: str, components: Any, resolutions: Sequence[int], batches: Sequence[int],
                   cache_dir: str | None, *, deadline: float | None = None, opt_level: int = 3) -> Any:
     if name == "tensorrt":
-        from engine.backends.tensorrt_backend import TensorRTBackend
+        from ditstream.engine.backends.tensorrt_backend import TensorRTBackend
 
         res = [(s, s) for s in resolutions]
         return TensorRTBackend(components, cache_dir=cache_dir, resolutions=res, batch_sizes=list(batches),
                                seq_len=SEQ_LEN if components.transformer.config.caption_channels > 64 else 8,
                                opt_level=opt_level, build_deadline=deadline)
     if name == "onnx":
-        from engine.backends.onnx_backend import OnnxBackend
+        from ditstream.engine.backends.onnx_backend import OnnxBackend
 
         if components.dtype == torch.bfloat16:
             # onnxruntime has almost no bf16 kernels: measure it as a user would run it, with an fp16
@@ -301,7 +300,7 @@ def _make_backend(name: str, components: Any, resolutions: Sequence[int], batche
                 components, transformer=copy.deepcopy(components.transformer).half(),
                 vae=copy.deepcopy(components.vae).float(), dtype=torch.float16)
         return OnnxBackend(components, cache_dir=cache_dir)
-    from engine.backends import create_backend
+    from ditstream.engine.backends import create_backend
 
     return create_backend(name, components)
 

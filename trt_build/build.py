@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trt_build.cache import BuildProfile, BuildSpec, EngineCache
-from trt_build.export import (
+from ditstream.trt_build.cache import BuildProfile, BuildSpec, EngineCache
+from ditstream.trt_build.export import (
     COMPONENTS,
     DTYPE_NAMES,
     MODEL_FILE,
@@ -89,7 +89,7 @@ def input_profiles(components: Any, component: str, profile: BuildProfile) -> di
 def engine_spec(components: Any, component: str, profile: BuildProfile, *, opt_level: int = DEFAULT_OPT_LEVEL,
                 weights: str | None = None, device: int = 0) -> BuildSpec:
     """The cache spec of a TensorRT engine: weights, component, dtype, profile, flags, TRT, GPU."""
-    from trt_build.cache import weights_hash
+    from ditstream.trt_build.cache import weights_hash
 
     return BuildSpec(
         weights_hash=weights or weights_hash(component_module(components, component)),
@@ -141,8 +141,7 @@ def prepare_onnx_for_trt(onnx_path: Path, dtype: str) -> Path:
     such a graph would produce NaN/inf images, so we refuse instead.
     """
     import onnx
-
-    from trt_build.export import reduced_precision_islands
+    from ditstream.trt_build.export import reduced_precision_islands
 
     if dtype == "fp32":
         return onnx_path

@@ -44,7 +44,7 @@ def build_engine(
     import time
     from pathlib import Path
 
-    from trt_build.cache import BuildProfile, EngineCache
+    from ditstream.trt_build.cache import BuildProfile, EngineCache
 
     cache = EngineCache(Path(cache_dir) if cache_dir else None)
     if list_only:
@@ -55,15 +55,15 @@ def build_engine(
                        f"profile {json.dumps(spec.get('profile'))}")
         return
     sizes = [_parse_size(r) for r in resolution]
-    from engine.config import ModelConfig
-    from engine.loader import load_components
-    from trt_build.export import COMPONENTS, get_or_export
+    from ditstream.engine.config import ModelConfig
+    from ditstream.engine.loader import load_components
+    from ditstream.trt_build.export import COMPONENTS, get_or_export
 
     unknown = [c for c in component if c not in COMPONENTS]
     if unknown:
         raise typer.BadParameter(f"unknown component(s) {unknown}; choose from {list(COMPONENTS)}")
     if not onnx_only:
-        from trt_build.build import compute_capability, trt_version
+        from ditstream.trt_build.build import compute_capability, trt_version
 
         if not trt_version():
             typer.echo("error: TensorRT is not installed (pip install tensorrt); use --onnx-only to export only",
@@ -75,14 +75,14 @@ def build_engine(
     device = "cpu" if onnx_only else "cuda"
     components = load_components(ModelConfig(model=model, device=device, dtype=dtype))
     profile = BuildProfile.from_request(sizes, batch, seq_len=seq_len or components.max_sequence_length)
-    logging.getLogger("trt_build").setLevel(logging.INFO)
+    logging.getLogger("ditstream.trt_build").setLevel(logging.INFO)
     typer.echo(f"profile: {profile.describe()}")
     for name in component:
         started = time.monotonic()
         if onnx_only:
             path = get_or_export(components, name, cache=cache)
         else:
-            from trt_build.build import get_or_build_engine
+            from ditstream.trt_build.build import get_or_build_engine
 
             path = get_or_build_engine(components, name, profile, cache=cache, opt_level=opt_level, force=force)
         typer.echo(f"{name}: {path} ({time.monotonic() - started:.1f} s)")
@@ -102,7 +102,7 @@ def bench_gpu(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
 ) -> None:
     """One-step img2img fps per backend on the real SANA-Sprint 0.6B + DC-AE (random weights) vs diffusers."""
-    from trt_build.bench_gpu import BenchRefused, format_table, run_gpu_bench, to_json
+    from ditstream.trt_build.bench_gpu import BenchRefused, format_table, run_gpu_bench, to_json
 
     try:
         result = run_gpu_bench(resolutions=resolution, batches=batch, backends=backend, dtype=dtype,

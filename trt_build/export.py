@@ -372,7 +372,7 @@ def component_dtype(components: Any, component: str) -> torch.dtype:
 def onnx_build_spec(components: Any, component: str, *, opset: int = DEFAULT_OPSET,
                     weights: str | None = None) -> Any:
     """The cache spec of an ONNX export (dynamic shapes, so the profile is not part of it)."""
-    from trt_build.cache import BuildProfile, BuildSpec, weights_hash
+    from ditstream.trt_build.cache import BuildProfile, BuildSpec, weights_hash
 
     module = component_module(components, component)
     return BuildSpec(
@@ -385,7 +385,7 @@ def onnx_build_spec(components: Any, component: str, *, opset: int = DEFAULT_OPS
 def get_or_export(components: Any, component: str, *, cache: Any = None, opset: int = DEFAULT_OPSET,
                   height: int | None = None, width: int | None = None, weights: str | None = None) -> Path:
     """Path of ``model.onnx`` for ``component``, exported now unless the cache already holds it."""
-    from trt_build.cache import EngineCache
+    from ditstream.trt_build.cache import EngineCache
 
     cache = cache if cache is not None else EngineCache()
     spec = onnx_build_spec(components, component, opset=opset, weights=weights)

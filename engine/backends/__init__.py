@@ -10,19 +10,19 @@ import importlib
 import logging
 from typing import TYPE_CHECKING
 
-from engine.errors import BackendUnavailableError
+from ditstream.engine.errors import BackendUnavailableError
 
 if TYPE_CHECKING:
-    from engine.backends.base import Backend
-    from engine.loader import ModelComponents
+    from ditstream.engine.backends.base import Backend
+    from ditstream.engine.loader import ModelComponents
 
 logger = logging.getLogger(__name__)
 
 BACKENDS: dict[str, str] = {
-    "torch": "engine.backends.torch_backend:TorchBackend",
-    "compile": "engine.backends.compile_backend:CompileBackend",
-    "onnx": "engine.backends.onnx_backend:OnnxBackend",
-    "tensorrt": "engine.backends.tensorrt_backend:TensorRTBackend",
+    "torch": "ditstream.engine.backends.torch_backend:TorchBackend",
+    "compile": "ditstream.engine.backends.compile_backend:CompileBackend",
+    "onnx": "ditstream.engine.backends.onnx_backend:OnnxBackend",
+    "tensorrt": "ditstream.engine.backends.tensorrt_backend:TensorRTBackend",
 }
 
 #: ``auto`` tries these in order of expected speed and takes the first that loads. On CUDA: TensorRT

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-
-    from engine.loader import ModelComponents
+    from ditstream.engine.loader import ModelComponents
 
 
 class Backend(ABC):

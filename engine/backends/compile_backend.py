@@ -17,9 +17,8 @@ import logging
 from typing import Any
 
 import torch
-
-from engine.backends.base import Backend
-from engine.errors import BackendUnavailableError
+from ditstream.engine.backends.base import Backend
+from ditstream.engine.errors import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ class CompileBackend(Backend):
 
             if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
                 raise BackendUnavailableError("backend 'compile' on CPU needs a C++ compiler (g++ or clang++)")
-        from trt_build.export import TransformerExport, VaeDecoderExport, VaeEncoderExport
+        from ditstream.trt_build.export import TransformerExport, VaeDecoderExport, VaeEncoderExport
 
         self.cuda_graphs = self.device.type == "cuda" and mode in (None, "reduce-overhead")
         self.mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
@@ -101,7 +100,7 @@ class CompileBackend(Backend):
 
     def warmup(self, shapes: list[tuple[int, int, int]]) -> None:
         """Compile (and capture, on CUDA) every bucket the ``(batch, height, width)`` shapes need."""
-        from trt_build.export import transformer_inputs
+        from ditstream.trt_build.export import transformer_inputs
 
         f = self.components.vae_scale_factor
         seen: set[tuple[int, int, int]] = set()

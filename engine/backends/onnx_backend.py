@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from engine.backends.base import Backend
-from engine.errors import BackendUnavailableError
+from ditstream.engine.backends.base import Backend
+from ditstream.engine.errors import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +53,8 @@ class OnnxBackend(Backend):
             raise BackendUnavailableError(
                 "backend 'onnx' does not run bf16 (onnxruntime has few bf16 kernels); use --dtype fp16 or fp32"
             )
-        from trt_build.cache import EngineCache
-        from trt_build.export import get_or_export
+        from ditstream.trt_build.cache import EngineCache
+        from ditstream.trt_build.export import get_or_export
 
         self.cache = EngineCache(Path(cache_dir) if cache_dir is not None else None)
         self.providers = self._choose_providers(tensorrt_provider)

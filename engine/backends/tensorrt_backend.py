@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from engine.backends.base import Backend
-from engine.errors import BackendUnavailableError, GenerationError
+from ditstream.engine.backends.base import Backend
+from ditstream.engine.errors import BackendUnavailableError, GenerationError
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +143,8 @@ class TensorRTBackend(Backend):
                 from exc
         if components.device.type != "cuda" or not torch.cuda.is_available():
             raise BackendUnavailableError(f"backend 'tensorrt' needs a CUDA device; the model is on {components.device}")
-        from trt_build.build import DEFAULT_OPT_LEVEL, get_or_build_engine
-        from trt_build.cache import BuildProfile, EngineCache
+        from ditstream.trt_build.build import DEFAULT_OPT_LEVEL, get_or_build_engine
+        from ditstream.trt_build.cache import BuildProfile, EngineCache
 
         self._trt = trt
         self.cache = EngineCache(Path(cache_dir) if cache_dir is not None else None)
@@ -165,7 +164,7 @@ class TensorRTBackend(Backend):
 
     def warmup(self, shapes: list[tuple[int, int, int]]) -> None:
         """Run each ``(batch, height, width)`` twice so its CUDA graphs are captured before serving."""
-        from trt_build.export import transformer_inputs
+        from ditstream.trt_build.export import transformer_inputs
 
         f = self.components.vae_scale_factor
         for batch, height, width in shapes:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-
-from engine.backends.base import Backend
+from ditstream.engine.backends.base import Backend
 
 
 class TorchBackend(Backend):

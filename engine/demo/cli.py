@@ -24,8 +24,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Reproduce the demo model from scratch: autoencoder → flow teacher → one-step student."""
         from dataclasses import replace
 
-        from engine.demo.train import TrainConfig, train_demo
-        from engine.loader import DEMO_MODEL_DIR
+        from ditstream.engine.demo.train import TrainConfig, train_demo
+        from ditstream.engine.loader import DEMO_MODEL_DIR
 
         cfg = TrainConfig(seed=seed, device=device, threads=threads)
         if scale != 1.0:
@@ -47,7 +47,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Score one-step txt2img/img2img (and 2-step) with the model-independent evaluator; measure fps."""
         import json
 
-        from engine.demo.quality import format_report, run_quality
+        from ditstream.engine.demo.quality import format_report, run_quality
 
         report = run_quality(model, n=n, frames=frames, strength=None if strength < 0 else strength,
                              seed=seed, threads=threads)

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
-
-from engine.demo.dataset import COLOUR_NAMES, COLOURS, SHAPES, shape_mask
+from ditstream.engine.demo.dataset import COLOUR_NAMES, COLOURS, SHAPES, shape_mask
 
 _PALETTE = np.asarray([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float32)
 #: A pixel this far (RGB distance) from the background counts as shape when estimating its colour.

@@ -16,9 +16,8 @@ import time
 from typing import Any
 
 import numpy as np
-
-from engine.demo import dataset as ds
-from engine.demo.evaluator import read_image, score
+from ditstream.engine.demo import dataset as ds
+from ditstream.engine.demo.evaluator import read_image, score
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +33,8 @@ CLIPS: tuple[tuple[str, str, str, str], ...] = (
 
 def _components(model: str, threads: int):
     import torch
-
-    from engine.config import ModelConfig
-    from engine.loader import load_components
+    from ditstream.engine.config import ModelConfig
+    from ditstream.engine.loader import load_components
 
     torch.set_num_threads(threads)
     return load_components(ModelConfig(model=model, device="cpu", dtype="fp32"))
@@ -54,7 +52,7 @@ def txt2img_scores(generator, defaults: dict[str, Any], n: int, steps: int, seed
 
     ``stride`` coprime with 280 spreads a small subset over all shapes, colours and backgrounds.
     """
-    from engine.config import StreamConfig
+    from ditstream.engine.config import StreamConfig
 
     caps = ds.all_captions()
     images, targets = [], []
@@ -89,7 +87,7 @@ def _img2img_figures(outputs: list[np.ndarray], specs: list[ds.ShapeSpec], promp
 
 def img2img_one_step(generator, defaults: dict[str, Any], frames: int, strength: float, seed: int,
                      clips: tuple[tuple[str, str, str, str], ...] = CLIPS) -> dict[str, float]:
-    from engine.config import StreamConfig
+    from ditstream.engine.config import StreamConfig
 
     outs, specs, want = [], [], []
     for clip in clips:
@@ -107,11 +105,11 @@ def img2img_one_step(generator, defaults: dict[str, Any], frames: int, strength:
 def img2img_stream(components, defaults: dict[str, Any], frames: int, strength: float, steps: int, seed: int,
                    clips: tuple[tuple[str, str, str, str], ...] = CLIPS) -> dict[str, float]:
     """The clips through ``EngineCore`` (stream batch of ``steps`` slots); outputs matched by ``seq``."""
-    from engine.backends import create_backend
-    from engine.config import StreamConfig
-    from engine.core import EngineCore
-    from engine.prompt_cache import PromptCache
-    from engine.types import Frame
+    from ditstream.engine.backends import create_backend
+    from ditstream.engine.config import StreamConfig
+    from ditstream.engine.core import EngineCore
+    from ditstream.engine.prompt_cache import PromptCache
+    from ditstream.engine.types import Frame
 
     core = EngineCore(components, create_backend("torch", components), PromptCache(components))
     outs, specs, want = [], [], []
@@ -136,11 +134,11 @@ def img2img_stream(components, defaults: dict[str, Any], frames: int, strength: 
 
 def measure_fps(components, defaults: dict[str, Any], strength: float, seconds: float = 3.0) -> dict[str, float]:
     """One-step img2img at batch 1 through a 1-slot stream (encode + transformer + decode)."""
-    from engine.backends import create_backend
-    from engine.config import StreamConfig
-    from engine.core import EngineCore
-    from engine.prompt_cache import PromptCache
-    from engine.types import Frame
+    from ditstream.engine.backends import create_backend
+    from ditstream.engine.config import StreamConfig
+    from ditstream.engine.core import EngineCore
+    from ditstream.engine.prompt_cache import PromptCache
+    from ditstream.engine.types import Frame
 
     core = EngineCore(components, create_backend("torch", components), PromptCache(components))
     video, _, prompt = clip_frames(CLIPS[0], 16)
@@ -166,7 +164,7 @@ def measure_fps(components, defaults: dict[str, Any], strength: float, seconds: 
 def run_quality(model: str = "demo", *, n: int = 280, frames: int = 16, strength: float | None = None,
                 seed: int = 0, threads: int = 2, fps_seconds: float = 3.0) -> dict[str, Any]:
     """All figures of the model card, as a dict."""
-    from engine.generate import Generator
+    from ditstream.engine.generate import Generator
 
     components = _components(model, threads)
     defaults = _defaults(components)

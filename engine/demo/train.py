@@ -35,10 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ditstream.engine.demo import dataset as ds
+from ditstream.engine.images import to_tensor
 from tqdm.auto import tqdm
-
-from engine.demo import dataset as ds
-from engine.images import to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -169,9 +168,8 @@ def make_demo_tokenizer():
     The ``<bos>`` matters: an empty prompt (the unconditional branch) still has one unmasked token,
     so cross-attention never sees an all-masked row.
     """
+    from ditstream.engine.synthetic import make_tokenizer
     from tokenizers.processors import TemplateProcessing
-
-    from engine.synthetic import make_tokenizer
 
     tok = make_tokenizer(ds.vocabulary())
     bos = tok.convert_tokens_to_ids("<bos>")
@@ -641,7 +639,7 @@ def train_student(student, teacher_pairs, vae, scale: float, cap_table: dict[str
 def probe_teacher(teacher, text_encoder, tokenizer, vae, scale: float, cfg: TrainConfig, device: torch.device,
                   n: int = 40, steps: int = 8) -> dict[str, float]:
     """Score ``n`` teacher samples (``steps``-step DDIM, CFG) over spread captions with the evaluator."""
-    from engine.demo.evaluator import score
+    from ditstream.engine.demo.evaluator import score
 
     caps = ds.all_captions()
     chosen = [caps[(i * 17) % len(caps)] for i in range(n)]
@@ -669,7 +667,7 @@ def shape_following(model, text_encoder, tokenizer, vae, scale: float, cfg: Trai
     uses the shape word scores high on both; one that only denoises what it sees scores ~0.2 (chance)
     on ``"other"`` — the learnt-latent teacher's 0.18 after 5000 steps (it followed colour words).
     """
-    from engine.demo.evaluator import score
+    from ditstream.engine.demo.evaluator import score
 
     _, specs = ds.make_dataset(n, seed=cfg.seed + 5)
     x0 = clean_latents(specs, cfg, scale, device)
@@ -689,7 +687,7 @@ def shape_following(model, text_encoder, tokenizer, vae, scale: float, cfg: Trai
 @torch.no_grad()
 def decode_images(vae, x0: torch.Tensor, scale: float) -> np.ndarray:
     """Clean latents → uint8 (B, H, W, 3), the inverse of ``encode_latents``, rounded as the engine serves."""
-    from engine import images, sampler
+    from ditstream.engine import images, sampler
 
     return images.to_uint8(images.to_unit(vae.decoder(sampler.to_vae_latent(x0, SIGMA_D, scale))))
 
@@ -699,7 +697,7 @@ def log_decoder(vae, scale: float, cfg: TrainConfig, device: torch.device, stage
     """Log what the decoder draws, on 200 held-out images: their encoder reconstructions; exact
     latents whose class channels name another shape than their coverage (txt2img relies on the
     class channels); and exact latents blurred by 1.5 passes (about a one-step student's blur)."""
-    from engine.demo.evaluator import score
+    from ditstream.engine.demo.evaluator import score
 
     held, held_specs = ds.make_dataset(200, seed=cfg.seed + 1)
     targets = [(s.shape, s.colour, s.background) for s in held_specs]
@@ -728,7 +726,7 @@ def train_demo(out: str | Path, cfg: TrainConfig | None = None, *, default_stren
     With ``workdir``, each finished stage leaves a checkpoint there and a rerun with the same
     config resumes after the last finished stage (a 45-minute CPU run should not restart from zero).
     """
-    from engine.synthetic import save_pipeline
+    from ditstream.engine.synthetic import save_pipeline
 
     cfg = cfg or TrainConfig()
     device = resolve_device(cfg.device)
