@@ -138,3 +138,46 @@ def format_table(r: dict[str, Any]) -> str:
             f"device={r['device']} threads={r['torch_threads']}")
     w = max(len(a) for a, _, _ in rows)
     return "\n".join([head, *(f"{a:<{w}}  {b:>12}  {c:>7}" for a, b, c in rows)])
+
+
+def _spin() -> None:  # a busy CPU core, standing in for the other work on a shared machine
+    while True:
+        pass
+
+
+def run_threads_bench(model: str = "demo", size: int = 64, frames: int = 12, candidates: tuple[int, ...] = (1, 2, 0),
+                      load: int = 1, repeats: int = 5) -> dict[str, Any]:
+    """ms per frame of one img2img stream for each torch thread count, with ``load`` busy processes.
+
+    The arms run interleaved (one clip each, round-robin ``repeats`` times) so load that comes and
+    goes hits them alike; 0 is torch's default, one thread per core. This is the measurement behind
+    ``engine.threads.DEFAULT_THREADS``.
+    """
+    import multiprocessing as mp
+    import os
+
+    gen = Generator.from_config(ModelConfig(model=model))
+    clip = moving_clip(frames, size)
+    cfg = StreamConfig(prompt="a red square on a gray background", mode="img2img", strength=0.8, seed=1,
+                       width=size, height=size)
+    default = torch.get_num_threads()
+    spinners = [mp.get_context("spawn").Process(target=_spin, daemon=True) for _ in range(load)]
+    for p in spinners:
+        p.start()
+    times: dict[int, list[float]] = {n: [] for n in candidates}
+    try:
+        for n in candidates:  # warm-up per thread count (OpenMP pools are built lazily)
+            torch.set_num_threads(n or default)
+            _stream_run(gen, [cfg], clip[:2], 8)
+        for _ in range(repeats):
+            for n in candidates:
+                torch.set_num_threads(n or default)
+                times[n].append(_wall(lambda: _stream_run(gen, [cfg], clip, 8)) / len(clip))
+    finally:
+        for p in spinners:
+            p.kill()
+        torch.set_num_threads(default)
+    ms = {n: statistics.median(t) * 1e3 for n, t in times.items()}
+    return {"model": model, "size": size, "frames": frames, "repeats": repeats, "cores": os.cpu_count(),
+            "busy_processes": load, "torch_default_threads": default,
+            "ms_per_frame": {("default" if n == 0 else str(n)): round(v, 2) for n, v in ms.items()}}

@@ -29,7 +29,8 @@ def worker(
     prefix: str = typer.Option(None, help="Redis key prefix (several deployments can share one Redis)."),
     frame_codec: str = typer.Option(None, help="Stream frames on the wire: jpeg | raw | png."),
     null_delay_ms: float = typer.Option(None, help="Null engine only: simulated inference time per tick."),
-    threads: int = typer.Option(None, help="torch CPU threads (one per worker when several share a CPU)."),
+    threads: int = typer.Option(None, help="torch CPU threads (env DITSTREAM_THREADS; default 1, 0 = one per "
+                                "core). More threads are slower on a shared CPU (docs/benchmarks.md)."),
     health_port: int = typer.Option(None, "--health-port", help="Serve /health and /metrics on this port "
                                     "(0 = off; env DITSTREAM_WORKER_HEALTH_PORT)."),
 ) -> None:
@@ -43,17 +44,17 @@ def worker(
         redis_url=redis, model=model, backend=backend, device=device, dtype=dtype, max_batch=max_batch,
         worker_max_jobs=max_jobs, worker_heartbeat_s=heartbeat_s, worker_ttl_s=ttl_s, job_claim_idle_s=claim_idle_s,
         job_max_attempts=max_attempts, redis_prefix=prefix, frame_codec=frame_codec,
-        null_delay_s=null_delay_ms / 1e3 if null_delay_ms is not None else None).items() if v is not None}
+        null_delay_s=null_delay_ms / 1e3 if null_delay_ms is not None else None, threads=threads).items()
+        if v is not None}
     settings = Settings(**overrides)
     if not settings.redis_url:
         typer.echo("ditstream worker: no Redis URL (--redis or DITSTREAM_REDIS_URL)", err=True)
         raise typer.Exit(2)
     log = logging.getLogger("ditstream.server.worker")
     log.info("settings: %s", settings.public())
-    if threads:
-        import torch
+    from ditstream.engine.threads import set_torch_threads
 
-        torch.set_num_threads(threads)
+    set_torch_threads(settings.threads)
     from ditstream.engine.errors import DitstreamError
     from ditstream.server.app import load_runner
     from ditstream.server.scale import ScaleConfig

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     jpeg_quality: int = Field(85, ge=1, le=100)
     #: Threads that decode and encode images off the event loop.
     codec_threads: int = Field(4, ge=1)
+    #: torch CPU threads of the engine (0 = one per core). 1 by default: fastest on a shared CPU
+    #: (``engine/threads.py``, ``docs/benchmarks.md``).
+    threads: int = Field(1, ge=0)
     #: Bad messages in a row after which a socket is closed as abusive (1003).
     max_consecutive_errors: int = Field(50, ge=1)
     #: Seconds live streams get to finish at shutdown before they are closed.
