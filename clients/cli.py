@@ -5,7 +5,66 @@ Only typer is imported at module level; the clients speak the wire protocol (no 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import typer
+
+#: Exit codes of the client commands (README, "Exit codes"): 0 done; 1 the server could not be
+#: reached, refused or answered an error; 2 bad arguments (typer's own usage errors are 2 as well).
+EXIT_SERVER = 1
+EXIT_USAGE = 2
+OUTPUT_FORMATS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+def _parse_size(size: str | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError as exc:
+        raise typer.BadParameter(f"size must look like 64x64, got {size!r}", param_hint="--size") from exc
+    if w <= 0 or h <= 0:
+        raise typer.BadParameter(f"size must be positive, got {size!r}", param_hint="--size")
+    return w, h
+
+
+def stream_url(url: str) -> str:
+    """``http://h:p`` (the server) → ``ws://h:p/v1/stream``; a ws:// URL with a path is kept as given."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss"):
+        raise typer.BadParameter(f"expected http(s):// or ws(s)://, got {url!r}", param_hint="--url")
+    path = parts.path if parts.path not in ("", "/") else "/v1/stream"
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+@contextlib.contextmanager
+def _server_errors(command: str, url: str) -> Iterator[None]:
+    """Turn what a down, refusing or failing server raises into one line and an exit code."""
+    import httpx
+    import websockets
+    from ditstream.clients.rest_client import APIError
+
+    def fail(message: str, code: int = EXIT_SERVER) -> typer.Exit:
+        typer.echo(f"ditstream client {command}: {message}", err=True)
+        return typer.Exit(code)
+
+    try:
+        yield
+    except APIError as exc:
+        raise fail(str(exc)) from exc
+    except websockets.InvalidStatus as exc:
+        raise fail(f"{url} refused the stream: HTTP {exc.response.status_code}") from exc
+    except websockets.ConnectionClosedError as exc:
+        rcvd = exc.rcvd
+        why = f"{rcvd.code} {rcvd.reason}".strip() if rcvd else "no close frame"
+        raise fail(f"the server closed the stream: {why}") from exc
+    except (httpx.TransportError, websockets.InvalidHandshake, OSError, TimeoutError) as exc:
+        raise fail(f"cannot reach the server at {url}: {exc or type(exc).__name__} "
+                   "(is `ditstream serve` running there?)") from exc
 
 client_app = typer.Typer(help="Clients: stream video through the server, or make images over REST.",
                          no_args_is_help=True)
@@ -19,8 +78,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 def stream(
     source: str = typer.Argument("pattern", help="'pattern' (built-in), 'webcam' / 'webcam:N' (OpenCV), "
                                  "or a video file (OpenCV or PyAV)."),
-    url: str = typer.Option("ws://127.0.0.1:8000/v1/stream", help="The server's stream endpoint."),
-    prompt: str = typer.Option("a watercolor painting", help="Prompt."),
+    url: str = typer.Option("http://127.0.0.1:8000", envvar="DITSTREAM_URL",
+                            help="The server (http://host:port) or its stream endpoint (ws://host:port/v1/stream)."),
+    prompt: str = typer.Option(None, help="Prompt (default: the model's own default prompt)."),
     strength: float = typer.Option(None, help="img2img strength (0, 1]."),
     steps: int = typer.Option(None, help="Model calls per frame (1-4)."),
     seed: int = typer.Option(None, help="Noise seed."),
@@ -37,19 +97,41 @@ def stream(
     """Stream frames to /v1/stream; prints output fps and glass-to-glass latency every second."""
     import asyncio
 
-    from ditstream.clients.stream_client import open_sink, open_source, run_stream
+    from ditstream.clients.stream_client import SourceError, open_sink, open_source, run_stream
 
-    config: dict = {"prompt": prompt, "mode": mode}
+    url = stream_url(url)
+    wh = _parse_size(size)
+    if mode not in ("img2img", "txt2img"):
+        raise typer.BadParameter(f"mode must be img2img or txt2img, got {mode!r}", param_hint="--mode")
+    config: dict = {"mode": mode}
+    if prompt is not None:
+        config["prompt"] = prompt
     for k, v in (("strength", strength), ("steps", steps), ("seed", seed), ("size", size)):
         if v is not None:
             config[k] = v
     if mode == "txt2img":
         config["fps"] = fps
-    if size:
-        width, height = (int(x) for x in size.lower().split("x"))
+    try:
+        # the source opens first: a missing camera or file is a usage error, whatever the server
+        probe = open_source(source, 16, 16)
+        next(probe)
+        probe.close()
+    except SourceError as exc:
+        typer.echo(f"ditstream client stream: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from exc
+    except StopIteration:
+        typer.echo(f"ditstream client stream: {source!r} has no frames", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    if wh:
+        width, height = wh
     else:  # ask the server for its default size: open and close one stream
-        width, height = _server_size(url, api_key)
-    sinks = open_sink(out, show, fps)
+        with _server_errors("stream", url):
+            width, height = _server_size(url, api_key)
+    try:
+        sinks = open_sink(out, show, fps)
+    except SourceError as exc:
+        typer.echo(f"ditstream client stream: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from exc
 
     def on_output(header: dict, jpeg: bytes) -> None:
         for sink in sinks:
@@ -61,15 +143,18 @@ def stream(
     if frames is None and seconds is None and source == "pattern":
         seconds = 10.0
     try:
-        stats = asyncio.run(run_stream(url, open_source(source, width, height), config=config, fps=fps,
-                                       max_frames=frames, seconds=seconds, api_key=api_key,
-                                       max_in_flight=in_flight, on_output=on_output, report=report))
+        with _server_errors("stream", url):
+            stats = asyncio.run(run_stream(url, open_source(source, width, height), config=config, fps=fps,
+                                           max_frames=frames, seconds=seconds, api_key=api_key,
+                                           max_in_flight=in_flight, on_output=on_output, report=report))
     finally:
         for sink in sinks:
             sink.close()
     typer.echo("done: " + stats.summary())
     for err in stats.errors:
         typer.echo(f"server error: {err.get('code')}: {err.get('message')}", err=True)
+    if stats.errors:
+        raise typer.Exit(EXIT_SERVER)
 
 
 def _server_size(url: str, api_key: str | None) -> tuple[int, int]:
@@ -83,7 +168,8 @@ def _server_size(url: str, api_key: str | None) -> tuple[int, int]:
         async with websockets.connect(url, additional_headers=headers) as ws:
             ready = json.loads(await ws.recv())
             if ready.get("type") != "ready":
-                raise typer.BadParameter(f"server refused: {ready}")
+                typer.echo(f"ditstream client stream: the server refused the stream: {ready}", err=True)
+                raise typer.Exit(EXIT_SERVER)
             return int(ready["config"]["width"]), int(ready["config"]["height"])
 
     return asyncio.run(ask())
@@ -92,34 +178,47 @@ def _server_size(url: str, api_key: str | None) -> tuple[int, int]:
 @client_app.command("generate")
 def generate(
     prompt: str = typer.Argument(..., help="What to draw."),
-    url: str = typer.Option("http://127.0.0.1:8000", help="Server base URL."),
+    url: str = typer.Option("http://127.0.0.1:8000", envvar="DITSTREAM_URL", help="Server base URL."),
     image: str = typer.Option(None, help="Input image: img2img through /v1/images/edits."),
     size: str = typer.Option(None, help="WxH (default: the server's / the image's)."),
     n: int = typer.Option(1, help="Number of images."),
     seed: int = typer.Option(None, help="Seed of the first image."),
     steps: int = typer.Option(None, help="Model calls (1-4)."),
     strength: float = typer.Option(None, help="img2img strength (0, 1]."),
-    output_format: str = typer.Option("png", help="png | jpeg | webp."),
-    out: str = typer.Option("out", help="Output file stem: out.png, or out_0.png, out_1.png for n > 1."),
+    output_format: str = typer.Option(None, help="png | jpeg | webp (default: --out's extension, else png)."),
+    out: str = typer.Option("out", help="Output file (out.png) or stem: out → out.png, or out_0.png, out_1.png "
+                            "for n > 1."),
     api_key: str = typer.Option(None, envvar="DITSTREAM_API_KEY", help="API key (or env DITSTREAM_API_KEY)."),
 ) -> None:
     """Make images over REST and write them to files."""
     import time
     from pathlib import Path
 
-    from ditstream.clients.rest_client import APIError
     from ditstream.clients.rest_client import generate as rest_generate
 
+    _parse_size(size)
+    if image is not None and not Path(image).is_file():
+        raise typer.BadParameter(f"{image!r} does not exist or is not a file", param_hint="--image")
+    stem, suffix = str(out), Path(out).suffix.lower().lstrip(".")
+    if suffix:
+        by_ext = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}
+        if suffix not in by_ext:
+            raise typer.BadParameter(f"cannot write .{suffix}; use .png, .jpg or .webp (or a stem)",
+                                     param_hint="--out")
+        if output_format is not None and output_format != by_ext[suffix]:
+            raise typer.BadParameter(f"--out {out} is not --output-format {output_format}", param_hint="--out")
+        output_format, stem = by_ext[suffix], stem[: -len(suffix) - 1]
+    output_format = output_format or "png"
+    if output_format not in OUTPUT_FORMATS:
+        raise typer.BadParameter(f"use png, jpeg or webp, not {output_format!r}", param_hint="--output-format")
+
     t0 = time.perf_counter()
-    try:
+    with _server_errors("generate", url):
         blobs = rest_generate(url, prompt, image=image, size=size, n=n, seed=seed, steps=steps, strength=strength,
                               output_format=output_format, api_key=api_key)
-    except APIError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(1) from exc
-    ext = "jpg" if output_format == "jpeg" else output_format
+    ext = OUTPUT_FORMATS[output_format]
     for i, blob in enumerate(blobs):
-        path = Path(f"{out}.{ext}" if len(blobs) == 1 else f"{out}_{i}.{ext}")
+        path = Path(f"{stem}.{ext}" if len(blobs) == 1 else f"{stem}_{i}.{ext}")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(blob)
         typer.echo(str(path))

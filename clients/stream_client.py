@@ -88,12 +88,36 @@ def pattern_frames(width: int, height: int) -> Iterator[np.ndarray]:
         t += 1
 
 
-def _cv2_frames(target: int | str, loop: bool) -> Iterator[np.ndarray]:
-    import cv2
+#: How to get OpenCV (what a webcam needs), named in the error when it is missing.
+WEBCAM_EXTRA = "pip install 'ditstream[webcam]'  (headless OpenCV)"
 
+
+class SourceError(RuntimeError):
+    """A video source that cannot be opened: missing file, no camera, or no library to read it."""
+
+
+def _import_cv2() -> Any:
+    try:
+        import cv2
+    except ImportError as exc:
+        raise SourceError(f"reading a webcam needs OpenCV: {WEBCAM_EXTRA}") from exc
+    return cv2
+
+
+def capture_frames(target: int | str, loop: bool = False) -> Iterator[np.ndarray]:
+    """RGB frames from an OpenCV capture: a camera index (webcam) or a video file, the same code path.
+
+    The capture is opened here, not on the first ``next()``, so a missing camera fails at once.
+    """
+    cv2 = _import_cv2()
     cap = cv2.VideoCapture(target)
     if not cap.isOpened():
-        raise RuntimeError(f"cannot open {target!r} with OpenCV")
+        what = f"camera {target}" if isinstance(target, int) else repr(target)
+        raise SourceError(f"cannot open {what} with OpenCV")
+    return _read_capture(cv2, cap, target, loop)
+
+
+def _read_capture(cv2: Any, cap: Any, target: int | str, loop: bool) -> Iterator[np.ndarray]:
     try:
         while True:
             ok, bgr = cap.read()
@@ -123,19 +147,22 @@ def open_source(source: str, width: int, height: int, loop: bool = True) -> Iter
     if source == "pattern":
         frames: Iterator[np.ndarray] = pattern_frames(width, height)
     elif source == "webcam" or source.startswith("webcam:"):
-        try:
-            import cv2
-        except ImportError as exc:
-            raise RuntimeError("reading a webcam needs OpenCV: pip install opencv-python") from exc
-        frames = _cv2_frames(int(source.partition(":")[2] or 0), loop=False)
+        index = source.partition(":")[2] or "0"
+        if not index.isdigit():
+            raise SourceError(f"webcam index must be a number, got {source!r}")
+        frames = capture_frames(int(index), loop=False)
     else:
-        if not Path(source).exists():
-            raise FileNotFoundError(source)
+        if not Path(source).is_file():
+            raise SourceError(f"{source!r} is not 'pattern', 'webcam[:N]' or an existing video file")
         try:
-            import cv2  # noqa: F401
-
-            frames = _cv2_frames(source, loop)
-        except ImportError:
+            frames = capture_frames(source, loop)
+        except SourceError as exc:
+            if "needs OpenCV" not in str(exc):
+                raise
+            try:
+                import av  # noqa: F401
+            except ImportError:
+                raise SourceError(f"reading a video file needs OpenCV or PyAV: {WEBCAM_EXTRA}") from exc
             frames = _av_frames(source, loop)
     return (fit(f, width, height) for f in frames)
 
@@ -184,6 +211,29 @@ class VideoSink:
         self.container.close()
 
 
+class CvVideoSink:
+    """Writes outputs to a video file with OpenCV (``ditstream[webcam]``) when PyAV is not installed."""
+
+    def __init__(self, path: Path, fps: float) -> None:
+        self.cv2 = _import_cv2()
+        self.path, self.fps = path, fps
+        self.writer: Any = None
+
+    def __call__(self, header: dict[str, Any], jpeg: bytes) -> None:
+        img = decode_jpeg(jpeg)
+        if self.writer is None:
+            fourcc = self.cv2.VideoWriter_fourcc(*("MJPG" if self.path.suffix.lower() == ".avi" else "mp4v"))
+            self.writer = self.cv2.VideoWriter(str(self.path), fourcc, max(1.0, self.fps),
+                                               (img.shape[1], img.shape[0]))
+            if not self.writer.isOpened():
+                raise SourceError(f"OpenCV cannot write {str(self.path)!r}")
+        self.writer.write(np.ascontiguousarray(img[:, :, ::-1]))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+
+
 class WindowSink:
     """Shows outputs in an OpenCV window."""
 
@@ -205,8 +255,15 @@ def open_sink(out: str | None, show: bool, fps: float) -> list[Any]:
         sinks.append(WindowSink())
     if out:
         path = Path(out)
-        sinks.append(VideoSink(path, fps) if path.suffix.lower() in (".mp4", ".mkv", ".avi", ".mov")
-                     else FolderSink(path))
+        if path.suffix.lower() in (".mp4", ".mkv", ".avi", ".mov"):
+            try:
+                import av  # noqa: F401
+
+                sinks.append(VideoSink(path, fps))
+            except ImportError:
+                sinks.append(CvVideoSink(path, fps))
+        else:
+            sinks.append(FolderSink(path))
     return sinks
 
 

@@ -30,8 +30,27 @@ COMMAND_MODULES = ("ditstream.engine.cli", "ditstream.engine.demo.cli", "ditstre
                    "ditstream.trt_build.cli")
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), or the source tree's if not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("ditstream")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ditstream {version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level.")) -> None:
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
+          _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                        help="Print the version and exit.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import typer
 
+#: What ``generate --out`` can write, by extension (PIL's format names; .npy is the float array).
+OUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".npy": "NPY"}
+
 
 def parse_size(size: str | None) -> tuple[int, int] | None:
     """``"WxH"`` → (W, H); ``None`` stays None (the model's default size)."""
@@ -15,8 +18,31 @@ def parse_size(size: str | None) -> tuple[int, int] | None:
     try:
         w, h = (int(v) for v in size.lower().split("x"))
     except ValueError as exc:
-        raise typer.BadParameter(f"size must look like 512x512, got {size!r}") from exc
+        raise typer.BadParameter(f"size must look like 512x512, got {size!r}", param_hint="--size") from exc
+    if w <= 0 or h <= 0:
+        raise typer.BadParameter(f"size must be positive, got {size!r}", param_hint="--size")
     return w, h
+
+
+def _check_out(out: Path) -> str:
+    fmt = OUT_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise typer.BadParameter(f"cannot write {out.suffix or 'a file without extension'!r}; use one of "
+                                 f"{', '.join(OUT_FORMATS)}", param_hint="--out")
+    return fmt
+
+
+def _check_image(image: Path) -> None:
+    """Refuse an unreadable --image before the model loads (it takes a while)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not image.is_file():
+        raise typer.BadParameter(f"{str(image)!r} does not exist or is not a file", param_hint="--image")
+    try:
+        with Image.open(image) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise typer.BadParameter(f"cannot read {str(image)!r} as an image: {exc}", param_hint="--image") from exc
 
 
 def generate(
@@ -33,18 +59,27 @@ def generate(
     backend: str = typer.Option("torch", help="torch, compile, onnx, tensorrt or auto."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", help="auto, fp32, bf16 or fp16."),
+    threads: int = typer.Option(None, envvar="DITSTREAM_THREADS", help="torch CPU threads (default 1; 0 = one "
+                                "per core). More threads are slower on a shared CPU (docs/benchmarks.md)."),
 ) -> None:
     """Make one image (txt2img, or img2img with --image)."""
+    fmt = _check_out(out)
+    wh_arg = parse_size(size)
+    if image is not None:
+        _check_image(image)
+
     import numpy as np
     from ditstream.engine.config import ModelConfig, StreamConfig
     from ditstream.engine.errors import DitstreamError
     from ditstream.engine.generate import Generator
+    from ditstream.engine.threads import set_torch_threads
     from PIL import Image
 
+    set_torch_threads(threads)
     try:
         gen = Generator.from_config(ModelConfig(model=model, backend=backend, device=device, dtype=dtype))
         d = gen.components.defaults or {}
-        wh = parse_size(size) or (int(d.get("width", 512)), int(d.get("height", 512)))
+        wh = wh_arg or (int(d.get("width", 512)), int(d.get("height", 512)))
         cfg = StreamConfig(
             prompt=prompt, mode="img2img" if image else "txt2img", seed=seed, width=wh[0], height=wh[1],
             steps=steps or int(d.get("steps", 1)), strength=strength or float(d.get("strength", 0.6)),
@@ -62,12 +97,12 @@ def generate(
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from exc
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
+    if fmt == "NPY":
         np.save(out, unit)
     else:
         from ditstream.engine.images import to_uint8
 
-        Image.fromarray(to_uint8(unit)).save(out)
+        Image.fromarray(to_uint8(unit)).save(out, format=fmt)
     typer.echo(f"wrote {out} ({cfg.width}x{cfg.height}, {cfg.mode}, {cfg.steps} step(s), seed {cfg.seed})")
 
 
@@ -90,6 +125,27 @@ def bench_engine(
     typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
+def bench_threads(
+    model: str = typer.Option("demo", help="'demo' or a model folder."),
+    size: int = typer.Option(64, help="Square frame size in pixels."),
+    frames: int = typer.Option(12, help="Frames per clip."),
+    threads: str = typer.Option("1,2,0", help="Thread counts to compare, comma-separated (0 = torch's default)."),
+    load: int = typer.Option(1, help="Busy processes to run meanwhile (a shared CPU); 0 = an idle machine."),
+    repeats: int = typer.Option(5, help="Interleaved repeats of every arm (medians are reported)."),
+) -> None:
+    """ms per frame for each torch thread count on a CPU shared with `--load` busy processes."""
+    from ditstream.engine.bench import run_threads_bench
+
+    try:
+        candidates = tuple(int(t) for t in threads.split(","))
+    except ValueError as exc:
+        raise typer.BadParameter("a comma-separated list of integers", param_hint="--threads") from exc
+    result = run_threads_bench(model=model, size=size, frames=frames, candidates=candidates, load=load,
+                               repeats=repeats)
+    typer.echo(json.dumps(result, indent=2))
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.command("generate")(generate)
     bench.command("engine")(bench_engine)
+    bench.command("threads")(bench_threads)

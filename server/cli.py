@@ -37,6 +37,8 @@ def serve(
     null_delay_ms: float = typer.Option(None, help="Null engine only: simulated inference time per tick."),
     redis: str = typer.Option(None, "--redis", help="Gateway mode: take engines from `ditstream worker` "
                               "processes through this Redis (env DITSTREAM_REDIS_URL); --model is then unused."),
+    threads: int = typer.Option(None, help="torch CPU threads (env DITSTREAM_THREADS; default 1, 0 = one per "
+                                "core). More threads are slower on a shared CPU (docs/benchmarks.md)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Run the all-in-one server: REST + WebSocket + the engine in one process."""
@@ -52,18 +54,26 @@ def serve(
         max_frame_bytes=max_frame_bytes,
         max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_prompt_chars=max_prompt_chars,
         max_fps=max_fps, default_width=width, default_height=height,
-        null_delay_s=null_delay_ms / 1e3 if null_delay_ms is not None else None, redis_url=redis).items()
+        null_delay_s=null_delay_ms / 1e3 if null_delay_ms is not None else None, redis_url=redis,
+        threads=threads).items()
         if v is not None}
     settings = Settings(**overrides)
     logging.getLogger("ditstream.server").info("settings: %s", settings.public())
-    # Load before uvicorn starts (it binds the port only after startup anyway), so that a bad model
-    # or backend is one clear line, not a lifespan traceback.
+    # Bind first: a port in use is one clear line now, not after the model has loaded.
+    sock = bind_or_exit("ditstream serve", settings.host, settings.port)
+    # Load before uvicorn starts, so that a bad model or backend is one clear line, not a lifespan
+    # traceback.
     from ditstream.engine.errors import DitstreamError
     from ditstream.server.app import load_runner
 
+    if not settings.redis_url:  # a gateway holds no model: it never imports torch
+        from ditstream.engine.threads import set_torch_threads
+
+        set_torch_threads(settings.threads)
     try:
         runner = load_runner(settings)
     except DitstreamError as exc:
+        sock.close()
         typer.echo(f"ditstream serve: cannot load model {settings.model!r}: {exc.message}", err=True)
         raise typer.Exit(2) from exc
     app = create_app(settings, runner)
@@ -71,11 +81,26 @@ def serve(
         else repr(settings.model)
     typer.echo(f"ditstream: serving {what} on http://{settings.host}:{settings.port}/ "
                f"(WebSocket /v1/stream, REST /v1/images/*)")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
-                ws_max_size=settings.max_frame_bytes + 64 * 1024,
-                # Frames are JPEG already: permessage-deflate would burn ~1 ms of CPU per frame for nothing.
-                ws_per_message_deflate=False, ws_ping_interval=20, ws_ping_timeout=20,
-                timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            ws_max_size=settings.max_frame_bytes + 64 * 1024,
+                            # Frames are JPEG already: permessage-deflate would burn ~1 ms of CPU per frame.
+                            ws_per_message_deflate=False, ws_ping_interval=20, ws_ping_timeout=20,
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def bind_or_exit(command: str, host: str, port: int):
+    """A listening socket on (host, port), or exit 2 with one line saying why (e.g. the port is in use)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        typer.echo(f"{command}: cannot listen on {host}:{port}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from exc
+    sock.set_inheritable(True)
+    return sock
 
 
 def bench_server(

@@ -116,9 +116,7 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         out: Any = open(self.log, "ab") if self.log else subprocess.DEVNULL
-        root = Path(__file__).resolve().parent.parent
-        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), self.env.get("PYTHONPATH", "")]))
-        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=root,
+        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                      preexec_fn=_preexec())
         return self
 
