@@ -119,3 +119,55 @@ def test_page_streams_the_camera_and_shows_output(server, source, tmp_path):
             page.wait_for_function("!window.ditstream.running")
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    """What a new user runs: ``ditstream serve`` on the built-in demo model (no keys, no size flags)."""
+    from ditstream.engine.config import ModelConfig
+    from ditstream.engine.runner import EngineRunner
+
+    runner = EngineRunner.from_config(ModelConfig(model="demo", device="cpu", dtype="fp32"))
+    with ServerThread(create_app(Settings(model="demo"), runner)) as srv:
+        yield srv
+
+
+def test_first_run_on_the_demo_shows_the_prompt_drawn(demo_server):
+    """The page takes the demo's defaults (prompt, size, strength) from the server before Start, and
+    the test pattern through img2img at those defaults comes out as the prompt's shape and colours."""
+    import json
+
+    import numpy as np
+    from ditstream.engine.demo import dataset as ds
+    from ditstream.engine.demo.evaluator import read_image
+    from ditstream.engine.loader import DEMO_MODEL_DIR
+
+    defaults = json.loads((DEMO_MODEL_DIR / "ditstream.json").read_text())["defaults"]
+    shape, colour, background = next(c for c in ds.all_captions() if ds.caption_for(*c) == defaults["prompt"])
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(demo_server.url + "/?source=pattern")
+            page.wait_for_function("document.getElementById('prompt').value !== ''")
+            assert page.input_value("#prompt") == defaults["prompt"]
+            assert float(page.input_value("#strength")) == pytest.approx(defaults["strength"])
+            assert page.input_value("#steps") == str(defaults["steps"])
+            assert page.inner_text("#input-info") == f"{defaults['width']}×{defaults['height']}"
+            page.click("#start")
+            page.wait_for_function("window.ditstream.stats.received >= 5", timeout=60_000)
+            assert page.evaluate("window.ditstream.config.prompt") == defaults["prompt"]
+            rgba = page.evaluate("""() => {
+                const c = document.getElementById('output');
+                return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)];
+            }""")
+            w, h, data = rgba
+            assert (w, h) == (defaults["width"], defaults["height"])
+            image = np.asarray(data, np.uint8).reshape(h, w, 4)[..., :3]
+            r = read_image(image)
+            assert (r.shape, r.colour, r.background) == (shape, colour, background), r
+            assert page.evaluate("window.ditstream.stats.errors") == []
+            page.click("#start")
+            page.wait_for_function("!window.ditstream.running")
+        finally:
+            browser.close()
