@@ -279,7 +279,9 @@ def create_app(settings: Settings | None = None, runner: EngineRunner | None = N
                      admission=Admission(settings.max_streams, settings.max_queued_jobs, metrics,
                                          settings.retry_after_s),
                      codec=Codec(settings.codec_threads), runner=runner)
-    app = FastAPI(title="ditstream", version="0.1.0", lifespan=_lifespan(state),
+    # No Swagger UI / ReDoc: FastAPI's pages load their JS and CSS from a CDN, so offline (the demo's
+    # whole point) /docs would be a blank page. The schema itself is served: /openapi.json.
+    app = FastAPI(title="ditstream", version="0.1.0", lifespan=_lifespan(state), docs_url=None, redoc_url=None,
                   description="Real-time streaming image generation: OpenAI Images API over REST and a "
                               "frame-in/frame-out WebSocket at /v1/stream (see docs/protocol.md).")
     app.state.ditstream = state
