@@ -150,7 +150,7 @@ function updateStats() {
 function resetStats() {
   state.stats = freshStats(); state.recent = []; state.sentAt.clear();
   state.clockOffsetMs = null; state.bestRttMs = Infinity; state.pings = 0; state.pongs = 0;
-  for (const id of ["output-info"]) $(id).textContent = "";
+  $("output-info").textContent = "";
   updateStats();
 }
 
