@@ -1,7 +1,7 @@
 """Stream a webcam, a video file or a built-in test pattern to ``/v1/stream`` and get frames back.
 
 Speaks the wire protocol only (``docs/protocol.md``); imports neither ``engine`` nor ``server``.
-Sources: ``pattern`` (moving test pattern, no dependencies), ``webcam`` / ``webcam:N`` (OpenCV), or
+Sources: ``pattern`` (a red circle moving on white, no dependencies), ``webcam`` / ``webcam:N`` (OpenCV), or
 a video file (OpenCV, else PyAV). Outputs can be shown in a window (OpenCV), written as JPEG files
 to a folder, or written to a video file (PyAV or OpenCV).
 
@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -72,19 +73,38 @@ def fit(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- sources
-def pattern_frames(width: int, height: int) -> Iterator[np.ndarray]:
-    """A moving test pattern (colour sweep and a bouncing square), forever."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+#: The test pattern: a red circle moving on a white background, in the demo model's palette
+#: (``engine/demo/dataset.py``), i.e. something the demo model was trained on; the browser page draws
+#: the same. With the demo's default prompt ("a blue circle on a white background") img2img recolours it.
+PATTERN_COLOUR = (220, 40, 40)
+PATTERN_BACKGROUND = (245, 245, 245)
+#: Circle radius as a fraction of the shorter side (the demo data: 0.16-0.30).
+PATTERN_RADIUS = 0.22
+
+
+def pattern_position(width: int, height: int, t_ms: float) -> tuple[float, float, float]:
+    """Centre ``(cx, cy)`` and radius of the pattern's circle at ``t_ms``: a Lissajous path that
+    keeps the whole circle inside the frame (the same formula as ``clients/web/app.js``)."""
+    r = PATTERN_RADIUS * min(width, height)
+    cx = width / 2 + math.cos(t_ms / 700) * (width / 2 - r) * 0.9
+    cy = height / 2 + math.sin(t_ms / 450) * (height / 2 - r) * 0.9
+    return cx, cy, r
+
+
+def pattern_frame(width: int, height: int, t_ms: float) -> np.ndarray:
+    """One frame of the test pattern (anti-aliased edge), uint8 (H, W, 3)."""
+    cx, cy, r = pattern_position(width, height, t_ms)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    alpha = np.clip(r - np.hypot(x - cx, y - cy) + 0.5, 0.0, 1.0)[..., None]
+    img = alpha * np.array(PATTERN_COLOUR, np.float32) + (1 - alpha) * np.array(PATTERN_BACKGROUND, np.float32)
+    return np.round(img).astype(np.uint8)
+
+
+def pattern_frames(width: int, height: int, fps: float = 30.0) -> Iterator[np.ndarray]:
+    """The moving test pattern (``pattern_frame``) at ``fps`` frames per second of pattern time, forever."""
     t = 0
     while True:
-        phase = t / 30.0
-        img = np.stack([(x / width * 255 + t * 3) % 256, (y / height * 255) % 256,
-                        np.full_like(x, 128 + 100 * np.sin(phase))], -1).astype(np.uint8)
-        s = max(2, min(width, height) // 6)
-        cx = int((width - s) * (0.5 + 0.45 * np.sin(phase * 1.3)))
-        cy = int((height - s) * (0.5 + 0.45 * np.cos(phase)))
-        img[cy : cy + s, cx : cx + s] = 255
-        yield img
+        yield pattern_frame(width, height, t * 1000.0 / fps)
         t += 1
 
 

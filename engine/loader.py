@@ -32,6 +32,23 @@ REQUIRED_FILES: dict[str, tuple[str, ...]] = {
     "scheduler": ("scheduler_config.json",),
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+#: What a model gets for every setting its ``ditstream.json`` ``defaults`` does not state (a real
+#: SANA-Sprint folder usually has no ``ditstream.json``): SANA-Sprint's native 1024² and guidance
+#: 4.5, one step (real time; SANA-Sprint's pipeline defaults to 2), the engine's img2img strength,
+#: and a generic prompt.
+FALLBACK_DEFAULTS: dict[str, Any] = {
+    "prompt": "a watercolor painting, vivid colors",
+    "width": 1024,
+    "height": 1024,
+    "steps": 1,
+    "strength": 0.6,
+    "guidance_scale": 4.5,
+}
+#: ``defaults`` keys and their types (``ditstream.json`` may state any subset).
+DEFAULT_TYPES: dict[str, type | tuple[type, ...]] = {
+    "prompt": str, "width": int, "height": int, "steps": int, "strength": (int, float),
+    "guidance_scale": (int, float), "seed": int,
+}
 
 
 @dataclass
@@ -48,7 +65,8 @@ class ModelComponents:
     source: str
     #: ``None`` = no instruction prefix; else the list of lines diffusers prepends to prompts.
     complex_human_instruction: list[str] | None = None
-    #: The pipeline defaults the model was made for (steps, guidance, ...), from ``ditstream.json``.
+    #: The settings the model was made for (prompt, size, steps, strength, guidance): its
+    #: ``ditstream.json`` ``defaults``, completed from ``FALLBACK_DEFAULTS`` (see ``model_defaults``).
     defaults: dict[str, Any] | None = None
     max_sequence_length: int = 300
     #: Second angle of two-step txt2img (``ditstream.json`` ``intermediate_angle``; SANA-Sprint's 1.3
@@ -162,11 +180,12 @@ def load_components(config: ModelConfig) -> ModelComponents:
 
     extra = read_extra(source)
     chi = _instruction(config.complex_human_instruction, extra)
+    stated = stated_defaults(config.model, extra)
     logger.info("loaded model %s on %s (%s)", config.model, device, dtype)
     return ModelComponents(
         transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         scheduler=scheduler, device=device, dtype=dtype, source=src,
-        complex_human_instruction=chi, defaults=extra.get("defaults"),
+        complex_human_instruction=chi, defaults=model_defaults(stated),
         max_sequence_length=int(config.max_sequence_length or extra.get("max_sequence_length") or 300),
         intermediate_angle=_intermediate_angle(config.model, extra),
     )
@@ -177,6 +196,26 @@ def read_extra(source: str | Path) -> dict[str, Any]:
     if isinstance(source, Path) and (source / "ditstream.json").is_file():
         return json.loads((source / "ditstream.json").read_text())
     return {}
+
+
+def stated_defaults(model: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """The ``defaults`` of ``ditstream.json`` (``{}`` when absent), each checked for its type."""
+    stated = extra.get("defaults") or {}
+    if not isinstance(stated, dict):
+        raise ModelLoadError(f"model {model!r}: ditstream.json defaults must be an object, got {stated!r}")
+    for key, value in stated.items():
+        want = DEFAULT_TYPES.get(key)
+        if want is None:
+            raise ModelLoadError(f"model {model!r}: ditstream.json defaults has an unknown key {key!r}; "
+                                 f"known: {', '.join(DEFAULT_TYPES)}")
+        if isinstance(value, bool) or not isinstance(value, want):
+            raise ModelLoadError(f"model {model!r}: ditstream.json defaults.{key} has the wrong type: {value!r}")
+    return dict(stated)
+
+
+def model_defaults(stated: dict[str, Any] | None) -> dict[str, Any]:
+    """A model's full defaults: what its ``ditstream.json`` states over ``FALLBACK_DEFAULTS``."""
+    return {**FALLBACK_DEFAULTS, **(stated or {})}
 
 
 def _intermediate_angle(model: str, extra: dict[str, Any]) -> float:

@@ -38,6 +38,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 logger = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
+#: ``defaults`` keys a new stream takes from the model.
+STREAM_DEFAULT_KEYS = ("prompt", "width", "height", "steps", "strength", "guidance_scale", "seed")
+#: Stream size when neither the model nor the server states one (the null engine).
+FALLBACK_SIZE = 512
+_STREAM_CONFIG_DEFAULTS = StreamConfig()
 KNOWN_ROUTES = frozenset({"/", "/health", "/ready", "/metrics", "/v1/models", "/v1/images/generations",
                           "/v1/images/edits", "/v1/stream"})
 
@@ -76,14 +81,33 @@ class AppState:
                                   f"is {s.max_pixels}", field="size")
         return cfg
 
-    def stream_defaults(self) -> dict[str, Any]:
-        """Stream settings a new session starts with: the model's own defaults, else the server's."""
-        d: dict[str, Any] = {"width": self.settings.default_width, "height": self.settings.default_height}
+    def model_defaults(self) -> dict[str, Any]:
+        """The engine's model defaults (``ditstream.json`` over the loader's fallbacks; ``{}`` for none)."""
         info = self.runner.info if self.runner is not None else {}
-        for k, v in (info.get("defaults") or {}).items():
-            if k in ("width", "height", "steps", "strength", "guidance_scale", "prompt", "seed"):
-                d[k] = v
+        return {k: v for k, v in (info.get("defaults") or {}).items() if k in STREAM_DEFAULT_KEYS}
+
+    def stream_defaults(self) -> dict[str, Any]:
+        """Stream settings a new session starts with: the model's defaults, the size overridden by
+        the server's ``--width``/``--height`` when given (512² for an engine that states none)."""
+        d: dict[str, Any] = {"width": FALLBACK_SIZE, "height": FALLBACK_SIZE, **self.model_defaults()}
+        if self.settings.default_width is not None:
+            d["width"] = self.settings.default_width
+        if self.settings.default_height is not None:
+            d["height"] = self.settings.default_height
         return d
+
+    def model_card(self) -> dict[str, Any]:
+        """What ``ready`` and ``GET /v1/models`` say about the model: name, where it runs, its native
+        size and size multiple, and the settings a new stream starts with (``docs/protocol.md``)."""
+        info = self.runner.info if self.runner is not None else {}
+        own = self.model_defaults()
+        start = self.stream_defaults()
+        native = f"{own['width']}x{own['height']}" if "width" in own and "height" in own else None
+        return {"model": info.get("model") or self.settings.model, "backend": info.get("backend"),
+                "device": info.get("device"), "dtype": info.get("dtype"), "native_size": native,
+                "size_multiple": info.get("size_multiple"),
+                "defaults": {k: start.get(k, getattr(_STREAM_CONFIG_DEFAULTS, k))
+                             for k in ("prompt", "width", "height", "steps", "strength", "guidance_scale")}}
 
 
 #: ``code`` of FastAPI's own HTTP refusals in the error body.
@@ -255,7 +279,9 @@ def create_app(settings: Settings | None = None, runner: EngineRunner | None = N
                      admission=Admission(settings.max_streams, settings.max_queued_jobs, metrics,
                                          settings.retry_after_s),
                      codec=Codec(settings.codec_threads), runner=runner)
-    app = FastAPI(title="ditstream", version="0.1.0", lifespan=_lifespan(state),
+    # No Swagger UI / ReDoc: FastAPI's pages load their JS and CSS from a CDN, so offline (the demo's
+    # whole point) /docs would be a blank page. The schema itself is served: /openapi.json.
+    app = FastAPI(title="ditstream", version="0.1.0", lifespan=_lifespan(state), docs_url=None, redoc_url=None,
                   description="Real-time streaming image generation: OpenAI Images API over REST and a "
                               "frame-in/frame-out WebSocket at /v1/stream (see docs/protocol.md).")
     app.state.ditstream = state

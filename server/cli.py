@@ -32,8 +32,8 @@ def serve(
     max_pixels: int = typer.Option(None, help="Largest image area in pixels."),
     max_prompt_chars: int = typer.Option(None, help="Longest prompt in characters."),
     max_fps: float = typer.Option(None, help="Highest txt2img push rate."),
-    width: int = typer.Option(None, "--width", help="Default stream width when the model states none."),
-    height: int = typer.Option(None, "--height", help="Default stream height when the model states none."),
+    width: int = typer.Option(None, "--width", help="Default stream width (overrides the model's own size; env DITSTREAM_DEFAULT_WIDTH)."),
+    height: int = typer.Option(None, "--height", help="Default stream height (overrides the model's own size; env DITSTREAM_DEFAULT_HEIGHT)."),
     null_delay_ms: float = typer.Option(None, help="Null engine only: simulated inference time per tick."),
     redis: str = typer.Option(None, "--redis", help="Gateway mode: take engines from `ditstream worker` "
                               "processes through this Redis (env DITSTREAM_REDIS_URL); --model is then unused."),

@@ -65,11 +65,26 @@ class ImagesResponse(BaseModel):
     size: str
 
 
+class ModelDefaults(BaseModel):
+    """The settings a new stream starts with (the model's own; the size may be the server's)."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    strength: float
+    guidance_scale: float
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "ditstream"
+    backend: str | None = Field(None, description="The inference backend (torch, onnx, tensorrt, ...).")
+    native_size: str | None = Field(None, description="'WxH' the model was made for (null if it states none).")
+    size_multiple: int | None = Field(None, description="Sizes must be multiples of this.")
+    defaults: ModelDefaults | None = None
 
 
 class ModelList(BaseModel):
@@ -92,8 +107,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 @router.get("/models", response_model=ModelList, summary="The model this server serves.")
 async def list_models(request: Request) -> ModelList:
     state = state_of(request.app)
-    name = (state.runner.info.get("model") if state.runner else None) or state.settings.model
-    return ModelList(data=[ModelCard(id=str(name), created=int(state.started_at))])
+    card = state.model_card()
+    return ModelList(data=[ModelCard(id=str(card["model"]), created=int(state.started_at), backend=card["backend"],
+                                     native_size=card["native_size"], size_multiple=card["size_multiple"],
+                                     defaults=ModelDefaults(**card["defaults"]))])
 
 
 @router.post("/images/generations", response_model=ImagesResponse, responses=_ERRORS,

@@ -51,9 +51,10 @@ class Settings(BaseSettings):
     #: txt2img streams: default and highest frame rate the server pushes.
     default_fps: float = Field(10.0, gt=0)
     max_fps: float = Field(60.0, gt=0)
-    #: Default stream size when the model has none (the demo model states its own).
-    default_width: int = 512
-    default_height: int = 512
+    #: Stream size new streams start at; ``None`` = the model's own (its ``ditstream.json``, else
+    #: the loader's fallback 1024²; 512 for an engine that states none, e.g. ``null``).
+    default_width: int | None = None
+    default_height: int | None = None
     #: Engine scheduler knobs.
     max_batch: int = Field(16, ge=1)
     output_queue_size: int = Field(4, ge=1)

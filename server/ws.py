@@ -147,7 +147,7 @@ class StreamSession:
             logger.debug("stream %s opened", self.handle.id)
             self.send_json({"type": "ready", "session": self.handle.id, "protocol": PROTOCOL_VERSION,
                             "config": self._config_dict(self.config), "limits": self._limits(),
-                            "model": {k: self.runner.info.get(k) for k in ("model", "backend", "device", "dtype")}})
+                            "model": self.state.model_card()})
             sender = asyncio.create_task(self._sender(), name=f"ditstream-sender-{self.handle.id}")
             await self._receive_loop(sender)
         except DitstreamError as exc:  # could not even open the stream

@@ -38,6 +38,20 @@ def server():
         yield srv
 
 
+def assert_txt2img_g2g(page) -> None:
+    """txt2img outputs are server-made (``ts`` = server wall clock): the page's figure must be a
+    plausible latency, not a difference of two unrelated clocks (it once showed −1795979671284 ms)."""
+    # After the page's burst of pings has fixed the clock offset, a fresh server-made output:
+    page.wait_for_function("window.ditstream.pongs >= 8", timeout=30_000)
+    received = page.evaluate("window.ditstream.stats.received")
+    page.wait_for_function(f"window.ditstream.stats.received > {received} "
+                           "&& window.ditstream.stats.latencyKind === 'server'", timeout=30_000)
+    g2g = page.evaluate("window.ditstream.stats.latencyMs")
+    assert 0 < g2g < 60_000, g2g
+    page.wait_for_function("document.getElementById('latency').textContent !== '–'")
+    assert 0 <= float(page.inner_text("#latency")) < 60_000
+
+
 @pytest.mark.parametrize("source", ["webcam", "pattern"])
 def test_page_streams_the_camera_and_shows_output(server, source, tmp_path):
     artifacts = Path(os.environ.get("DITSTREAM_ARTIFACTS", tmp_path))
@@ -68,6 +82,9 @@ def test_page_streams_the_camera_and_shows_output(server, source, tmp_path):
             assert (pixels["w"], pixels["h"]) == (256, 256)
             assert pixels["var"] > 10, f"output canvas looks blank: {pixels}"
             assert float(page.inner_text("#fps")) > 0
+            # img2img glass-to-glass: timed from the page's own send of the answered frame.
+            page.wait_for_function("window.ditstream.stats.latencyKind === 'sent'")
+            assert 0 < page.evaluate("window.ditstream.stats.latencyMs") < 60_000
             page.wait_for_timeout(300)  # let the readouts refresh once more for the screenshot
             shot = artifacts / f"page-{source}.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -78,7 +95,79 @@ def test_page_streams_the_camera_and_shows_output(server, source, tmp_path):
                 sent, received = page.evaluate("[window.ditstream.stats.sent, window.ditstream.stats.received]")
                 page.wait_for_function(f"window.ditstream.stats.received >= {received + 10}", timeout=30_000)
                 assert page.evaluate("window.ditstream.stats.sent") <= sent + 2  # frames already in flight
+                assert_txt2img_g2g(page)
             page.click("#start")  # stop: the socket closes cleanly
+            page.wait_for_function("!window.ditstream.running")
+            assert int(page.inner_text("#received")) >= 20  # the counters stay readable after Stop
+            # Start again: every counter starts from zero (read in the same task as the click, before
+            # any message of the new socket can arrive), then counts this stream only.
+            fresh = page.evaluate("""() => {
+                document.getElementById('start').click();
+                const ids = ['fps', 'latency', 'server-ms', 'received', 'sent', 'skipped', 'dropped'];
+                return {stats: {...window.ditstream.stats, errors: window.ditstream.stats.errors.length},
+                        shown: Object.fromEntries(ids.map((id) => [id, document.getElementById(id).textContent]))};
+            }""")
+            assert fresh["stats"] == {"sent": 0, "received": 0, "skipped": 0, "dropped": 0, "fps": 0,
+                                      "latencyMs": None, "latencyKind": None, "serverMs": None, "errors": 0}, fresh
+            assert fresh["shown"] == {"fps": "0.0", "latency": "–", "server-ms": "–", "received": "0", "sent": "0",
+                                      "skipped": "0", "dropped": "0"}, fresh
+            page.wait_for_function("window.ditstream.running && window.ditstream.stats.received >= 5", timeout=30_000)
+            assert page.inner_text("#status") == "live"
+            if source == "pattern":  # still in txt2img: the new stream's figure is plausible too
+                assert_txt2img_g2g(page)
+            page.click("#start")
+            page.wait_for_function("!window.ditstream.running")
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    """What a new user runs: ``ditstream serve`` on the built-in demo model (no keys, no size flags)."""
+    from ditstream.engine.config import ModelConfig
+    from ditstream.engine.runner import EngineRunner
+
+    runner = EngineRunner.from_config(ModelConfig(model="demo", device="cpu", dtype="fp32"))
+    with ServerThread(create_app(Settings(model="demo"), runner)) as srv:
+        yield srv
+
+
+def test_first_run_on_the_demo_shows_the_prompt_drawn(demo_server):
+    """The page takes the demo's defaults (prompt, size, strength) from the server before Start, and
+    the test pattern through img2img at those defaults comes out as the prompt's shape and colours."""
+    import json
+
+    import numpy as np
+    from ditstream.engine.demo import dataset as ds
+    from ditstream.engine.demo.evaluator import read_image
+    from ditstream.engine.loader import DEMO_MODEL_DIR
+
+    defaults = json.loads((DEMO_MODEL_DIR / "ditstream.json").read_text())["defaults"]
+    shape, colour, background = next(c for c in ds.all_captions() if ds.caption_for(*c) == defaults["prompt"])
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(demo_server.url + "/?source=pattern")
+            page.wait_for_function("document.getElementById('prompt').value !== ''")
+            assert page.input_value("#prompt") == defaults["prompt"]
+            assert float(page.input_value("#strength")) == pytest.approx(defaults["strength"])
+            assert page.input_value("#steps") == str(defaults["steps"])
+            assert page.inner_text("#input-info") == f"{defaults['width']}×{defaults['height']}"
+            page.click("#start")
+            page.wait_for_function("window.ditstream.stats.received >= 5", timeout=60_000)
+            assert page.evaluate("window.ditstream.config.prompt") == defaults["prompt"]
+            rgba = page.evaluate("""() => {
+                const c = document.getElementById('output');
+                return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)];
+            }""")
+            w, h, data = rgba
+            assert (w, h) == (defaults["width"], defaults["height"])
+            image = np.asarray(data, np.uint8).reshape(h, w, 4)[..., :3]
+            r = read_image(image)
+            assert (r.shape, r.colour, r.background) == (shape, colour, background), r
+            assert page.evaluate("window.ditstream.stats.errors") == []
+            page.click("#start")
             page.wait_for_function("!window.ditstream.running")
         finally:
             browser.close()

@@ -2,33 +2,47 @@
 // Frames out: [u32 BE header length][JSON {seq, ts}][JPEG]; frames in: the same, plus timings.
 // Flow control: at most MAX_IN_FLIGHT unanswered frames (outputs come back in order, and a frame
 // the server dropped is older than the next answered one, so in-flight = lastSent - lastAnswered).
+// Defaults (prompt, size, steps, strength) come from the server's `ready` message: the model's own.
+// Glass-to-glass: an output answering one of our frames is timed against our own send time (kept
+// by seq); a txt2img output (server-made, `ts` = server wall clock) against `ts` mapped onto our
+// clock with the offset measured by ping/pong.
 "use strict";
 
 const MAX_IN_FLIGHT = 2;
 const SEND_FPS = 30;
 const $ = (id) => document.getElementById(id);
 
+// Clock offset: a burst of pings right after connecting (the first may wait behind the config), then
+// one every PING_EVERY_MS; the round trip with the smallest delay bounds the error by half of it.
+const PING_BURST = 8, PING_BURST_MS = 250, PING_EVERY_MS = 5000;
+const wallNow = () => performance.timeOrigin + performance.now();  // ms since epoch, monotonic
+
+function freshStats() {
+  // latencyKind: "sent" (an answer to our frame, timed from our send) or "server" (txt2img, from the server's tick)
+  return { sent: 0, received: 0, skipped: 0, dropped: 0, fps: 0, latencyMs: null, latencyKind: null, serverMs: null,
+           errors: [] };
+}
+
 const state = {
-  ws: null, running: false, seq: 0, lastAnswered: -1, config: null, limits: null,
-  source: null, timer: null, encoding: false,
-  stats: { sent: 0, received: 0, skipped: 0, fps: 0, latencyMs: null, serverMs: null, errors: [] },
+  ws: null, running: false, seq: 0, lastAnswered: -1, config: null, limits: null, model: null,
+  source: null, timer: null, pinger: null, encoding: false,
+  stats: freshStats(),
   recent: [],  // output arrival times (ms) for the fps readout
+  sentAt: new Map(),  // seq -> performance.now() at send, for frames not answered yet
+  clockOffsetMs: null, bestRttMs: Infinity, pings: 0, pongs: 0,  // server wall clock − ours (ping/pong)
+  edited: new Set(),  // controls the user changed: the model's defaults do not overwrite them
 };
 window.ditstream = state;  // for tests and the curious
 
 // ------------------------------------------------------------------ sources
 class PatternSource {
-  // A moving test pattern: hue sweep, a bouncing ball and a clock, so motion and latency show.
+  // A red circle moving on white (the demo model's palette: something it was trained on), on the
+  // same path as the Python client's pattern (clients/stream_client.py pattern_position).
   draw(ctx, w, h, t) {
-    const hue = (t / 40) % 360;
-    const g = ctx.createLinearGradient(0, 0, w, h);
-    g.addColorStop(0, `hsl(${hue},70%,55%)`);
-    g.addColorStop(1, `hsl(${(hue + 120) % 360},70%,35%)`);
-    ctx.fillStyle = g; ctx.fillRect(0, 0, w, h);
-    const x = w / 2 + Math.cos(t / 700) * w * 0.3, y = h / 2 + Math.sin(t / 450) * h * 0.3;
-    ctx.fillStyle = "#fff"; ctx.beginPath(); ctx.arc(x, y, Math.max(4, w * 0.12), 0, 2 * Math.PI); ctx.fill();
-    ctx.fillStyle = "#000"; ctx.font = `${Math.max(8, Math.round(h / 12))}px monospace`;
-    ctx.fillText((t / 1000).toFixed(2), w * 0.05, h * 0.95);
+    const r = 0.22 * Math.min(w, h);
+    const x = w / 2 + Math.cos(t / 700) * (w / 2 - r) * 0.9, y = h / 2 + Math.sin(t / 450) * (h / 2 - r) * 0.9;
+    ctx.fillStyle = "rgb(245,245,245)"; ctx.fillRect(0, 0, w, h);
+    ctx.fillStyle = "rgb(220,40,40)"; ctx.beginPath(); ctx.arc(x, y, r, 0, 2 * Math.PI); ctx.fill();
   }
   stop() {}
 }
@@ -67,8 +81,15 @@ function unpackFrame(buf) {
   return { header, image: new Blob([new Uint8Array(buf, 4 + n)], { type: "image/jpeg" }) };
 }
 
-function sendConfig(changes) {
-  if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify({ type: "config", ...changes }));
+function sendControl(msg) {
+  if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify(msg));
+}
+function sendConfig(changes) { sendControl({ type: "config", ...changes }); }
+function ping() {
+  if (!state.running) return;
+  sendControl({ type: "ping", ts: wallNow() });
+  state.pings += 1;
+  state.pinger = setTimeout(ping, state.pings < PING_BURST ? PING_BURST_MS : PING_EVERY_MS);
 }
 
 function currentSettings() {
@@ -76,6 +97,36 @@ function currentSettings() {
     prompt: $("prompt").value, strength: parseFloat($("strength").value), steps: parseInt($("steps").value, 10),
     seed: Math.max(0, parseInt($("seed").value || "0", 10)), mode: $("mode").value,
   };
+}
+
+// The model's defaults (from `ready` or GET /v1/models) fill every control the user did not change.
+function applyDefaults(d) {
+  if (!d) return;
+  if (!state.edited.has("prompt") && typeof d.prompt === "string") $("prompt").value = d.prompt;
+  if (!state.edited.has("strength") && typeof d.strength === "number") {
+    $("strength").value = d.strength; $("strength-value").textContent = d.strength.toFixed(2);
+  }
+  if (!state.edited.has("steps") && Number.isInteger(d.steps)) $("steps").value = String(d.steps);
+  if (d.width && d.height && !state.running) resizeCanvases(d.width, d.height);
+}
+
+function showModel(card, session) {
+  state.model = card;
+  const parts = [card.model, card.backend, card.device, card.native_size && `native ${card.native_size}`,
+                 session && `session ${session}`].filter(Boolean);
+  $("model").textContent = parts.join(" · ");
+}
+
+// Before Start: show the model's defaults at once (needs the key when the server has keys; else
+// `ready` brings the same defaults on Start).
+async function loadModelCard() {
+  const key = $("key").value.trim();
+  try {
+    const r = await fetch("/v1/models", { headers: key ? { Authorization: `Bearer ${key}` } : {} });
+    if (!r.ok) return;
+    const card = (await r.json()).data[0];
+    if (card && !state.running) { showModel({ ...card, model: card.id }); applyDefaults(card.defaults); }
+  } catch (err) { /* offline or refused: `ready` will do */ }
 }
 
 // ------------------------------------------------------------------ UI helpers
@@ -87,6 +138,7 @@ function updateStats() {
   state.recent = state.recent.filter((t) => now - t < 2000);
   state.stats.fps = state.recent.length > 1 ? (state.recent.length - 1) / ((now - state.recent[0]) / 1000) : 0;
   $("fps").textContent = state.stats.fps.toFixed(1);
+  $("dropped").textContent = state.stats.dropped;
   $("latency").textContent = state.stats.latencyMs == null ? "–" : state.stats.latencyMs.toFixed(0);
   $("server-ms").textContent = state.stats.serverMs == null ? "–" : state.stats.serverMs.toFixed(1);
   $("received").textContent = state.stats.received;
@@ -95,7 +147,15 @@ function updateStats() {
 }
 
 // ------------------------------------------------------------------ connection
+function resetStats() {
+  state.stats = freshStats(); state.recent = []; state.sentAt.clear();
+  state.clockOffsetMs = null; state.bestRttMs = Infinity; state.pings = 0; state.pongs = 0;
+  $("output-info").textContent = "";
+  updateStats();
+}
+
 async function start() {
+  resetStats();  // first, synchronously: a new stream's counters start from zero
   showMessage("");
   try {
     if ($("source").value === "webcam") {
@@ -115,17 +175,23 @@ async function start() {
   $("start").textContent = "Stop"; $("start").classList.add("stop");
   setStatus("connecting…", "idle");
 
-  ws.onmessage = (ev) => (typeof ev.data === "string" ? onControl(JSON.parse(ev.data)) : onFrame(ev.data));
+  // Events of an earlier socket (its close may arrive after a new Start) must not touch this stream.
+  ws.onmessage = (ev) => {
+    if (state.ws !== ws) return;
+    if (typeof ev.data === "string") onControl(JSON.parse(ev.data)); else onFrame(ev.data);
+  };
   ws.onclose = (ev) => {
+    if (state.ws !== ws) return;
     setStatus(`closed (${ev.code}${ev.reason ? " " + ev.reason : ""})`, ev.code === 1000 ? "idle" : "error");
     stop(false);
   };
-  ws.onerror = () => setStatus("connection error", "error");
+  ws.onerror = () => { if (state.ws === ws) setStatus("connection error", "error"); };
 }
 
 function stop(closeSocket = true) {
   state.running = false;
   clearInterval(state.timer); state.timer = null;
+  clearTimeout(state.pinger); state.pinger = null;
   if (state.source) { state.source.stop(); state.source = null; }
   if (closeSocket && state.ws) state.ws.close(1000);
   $("start").textContent = "Start"; $("start").classList.remove("stop");
@@ -134,11 +200,20 @@ function stop(closeSocket = true) {
 function onControl(msg) {
   if (msg.type === "ready") {
     state.config = msg.config; state.limits = msg.limits;
-    $("model").textContent = `${msg.model.model} · ${msg.model.backend} · ${msg.model.device} · session ${msg.session}`;
+    showModel(msg.model, msg.session);
+    applyDefaults(msg.config);  // what this stream starts with: the model's defaults
     setStatus("live", "live");
     resizeCanvases(msg.config.width, msg.config.height);
     sendConfig(currentSettings());
+    ping();
     state.timer = setInterval(pump, 1000 / SEND_FPS);
+  } else if (msg.type === "pong") {
+    // Offset of the server's wall clock from ours, from the round trip with the smallest delay.
+    const now = wallNow(), rtt = now - msg.ts;
+    state.pongs += 1;
+    if (typeof msg.server_time === "number" && rtt >= 0 && rtt <= state.bestRttMs) {
+      state.bestRttMs = rtt; state.clockOffsetMs = msg.server_time - (msg.ts + now) / 2;
+    }
   } else if (msg.type === "config") {
     state.config = msg.applied;
     resizeCanvases(msg.applied.width, msg.applied.height);
@@ -151,11 +226,23 @@ function onControl(msg) {
 async function onFrame(buf) {
   const { header, image } = unpackFrame(buf);
   state.lastAnswered = Math.max(state.lastAnswered, header.seq);
+  state.seq = Math.max(state.seq, header.seq + 1);  // server-made (txt2img) seqs: ours stay unique
   const now = performance.now();
   state.recent.push(now);
   state.stats.received += 1;
   if (header.skipped) state.stats.skipped += 1;
-  if (header.ts) state.stats.latencyMs = now - header.ts;
+  const sentAt = state.sentAt.get(header.seq);
+  if (sentAt !== undefined && header.ts === sentAt) {  // answers our frame: our own clock only
+    state.stats.latencyMs = now - sentAt; state.stats.latencyKind = "sent";
+    // Outputs come in seq order: our frames older than this one were dropped by the server.
+    for (const seq of state.sentAt.keys()) {
+      if (seq < header.seq) { state.sentAt.delete(seq); state.stats.dropped += 1; }
+    }
+    state.sentAt.delete(header.seq);
+  } else if (typeof header.ts === "number" && state.clockOffsetMs !== null) {
+    state.stats.latencyMs = wallNow() - (header.ts - state.clockOffsetMs);  // server-made: tick → shown
+    state.stats.latencyKind = "server";
+  }
   state.stats.serverMs = header.timings ? header.timings.server_ms : null;
   const bitmap = await createImageBitmap(image);
   const out = $("output");
@@ -182,8 +269,11 @@ function pump() {
   canvas.toBlob(async (blob) => {
     try {
       if (!blob || ws.readyState !== WebSocket.OPEN) return;
-      const seq = state.seq++;
-      ws.send(packFrame({ seq, ts: performance.now() }, await blob.arrayBuffer()));
+      const bytes = await blob.arrayBuffer();
+      if (ws.readyState !== WebSocket.OPEN || state.ws !== ws) return;
+      const seq = state.seq++, ts = performance.now();
+      state.sentAt.set(seq, ts);
+      ws.send(packFrame({ seq, ts }, bytes));
       state.stats.sent += 1;
     } finally { state.encoding = false; }
   }, "image/jpeg", 0.85);
@@ -193,6 +283,7 @@ function pump() {
 function debounce(fn, ms) { let t; return (...a) => { clearTimeout(t); t = setTimeout(() => fn(...a), ms); }; }
 
 $("start").addEventListener("click", () => (state.running ? stop() : start()));
+for (const id of ["prompt", "strength", "steps"]) $(id).addEventListener("input", () => state.edited.add(id));
 $("prompt").addEventListener("input", debounce(() => sendConfig({ prompt: $("prompt").value }), 120));
 $("strength").addEventListener("input", () => {
   $("strength-value").textContent = parseFloat($("strength").value).toFixed(2);
@@ -202,5 +293,7 @@ $("steps").addEventListener("change", () => sendConfig({ steps: parseInt($("step
 $("seed").addEventListener("change", () => sendConfig({ seed: Math.max(0, parseInt($("seed").value || "0", 10)) }));
 $("mode").addEventListener("change", () => sendConfig({ mode: $("mode").value }));
 $("key").value = sessionStorage.getItem("ditstream-key") || "";
+$("key").addEventListener("change", loadModelCard);
 if (new URLSearchParams(location.search).get("source") === "pattern") $("source").value = "pattern";
+loadModelCard();
 setInterval(updateStats, 500);

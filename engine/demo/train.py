@@ -823,7 +823,10 @@ def train_demo(out: str | Path, cfg: TrainConfig | None = None, *, default_stren
                "device": str(device), "resumed": resumed}
     extra = {"complex_human_instruction": False, "intermediate_angle": cfg.intermediate_angle,
              "max_sequence_length": SERVE_TOKENS,
-             "defaults": {"width": 64, "height": 64, "steps": 1, "strength": default_strength,
+             # The prompt a new user sees first (page, clients): the best-drawn class (circles are
+             # 100 % in the model card) in a colour far from the page's red test pattern.
+             "defaults": {"prompt": ds.caption_for("circle", "blue", "white"),
+                          "width": 64, "height": 64, "steps": 1, "strength": default_strength,
                           "guidance_scale": cfg.cfg_scale},
              "training": {"config": _jsonable(asdict(cfg)), "timings": timings}}
     path = save_pipeline(comps, out, extra=extra)
