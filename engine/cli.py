@@ -38,7 +38,8 @@ def generate(
     import numpy as np
     from ditstream.engine.config import ModelConfig, StreamConfig
     from ditstream.engine.errors import DitstreamError
-    from ditstream.engine.generate import Generator
+    from ditstream.engine.generate import MAX_PIXELS, Generator
+    from ditstream.engine.imagefile import decode as decode_image
     from PIL import Image
 
     try:
@@ -52,7 +53,9 @@ def generate(
         )
         arr = None
         if image is not None:
-            pil = Image.open(image).convert("RGB")
+            # The one decode helper: header checked against the limit before any pixel is decoded,
+            # every decoder exception an ImageDecodeError (exit 2 with its message below).
+            pil = Image.fromarray(decode_image(image.read_bytes(), max_pixels=MAX_PIXELS))
             if pil.size != wh:
                 typer.echo(f"resizing input {pil.size[0]}x{pil.size[1]} to {wh[0]}x{wh[1]}", err=True)
                 pil = pil.resize(wh, Image.Resampling.BICUBIC)
