@@ -32,17 +32,19 @@ def _check_out(out: Path) -> str:
     return fmt
 
 
-def _check_image(image: Path) -> None:
-    """Refuse an unreadable --image before the model loads (it takes a while)."""
-    from PIL import Image, UnidentifiedImageError
+def _read_image(image: Path):  # -> np.ndarray (H, W, 3) uint8
+    """Decode --image before the model loads (it takes a while), through the one decode helper: the
+    header is checked against the pixel limit before any pixel is decoded (decompression bombs)."""
+    from ditstream.engine.errors import ImageDecodeError
+    from ditstream.engine.generate import MAX_PIXELS
+    from ditstream.engine.imagefile import decode as decode_image
 
     if not image.is_file():
         raise typer.BadParameter(f"{str(image)!r} does not exist or is not a file", param_hint="--image")
     try:
-        with Image.open(image) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise typer.BadParameter(f"cannot read {str(image)!r} as an image: {exc}", param_hint="--image") from exc
+        return decode_image(image.read_bytes(), max_pixels=MAX_PIXELS)
+    except ImageDecodeError as exc:
+        raise typer.BadParameter(f"cannot read {str(image)!r}: {exc.message}", param_hint="--image") from exc
 
 
 def generate(
@@ -65,8 +67,7 @@ def generate(
     """Make one image (txt2img, or img2img with --image)."""
     fmt = _check_out(out)
     wh_arg = parse_size(size)
-    if image is not None:
-        _check_image(image)
+    pixels = _read_image(image) if image is not None else None
 
     import numpy as np
     from ditstream.engine.config import ModelConfig, StreamConfig
@@ -86,8 +87,8 @@ def generate(
             guidance_scale=guidance_scale if guidance_scale is not None else float(d.get("guidance_scale", 4.5)),
         )
         arr = None
-        if image is not None:
-            pil = Image.open(image).convert("RGB")
+        if pixels is not None:
+            pil = Image.fromarray(pixels)
             if pil.size != wh:
                 typer.echo(f"resizing input {pil.size[0]}x{pil.size[1]} to {wh[0]}x{wh[1]}", err=True)
                 pil = pil.resize(wh, Image.Resampling.BICUBIC)

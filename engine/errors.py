@@ -36,6 +36,14 @@ class ImageDecodeError(ValidationError):
     error_type = "invalid_image"
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """An image whose header claims more pixels than the limit (a decompression bomb, or just too big).
+
+    Refused from the header alone, before any pixel is decoded. Same ``invalid_image`` code as a
+    corrupt image, but its own row in the error table (HTTP 413; on a WebSocket the stream goes on).
+    """
+
+
 class PayloadTooLargeError(ValidationError):
     """An upload or message is bigger than the configured limit."""
 
@@ -93,6 +101,7 @@ ALL_ERRORS: tuple[type[DitstreamError], ...] = (
     DitstreamError,
     ValidationError,
     ImageDecodeError,
+    ImageTooLargeError,
     PayloadTooLargeError,
     AuthError,
     OverloadedError,

@@ -18,6 +18,10 @@ from ditstream.engine.loader import ModelComponents, load_components
 from ditstream.engine.plan import Plan, decode_clean, encode_clean, make_plan, predict_x0
 from ditstream.engine.prompt_cache import PromptCache
 
+#: Largest image (width × height) a Generator makes, and the largest input ``ditstream generate
+#: --image`` reads (refused from its header before decoding; the input is then resized).
+MAX_PIXELS = 4096 * 4096
+
 
 class Generator:
     """Sequential txt2img/img2img on a loaded model."""
@@ -39,7 +43,7 @@ class Generator:
         return self.components.vae_scale_factor * int(self.components.transformer.config.patch_size)
 
     def plan(self, cfg: StreamConfig) -> Plan:
-        cfg.validate(size_multiple=self.size_multiple, max_pixels=4096 * 4096)
+        cfg.validate(size_multiple=self.size_multiple, max_pixels=MAX_PIXELS)
         return make_plan(cfg, self.components, self.prompts)
 
     @torch.inference_mode()

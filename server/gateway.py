@@ -290,7 +290,7 @@ class RedisGatewayRunner:
             fut.set_exception(res.error.to_exception())
             return
         try:
-            image = decode_image(res.image, img) if res.image else None
+            image = decode_image(res.image, img, max_pixels=self.engine_config.max_pixels) if res.image else None
         except Exception as exc:
             fut.set_exception(GenerationError(f"unreadable result from {res.worker}: {exc}"))
             return
@@ -405,7 +405,7 @@ class RedisGatewayRunner:
 
     def _on_output(self, handle: GatewayStreamHandle, fields: dict[Any, Any]) -> None:
         head = OutputHeader.load(fields_get(fields, "m") or b"")
-        image = decode_image(head.image, fields_get(fields, "img") or b"")
+        image = decode_image(head.image, fields_get(fields, "img") or b"", max_pixels=self.engine_config.max_pixels)
         if head.skipped:
             handle.stats.skipped += 1
         else:

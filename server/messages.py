@@ -77,25 +77,23 @@ def encode_image(image: np.ndarray, codec: Codec = "raw", quality: int = 90) -> 
     return ImageMeta(codec=codec, width=w, height=h), data
 
 
-def decode_image(meta: ImageMeta, data: bytes) -> np.ndarray:
-    """(meta, bytes) → uint8 (H, W, 3); raises ``WireError`` on a size mismatch."""
+def decode_image(meta: ImageMeta, data: bytes, *, max_pixels: int | None = None) -> np.ndarray:
+    """(meta, bytes) → uint8 (H, W, 3).
+
+    ``meta`` over ``max_pixels`` raises ``ImageTooLargeError``; encoded bytes go through the one decode
+    helper (``engine/imagefile.py``) with their header checked against ``meta`` before any pixel is
+    decoded, so a lying or corrupt image raises ``ImageDecodeError``/``ValidationError``, never a
+    decoder's own exception. A raw image of the wrong length raises ``WireError``.
+    """
+    from ditstream.engine.imagefile import check_pixels, decode
+
+    if max_pixels is not None:
+        check_pixels(meta.width, meta.height, max_pixels)
     if meta.codec == "raw":
         if len(data) != meta.width * meta.height * 3:
             raise WireError(f"raw image is {len(data)} bytes, expected {meta.width}x{meta.height}x3")
         return np.frombuffer(data, dtype=np.uint8).reshape(meta.height, meta.width, 3).copy()
-    if meta.codec == "jpeg":
-        import simplejpeg
-
-        img = simplejpeg.decode_jpeg(data, colorspace="RGB")
-    else:
-        import io
-
-        from PIL import Image
-
-        img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    if img.shape[:2] != (meta.height, meta.width):
-        raise WireError(f"image is {img.shape[1]}x{img.shape[0]}, header says {meta.width}x{meta.height}")
-    return img
+    return decode(data, max_pixels=meta.width * meta.height, size=(meta.width, meta.height))
 
 
 # ------------------------------------------------------------------------------------ configs

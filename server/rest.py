@@ -95,7 +95,7 @@ class ModelList(BaseModel):
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "body is not JSON, or the upload is not an image"},
     401: {"description": "missing or invalid API key"},
-    413: {"description": "upload over the size limit"},
+    413: {"description": "upload over the size limit, or an image over the pixel limit"},
     422: {"description": "invalid field (the message names it)"},
     429: {"description": "queue full; retry after Retry-After seconds"},
     499: {"description": "the client went away; its queued images were cancelled"},

@@ -107,6 +107,8 @@ class Worker:
     def __init__(self, runner: EngineRunner, cfg: ScaleConfig, worker_id: str | None = None) -> None:
         self.runner = runner
         self.cfg = cfg
+        #: Images on the wire over this many pixels are refused from their header (the engine's limit).
+        self.max_pixels: int = runner.core.config.max_pixels
         self.keys = cfg.keys
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.r = connect(cfg.redis_url)
@@ -357,7 +359,8 @@ class Worker:
             self._dead_letter(eid, fields, f"delivered {attempts} times (limit {self.cfg.max_attempts})", msg)
             return
         try:
-            image = decode_image(msg.image, fields_get(fields, "img") or b"") if msg.image else None
+            image = decode_image(msg.image, fields_get(fields, "img") or b"",
+                                 max_pixels=self.max_pixels) if msg.image else None
             future = self.runner.submit_job(config_from_wire(msg.config), image)
         except (DitstreamError, WireError, TypeError, ValueError) as exc:
             err = exc if isinstance(exc, DitstreamError) else ValidationError(f"bad job: {exc}")
@@ -546,7 +549,8 @@ class Worker:
         s.last_in = sid_str(entry_id)
         try:
             head = FrameHeader.load(fields_get(fields, "m") or b"")
-            image = decode_image(head.image, fields_get(fields, "img") or b"") if head.image else None
+            image = decode_image(head.image, fields_get(fields, "img") or b"",
+                                 max_pixels=self.max_pixels) if head.image else None
             s.handle.submit(image, head.seq, head.ts)
             self.counters["frames_in"] += 1
         except (DitstreamError, WireError, ValueError) as exc:

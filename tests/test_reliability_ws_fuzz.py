@@ -5,7 +5,8 @@ The server is ``ditstream serve --model null`` in a subprocess, so a crash is a 
 resident memory is its own. A *witness* stream sends frames in lock-step through every phase and
 must get each one back, in order, unchanged (the null engine echoes). The phases:
 
-* seeded random hostile messages: garbage bytes, lying frame headers, images with bombs for headers,
+* seeded random hostile messages: garbage bytes, lying frame headers, decompression bombs (a valid
+  30000×30000 PNG, a 60000×60000 JPEG header) and images with bombs for headers,
   wrong sizes, corrupt bodies, non-JSON, deep JSON, configs and pings with hostile values (NaN,
   Infinity, 10^30, unknown fields, wrong types) — answered with an in-band error or a close code,
   never 1011 (a handler that crashed);
@@ -40,7 +41,7 @@ import numpy as np
 import pytest
 import websockets
 from ditstream.server.loadbench import NullServerConfig, null_server, rss_bytes
-from ditstream.server.testing import decode_output, frame_message, jpeg
+from ditstream.server.testing import decode_output, frame_message, jpeg, jpeg_bomb, png_bomb
 
 SIZE = 64
 MAX_FRAME = 256 * 1024
@@ -147,6 +148,10 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
 
 
+#: Real decompression bombs (valid files Pillow itself refuses as bombs), unlike the header-only PNG
+#: above, which Pillow cannot even identify.
+BOMBS = (png_bomb(30000, 30000), jpeg_bomb(60000, 60000))
+
 HOSTILE_VALUES: list[Any] = [None, True, -1, 0, 2**70, -(2**70), 1e308, -1e308, 1.5, "", "x" * 3000, "\u0000\ud7ff",
                              [], {}, [1, 2, 3], {"a": {"b": None}}, "512x512", "99999x99999", "0x0", "-32x-32"]
 NUMERIC_TOKENS = ["NaN", "Infinity", "-Infinity", "1e999", "-0", "1" * 400]
@@ -175,7 +180,7 @@ def hostile_messages(rng: random.Random, good: bytes) -> Iterator[str | bytes]:
         elif kind == 4:  # images that are not what the stream expects
             yield rng.choice([jpeg(_image(1, 32)), jpeg(_image(2, 128)), good[: len(good) // 2],
                               _png_header_only(100_000, 100_000), _png_header_only(0, 0),
-                              _png_header_only(SIZE, SIZE)])
+                              _png_header_only(SIZE, SIZE), *BOMBS])
         elif kind == 5:
             yield rng.choice(["", " ", "{", "}", "[", "null", "42", "[" * 3000, '"config"', "\ud800".encode("utf-8", "surrogatepass")
                               .decode("utf-8", "replace"), "[" * 5000 + "]" * 5000, "{\"a\":" * 3000 + "1" + "}" * 3000])

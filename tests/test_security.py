@@ -295,7 +295,10 @@ def test_ws_frame_over_max_pixels_is_refused(limited_server):
             assert err["type"] == "error" and err["field"] == "size"  # a config over the limit: refused, goes on
             await ws.send(frame_message(jpeg(np.zeros((256, 256, 3), np.uint8), 30), 0))
             err = await recv_json(ws)
-            assert err["code"] == "payload_too_large" and err["field"] == "image"
+            assert err["code"] == "invalid_image" and err["field"] == "image"  # refused, the stream goes on
+            await ws.send(frame_message(jpeg(np.zeros((64, 64, 3), np.uint8), 30), 1))
+            header, _ = await recv_frame(ws)
+            assert header["seq"] == 1
 
     asyncio.run(main())
 
