@@ -60,3 +60,13 @@ def test_imports_run_one_way():
 def test_the_shipped_package_holds_no_test_helpers():
     shipped = [p.relative_to(ROOT).as_posix() for _, p in _modules()]
     assert not [p for p in shipped if "test" in Path(p).name], shipped
+
+
+def test_one_size_parser():
+    """``WxH`` is parsed in one place (``engine/sizes.py``); no module splits sizes by hand."""
+    import re
+
+    by_hand = re.compile(r"""split\(\s*["']x["']\s*\)|\[xX×\]""")
+    copies = [p.relative_to(ROOT).as_posix() for _, p in _modules()
+              if by_hand.search(p.read_text()) and p.name != "sizes.py"]
+    assert not copies, f"hand-rolled WxH parsing in {copies}: use ditstream.engine.sizes.parse_size"

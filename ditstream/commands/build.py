@@ -8,18 +8,7 @@ from __future__ import annotations
 
 import typer
 
-
-def _parse_size(text: str) -> tuple[int, int]:
-    """``"512"`` or ``"768x512"`` (width x height) → (width, height)."""
-    parts = text.lower().split("x")
-    try:
-        if len(parts) == 1:
-            return int(parts[0]), int(parts[0])
-        if len(parts) == 2:
-            return int(parts[0]), int(parts[1])
-    except ValueError:
-        pass
-    raise typer.BadParameter(f"size must look like 512 or 768x512 (width x height), got {text!r}")
+from ditstream.commands._args import size_arg
 
 
 def build_engine(
@@ -54,7 +43,7 @@ def build_engine(
                        f"TRT {spec.get('trt_version') or '-'} sm {spec.get('compute_capability') or '-'} "
                        f"profile {json.dumps(spec.get('profile'))}")
         return
-    sizes = [_parse_size(r) for r in resolution]
+    sizes = [size_arg(r, param_hint="--resolution", square=True) for r in resolution]
     from ditstream.engine.config import ModelConfig
     from ditstream.engine.loader import load_components
     from ditstream.trt_build.export import COMPONENTS, get_or_export

@@ -10,23 +10,13 @@ from collections.abc import Iterator
 
 import typer
 
+from ditstream.commands._args import size_arg
+
 #: Exit codes of the client commands (README, "Exit codes"): 0 done; 1 the server could not be
 #: reached, refused or answered an error; 2 bad arguments (typer's own usage errors are 2 as well).
 EXIT_SERVER = 1
 EXIT_USAGE = 2
 OUTPUT_FORMATS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
-
-
-def _parse_size(size: str | None) -> tuple[int, int] | None:
-    if size is None:
-        return None
-    try:
-        w, h = (int(v) for v in size.lower().split("x"))
-    except ValueError as exc:
-        raise typer.BadParameter(f"size must look like 64x64, got {size!r}", param_hint="--size") from exc
-    if w <= 0 or h <= 0:
-        raise typer.BadParameter(f"size must be positive, got {size!r}", param_hint="--size")
-    return w, h
 
 
 def stream_url(url: str) -> str:
@@ -101,7 +91,7 @@ def stream(
     from ditstream.clients.stream_client import SourceError, open_sink, open_source, run_stream
 
     url = stream_url(url)
-    wh = _parse_size(size)
+    wh = size_arg(size)
     if mode not in ("img2img", "txt2img"):
         raise typer.BadParameter(f"mode must be img2img or txt2img, got {mode!r}", param_hint="--mode")
     config: dict = {"mode": mode}
@@ -197,7 +187,7 @@ def generate(
 
     from ditstream.clients.rest_client import generate as rest_generate
 
-    _parse_size(size)
+    size_arg(size)
     if image is not None and not Path(image).is_file():
         raise typer.BadParameter(f"{image!r} does not exist or is not a file", param_hint="--image")
     stem, suffix = str(out), Path(out).suffix.lower().lstrip(".")

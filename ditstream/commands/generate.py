@@ -7,21 +7,10 @@ from pathlib import Path
 
 import typer
 
+from ditstream.commands._args import size_arg
+
 #: What ``generate --out`` can write, by extension (PIL's format names; .npy is the float array).
 OUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".npy": "NPY"}
-
-
-def parse_size(size: str | None) -> tuple[int, int] | None:
-    """``"WxH"`` → (W, H); ``None`` stays None (the model's default size)."""
-    if size is None:
-        return None
-    try:
-        w, h = (int(v) for v in size.lower().split("x"))
-    except ValueError as exc:
-        raise typer.BadParameter(f"size must look like 512x512, got {size!r}", param_hint="--size") from exc
-    if w <= 0 or h <= 0:
-        raise typer.BadParameter(f"size must be positive, got {size!r}", param_hint="--size")
-    return w, h
 
 
 def _check_out(out: Path) -> str:
@@ -66,7 +55,7 @@ def generate(
 ) -> None:
     """Make one image (txt2img, or img2img with --image)."""
     fmt = _check_out(out)
-    wh_arg = parse_size(size)
+    wh_arg = size_arg(size)
     pixels = _read_image(image) if image is not None else None
 
     import numpy as np

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import typer
 
+from ditstream.commands._args import size_arg
+
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     bench.command("load")(bench_load)
@@ -36,7 +38,7 @@ def bench_load(
 
     from ditstream.bench.load import LoadSpec, NullServerConfig, format_levels, run_levels, run_load
 
-    w, h = (int(x) for x in size.lower().split("x"))
+    w, h = size_arg(size)
     if url and rate is not None:
         spec = LoadSpec(rate=rate, streams=streams or 0, fps=fps, seconds=seconds, width=w, height=h,
                         api_key=api_key)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import typer
 
+from ditstream.commands._args import size_arg
+
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.command("serve")(serve)
@@ -125,7 +127,7 @@ def bench_server(
 
     if subsampling not in ("420", "422", "444"):
         raise typer.BadParameter("--subsampling must be 420, 422 or 444")
-    w, h = (int(x) for x in size.lower().split("x"))
+    w, h = size_arg(size)
     spec = BenchSpec(streams=streams, fps=fps, seconds=seconds, width=w, height=h, prompt=prompt,
                      subsampling=subsampling)
     results = run_bench(spec, url=url, api_key=api_key, null=null)

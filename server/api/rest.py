@@ -21,10 +21,10 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from ditstream.engine.config import StreamConfig
 from ditstream.engine.errors import CancelledError, GenerationError, PayloadTooLargeError, ValidationError
+from ditstream.engine.sizes import parse_size
 from ditstream.engine.types import StreamOutput
 from ditstream.server import codec
 from ditstream.server.api.app import AppState, state_of
-from ditstream.server.live.protocol import parse_size
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 

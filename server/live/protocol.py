@@ -8,11 +8,11 @@ messages, parsed once into validated pydantic models whose errors name the field
 from __future__ import annotations
 
 import json
-import re
 import struct
 from typing import Any, Literal
 
 from ditstream.engine.errors import ImageDecodeError, ValidationError
+from ditstream.engine.sizes import parse_size
 from ditstream.server.codec import sniff
 from ditstream.server.errors import MalformedMessageError, UnknownMessageTypeError
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +21,6 @@ from pydantic import ValidationError as PydanticValidationError
 PROTOCOL_VERSION = 1
 #: Largest frame header (JSON) accepted.
 MAX_HEADER_BYTES = 4096
-_SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 
 
 # ---------------------------------------------------------------------------------------- framing
@@ -48,14 +47,6 @@ def unpack_frame(data: bytes) -> tuple[dict[str, Any] | None, memoryview]:
     if not isinstance(header, dict):
         raise MalformedMessageError("frame header must be a JSON object", field="frame")
     return header, view[4 + n :]
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    """``"WxH"`` → (width, height)."""
-    m = _SIZE_RE.match(size)
-    if not m:
-        raise ValidationError(f"size must look like '512x512', got {size!r}", field="size")
-    return int(m.group(1)), int(m.group(2))
 
 
 # ---------------------------------------------------------------------------------------- control
