@@ -96,12 +96,21 @@ def denoised(x: torch.Tensor, x_in: torch.Tensor, raw: torch.Tensor, t: torch.Te
     The flow output ``raw`` is turned back into a TrigFlow prediction ``F`` exactly as diffusers
     does. All (B, C, h, w) except ``t``/``s`` (B,).
     """
+    flow = trigflow_velocity(x_in, raw, s, sigma_data)
+    te = _expand(t)
+    return torch.cos(te) * x - torch.sin(te) * flow
+
+
+def trigflow_velocity(x_in: torch.Tensor, raw: torch.Tensor, s: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """The TrigFlow velocity ``dx/dt`` in sampler units (``σd·F``) from the raw transformer output.
+
+    ``x0 = cos t·x − sin t·flow`` and ``σd·ε = sin t·x + cos t·flow``; defined at t = 0 too (the demo's
+    DDIM inversion needs it). ``s`` (B,) is the SCM timestep of ``model_input``.
+    """
     se = _expand(s)
     norm = torch.sqrt(se**2 + (1 - se) ** 2)
     flow = ((1 - 2 * se) * x_in + (1 - 2 * se + 2 * se**2) * raw) / norm
-    flow = flow.float() * sigma_data
-    te = _expand(t)
-    return torch.cos(te) * x - torch.sin(te) * flow
+    return flow.float() * sigma_data
 
 
 def renoise(x0: torch.Tensor, t_next: torch.Tensor, noise: torch.Tensor, sigma_data: float) -> torch.Tensor:

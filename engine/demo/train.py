@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ditstream.engine import sampler
 from ditstream.engine.demo import dataset as ds
 from ditstream.engine.images import to_tensor
 from tqdm.auto import tqdm
@@ -181,10 +182,8 @@ def make_demo_tokenizer():
 
 def trigflow_x0(transformer, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor,
                 guidance: float) -> torch.Tensor:
-    """Predicted clean latent ``x0`` (B, C, h, w) at angles ``t`` (B,) — SANA-Sprint's parametrisation.
-
-    Mirrors diffusers' ``SanaSprintPipeline`` loop exactly so training and serving agree.
-    """
+    """Predicted clean latent ``x0`` (B, C, h, w) at angles ``t`` (B,) — SANA-Sprint's parametrisation,
+    through ``engine.sampler`` so that training and serving share one piece of math."""
     flow = trigflow_flow(transformer, x, t, emb, mask, guidance)
     tt = t.view(-1, 1, 1, 1)
     return torch.cos(tt) * x - torch.sin(tt) * flow
@@ -192,23 +191,17 @@ def trigflow_x0(transformer, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor
 
 def trigflow_flow(transformer, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor,
                   guidance: float) -> torch.Tensor:
-    """The predicted TrigFlow velocity ``dx/dt`` (sampler units, = σd·F) at angles ``t``.
-
-    ``x0 = cos t·x − sin t·flow`` and ``σd·ε = sin t·x + cos t·flow``; it is defined at t = 0 too,
-    which the inversion in ``invert_pairs`` needs.
-    """
-    s = (torch.sin(t) / (torch.sin(t) + torch.cos(t))).view(-1, 1, 1, 1)
-    norm = torch.sqrt(s**2 + (1 - s) ** 2)
-    x_in = x / SIGMA_D * norm
+    """The predicted TrigFlow velocity ``dx/dt`` (sampler units, = σd·F) at angles ``t``
+    (``engine.sampler.trigflow_velocity``); defined at t = 0 too, which ``invert_pairs`` needs."""
+    x_in, s = sampler.model_input(x, t, SIGMA_D)
     g = torch.full((x.shape[0],), guidance * transformer.config.guidance_embeds_scale, device=x.device)
     raw = transformer(x_in, encoder_hidden_states=emb, encoder_attention_mask=mask, guidance=g,
-                      timestep=s.flatten(), return_dict=False)[0]
-    return ((1 - 2 * s) * x_in + (1 - 2 * s + 2 * s**2) * raw) / norm * SIGMA_D
+                      timestep=s, return_dict=False)[0]
+    return sampler.trigflow_velocity(x_in, raw, s, SIGMA_D)
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    tt = t.view(-1, 1, 1, 1)
-    return torch.cos(tt) * x0 + torch.sin(tt) * SIGMA_D * noise
+    return sampler.renoise(x0, t, noise, SIGMA_D)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -687,7 +680,7 @@ def shape_following(model, text_encoder, tokenizer, vae, scale: float, cfg: Trai
 @torch.no_grad()
 def decode_images(vae, x0: torch.Tensor, scale: float) -> np.ndarray:
     """Clean latents → uint8 (B, H, W, 3), the inverse of ``encode_latents``, rounded as the engine serves."""
-    from ditstream.engine import images, sampler
+    from ditstream.engine import images
 
     return images.to_uint8(images.to_unit(vae.decoder(sampler.to_vae_latent(x0, SIGMA_D, scale))))
 
