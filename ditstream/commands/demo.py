@@ -24,7 +24,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Reproduce the demo model from scratch: autoencoder → flow teacher → one-step student."""
         from dataclasses import replace
 
-        from ditstream.engine.demo.train import TrainConfig, train_demo
+        from ditstream.engine.demo.config import TrainConfig
+        from ditstream.engine.demo.train import train_demo
         from ditstream.engine.loader import DEMO_MODEL_DIR
 
         cfg = TrainConfig(seed=seed, device=device, threads=threads)
