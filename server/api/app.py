@@ -231,7 +231,11 @@ def load_runner(settings: Settings) -> EngineRunner:
 
         return null_runner(ecfg, delay_s=settings.null_delay_s)
     mcfg = ModelConfig(model=settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype)
-    return EngineRunner.from_config(mcfg, ecfg)
+    runner = EngineRunner.from_config(mcfg, ecfg)
+    if settings.default_width is not None and settings.default_height is not None:
+        # A backend without a size profile warms the size streams start at (a worker has no lifespan).
+        runner.warmup_sizes = [(settings.default_width, settings.default_height)]
+    return runner
 
 
 def _lifespan(state: AppState):
