@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 import torch
 from ditstream.engine import images as imgs
 from ditstream.engine import sampler
-from ditstream.engine.backends.base import Backend
+from ditstream.engine.backends.base import Backend, BackendLimits
 from ditstream.engine.config import EngineConfig, StreamConfig
 from ditstream.engine.errors import GenerationError, ValidationError
 from ditstream.engine.loader import ModelComponents
@@ -59,9 +59,23 @@ class EngineCore:
     def size_multiple(self) -> int:
         return self.components.vae_scale_factor * int(self.components.transformer.config.patch_size)
 
+    @property
+    def limits(self) -> BackendLimits:
+        """The backend's bounds (none for a core without a backend, e.g. the null engine)."""
+        backend = getattr(self, "backend", None)
+        return backend.limits if backend is not None else BackendLimits()
+
+    @property
+    def max_batch(self) -> int:
+        """Samples per model call: the configured bound, never more than the backend takes."""
+        limit = self.limits.max_batch
+        return min(self.config.max_batch, limit) if limit is not None else self.config.max_batch
+
     def validate(self, cfg: StreamConfig) -> StreamConfig:
-        return cfg.validate(max_prompt_chars=self.config.max_prompt_chars, max_pixels=self.config.max_pixels,
-                            size_multiple=self.size_multiple)
+        cfg = cfg.validate(max_prompt_chars=self.config.max_prompt_chars, max_pixels=self.config.max_pixels,
+                           size_multiple=self.size_multiple)
+        self.limits.check_size(cfg.width, cfg.height)
+        return cfg
 
     def add(self, cfg: StreamConfig, *, stream_id: str | None = None, one_shot: bool = False,
             notify: Callable[[], None] | None = None) -> StreamState:
@@ -147,7 +161,7 @@ class EngineCore:
                 to_encode[frame.image.shape[:2]].append(item)
             state.pipeline.append(item)
         for items in to_encode.values():
-            for chunk in _chunks(items, self.config.max_batch):
+            for chunk in _chunks(items, self.max_batch):
                 t0 = time.perf_counter()
                 clean = encode_clean(self.backend, c, imgs.to_tensor([it.frame.image for it in chunk], c.device))
                 t1 = torch.cat([it.plan.angles[:1] for it in chunk])
@@ -167,7 +181,7 @@ class EngineCore:
                     groups[(it.plan.latent_shape, it.plan.embeds.shape[1:])].append(it)
         finished: dict[tuple, list[InFlight]] = defaultdict(list)
         for key, items in groups.items():
-            for chunk in _chunks(items, self.config.max_batch):
+            for chunk in _chunks(items, self.max_batch):
                 t0 = time.perf_counter()
                 x = torch.cat([it.x for it in chunk])
                 t = torch.stack([it.plan.angles[it.stage] for it in chunk])
@@ -190,7 +204,7 @@ class EngineCore:
                 for it in chunk:
                     it.inference_s += dt
         for items in finished.values():
-            for chunk in _chunks(items, self.config.max_batch):
+            for chunk in _chunks(items, self.max_batch):
                 t0 = time.perf_counter()
                 unit = imgs.to_unit(decode_clean(self.backend, c, torch.cat([it.x for it in chunk])))
                 if not torch.isfinite(unit).all():

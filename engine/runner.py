@@ -6,6 +6,10 @@ Callers never touch torch: frames go into a stream's latest-wins slot from any t
 out of its bounded queue, and ``notify`` callbacks (e.g. ``loop.call_soon_threadsafe``) wake
 consumers. If the loop dies it says so loudly: every waiting job fails with ``EngineDeadError``,
 every output queue closes and ``alive`` turns false.
+
+Before its first tick the thread warms the backend for every shape it will be called with (compile,
+CUDA-graph capture: on this thread, where the graphs will replay); ``ready`` turns true only after
+that, and ``warming`` lists what is left.
 """
 
 from __future__ import annotations
@@ -99,9 +103,17 @@ def _apply(cfg: StreamConfig, changes: dict[str, Any]) -> StreamConfig:
 class EngineRunner:
     """Owns the engine thread. ``start()``, then add streams or jobs; ``stop()`` at shutdown."""
 
-    def __init__(self, core: EngineCore, name: str = "ditstream-engine") -> None:
+    def __init__(self, core: EngineCore, name: str = "ditstream-engine",
+                 warmup_sizes: list[tuple[int, int]] | None = None) -> None:
         self.core = core
         self.name = name
+        #: (width, height) to warm when the backend's limits name none (default: the model's size).
+        self.warmup_sizes = warmup_sizes
+        #: Shapes still to warm, e.g. ``["batch 1 at 512x512", ...]``; empty once warm.
+        self.warming: list[str] = []
+        self._warm = threading.Event()
+        self._shapes: list[tuple[int, int, int]] = []
+        self._abort_warmup = False
         self._inbox: queue.SimpleQueue[Control] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -124,13 +136,18 @@ class EngineRunner:
         runner = cls(EngineCore(components, backend, prompts, engine))
         runner.info = {"model": model.model, "backend": backend.name, "device": str(components.device),
                        "dtype": str(components.dtype).replace("torch.", ""),
-                       "size_multiple": runner.core.size_multiple, "defaults": components.defaults or {}}
+                       "size_multiple": runner.core.size_multiple, "defaults": components.defaults or {},
+                       "limits": backend.limits.as_dict()}
         return runner
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> EngineRunner:
         if self._thread is None:
             self._running = True
+            self._shapes = self.warmup_shapes()
+            self.warming = [f"batch {b} at {w}x{h}" for b, h, w in self._shapes]
+            if not self._shapes:  # nothing to warm: ready as soon as the thread runs
+                self._warm.set()
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
         return self
@@ -138,6 +155,7 @@ class EngineRunner:
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is None:
             return
+        self._abort_warmup = True
         if self._thread.is_alive():
             self.send(Control(Op.STOP))
             self._thread.join(timeout)
@@ -146,6 +164,51 @@ class EngineRunner:
     @property
     def alive(self) -> bool:
         return self._running and self.error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def ready(self) -> bool:
+        """Alive and warm: every shape the engine will call has been prepared."""
+        return self.alive and self._warm.is_set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until warm-up is done (True) or the engine died or ``timeout`` passed (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._warm.wait(0.1):
+            if self._thread is None or not self._thread.is_alive():
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        return self.alive
+
+    def warmup_shapes(self) -> list[tuple[int, int, int]]:
+        """``(batch, height, width)`` to warm: the backend's profile sizes (else ``warmup_sizes``, else
+        the model's own size) at every batch its calls will have; none when the backend is warm."""
+        backend = getattr(self.core, "backend", None)
+        if backend is None or backend.warm:
+            return []
+        limits = backend.limits
+        sizes = list(limits.sizes) or self.warmup_sizes
+        if not sizes:
+            d = self.core.components.defaults or {}
+            sizes = [(int(d.get("width", 512)), int(d.get("height", 512)))]
+        batches = [b for b in backend.warmup_batches(self.core.max_batch) if b >= limits.min_batch]
+        return [(b, h, w) for w, h in sizes for b in batches]
+
+    def _warm_up(self) -> None:
+        """Run on the engine thread before the first tick (CUDA graphs replay on the thread that made them)."""
+        shapes, backend = self._shapes, self.core.backend if self._shapes else None
+        if backend is None:
+            return
+        t0 = time.perf_counter()
+        for i, shape in enumerate(shapes):
+            if self._abort_warmup:
+                return
+            logger.info("warming up %s (%d/%d): %s", backend.name, i + 1, len(shapes), self.warming[0])
+            backend.warmup([shape])
+            self.warming = self.warming[1:]
+        backend.warm = True
+        logger.info("%s backend warm: %d shape(s) in %.1f s", backend.name, len(shapes), time.perf_counter() - t0)
+        self._warm.set()
 
     def check_alive(self) -> None:
         if self.error is not None:
@@ -195,11 +258,13 @@ class EngineRunner:
 
     def stats(self) -> dict[str, Any]:
         streams = [s for s in self.core.streams.values() if not s.one_shot]
-        return {"streams": len(streams), "jobs": len(self._jobs), "ticks": self.ticks, "alive": self.alive}
+        return {"streams": len(streams), "jobs": len(self._jobs), "ticks": self.ticks, "alive": self.alive,
+                "ready": self.ready, "warming": list(self.warming)}
 
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:
         try:
+            self._warm_up()
             while self._running:
                 self._drain_inbox()
                 if not self._running:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ditstream.engine.backends.base import Backend
+from ditstream.engine.backends.base import Backend, BackendLimits
 from ditstream.engine.errors import ModelLoadError
 from torch import nn
 
@@ -157,6 +157,15 @@ class TinyVaeBackend(Backend):
         # Same dtype as the VAE it replaces (the loader never gives the VAE fp16).
         self.tiny = tiny.to(device=inner.device, dtype=inner.components.vae.dtype)
         self.name = f"{inner.name}+tiny-vae"
+        self.needs_warmup = inner.needs_warmup
+        self.warm = inner.warm
+
+    @property
+    def limits(self) -> BackendLimits:
+        return self.inner.limits
+
+    def warmup_batches(self, max_batch: int) -> list[int]:
+        return self.inner.warmup_batches(max_batch)
 
     def warmup(self, shapes: list[tuple[int, int, int]]) -> None:
         self.inner.warmup(shapes)

@@ -89,7 +89,8 @@ def worker(
 
 
 def _health_server(w: object, port: int):  # -> http.server.ThreadingHTTPServer
-    """``/health`` (200 while the engine runs and Redis answers, else 503) and ``/metrics`` for one worker."""
+    """``/health`` (200 once the engine is warm and runs, 503 "warming" before, else 503 "down") and
+    ``/metrics`` for one worker."""
     import json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -104,9 +105,8 @@ def _health_server(w: object, port: int):  # -> http.server.ThreadingHTTPServer
                 lines = [f'ditstream_worker_{k}{{worker="{w.id}"}} {v}' for k, v in sorted(w.counters.items())]
                 body, code, ctype = ("\n".join(lines) + "\n").encode(), 200, "text/plain; version=0.0.4"
             else:
-                hb = w.heartbeat()
-                ok = hb.engine_alive and not w.stopping
-                body = json.dumps({"status": "ok" if ok else "down", **hb.model_dump(exclude={"counters"})}).encode()
+                ok, health = w.health()
+                body = json.dumps(health).encode()
                 code, ctype = (200 if ok else 503), "application/json"
             self.send_response(code)
             self.send_header("Content-Type", ctype)

@@ -9,11 +9,61 @@ A backend runs the three networks of a SANA-Sprint pipeline on batches. It owns 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from ditstream.engine.errors import ValidationError
 
 if TYPE_CHECKING:
     import torch
     from ditstream.engine.loader import ModelComponents
+
+
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class BackendLimits:
+    """What one backend call may hold: batch and pixel size bounds, and the sizes it is built for.
+
+    ``None`` means unbounded (eager torch). ``width``/``height`` are inclusive (min, max) pixels;
+    ``sizes`` are the (width, height) a build profile was made for, which warm-up prepares first.
+    A request outside these is refused when its stream or job opens, never inside a tick.
+    """
+
+    max_batch: int | None = None
+    min_batch: int = 1
+    width: Span | None = None
+    height: Span | None = None
+    sizes: tuple[Span, ...] = ()
+
+    def describe(self) -> str:
+        """E.g. ``"256-1024 px, batch 1-8"`` (``"any size, any batch"`` when unbounded)."""
+        def span(v: Span) -> str:
+            return f"{v[0]}-{v[1]}"
+        if self.width is None and self.height is None:
+            size = "any size"
+        elif self.width == self.height:
+            size = f"{span(self.width)} px"  # type: ignore[arg-type]
+        else:
+            w = span(self.width) if self.width else "any"
+            h = span(self.height) if self.height else "any"
+            size = f"width {w}, height {h} px"
+        batch = f"batch {self.min_batch}-{self.max_batch}" if self.max_batch is not None else "any batch"
+        return f"{size}, {batch}"
+
+    def check_size(self, width: int, height: int) -> None:
+        """Raise ``ValidationError`` naming the profile if ``width``x``height`` is outside it."""
+        ok = all(span is None or span[0] <= v <= span[1] for v, span in ((width, self.width), (height, self.height)))
+        if not ok:
+            raise ValidationError(f"size {width}x{height} is outside this engine's profile: {self.describe()}",
+                                  field="size")
+
+    def as_dict(self) -> dict[str, object]:
+        return {"max_batch": self.max_batch, "min_batch": self.min_batch,
+                "width": list(self.width) if self.width else None,
+                "height": list(self.height) if self.height else None,
+                "sizes": [f"{w}x{h}" for w, h in self.sizes], "profile": self.describe()}
 
 
 class Backend(ABC):
@@ -24,9 +74,22 @@ class Backend(ABC):
     """
 
     name: str = "base"
+    #: Whether the first call at a shape is slow (compile, graph capture) and must happen in warm-up.
+    needs_warmup: bool = False
 
     def __init__(self, components: ModelComponents) -> None:
         self.components = components
+        #: True once every shape the engine will call has been warmed (the runner sets it).
+        self.warm = not self.needs_warmup
+
+    @property
+    def limits(self) -> BackendLimits:
+        """Batch and size bounds of one call; the default is none (eager torch runs any shape)."""
+        return BackendLimits()
+
+    def warmup_batches(self, max_batch: int) -> list[int]:
+        """The batch sizes warm-up must run to cover every call up to ``max_batch``."""
+        return list(range(1, max_batch + 1))
 
     @property
     def device(self) -> torch.device:

@@ -17,7 +17,7 @@ import logging
 from typing import Any
 
 import torch
-from ditstream.engine.backends.base import Backend
+from ditstream.engine.backends.base import Backend, BackendLimits
 from ditstream.engine.errors import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class CompileBackend(Backend):
     """
 
     name = "compile"
+    needs_warmup = True  # compiling (and capturing CUDA graphs) inside a live tick stalls every stream
     #: Prompt length used by ``warmup`` (the prompt cache pads to ``max_sequence_length``).
     warmup_seq_len = 300
 
@@ -86,6 +87,17 @@ class CompileBackend(Backend):
         self._decoder = comp(VaeDecoderExport(components.vae))
         logger.info("compile backend: mode=%s backend=%s cuda_graphs=%s buckets=%s", self.mode,
                     compile_backend, self.cuda_graphs, self.buckets or "none")
+
+    @property
+    def limits(self) -> BackendLimits:
+        """With CUDA graphs, batches stop at the last bucket (beyond it every new size would recompile)."""
+        return BackendLimits(max_batch=max(self.buckets) if self.buckets else None)
+
+    def warmup_batches(self, max_batch: int) -> list[int]:
+        """One batch per bucket up to ``max_batch``; with dynamic shapes one compile serves them all."""
+        if not self.buckets:
+            return [1]
+        return sorted({min(self._bucket(b), max_batch) for b in range(1, max_batch + 1)})
 
     def _bucket(self, batch: int) -> int:
         if self.buckets:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ditstream.engine.backends.base import Backend
+from ditstream.engine.backends.base import Backend, BackendLimits
 from ditstream.engine.errors import BackendUnavailableError, GenerationError
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class TensorRTBackend(Backend):
     """
 
     name = "tensorrt"
+    needs_warmup = True  # one CUDA graph per exact shape, captured on its second run
 
     def __init__(self, components: Any, *, cache_dir: str | Path | None = None,
                  resolutions: tuple[tuple[int, int], ...] | list[tuple[int, int]] = DEFAULT_RESOLUTIONS,
@@ -151,6 +152,7 @@ class TensorRTBackend(Backend):
         # The prompt cache pads every prompt to the model's max_sequence_length: that is the one length.
         seq_len = seq_len or int(getattr(components, "max_sequence_length", 300))
         self.profile = BuildProfile.from_request(resolutions, batch_sizes, seq_len=seq_len)
+        self._sizes = tuple((int(w), int(h)) for w, h in resolutions)
         self.runners: dict[str, _Runner] = {}
         for component in ("transformer", "vae_encoder", "vae_decoder"):
             try:
@@ -161,6 +163,13 @@ class TensorRTBackend(Backend):
             self.runners[component] = _Runner(trt, path, components.device, cuda_graphs)
         self._with_guidance = "guidance" in self.runners["transformer"].inputs
         logger.info("tensorrt backend ready (TensorRT %s, %s)", trt.__version__, self.profile.describe())
+
+    @property
+    def limits(self) -> BackendLimits:
+        """The build profile: every call must fit its batch, height and width ranges."""
+        p = self.profile
+        return BackendLimits(max_batch=p.batch[2], min_batch=p.batch[0], width=(p.width[0], p.width[2]),
+                             height=(p.height[0], p.height[2]), sizes=self._sizes)
 
     def warmup(self, shapes: list[tuple[int, int, int]]) -> None:
         """Run each ``(batch, height, width)`` twice so its CUDA graphs are captured before serving."""

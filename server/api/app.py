@@ -62,7 +62,16 @@ class AppState:
 
     @property
     def ready(self) -> bool:
-        return self.runner is not None and self.runner.alive and not self.shutting_down
+        """Alive, warm (every shape the backend will run prepared) and not shutting down."""
+        return (self.runner is not None and self.runner.alive and getattr(self.runner, "ready", True)
+                and not self.shutting_down)
+
+    @property
+    def warming(self) -> list[str]:
+        """Shapes the engine still warms before it is ready (empty once warm, or for an engine without any)."""
+        if self.runner is None or not self.runner.alive:
+            return []
+        return list(getattr(self.runner, "warming", []) or [])
 
     def require_engine(self) -> EngineRunner:
         if self.runner is None or not self.runner.alive:
@@ -222,7 +231,11 @@ def load_runner(settings: Settings) -> EngineRunner:
 
         return null_runner(ecfg, delay_s=settings.null_delay_s)
     mcfg = ModelConfig(model=settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype)
-    return EngineRunner.from_config(mcfg, ecfg)
+    runner = EngineRunner.from_config(mcfg, ecfg)
+    if settings.default_width is not None and settings.default_height is not None:
+        # A backend without a size profile warms the size streams start at (a worker has no lifespan).
+        runner.warmup_sizes = [(settings.default_width, settings.default_height)]
+    return runner
 
 
 def _lifespan(state: AppState):
@@ -236,9 +249,15 @@ def _lifespan(state: AppState):
             runner.core.on_batch = state.metrics.observe_batch
         if hasattr(runner, "bind_metrics"):  # gateway: per-worker metrics
             runner.bind_metrics(state.metrics.registry)
+        if hasattr(runner, "warmup_sizes") and runner.warmup_sizes is None:
+            d = state.stream_defaults()  # a backend without a size profile warms the size streams start at
+            runner.warmup_sizes = [(int(d["width"]), int(d["height"]))]
         runner.start()
         state.metrics.workers_up.set(1)
-        logger.info("engine ready: %s", runner.info)
+        if getattr(runner, "warming", None):
+            logger.info("engine started, warming %d shape(s) before /ready: %s", len(runner.warming), runner.info)
+        else:
+            logger.info("engine ready: %s", runner.info)
         lag_task = asyncio.create_task(_lag_monitor(state.metrics), name="ditstream-lag-monitor")
         try:
             yield
@@ -332,12 +351,16 @@ def create_app(settings: Settings | None = None, runner: EngineRunner | None = N
     async def health() -> dict[str, Any]:
         return {"status": "ok", "uptime_s": round(time.time() - state.started_at, 1)}
 
-    @app.get("/ready", tags=["ops"], summary="Readiness: the model is loaded and the engine runs.",
+    @app.get("/ready", tags=["ops"], summary="Readiness: the model is loaded, warm, and the engine runs.",
              responses={503: {"description": "not ready"}})
     async def ready() -> JSONResponse:
         ok = state.ready
-        body = {"status": "ready" if ok else "not_ready", "engine_alive": bool(state.runner and state.runner.alive),
+        warming = [] if ok or state.shutting_down else state.warming
+        status = "ready" if ok else ("warming" if warming else "not_ready")
+        body = {"status": status, "engine_alive": bool(state.runner and state.runner.alive),
                 "shutting_down": state.shutting_down, "streams": len(state.sessions)}
+        if warming:
+            body["warming"] = warming
         if state.runner is not None and state.runner.error is not None:
             body["error"] = repr(state.runner.error)
         if hasattr(state.runner, "health"):  # gateway: Redis reachable, live workers

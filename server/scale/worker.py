@@ -197,6 +197,22 @@ class Worker:
             self.r.close()
 
     @property
+    def warm(self) -> bool:
+        """The engine has warmed every shape (``EngineRunner.ready``); until then the worker stays
+        out of the fleet: no heartbeat in Redis, no jobs claimed, ``/health`` 503 "warming"."""
+        return bool(getattr(self.runner, "ready", True))
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """``(ok, body)`` of the worker's ``/health``: ok once warm, alive and not leaving."""
+        hb = self.heartbeat()
+        ok = hb.engine_alive and self.warm and not self.stopping
+        status = "ok" if ok else ("warming" if hb.engine_alive and not self.warm and not self.stopping else "down")
+        body: dict[str, Any] = {"status": status, **hb.model_dump(exclude={"counters"})}
+        if status == "warming":
+            body["warming"] = list(getattr(self.runner, "warming", []))
+        return ok, body
+
+    @property
     def stopping(self) -> bool:
         return self._leaving.is_set()
 
@@ -225,6 +241,9 @@ class Worker:
                     self._touch_jobs()
                     backoff.ok()
                     self._stop.wait(self.cfg.heartbeat_s)
+                    continue
+                if not self.warm:  # not in the fleet until warm: no sessions are pinned here, no claims
+                    self._stop.wait(min(self.cfg.heartbeat_s, 0.2))
                     continue
                 hb = self.heartbeat()
                 pipe = self.r.pipeline(transaction=False)
@@ -315,8 +334,10 @@ class Worker:
                 if need_group:
                     ensure_group(self.r, self.keys)
                     need_group = False
+                # Warming: claim nothing (another worker, or this one once warm, takes the job).
+                busy = self._leaving.is_set() or not self.warm
                 with self._jobs_lock:
-                    room = 0 if self._leaving.is_set() else self.cfg.max_jobs - len(self._jobs)
+                    room = 0 if busy else self.cfg.max_jobs - len(self._jobs)
                 if room <= 0:
                     self._room.wait(0.2)
                     self._room.clear()
