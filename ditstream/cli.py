@@ -25,9 +25,9 @@ app.add_typer(bench_app, name="bench")
 
 #: Packages that contribute commands, in help order. A missing module is skipped only if it is
 #: the module itself that is absent (a package not built yet), never on an import error inside it.
-COMMAND_MODULES = ("ditstream.engine.cli", "ditstream.engine.demo.cli", "ditstream.server.cli",
-                   "ditstream.server.scale_cli", "ditstream.server.reliability_cli", "ditstream.clients.cli",
-                   "ditstream.trt_build.cli")
+COMMAND_MODULES = ("ditstream.commands.generate", "ditstream.commands.demo", "ditstream.commands.serve",
+                   "ditstream.commands.scale", "ditstream.commands.reliability", "ditstream.commands.client",
+                   "ditstream.commands.build")
 
 
 def version() -> str:

@@ -4,7 +4,7 @@ before any pixel is decoded (decompression bombs), and every decoder exception m
 
 JPEG goes through simplejpeg (libjpeg-turbo, releases the GIL); PNG and WebP through Pillow, whose
 ``Image.open`` is lazy (it reads the header only). The server's REST and WebSocket paths
-(``server/codec.py``), the Redis wire (``server/messages.py``) and ``ditstream generate --image`` all
+(``server/codec.py``), the Redis wire (``server/scale/messages.py``) and ``ditstream generate --image`` all
 decode through ``decode`` here.
 """
 

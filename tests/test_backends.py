@@ -113,7 +113,7 @@ def test_gpu_bench_machinery_on_the_tiny_model(tmp_path):
     """The bench's loop, baseline, table and JSON on CPU with the tiny architecture (the GPU run is manual)."""
     import json
 
-    from ditstream.trt_build.bench_gpu import format_table, run_gpu_bench, to_json
+    from ditstream.bench.gpu import format_table, run_gpu_bench, to_json
 
     result = run_gpu_bench(arch="tiny", device="cpu", dtype="fp32", resolutions=(32,), batches=(1, 2),
                            backends=("torch", "onnx", "tensorrt"), min_time=0.0, cache_dir=str(tmp_path))

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 from ditstream.engine.null import null_runner
-from ditstream.server.app import create_app
+from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
-from ditstream.server.testing import ServerThread
+
+from ditstream.bench.harness import ServerThread
 
 CHROMIUM = os.environ.get("DITSTREAM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",

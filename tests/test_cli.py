@@ -74,7 +74,7 @@ def test_generate_png_and_clear_errors(tmp_path, tiny_model_dir):
     assert r.returncode == 2 and "missing" in r.stderr and "transformer/" in r.stderr
     r = _cli("generate", "--model", str(tiny_model_dir), "--prompt", "x", "--size", "33x32")
     assert r.returncode == 2 and "width" in r.stderr
-    from ditstream.server.testing import png_bomb
+    from testkit import png_bomb
 
     (tmp_path / "bomb.png").write_bytes(png_bomb(30000, 30000))  # refused from its header, not a traceback
     r = _cli("generate", "--model", str(tiny_model_dir), "--prompt", "x", "--image", str(tmp_path / "bomb.png"))

@@ -101,9 +101,10 @@ def test_client_commands_refuse_bad_arguments_before_calling(args, complaint):
 
 def test_client_generate_out_extension_picks_the_format(tmp_path):
     from ditstream.engine.null import null_runner
-    from ditstream.server.app import create_app
+    from ditstream.server.api.app import create_app
     from ditstream.server.settings import Settings
-    from ditstream.server.testing import ServerThread
+
+    from ditstream.bench.harness import ServerThread
 
     with ServerThread(create_app(Settings(model="null", default_width=32, default_height=32), null_runner())) as srv:
         r = _cli("client", "generate", "x", "--url", srv.url, "--out", str(tmp_path / "a.jpg"))

@@ -12,10 +12,11 @@ import pytest
 from ditstream.clients.rest_client import APIError, generate
 from ditstream.clients.stream_client import open_source, run_stream
 from ditstream.engine.null import null_runner
-from ditstream.server.app import create_app
+from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
-from ditstream.server.testing import ServerThread
 from PIL import Image
+
+from ditstream.bench.harness import ServerThread
 
 KEY = "client-key-1"
 ROOT = Path(__file__).resolve().parent.parent

@@ -41,7 +41,7 @@ def demo_app(demo_components):
     from ditstream.engine.core import EngineCore
     from ditstream.engine.prompt_cache import PromptCache
     from ditstream.engine.runner import EngineRunner
-    from ditstream.server.app import create_app
+    from ditstream.server.api.app import create_app
     from ditstream.server.settings import Settings
 
     # EngineRunner.from_config, sharing the module's loaded components.
@@ -100,7 +100,7 @@ def test_ready_and_models_carry_the_demo_defaults(demo_app) -> None:
 
 
 def test_the_servers_size_overrides_the_models_only_when_given(demo_app) -> None:
-    from ditstream.server.app import state_of
+    from ditstream.server.api.app import state_of
     from ditstream.server.settings import Settings
 
     state = state_of(demo_app)

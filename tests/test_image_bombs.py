@@ -26,20 +26,14 @@ from ditstream.engine.config import EngineConfig, StreamConfig
 from ditstream.engine.errors import ImageDecodeError, ImageTooLargeError
 from ditstream.engine.imagefile import decode
 from ditstream.engine.null import null_runner
-from ditstream.server.app import create_app
+from ditstream.server.api.app import create_app
 from ditstream.server.errors import mapping_for
-from ditstream.server.messages import ImageMeta, JobMessage, JobResult, config_to_wire, decode_image
+from ditstream.server.scale.messages import ImageMeta, JobMessage, JobResult, config_to_wire, decode_image
 from ditstream.server.settings import Settings
-from ditstream.server.testing import (
-    ServerThread,
-    frame_message,
-    jpeg,
-    jpeg_bomb,
-    png_bomb,
-    recv_frame,
-    recv_json,
-)
 from PIL import Image, UnidentifiedImageError
+from testkit import frame_message, jpeg, jpeg_bomb, png_bomb, recv_frame, recv_json
+
+from ditstream.bench.harness import ServerThread
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -263,10 +257,11 @@ def test_ws_bomb_is_an_in_band_invalid_image_and_the_stream_goes_on(server):
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory):
-    from ditstream.server.gateway import RedisGatewayRunner
-    from ditstream.server.scale import ScaleConfig
-    from ditstream.server.scale_testing import RedisServer, redis_server_binary, wait_for
-    from ditstream.server.worker import Worker
+    from ditstream.server.scale.config import ScaleConfig
+    from ditstream.server.scale.gateway import RedisGatewayRunner
+    from ditstream.server.scale.worker import Worker
+
+    from ditstream.bench.scale_harness import RedisServer, redis_server_binary, wait_for
 
     if redis_server_binary() is None:
         pytest.fail("redis-server is required (apt-get install -y redis-server)", pytrace=False)
@@ -298,7 +293,7 @@ def test_gateway_ws_bomb_is_an_in_band_invalid_image_and_the_stream_goes_on(gate
 @pytest.mark.parametrize("codec,bomb", [("png", PNG_BOMB), ("jpeg", JPEG_BOMB)])
 def test_worker_answers_a_bomb_on_the_wire_with_invalid_image(gateway, codec, bomb):
     """A job whose image bytes are a bomb (the gateway never sends one; the worker checks anyway)."""
-    from ditstream.server.scale_testing import wait_for
+    from ditstream.bench.scale_harness import wait_for
 
     _, scfg, worker = gateway
     reply_to = f"{scfg.prefix}:bomb-replies:{uuid.uuid4().hex[:6]}"

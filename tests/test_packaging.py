@@ -34,7 +34,7 @@ def test_wheel_ships_demo_model_and_web_page(wheel):
     missing = [p for p in demo if p not in names]
     assert not missing, f"wheel lacks {missing}"
     assert {"ditstream/clients/web/index.html", "ditstream/clients/web/app.js", "ditstream/cli.py",
-            "ditstream/engine/core.py", "ditstream/server/app.py", "ditstream/trt_build/cache.py"} <= names
+            "ditstream/engine/core.py", "ditstream/server/api/app.py", "ditstream/trt_build/cache.py"} <= names
 
 
 def test_wheel_installs_one_top_level_name(wheel):

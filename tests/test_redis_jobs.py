@@ -15,8 +15,9 @@ import pytest
 import redis
 from ditstream.engine.config import EngineConfig, FilterConfig, StreamConfig
 from ditstream.engine.errors import GenerationError, OverloadedError, ValidationError
-from ditstream.server.gateway import RedisGatewayRunner
-from ditstream.server.messages import (
+from ditstream.server.scale.config import ScaleConfig
+from ditstream.server.scale.gateway import RedisGatewayRunner
+from ditstream.server.scale.messages import (
     ErrorInfo,
     Heartbeat,
     JobMessage,
@@ -28,9 +29,9 @@ from ditstream.server.messages import (
     decode_image,
     encode_image,
 )
-from ditstream.server.scale import ScaleConfig
-from ditstream.server.scale_testing import RedisServer, redis_server_binary, wait_for
-from ditstream.server.worker import Worker
+from ditstream.server.scale.worker import Worker
+
+from ditstream.bench.scale_harness import RedisServer, redis_server_binary, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -285,9 +286,10 @@ def test_serve_with_redis_is_a_gateway(redis_url: str, tmp_path):
     import sys
 
     import httpx
-    from ditstream.server.app import load_runner
-    from ditstream.server.scale_testing import free_port
+    from ditstream.server.api.app import load_runner
     from ditstream.server.settings import Settings
+
+    from ditstream.bench.scale_harness import free_port
 
     url = redis_url.rsplit("/", 1)[0] + "/1"  # its own database: the default key prefix is used here
     assert isinstance(load_runner(Settings(redis_url=url)), RedisGatewayRunner)
@@ -344,8 +346,9 @@ def test_jobs_pending_across_a_redis_restart_are_sent_again(tmp_path):
 def test_worker_health_and_metrics_endpoint(scfg: ScaleConfig):
     """What the container healthcheck and Prometheus read from a worker (``--health-port``)."""
     import httpx
-    from ditstream.server.scale_cli import _health_server
-    from ditstream.server.scale_testing import free_port
+
+    from ditstream.bench.scale_harness import free_port
+    from ditstream.commands.scale import _health_server
 
     w = _null_worker(scfg, "probe").start()
     port = free_port()
@@ -369,7 +372,7 @@ def test_supervisor_leaves_a_session_being_opened_alone_and_retries_a_failed_rep
     """Seen once in CI: the supervisor saw a new session with its worker set but no record yet (the
     open was still in flight), "re-pinned" it concurrently and the stream stalled. And a re-pin whose
     open failed used to leave the record naming a worker that never opened the session: no retry."""
-    from ditstream.server.gateway import GatewayStreamHandle
+    from ditstream.server.scale.gateway import GatewayStreamHandle
 
     keys = scfg.keys
     _fake_heartbeat(r, keys, "ghost")  # alive by heartbeat, never answers an open

@@ -20,13 +20,15 @@ import numpy as np
 import pytest
 import redis
 import websockets
-from ditstream.server.app import create_app
-from ditstream.server.gateway import RedisGatewayRunner
-from ditstream.server.messages import JobResult, SessionRecord
-from ditstream.server.scale_testing import RedisServer, WorkerProcess, redis_server_binary, wait_for
+from ditstream.server.api.app import create_app
+from ditstream.server.scale.gateway import RedisGatewayRunner
+from ditstream.server.scale.messages import JobResult, SessionRecord
 from ditstream.server.settings import Settings
-from ditstream.server.testing import ServerThread, frame_message, jpeg, recv_frame, recv_json
 from PIL import Image
+from testkit import frame_message, jpeg, recv_frame, recv_json
+
+from ditstream.bench.harness import ServerThread
+from ditstream.bench.scale_harness import RedisServer, WorkerProcess, redis_server_binary, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -358,7 +360,7 @@ def test_bench_scale_two_workers_double_throughput(tmp_path: Path):
     that two workers really share the load (fair claiming, no gateway bottleneck). The real-model
     figure from the same command is recorded in docs/benchmarks.md.
     """
-    from ditstream.server.scale_bench import ScaleBenchSpec, format_report, run_scale_bench
+    from ditstream.bench.scale import ScaleBenchSpec, format_report, run_scale_bench
 
     spec = ScaleBenchSpec(model="null", workers=2, jobs=40, concurrency=8, size=f"{SIZE}x{SIZE}", max_jobs=2,
                           null_delay_ms=100.0, warmup_per_worker=2, start_timeout_s=120)

@@ -10,9 +10,9 @@ published by ``ditstream bench load`` (docs/reliability.md), not asserted on sha
 
 from __future__ import annotations
 
-from ditstream.server.loadbench import NullServerConfig, format_levels, run_levels
 from typer.testing import CliRunner
 
+from ditstream.bench.load import NullServerConfig, format_levels, run_levels
 from ditstream.cli import app
 
 

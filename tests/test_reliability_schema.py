@@ -21,7 +21,7 @@ import requests
 import schemathesis
 from ditstream.engine.config import EngineConfig
 from ditstream.engine.null import null_runner
-from ditstream.server.app import create_app
+from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance

@@ -8,7 +8,7 @@ process, so the resident memory measured is the server's alone. Bound: growth â‰
 
 from __future__ import annotations
 
-from ditstream.server.loadbench import NullServerConfig, null_server, soak
+from ditstream.bench.load import NullServerConfig, null_server, soak
 
 CYCLES = 200
 REQUESTS = 200

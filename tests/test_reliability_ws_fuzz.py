@@ -40,8 +40,9 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-from ditstream.server.loadbench import NullServerConfig, null_server, rss_bytes
-from ditstream.server.testing import decode_output, frame_message, jpeg, jpeg_bomb, png_bomb
+from testkit import decode_output, frame_message, jpeg, jpeg_bomb, png_bomb
+
+from ditstream.bench.load import NullServerConfig, null_server, rss_bytes
 
 SIZE = 64
 MAX_FRAME = 256 * 1024

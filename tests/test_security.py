@@ -28,14 +28,16 @@ import pytest
 import websockets
 from ditstream.engine.config import EngineConfig
 from ditstream.engine.null import null_runner
-from ditstream.server import auth as auth_module
-from ditstream.server.app import create_app
+from ditstream.server.api import auth as auth_module
+from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
-from ditstream.server.testing import ServerThread, frame_message, jpeg, recv_frame, recv_json
 from fastapi.testclient import TestClient
 from PIL import Image
 from starlette.routing import Mount
 from starlette.websockets import WebSocketDisconnect
+from testkit import frame_message, jpeg, recv_frame, recv_json
+
+from ditstream.bench.harness import ServerThread
 
 KEY = "sk-sec-Zq81xYw3-secret"
 WRONG = "sk-sec-wrong-guess-00"

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from ditstream.engine.null import null_runner
-from ditstream.server.app import create_app
-from ditstream.server.bench import BenchSpec, format_report, run_bench
+from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
-from ditstream.server.testing import ServerThread
+
+from ditstream.bench.harness import ServerThread
+from ditstream.bench.server import BenchSpec, format_report, run_bench
 
 
 def test_bench_against_a_server_and_a_null_engine():
@@ -30,7 +31,8 @@ def test_bench_and_client_frames_are_420_like_browsers_send():
     import numpy as np
     import simplejpeg
     from ditstream.clients.stream_client import encode_jpeg
-    from ditstream.server.bench import _pattern
+
+    from ditstream.bench.server import _pattern
 
     assert simplejpeg.decode_jpeg_header(_pattern(64, 64, 1, 85)[0])[3] == "420"
     assert simplejpeg.decode_jpeg_header(_pattern(64, 64, 1, 85, "444")[0])[3] == "444"

@@ -14,7 +14,7 @@ import time
 import httpx
 import numpy as np
 import websockets
-from ditstream.server.testing import frame_message, jpeg, recv_frame, recv_json
+from testkit import frame_message, jpeg, recv_frame, recv_json
 
 
 def _free_port() -> int:

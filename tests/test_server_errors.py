@@ -13,10 +13,12 @@ import pytest
 import websockets
 from ditstream.engine.errors import ALL_ERRORS
 from ditstream.engine.null import null_runner
-from ditstream.server.app import create_app
+from ditstream.server.api.app import create_app
 from ditstream.server.errors import ERROR_TABLE, SERVER_ERRORS, mapping_for
 from ditstream.server.settings import Settings
-from ditstream.server.testing import ServerThread, frame_message, jpeg, recv_frame, recv_json
+from testkit import frame_message, jpeg, recv_frame, recv_json
+
+from ditstream.bench.harness import ServerThread
 
 KEY = "k-" + "x" * 30
 AUTH = {"Authorization": f"Bearer {KEY}"}

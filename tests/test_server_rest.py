@@ -14,10 +14,11 @@ import pytest
 from ditstream.engine.config import EngineConfig, ModelConfig
 from ditstream.engine.null import null_runner
 from ditstream.engine.runner import EngineRunner
-from ditstream.server.app import create_app
+from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
-from ditstream.server.testing import ServerThread
 from PIL import Image
+
+from ditstream.bench.harness import ServerThread
 
 KEY = "sk-test-0123456789"
 

@@ -17,9 +17,11 @@ import websockets
 from ditstream.engine.config import EngineConfig, ModelConfig
 from ditstream.engine.null import null_runner
 from ditstream.engine.runner import EngineRunner
-from ditstream.server.app import create_app
+from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
-from ditstream.server.testing import ServerThread, frame_message, jpeg, recv_frame, recv_json
+from testkit import frame_message, jpeg, recv_frame, recv_json
+
+from ditstream.bench.harness import ServerThread
 
 SIZE = 32
 

@@ -14,9 +14,10 @@ import pytest
 from ditstream.clients import stream_client
 from ditstream.clients.stream_client import SourceError, capture_frames, open_source
 from ditstream.engine.null import null_runner
-from ditstream.server.app import create_app
+from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
-from ditstream.server.testing import ServerThread
+
+from ditstream.bench.harness import ServerThread
 
 cv2 = pytest.importorskip("cv2", reason="opencv-python-headless is a test dependency (pyproject [test])")
 

@@ -39,7 +39,16 @@ from ditstream.engine.errors import (
 )
 from ditstream.engine.queues import LatestSlot, OutputQueue
 from ditstream.engine.types import StreamOutput, StreamStats
-from ditstream.server.messages import (
+from ditstream.server.scale.config import (
+    Backoff,
+    ScaleConfig,
+    connect,
+    ensure_group,
+    fields_get,
+    redact,
+    sid_str,
+)
+from ditstream.server.scale.messages import (
     FrameHeader,
     Heartbeat,
     JobMessage,
@@ -53,7 +62,6 @@ from ditstream.server.messages import (
     decode_image,
     encode_image,
 )
-from ditstream.server.scale import Backoff, ScaleConfig, connect, ensure_group, fields_get, redact, sid_str
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from ditstream.engine.config import StreamConfig
 from ditstream.engine.errors import CancelledError, GenerationError, PayloadTooLargeError, ValidationError
 from ditstream.engine.types import StreamOutput
 from ditstream.server import codec
-from ditstream.server.app import AppState, state_of
-from ditstream.server.protocol import parse_size
+from ditstream.server.api.app import AppState, state_of
+from ditstream.server.live.protocol import parse_size
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 

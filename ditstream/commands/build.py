@@ -102,7 +102,7 @@ def bench_gpu(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
 ) -> None:
     """One-step img2img fps per backend on the real SANA-Sprint 0.6B + DC-AE (random weights) vs diffusers."""
-    from ditstream.trt_build.bench_gpu import BenchRefused, format_table, run_gpu_bench, to_json
+    from ditstream.bench.gpu import BenchRefused, format_table, run_gpu_bench, to_json
 
     try:
         result = run_gpu_bench(resolutions=resolution, batches=batch, backends=backend, dtype=dtype,

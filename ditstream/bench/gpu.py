@@ -92,6 +92,7 @@ class BenchResult:
 def build_components(arch: str, device: torch.device, dtype: torch.dtype) -> Any:
     """Random-weight transformer + VAE of ``arch`` (``sana-sprint-0.6b`` or ``tiny``) as ModelComponents."""
     from diffusers import AutoencoderDC, SanaTransformer2DModel, SCMScheduler
+
     from ditstream.engine.loader import ModelComponents
 
     if arch == "tiny":

@@ -34,7 +34,7 @@ def bench_load(
     import asyncio
     import json
 
-    from ditstream.server.loadbench import LoadSpec, NullServerConfig, format_levels, run_levels, run_load
+    from ditstream.bench.load import LoadSpec, NullServerConfig, format_levels, run_levels, run_load
 
     w, h = (int(x) for x in size.lower().split("x"))
     if url and rate is not None:
@@ -66,7 +66,7 @@ def bench_soak(
     """Leak check: a fresh null-engine server, RSS after warm-up vs after the soak."""
     import json
 
-    from ditstream.server.loadbench import NullServerConfig, null_server, soak
+    from ditstream.bench.load import NullServerConfig, null_server, soak
 
     cfg = NullServerConfig(delay_ms=0.0, max_streams=4, max_queued_jobs=16)
     with null_server(cfg) as (base, pid):

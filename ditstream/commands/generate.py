@@ -70,11 +70,12 @@ def generate(
     pixels = _read_image(image) if image is not None else None
 
     import numpy as np
+    from PIL import Image
+
     from ditstream.engine.config import ModelConfig, StreamConfig
     from ditstream.engine.errors import DitstreamError
     from ditstream.engine.generate import Generator
     from ditstream.engine.threads import set_torch_threads
-    from PIL import Image
 
     set_torch_threads(threads)
     try:
@@ -119,7 +120,7 @@ def bench_engine(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Stream batch vs sequential; N streams cross-batched vs one at a time; SSF skip rates."""
-    from ditstream.engine.bench import format_table, run_engine_bench
+    from ditstream.bench.engine import format_table, run_engine_bench
 
     result = run_engine_bench(model=model, size=size, frames=frames, streams=streams, steps=steps,
                               repeats=repeats, threads=threads or None)
@@ -135,7 +136,7 @@ def bench_threads(
     repeats: int = typer.Option(5, help="Interleaved repeats of every arm (medians are reported)."),
 ) -> None:
     """ms per frame for each torch thread count on a CPU shared with `--load` busy processes."""
-    from ditstream.engine.bench import run_threads_bench
+    from ditstream.bench.engine import run_threads_bench
 
     try:
         candidates = tuple(int(t) for t in threads.split(","))

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ditstream.server.messages import Codec, Keys
+from ditstream.server.scale.messages import Codec, Keys
 
 if TYPE_CHECKING:
     import redis

@@ -46,6 +46,7 @@ def _server_errors(command: str, url: str) -> Iterator[None]:
     """Turn what a down, refusing or failing server raises into one line and an exit code."""
     import httpx
     import websockets
+
     from ditstream.clients.rest_client import APIError
 
     def fail(message: str, code: int = EXIT_SERVER) -> typer.Exit:

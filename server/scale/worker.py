@@ -34,7 +34,17 @@ from typing import Any
 from ditstream.engine.errors import DitstreamError, EngineDeadError, GenerationError, ValidationError
 from ditstream.engine.runner import EngineRunner, StreamHandle
 from ditstream.engine.types import StreamOutput
-from ditstream.server.messages import (
+from ditstream.server.scale.config import (
+    Backoff,
+    ScaleConfig,
+    connect,
+    ensure_group,
+    fields_get,
+    is_nogroup,
+    redact,
+    sid_str,
+)
+from ditstream.server.scale.messages import (
     ErrorInfo,
     FrameHeader,
     Heartbeat,
@@ -49,16 +59,6 @@ from ditstream.server.messages import (
     config_to_wire,
     decode_image,
     encode_image,
-)
-from ditstream.server.scale import (
-    Backoff,
-    ScaleConfig,
-    connect,
-    ensure_group,
-    fields_get,
-    is_nogroup,
-    redact,
-    sid_str,
 )
 
 logger = logging.getLogger(__name__)

@@ -45,7 +45,8 @@ def serve(
     import logging
 
     import uvicorn
-    from ditstream.server.app import create_app
+
+    from ditstream.server.api.app import create_app
     from ditstream.server.settings import Settings
 
     overrides = {k: v for k, v in dict(
@@ -64,7 +65,7 @@ def serve(
     # Load before uvicorn starts, so that a bad model or backend is one clear line, not a lifespan
     # traceback.
     from ditstream.engine.errors import DitstreamError
-    from ditstream.server.app import load_runner
+    from ditstream.server.api.app import load_runner
 
     if not settings.redis_url:  # a gateway holds no model: it never imports torch
         from ditstream.engine.threads import set_torch_threads
@@ -120,7 +121,7 @@ def bench_server(
     """N concurrent streams at a fixed input fps for T seconds: fps, glass-to-glass p50/p99, drops, loop lag."""
     import json
 
-    from ditstream.server.bench import BenchSpec, format_report, run_bench
+    from ditstream.bench.server import BenchSpec, format_report, run_bench
 
     if subsampling not in ("420", "422", "444"):
         raise typer.BadParameter("--subsampling must be 420, 422 or 444")

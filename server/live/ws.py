@@ -34,8 +34,8 @@ from ditstream.engine.errors import (
 from ditstream.engine.runner import StreamHandle
 from ditstream.engine.types import StreamOutput
 from ditstream.server import codec
-from ditstream.server.app import AppState, state_of
-from ditstream.server.auth import SUBPROTOCOL
+from ditstream.server.api.app import AppState, state_of
+from ditstream.server.api.auth import SUBPROTOCOL
 from ditstream.server.errors import (
     WS_INTERNAL_ERROR,
     WS_TRY_AGAIN_LATER,
@@ -43,7 +43,7 @@ from ditstream.server.errors import (
     mapping_for,
     ws_error,
 )
-from ditstream.server.protocol import (
+from ditstream.server.live.protocol import (
     PROTOCOL_VERSION,
     ConfigMessage,
     PingMessage,

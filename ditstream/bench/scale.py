@@ -95,11 +95,12 @@ def run_scale_bench(spec: ScaleBenchSpec, redis_url: str | None = None, log_dir:
                     ) -> dict[str, Any]:
     """Run 1 worker, then ``spec.workers``; returns per-run figures and ``speedup``."""
     import httpx
-    from ditstream.server.app import create_app
-    from ditstream.server.gateway import RedisGatewayRunner
-    from ditstream.server.scale_testing import RedisServer, WorkerProcess, wait_for
+
+    from ditstream.bench.harness import ServerThread
+    from ditstream.bench.scale_harness import RedisServer, WorkerProcess, wait_for
+    from ditstream.server.api.app import create_app
+    from ditstream.server.scale.gateway import RedisGatewayRunner
     from ditstream.server.settings import Settings
-    from ditstream.server.testing import ServerThread
 
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="ditstream-bench-scale-"))
     results: dict[str, Any] = {"runs": {}, "log_dir": str(log_dir)}

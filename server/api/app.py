@@ -22,8 +22,8 @@ from typing import Any
 from ditstream.engine.config import StreamConfig
 from ditstream.engine.errors import DitstreamError, EngineDeadError, PayloadTooLargeError, ValidationError
 from ditstream.engine.runner import EngineRunner
-from ditstream.server.admission import Admission
-from ditstream.server.auth import APIKeyMiddleware
+from ditstream.server.api.admission import Admission
+from ditstream.server.api.auth import APIKeyMiddleware
 from ditstream.server.codec import Codec
 from ditstream.server.errors import MalformedMessageError, mapping_for, rest_error_body, rest_headers
 from ditstream.server.metrics import Metrics
@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
+WEB_DIR = Path(__file__).resolve().parents[2] / "clients" / "web"
 #: ``defaults`` keys a new stream takes from the model.
 STREAM_DEFAULT_KEYS = ("prompt", "width", "height", "steps", "strength", "guidance_scale", "seed")
 #: Stream size when neither the model nor the server states one (the null engine).
@@ -212,7 +212,7 @@ def load_runner(settings: Settings) -> EngineRunner:
     from ditstream.engine.config import EngineConfig, ModelConfig
 
     if settings.redis_url:  # gateway mode: the engines are `ditstream worker` processes behind Redis
-        from ditstream.server.gateway import RedisGatewayRunner
+        from ditstream.server.scale.gateway import RedisGatewayRunner
 
         return RedisGatewayRunner.from_settings(settings)  # type: ignore[return-value]
     ecfg = EngineConfig(max_batch=settings.max_batch, output_queue_size=settings.output_queue_size,
@@ -270,7 +270,9 @@ async def _drain_sessions(state: AppState) -> None:
 # ------------------------------------------------------------------------------------ factory
 def create_app(settings: Settings | None = None, runner: EngineRunner | None = None) -> FastAPI:
     """Build the app. ``runner`` (not yet started) replaces the model named in ``settings``."""
-    from ditstream.server import logsafe, rest, ws
+    from ditstream.server import logsafe
+    from ditstream.server.api import rest
+    from ditstream.server.live import ws
 
     settings = settings or Settings()
     logsafe.install()  # uvicorn logs query strings (?token=<key>); rewrite them before any handler
@@ -376,7 +378,7 @@ def _declare_bearer_auth(app: FastAPI) -> None:
     The middleware, not a FastAPI dependency, enforces the keys (it covers WebSocket and 404s too),
     so FastAPI cannot see them; without this the schema would describe an open API.
     """
-    from ditstream.server.auth import APIKeyMiddleware
+    from ditstream.server.api.auth import APIKeyMiddleware
 
     build = app.openapi
 

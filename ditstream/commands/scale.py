@@ -50,15 +50,15 @@ def worker(
     if not settings.redis_url:
         typer.echo("ditstream worker: no Redis URL (--redis or DITSTREAM_REDIS_URL)", err=True)
         raise typer.Exit(2)
-    log = logging.getLogger("ditstream.server.worker")
+    log = logging.getLogger("ditstream.server.scale.worker")
     log.info("settings: %s", settings.public())
     from ditstream.engine.threads import set_torch_threads
 
     set_torch_threads(settings.threads)
     from ditstream.engine.errors import DitstreamError
-    from ditstream.server.app import load_runner
-    from ditstream.server.scale import ScaleConfig
-    from ditstream.server.worker import Worker
+    from ditstream.server.api.app import load_runner
+    from ditstream.server.scale.config import ScaleConfig
+    from ditstream.server.scale.worker import Worker
 
     try:
         runner = load_runner(settings.model_copy(update={"redis_url": None}))
@@ -94,7 +94,7 @@ def _health_server(w: object, port: int):  # -> http.server.ThreadingHTTPServer
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from ditstream.server.worker import Worker
+    from ditstream.server.scale.worker import Worker
 
     assert isinstance(w, Worker)
 
@@ -140,7 +140,7 @@ def bench_scale(
     """REST throughput through the gateway with 1 worker, then with N, on the same load (ratio reported)."""
     import json
 
-    from ditstream.server.scale_bench import ScaleBenchSpec, format_report, run_scale_bench
+    from ditstream.bench.scale import ScaleBenchSpec, format_report, run_scale_bench
 
     spec = ScaleBenchSpec(model=model, workers=workers, jobs=jobs, concurrency=concurrency, size=size, steps=steps,
                           threads=threads, max_jobs=max_jobs, backend=backend, device=device,

@@ -30,7 +30,8 @@ from typing import Any
 
 import httpx
 import numpy as np
-from ditstream.server.testing import serve_subprocess
+
+from ditstream.bench.harness import serve_subprocess
 
 logger = logging.getLogger(__name__)
 

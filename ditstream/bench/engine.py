@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from ditstream.engine.config import EngineConfig, FilterConfig, ModelConfig, StreamConfig
 from ditstream.engine.core import EngineCore
 from ditstream.engine.generate import Generator

@@ -1,0 +1,1 @@
+"""Benchmarks (``ditstream bench ...``) and the process harnesses they start."""

@@ -1,0 +1,1 @@
+"""The ``ditstream`` subcommands, one module per group (see ``ditstream.cli``)."""

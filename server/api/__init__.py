@@ -1,0 +1,1 @@
+"""The HTTP API: the app factory, REST routes, auth and admission."""

@@ -1,0 +1,1 @@
+"""Live streams: the WebSocket endpoint and its wire protocol."""

@@ -1,0 +1,1 @@
+"""Scale-out over Redis: the gateway, the worker, their wire messages and config."""

@@ -1,0 +1,93 @@
+"""Test helpers for the wire protocol: encode inputs, build hostile images, read outputs and messages.
+
+Test-only (not shipped in the wheel); the process harnesses (a server in a thread, a server or a
+worker in a subprocess, redis-server) are in ``ditstream.bench.harness`` and
+``ditstream.bench.scale_harness``, because the benchmarks start them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+
+def jpeg(image: Any, quality: int = 90) -> bytes:
+    """uint8 (H, W, 3) → JPEG bytes."""
+    import numpy as np
+    import simplejpeg
+
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality, colorspace="RGB")
+
+
+def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
+    """A small but valid PNG (1-bit greyscale, all black) whose header says ``width``×``height``.
+
+    The zlib-compressed rows of zeros stay tiny (~110 KB for 30000×30000) while decoding would need
+    ``width``×``height`` pixels (2.7 GB as RGB): a decompression bomb.
+    """
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the packed bits
+    z = zlib.compressobj(9)
+    rows_per_chunk = 1000
+    idat = [z.compress(row * rows_per_chunk) for _ in range(height // rows_per_chunk)]
+    idat += [z.compress(row * (height % rows_per_chunk)), z.flush()]
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(idat))
+            + chunk(b"IEND", b""))
+
+
+def jpeg_bomb(width: int = 60000, height: int = 60000) -> bytes:
+    """A real 16×16 JPEG whose frame header (SOF0) is patched to say ``width``×``height``."""
+    import struct
+
+    import numpy as np
+
+    data = jpeg(np.zeros((16, 16, 3), np.uint8))
+    sof = data.index(b"\xff\xc0")  # marker, length (2), precision (1), then height and width
+    return data[: sof + 5] + struct.pack(">HH", height, width) + data[sof + 9 :]
+
+
+def frame_message(image_bytes: bytes, seq: int, ts: float | None = None) -> bytes:
+    """A header-framed input frame."""
+    from ditstream.server.live.protocol import pack_frame
+
+    return pack_frame({"seq": seq, "ts": time.perf_counter() * 1e3 if ts is None else ts}, image_bytes)
+
+
+def decode_output(message: bytes) -> tuple[dict[str, Any], Any]:
+    """An output frame → (header, uint8 image)."""
+    import simplejpeg
+    from ditstream.server.live.protocol import unpack_frame
+
+    header, body = unpack_frame(message)
+    assert header is not None, "outputs always carry a header"
+    return header, simplejpeg.decode_jpeg(bytes(body), colorspace="RGB")
+
+
+async def recv_json(ws: Any, timeout: float = 30.0) -> dict[str, Any]:
+    """The next text message (binary frames before it are skipped)."""
+    import json
+
+    while True:
+        msg = await asyncio.wait_for(ws.recv(), timeout)
+        if isinstance(msg, str):
+            return json.loads(msg)
+
+
+async def recv_frame(ws: Any, timeout: float = 60.0, texts: list[dict[str, Any]] | None = None
+                     ) -> tuple[dict[str, Any], Any]:
+    """The next output frame; text messages before it are appended to ``texts``."""
+    import json
+
+    while True:
+        msg = await asyncio.wait_for(ws.recv(), timeout)
+        if isinstance(msg, bytes):
+            return decode_output(msg)
+        if texts is not None:
+            texts.append(json.loads(msg))
