@@ -97,3 +97,14 @@ def faulty_core(components, config=None):
 def width_is(width: int, scale: int = 1) -> Callable[[torch.Tensor], bool]:
     """``when`` matching calls whose input is ``width`` pixels (or latents at ``scale``) wide."""
     return lambda x: int(x.shape[-1]) == width // scale
+
+
+def faulty_runner(model_dir, engine_config=None):
+    """A (not started) ``EngineRunner`` over the tiny model whose backend is wrapped by ``FaultyBackend``."""
+    from ditstream.engine.config import EngineConfig, ModelConfig
+    from ditstream.engine.runner import EngineRunner
+
+    runner = EngineRunner.from_config(ModelConfig(model=str(model_dir)), engine_config or EngineConfig())
+    backend = FaultyBackend(runner.core.backend)
+    runner.core.backend = backend
+    return runner, backend
