@@ -350,6 +350,8 @@ async def run_stream(url: str, frames: Iterator[np.ndarray], *, config: dict[str
                     if m.get("type") == "error":
                         stats.errors.append(m)
                         logger.warning("server error: %s: %s", m.get("code"), m.get("message"))
+                        if isinstance(m.get("seq"), int):  # a frame whose model call failed: answered all the same
+                            last_answered = max(last_answered, m["seq"])
                     continue
                 header, jpeg = unpack_frame(msg)
                 last_answered = max(last_answered, header["seq"])

@@ -14,6 +14,12 @@ One tick (``step``):
     ones (batched);
  4. emit finished frames from the front of each pipeline, in input order.
 A stream's output never depends on which other streams shared its batch (tested: isolation).
+
+Failure isolation: an exception in one model call (an encode, denoise or decode chunk) fails only
+the frames of that call, and a non-finite (NaN/inf) output fails only its own samples. A failed
+frame drops its latent and is emitted in its place in the stream's order as an output carrying a
+``GenerationError`` and no image; the stream goes on with its next input. Only an unrecoverable
+device error (``errors.is_fatal_device_error``) leaves ``step()``: the runner then stops the engine.
 """
 
 from __future__ import annotations
@@ -28,7 +34,12 @@ from ditstream.engine import images as imgs
 from ditstream.engine import sampler
 from ditstream.engine.backends.base import Backend, BackendLimits
 from ditstream.engine.config import EngineConfig, StreamConfig
-from ditstream.engine.errors import GenerationError, ValidationError
+from ditstream.engine.errors import (
+    GenerationError,
+    ValidationError,
+    generation_failure,
+    is_fatal_device_error,
+)
 from ditstream.engine.loader import ModelComponents
 from ditstream.engine.plan import Plan, decode_clean, encode_clean, make_plan, predict_x0
 from ditstream.engine.prompt_cache import PromptCache
@@ -53,6 +64,16 @@ class EngineCore:
         #: Sizes of the model calls made, for metrics and the bench.
         self.batch_sizes: list[int] = []
         self.on_batch: Callable[[int, float], None] | None = None
+        self._init_failures()
+
+    def _init_failures(self) -> None:
+        #: Failed model calls by stage (``encode``/``denoise``/``decode``; ``nonfinite`` counts samples
+        #: failed for NaN/inf output, ``tick`` whole ticks failed by an error outside a model call).
+        self.failed_calls: dict[str, int] = dict.fromkeys(("encode", "denoise", "decode", "nonfinite", "tick"), 0)
+        #: Frames and jobs answered with an error instead of an image.
+        self.failed_frames = 0
+        #: Called on the engine thread per failure with (stage, frames failed); e.g. a metrics counter.
+        self.on_failure: Callable[[str, int], None] | None = None
 
     # ------------------------------------------------------------------ streams
     @property
@@ -163,14 +184,20 @@ class EngineCore:
         for items in to_encode.values():
             for chunk in _chunks(items, self.max_batch):
                 t0 = time.perf_counter()
-                clean = encode_clean(self.backend, c, imgs.to_tensor([it.frame.image for it in chunk], c.device))
+                try:
+                    clean = encode_clean(self.backend, c, imgs.to_tensor([it.frame.image for it in chunk], c.device))
+                except Exception as exc:
+                    self._fail_call("encode", chunk, exc)
+                    continue
                 t1 = torch.cat([it.plan.angles[:1] for it in chunk])
                 noise = torch.cat([it.plan.noise[:1] for it in chunk])
                 x = sampler.entry_latent(t1, noise, c.sigma_data, clean)
                 dt = time.perf_counter() - t0
+                bad = self._fail_nonfinite("encode", chunk, clean)
                 for i, it in enumerate(chunk):
-                    it.x = x[i : i + 1]
                     it.inference_s += dt
+                    if i not in bad:
+                        it.x = x[i : i + 1]
 
     def _denoise_all(self) -> None:
         c = self.components
@@ -188,8 +215,15 @@ class EngineCore:
                 embeds = torch.cat([it.plan.embeds for it in chunk])
                 mask = torch.cat([it.plan.mask for it in chunk])
                 guidance = torch.cat([it.plan.guidance for it in chunk])
-                x0 = predict_x0(self.backend, c, x, t, embeds, mask, guidance)
+                try:
+                    x0 = predict_x0(self.backend, c, x, t, embeds, mask, guidance)
+                except Exception as exc:
+                    self._fail_call("denoise", chunk, exc)
+                    continue
+                bad = self._fail_nonfinite("denoise", chunk, x0)
                 for i, it in enumerate(chunk):
+                    if i in bad:
+                        continue
                     it.stage += 1
                     if it.done:
                         it.x = x0[i : i + 1]
@@ -206,15 +240,20 @@ class EngineCore:
         for items in finished.values():
             for chunk in _chunks(items, self.max_batch):
                 t0 = time.perf_counter()
-                unit = imgs.to_unit(decode_clean(self.backend, c, torch.cat([it.x for it in chunk])))
-                if not torch.isfinite(unit).all():
-                    raise GenerationError("the model produced non-finite values (NaN/inf)")
+                try:
+                    decoded = decode_clean(self.backend, c, torch.cat([it.x for it in chunk]))
+                except Exception as exc:
+                    self._fail_call("decode", chunk, exc)
+                    continue
+                bad = self._fail_nonfinite("decode", chunk, decoded)
+                unit = imgs.to_unit(decoded)
                 arr = unit.numpy() if self.config.output_float else imgs.to_uint8(unit)
                 dt = time.perf_counter() - t0
                 for i, it in enumerate(chunk):
-                    it.result = arr[i]
-                    it.x = None
                     it.inference_s += dt
+                    if i not in bad:
+                        it.result = arr[i]
+                        it.x = None
 
     def _emit(self) -> list[StreamOutput]:
         out: list[StreamOutput] = []
@@ -222,10 +261,15 @@ class EngineCore:
         for state in list(self.streams.values()):
             while state.pipeline and state.pipeline[0].done:
                 it = state.pipeline.popleft()
-                if it.skipped:
+                if it.skipped and state.last_output is None:  # it repeats a frame that failed
+                    it.fail(GenerationError("the frame this one repeats failed; nothing to re-send"))
+                    self.failed_frames += 1
+                if it.error is not None:
+                    image = None
+                    state.stats.failed += 1
+                    state.filter.reset()  # the next frame is computed, not a repeat of an older output
+                elif it.skipped:
                     image = state.last_output
-                    if image is None:  # nothing to repeat yet: cannot happen (first frame is processed)
-                        continue
                     state.stats.skipped += 1
                 else:
                     image = it.result
@@ -233,7 +277,7 @@ class EngineCore:
                     state.stats.processed += 1
                 f = it.frame
                 output = StreamOutput(
-                    stream_id=state.id, seq=f.seq, ts=f.ts, image=image, skipped=it.skipped,
+                    stream_id=state.id, seq=f.seq, ts=f.ts, image=image, skipped=it.skipped, error=it.error,
                     timings={"queue": it.taken_at - f.received_at, "inference": it.inference_s,
                              "total": now - f.received_at},
                 )
@@ -244,6 +288,52 @@ class EngineCore:
                     state.on_output(output)
                 out.append(output)
         return out
+
+
+    # ------------------------------------------------------------------ failures
+    def _fail_call(self, stage: str, chunk: list[InFlight], exc: Exception) -> None:
+        """A model call raised: fail its frames only (a fatal device error propagates instead)."""
+        if is_fatal_device_error(exc):
+            raise exc
+        logger.warning("%s call of %d sample(s) failed; failing its frames only: %r", stage, len(chunk), exc,
+                       exc_info=logger.isEnabledFor(logging.DEBUG))
+        error = generation_failure(stage, exc)
+        for it in chunk:
+            it.fail(error)
+        self._count_failure(stage, len(chunk))
+
+    def _fail_nonfinite(self, stage: str, chunk: list[InFlight], out: torch.Tensor) -> set[int]:
+        """Fail the samples of ``out`` (B, ...) holding NaN/inf; returns their indices in ``chunk``."""
+        finite = torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
+        if bool(finite.all()):
+            return set()
+        bad = {i for i, ok in enumerate(finite.tolist()) if not ok}
+        logger.warning("%s call produced non-finite values for %d of %d sample(s)", stage, len(bad), len(chunk))
+        for i in bad:
+            chunk[i].fail(GenerationError(f"the model produced non-finite values (NaN/inf) in {stage}"))
+        self._count_failure("nonfinite", len(bad))
+        return bad
+
+    def fail_in_flight(self, exc: Exception) -> list[StreamOutput]:
+        """An error outside any model call broke the tick: fail every frame in flight, emit them in order.
+
+        Nothing stale is left behind: every pipeline is emptied (as errors), so the next tick starts clean.
+        """
+        error = generation_failure("tick", exc)
+        n = 0
+        for state in self.streams.values():
+            for it in state.pipeline:
+                if not it.done or (it.error is None and it.result is None and not it.skipped):
+                    it.fail(error)
+                    n += 1
+        self._count_failure("tick", n)
+        return self._emit()
+
+    def _count_failure(self, stage: str, frames: int) -> None:
+        self.failed_calls[stage] += 1
+        self.failed_frames += frames
+        if self.on_failure is not None:
+            self.on_failure(stage, frames)
 
 
 def _chunks(items: list[InFlight], size: int) -> Iterable[list[InFlight]]:

@@ -111,3 +111,43 @@ ALL_ERRORS: tuple[type[DitstreamError], ...] = (
     EngineDeadError,
     CancelledError,
 )
+
+
+#: Messages of device errors after which the CUDA context is unusable (every later call fails too).
+_FATAL_MARKERS = (
+    "illegal memory access", "device-side assert", "unspecified launch failure", "CUDA error",
+    "CUBLAS_STATUS_EXECUTION_FAILED", "cuDNN error: CUDNN_STATUS_EXECUTION_FAILED", "uncorrectable ECC error",
+    "misaligned address", "an illegal instruction",
+)
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """True when ``exc`` means the accelerator is unusable, so the engine must stop (and be restarted).
+
+    The one place this is decided. Out-of-memory is *not* fatal (the allocator recovers; only that
+    call's frames fail), nor is any other exception from a model call (a bad shape, NaN checks, a
+    backend bug): those fail their own frames and jobs and the engine goes on. Fatal: CUDA errors
+    other than out-of-memory (an illegal memory access, a device-side assert, a lost device), raised by
+    torch as ``torch.AcceleratorError`` (torch ≥ 2.8) or as a ``RuntimeError`` naming "CUDA error".
+    """
+    msg = str(exc)
+    if "out of memory" in msg.lower():
+        return False
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+            return False
+        accel = getattr(torch, "AcceleratorError", None)
+        if accel is not None and isinstance(exc, accel):
+            return True
+    return isinstance(exc, RuntimeError) and any(m in msg for m in _FATAL_MARKERS)
+
+
+def generation_failure(stage: str, exc: BaseException) -> GenerationError:
+    """The error a frame or job gets when the model call it took part in failed (``exc`` is logged)."""
+    if isinstance(exc, GenerationError):
+        return exc
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return GenerationError(f"the model failed ({stage}): {type(exc).__name__}" + (f": {text}" if text else ""))

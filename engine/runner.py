@@ -4,8 +4,11 @@ The loop drains an inbox of typed control messages (add, reconfigure, remove, jo
 them between ticks, steps the core while any stream has work and sleeps on an event otherwise.
 Callers never touch torch: frames go into a stream's latest-wins slot from any thread, outputs come
 out of its bounded queue, and ``notify`` callbacks (e.g. ``loop.call_soon_threadsafe``) wake
-consumers. If the loop dies it says so loudly: every waiting job fails with ``EngineDeadError``,
-every output queue closes and ``alive`` turns false.
+consumers. A failed model call fails only its own frames (the core emits them as error outputs;
+a job's future gets the ``GenerationError``) and the loop goes on; an error outside the model calls
+fails the frames in flight that tick, and the loop goes on too. Only an unrecoverable device error
+(``errors.is_fatal_device_error``) ends the loop, loudly: every waiting job fails with
+``EngineDeadError``, every output queue closes and ``alive`` turns false (``/health`` then says 503).
 
 Before its first tick the thread warms the backend for every shape it will be called with (compile,
 CUDA-graph capture: on this thread, where the graphs will replay); ``ready`` turns true only after
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 from ditstream.engine.config import EngineConfig, ModelConfig, StreamConfig
 from ditstream.engine.core import EngineCore
-from ditstream.engine.errors import CancelledError, EngineDeadError, ValidationError
+from ditstream.engine.errors import CancelledError, EngineDeadError, ValidationError, is_fatal_device_error
 from ditstream.engine.stream import StreamState
 from ditstream.engine.types import Frame, StreamOutput, StreamStats
 
@@ -259,7 +262,8 @@ class EngineRunner:
     def stats(self) -> dict[str, Any]:
         streams = [s for s in self.core.streams.values() if not s.one_shot]
         return {"streams": len(streams), "jobs": len(self._jobs), "ticks": self.ticks, "alive": self.alive,
-                "ready": self.ready, "warming": list(self.warming)}
+                "ready": self.ready, "warming": list(self.warming),
+                "failed_frames": self.core.failed_frames, "failed_calls": dict(self.core.failed_calls)}
 
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:
@@ -271,18 +275,30 @@ class EngineRunner:
                     break
                 self._reap_cancelled_jobs()
                 if self.core.has_work():
-                    outputs = self.core.step()
+                    outputs = self._step()
                     self.ticks += 1
                     self._resolve_jobs(outputs)
                 else:
                     self._wake.wait(self.core.config.idle_wait_s)
                     self._wake.clear()
         except BaseException as exc:
-            logger.exception("engine loop died after %d ticks", self.ticks)
+            logger.critical("engine loop died after %d ticks (%s); every stream and job on it ends",
+                            self.ticks, "unrecoverable device error" if is_fatal_device_error(exc) else "bug",
+                            exc_info=exc)
             self.error = exc
         finally:
             self._running = False
             self._fail_everything()
+
+    def _step(self) -> list[StreamOutput]:
+        """One tick; model-call failures are handled inside the core, anything else fails this tick only."""
+        try:
+            return self.core.step()
+        except Exception as exc:
+            if is_fatal_device_error(exc):
+                raise
+            logger.exception("engine tick %d failed outside a model call; failing the frames in flight", self.ticks)
+            return self.core.fail_in_flight(exc)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -326,7 +342,11 @@ class EngineRunner:
             fut = self._jobs.pop(out.stream_id, None)
             if fut is not None:
                 self.core.remove(out.stream_id)
-                if not fut.done():
+                if fut.done():
+                    continue
+                if out.error is not None:
+                    fut.set_exception(out.error)
+                else:
                     fut.set_result(out)
 
     def _fail_everything(self) -> None:

@@ -39,6 +39,16 @@ class InFlight:
     skipped: bool = False
     #: The decoded output once all steps ran: uint8 (H, W, 3), or float32 in [0, 1] for parity runs.
     result: np.ndarray | None = None
+    #: Set when a model call this frame took part in failed: the frame is done, with no image.
+    error: Exception | None = None
+
+    def fail(self, error: Exception) -> None:
+        """End this frame with ``error``: it drops its latent and is emitted, in order, as an error."""
+        self.error = error
+        self.x = None
+        self.result = None
+        if self.plan is not None:
+            self.stage = self.plan.steps
 
     @property
     def done(self) -> bool:

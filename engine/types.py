@@ -30,9 +30,11 @@ class StreamOutput:
     stream_id: str
     seq: int
     ts: float
-    image: np.ndarray
+    image: np.ndarray | None
     skipped: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    #: A ``GenerationError`` when the model call(s) for this input failed; ``image`` is then ``None``
+    #: and the stream goes on with its next input.
     error: Any = None
 
 
@@ -42,6 +44,8 @@ class StreamStats:
 
     processed: int = 0
     skipped: int = 0
+    #: Inputs whose model call failed (answered with an error, not an image).
+    failed: int = 0
     dropped_inputs: int = 0
     dropped_outputs: int = 0
 
@@ -50,5 +54,5 @@ class StreamStats:
         return self.dropped_inputs + self.dropped_outputs
 
     def as_dict(self) -> dict[str, int]:
-        return {"processed": self.processed, "skipped": self.skipped, "dropped": self.dropped,
+        return {"processed": self.processed, "skipped": self.skipped, "failed": self.failed, "dropped": self.dropped,
                 "dropped_inputs": self.dropped_inputs, "dropped_outputs": self.dropped_outputs}

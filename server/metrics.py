@@ -40,18 +40,33 @@ class Metrics:
                                           buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("ditstream_batch_size", "Samples per batched model call.",
                                     buckets=_BATCH_BUCKETS, registry=r)
+        self.model_failures = Counter(
+            "ditstream_model_failures_total",
+            "Failed model calls by stage (encode, denoise, decode; nonfinite: samples with NaN/inf output; "
+            "tick: a tick failed outside a model call). Their frames and jobs got an error; the engine went on.",
+            ["stage"], registry=r)
+        self.failed_frames = Counter("ditstream_failed_frames_total",
+                                     "Frames and jobs answered with an error because their model call failed.",
+                                     registry=r)
         self.workers_up = Gauge("ditstream_workers_up", "Engines able to take work.", registry=r)
         self.loop_lag = Histogram("ditstream_event_loop_lag_seconds",
                                   "How late the event loop woke a periodic timer (stall detector).",
                                   buckets=_LAG_BUCKETS, registry=r)
         self.loop_lag_max = Gauge("ditstream_event_loop_lag_max_seconds",
                                   "Largest event-loop lag seen since start.", registry=r)
-        for outcome in ("processed", "skipped", "dropped"):
+        for outcome in ("processed", "skipped", "dropped", "failed"):
             self.frames.labels(outcome)
+        for stage in ("encode", "denoise", "decode", "nonfinite", "tick"):
+            self.model_failures.labels(stage)
 
     def observe_batch(self, size: int, _seconds: float = 0.0) -> None:
         """``EngineCore.on_batch`` hook (called on the engine thread)."""
         self.batch_size.observe(size)
+
+    def observe_failure(self, stage: str, frames: int) -> None:
+        """``EngineCore.on_failure`` hook (called on the engine thread)."""
+        self.model_failures.labels(stage).inc()
+        self.failed_frames.inc(frames)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -251,8 +251,8 @@ def test_engine_death_is_loud():
             ws = await _open(srv.ws_url)
             await _lockstep(ws, jpeg(_image(6, 64)), range(2))
 
-            def boom() -> None:
-                raise RuntimeError("simulated GPU fault")
+            def boom() -> None:  # only an unrecoverable device error ends the engine; others fail one tick
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated GPU fault)")
 
             runner.core._denoise_all = boom  # the next tick kills the engine thread
             await ws.send(frame_message(jpeg(_image(6, 64)), 3))
@@ -269,6 +269,7 @@ def test_engine_death_is_loud():
         r = httpx.get(srv.url + "/ready")
         assert r.status_code == 503 and "simulated GPU fault" in r.json()["error"]
         assert httpx.post(srv.url + "/v1/images/generations", json={"prompt": "x"}).status_code == 503
+        assert httpx.get(srv.url + "/health").status_code == 503  # liveness too: restart me
 
 
 def test_similarity_filter_switched_on_live(null_server):

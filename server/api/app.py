@@ -247,6 +247,8 @@ def _lifespan(state: AppState):
         runner = state.runner
         if hasattr(runner.core, "on_batch"):
             runner.core.on_batch = state.metrics.observe_batch
+        if hasattr(runner.core, "on_failure"):
+            runner.core.on_failure = state.metrics.observe_failure
         if hasattr(runner, "bind_metrics"):  # gateway: per-worker metrics
             runner.bind_metrics(state.metrics.registry)
         if hasattr(runner, "warmup_sizes") and runner.warmup_sizes is None:
@@ -347,9 +349,15 @@ def create_app(settings: Settings | None = None, runner: EngineRunner | None = N
     app.include_router(rest.router)
     app.include_router(ws.router)
 
-    @app.get("/health", tags=["ops"], summary="Liveness: the process answers.")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "uptime_s": round(time.time() - state.started_at, 1)}
+    @app.get("/health", tags=["ops"], summary="Liveness: the process answers and its engine has not died.",
+             responses={503: {"description": "the engine died (e.g. an unrecoverable device error): restart me"}})
+    async def health() -> JSONResponse:
+        body: dict[str, Any] = {"status": "ok", "uptime_s": round(time.time() - state.started_at, 1)}
+        error = getattr(state.runner, "error", None)
+        if error is not None:  # a failed model call never gets here; only an engine that stopped for good
+            body.update(status="engine_dead", error=repr(error)[:300])
+            return JSONResponse(body, status_code=503)
+        return JSONResponse(body)
 
     @app.get("/ready", tags=["ops"], summary="Readiness: the model is loaded, warm, and the engine runs.",
              responses={503: {"description": "not ready"}})

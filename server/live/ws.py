@@ -27,6 +27,7 @@ from ditstream.engine.config import StreamConfig
 from ditstream.engine.errors import (
     DitstreamError,
     EngineDeadError,
+    GenerationError,
     OverloadedError,
     PayloadTooLargeError,
     ValidationError,
@@ -119,7 +120,7 @@ class StreamSession:
         self.decode_s: dict[int, float] = {}
         #: Encoded outputs handed from the codec pool to the sender, in order; bounded like the
         #: engine's output queue, so a client that stops reading costs a fixed amount of memory.
-        self.encoded: deque[tuple[StreamOutput, bytes, float]] = deque()
+        self.encoded: deque[tuple[StreamOutput, bytes | None, float]] = deque()
         self.encoded_limit = self.settings.output_queue_size
         self._encode_lock = threading.Lock()
         self._encode_scheduled = False
@@ -213,7 +214,9 @@ class StreamSession:
                 for out in batch:
                     t0 = time.perf_counter()
                     quality = self.quality
-                    if out.image is self._last_image and quality == self._last_quality:
+                    if out.error is not None:  # the model call failed: an in-band error, in the frame's place
+                        data = None
+                    elif out.image is self._last_image and quality == self._last_quality:
                         data = self._last_bytes  # a skipped frame re-sends the same array
                     else:
                         data = codec.encode(out.image, "jpeg", quality)
@@ -478,7 +481,14 @@ class StreamSession:
             self.metrics.frames.labels("dropped").inc(dropped - self._out_dropped)
             self._out_dropped = dropped
 
-    async def _send_output(self, out: StreamOutput, data: bytes, encode_s: float) -> None:
+    async def _send_output(self, out: StreamOutput, data: bytes | None, encode_s: float) -> None:
+        if data is None:  # its model call failed: in-band error naming the frame; the stream goes on
+            self._untrack(out.seq)
+            err = out.error if isinstance(out.error, DitstreamError) else GenerationError(str(out.error))
+            await self.ws.send_text(json.dumps({**ws_error(err), "seq": out.seq, "ts": out.ts},
+                                               separators=(",", ":")))
+            self.metrics.frames.labels("failed").inc()
+            return
         t_recv = self.received.pop(out.seq, None)
         decode_s = self.decode_s.pop(out.seq, 0.0)
         now = time.perf_counter()

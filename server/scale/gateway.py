@@ -57,6 +57,7 @@ from ditstream.server.scale.messages import (
     SessionControl,
     SessionRecord,
     SessionReply,
+    WireError,
     config_from_wire,
     config_to_wire,
     decode_image,
@@ -413,14 +414,22 @@ class RedisGatewayRunner:
 
     def _on_output(self, handle: GatewayStreamHandle, fields: dict[Any, Any]) -> None:
         head = OutputHeader.load(fields_get(fields, "m") or b"")
-        image = decode_image(head.image, fields_get(fields, "img") or b"", max_pixels=self.engine_config.max_pixels)
-        if head.skipped:
-            handle.stats.skipped += 1
+        error = head.error.to_exception() if head.error is not None else None
+        image = None
+        if error is not None:  # the worker's model call failed: relayed as the in-band error for this seq
+            handle.stats.failed += 1
         else:
-            handle.stats.processed += 1
+            if head.image is None:
+                raise WireError(f"output {head.seq} has neither an image nor an error")
+            image = decode_image(head.image, fields_get(fields, "img") or b"",
+                                 max_pixels=self.engine_config.max_pixels)
+            if head.skipped:
+                handle.stats.skipped += 1
+            else:
+                handle.stats.processed += 1
         before = handle.outputs.dropped
         handle.outputs.put(StreamOutput(stream_id=handle.id, seq=head.seq, ts=head.ts, image=image,
-                                        skipped=head.skipped, timings=dict(head.timings)))
+                                        skipped=head.skipped, timings=dict(head.timings), error=error))
         handle.stats.dropped_outputs += handle.outputs.dropped - before
         self.counters["frames_received"] += 1
 

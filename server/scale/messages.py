@@ -199,14 +199,23 @@ class FrameHeader(Msg):
 
 
 class OutputHeader(Msg):
-    """Worker → gateway, one output frame on ``out:<session>``."""
+    """Worker → gateway, one output frame on ``out:<session>``.
+
+    A frame whose model call failed carries ``error`` and no image; the gateway hands it to the
+    client as the in-band error for that ``seq``, and the session goes on.
+    """
 
     seq: int
     ts: float
-    image: ImageMeta
+    image: ImageMeta | None = None
     skipped: bool = False
     timings: dict[str, float] = Field(default_factory=dict)
     worker: str = ""
+    error: ErrorInfo | None = None
+
+    def dump(self) -> bytes:
+        # ``error`` only when set: an image output is the same bytes an older gateway reads.
+        return self.model_dump_json(exclude_none=True).encode()
 
 
 class Heartbeat(Msg):

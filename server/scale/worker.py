@@ -604,9 +604,13 @@ class Worker:
             n = 0
             for s in sessions:
                 for out in s.handle.outputs.drain():
-                    meta, data = encode_image(out.image, codec, quality)
+                    if out.error is not None:  # its model call failed: the error travels in the frame's place
+                        meta, data = None, b""
+                    else:
+                        meta, data = encode_image(out.image, codec, quality)
                     head = OutputHeader(seq=out.seq, ts=out.ts, image=meta, skipped=out.skipped,
-                                        timings=dict(out.timings), worker=self.id)
+                                        timings=dict(out.timings), worker=self.id,
+                                        error=ErrorInfo.of(out.error) if out.error is not None else None)
                     pipe.xadd(self.keys.frames_out(s.sid), {"m": head.dump(), "img": data},
                               maxlen=self.cfg.frames_out_len, approximate=False)
                     n += 1
