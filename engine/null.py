@@ -24,6 +24,7 @@ class NullCore(EngineCore):
         self.streams: dict[str, StreamState] = {}
         self.batch_sizes: list[int] = []
         self.on_batch = None
+        self.on_failure = None
         self._init_failures()
         self._size_multiple = size_multiple
         self.delay_s = delay_s

@@ -32,7 +32,7 @@ from ditstream.engine.config import EngineConfig, ModelConfig, StreamConfig
 from ditstream.engine.core import EngineCore
 from ditstream.engine.errors import CancelledError, EngineDeadError, ValidationError, is_fatal_device_error
 from ditstream.engine.stream import StreamState
-from ditstream.engine.types import Frame, StreamOutput, StreamStats
+from ditstream.engine.types import Frame, MetricsSink, StreamOutput, StreamStats
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +258,26 @@ class EngineRunner:
         elif cfg.mode == "img2img":
             raise ValidationError("img2img needs an input image", field="image")
         return self.send(Control(Op.JOB, config=cfg, frame=frame))
+
+    # ------------------------------------------------------------------ EngineClient (server/engine_client.py)
+    @property
+    def engine_config(self) -> EngineConfig:
+        return self.core.config
+
+    @property
+    def workers_up(self) -> int:
+        return 1 if self.ready else 0
+
+    def health(self) -> dict[str, Any]:
+        return {"mode": "engine"}
+
+    def bind_metrics(self, metrics: MetricsSink) -> None:
+        self.core.on_batch = metrics.observe_batch
+        self.core.on_failure = metrics.observe_failure
+
+    def prefer_warmup_size(self, width: int, height: int) -> None:
+        if self.warmup_sizes is None:
+            self.warmup_sizes = [(width, height)]
 
     def stats(self) -> dict[str, Any]:
         streams = [s for s in self.core.streams.values() if not s.one_shot]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -56,3 +56,13 @@ class StreamStats:
     def as_dict(self) -> dict[str, int]:
         return {"processed": self.processed, "skipped": self.skipped, "failed": self.failed, "dropped": self.dropped,
                 "dropped_inputs": self.dropped_inputs, "dropped_outputs": self.dropped_outputs}
+
+
+class MetricsSink(Protocol):
+    """Where an engine reports its model calls (the server's ``Metrics``; called on the engine thread)."""
+
+    registry: Any
+
+    def observe_batch(self, size: int, _seconds: float = 0.0) -> None: ...
+
+    def observe_failure(self, stage: str, frames: int) -> None: ...

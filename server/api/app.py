@@ -25,6 +25,7 @@ from ditstream.engine.runner import EngineRunner
 from ditstream.server.api.admission import Admission
 from ditstream.server.api.auth import APIKeyMiddleware
 from ditstream.server.codec import Codec
+from ditstream.server.engine_client import EngineClient
 from ditstream.server.errors import MalformedMessageError, mapping_for, rest_error_body, rest_headers
 from ditstream.server.metrics import Metrics
 from ditstream.server.settings import Settings
@@ -55,7 +56,7 @@ class AppState:
     metrics: Metrics
     admission: Admission
     codec: Codec
-    runner: EngineRunner | None = None
+    runner: EngineClient | None = None
     shutting_down: bool = False
     sessions: set[Any] = field(default_factory=set)
     started_at: float = field(default_factory=time.time)
@@ -63,17 +64,16 @@ class AppState:
     @property
     def ready(self) -> bool:
         """Alive, warm (every shape the backend will run prepared) and not shutting down."""
-        return (self.runner is not None and self.runner.alive and getattr(self.runner, "ready", True)
-                and not self.shutting_down)
+        return self.runner is not None and self.runner.ready and not self.shutting_down
 
     @property
     def warming(self) -> list[str]:
         """Shapes the engine still warms before it is ready (empty once warm, or for an engine without any)."""
         if self.runner is None or not self.runner.alive:
             return []
-        return list(getattr(self.runner, "warming", []) or [])
+        return list(self.runner.warming)
 
-    def require_engine(self) -> EngineRunner:
+    def require_engine(self) -> EngineClient:
         if self.runner is None or not self.runner.alive:
             raise EngineDeadError("the engine is not running")
         return self.runner
@@ -216,14 +216,15 @@ async def _lag_monitor(metrics: Metrics, interval: float = 0.025) -> None:
             logger.warning("event loop stalled for %.1f ms", lag * 1e3)
 
 
-def load_runner(settings: Settings) -> EngineRunner:
-    """Build the engine named in the settings (blocking: called in a worker thread)."""
+def load_runner(settings: Settings) -> EngineClient:
+    """The one factory: the engine named in the settings, in process, or the Redis gateway to the
+    workers' engines when ``redis_url`` is set (blocking: called in a worker thread)."""
     from ditstream.engine.config import EngineConfig, ModelConfig
 
     if settings.redis_url:  # gateway mode: the engines are `ditstream worker` processes behind Redis
         from ditstream.server.scale.gateway import RedisGatewayRunner
 
-        return RedisGatewayRunner.from_settings(settings)  # type: ignore[return-value]
+        return RedisGatewayRunner.from_settings(settings)
     ecfg = EngineConfig(max_batch=settings.max_batch, output_queue_size=settings.output_queue_size,
                         max_pixels=settings.max_pixels, max_prompt_chars=settings.max_prompt_chars)
     if settings.model == "null":
@@ -234,7 +235,7 @@ def load_runner(settings: Settings) -> EngineRunner:
     runner = EngineRunner.from_config(mcfg, ecfg)
     if settings.default_width is not None and settings.default_height is not None:
         # A backend without a size profile warms the size streams start at (a worker has no lifespan).
-        runner.warmup_sizes = [(settings.default_width, settings.default_height)]
+        runner.prefer_warmup_size(settings.default_width, settings.default_height)
     return runner
 
 
@@ -245,18 +246,12 @@ def _lifespan(state: AppState):
             logger.info("loading model %r (backend %s)", state.settings.model, state.settings.backend)
             state.runner = await asyncio.to_thread(load_runner, state.settings)
         runner = state.runner
-        if hasattr(runner.core, "on_batch"):
-            runner.core.on_batch = state.metrics.observe_batch
-        if hasattr(runner.core, "on_failure"):
-            runner.core.on_failure = state.metrics.observe_failure
-        if hasattr(runner, "bind_metrics"):  # gateway: per-worker metrics
-            runner.bind_metrics(state.metrics.registry)
-        if hasattr(runner, "warmup_sizes") and runner.warmup_sizes is None:
-            d = state.stream_defaults()  # a backend without a size profile warms the size streams start at
-            runner.warmup_sizes = [(int(d["width"]), int(d["height"]))]
+        runner.bind_metrics(state.metrics)
+        d = state.stream_defaults()  # a backend without a size profile warms the size streams start at
+        runner.prefer_warmup_size(int(d["width"]), int(d["height"]))
         runner.start()
         state.metrics.workers_up.set(1)
-        if getattr(runner, "warming", None):
+        if runner.warming:
             logger.info("engine started, warming %d shape(s) before /ready: %s", len(runner.warming), runner.info)
         else:
             logger.info("engine ready: %s", runner.info)
@@ -289,7 +284,7 @@ async def _drain_sessions(state: AppState) -> None:
 
 
 # ------------------------------------------------------------------------------------ factory
-def create_app(settings: Settings | None = None, runner: EngineRunner | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, runner: EngineClient | None = None) -> FastAPI:
     """Build the app. ``runner`` (not yet started) replaces the model named in ``settings``."""
     from ditstream.server import logsafe
     from ditstream.server.api import rest
@@ -353,7 +348,7 @@ def create_app(settings: Settings | None = None, runner: EngineRunner | None = N
              responses={503: {"description": "the engine died (e.g. an unrecoverable device error): restart me"}})
     async def health() -> JSONResponse:
         body: dict[str, Any] = {"status": "ok", "uptime_s": round(time.time() - state.started_at, 1)}
-        error = getattr(state.runner, "error", None)
+        error = state.runner.error if state.runner is not None else None
         if error is not None:  # a failed model call never gets here; only an engine that stopped for good
             body.update(status="engine_dead", error=repr(error)[:300])
             return JSONResponse(body, status_code=503)
@@ -371,14 +366,14 @@ def create_app(settings: Settings | None = None, runner: EngineRunner | None = N
             body["warming"] = warming
         if state.runner is not None and state.runner.error is not None:
             body["error"] = repr(state.runner.error)
-        if hasattr(state.runner, "health"):  # gateway: Redis reachable, live workers
+        if state.runner is not None:  # gateway: Redis reachable, live workers
             body.update(state.runner.health())
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics (prefix ditstream_).",
              response_class=PlainTextResponse)
     async def prometheus() -> Response:
-        state.metrics.workers_up.set(getattr(state.runner, "workers_up", 1 if state.ready else 0))
+        state.metrics.workers_up.set(state.runner.workers_up if state.runner is not None else 0)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     if WEB_DIR.is_dir():

@@ -32,11 +32,11 @@ from ditstream.engine.errors import (
     PayloadTooLargeError,
     ValidationError,
 )
-from ditstream.engine.runner import StreamHandle
 from ditstream.engine.types import StreamOutput
 from ditstream.server import codec
 from ditstream.server.api.app import AppState, state_of
 from ditstream.server.api.auth import SUBPROTOCOL
+from ditstream.server.engine_client import EngineStream
 from ditstream.server.errors import (
     WS_INTERNAL_ERROR,
     WS_TRY_AGAIN_LATER,
@@ -100,7 +100,7 @@ class StreamSession:
         self.loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
         self.control_out: deque[str] = deque()
-        self.handle: StreamHandle | None = None
+        self.handle: EngineStream | None = None
         #: The latest config asked for (the engine's copy may lag by one control message).
         self.config: StreamConfig = StreamConfig()
         self.fps = self.settings.default_fps
@@ -517,11 +517,10 @@ class StreamSession:
 
     def _limits(self) -> dict[str, Any]:
         s = self.settings
-        ecfg = getattr(self.runner.core, "config", None)
         return {"max_frame_bytes": s.max_frame_bytes, "max_control_bytes": s.max_control_bytes,
                 "max_pixels": s.max_pixels, "max_prompt_chars": s.max_prompt_chars,
                 "size_multiple": self.runner.info.get("size_multiple"), "max_fps": s.max_fps,
-                "steps": [1, 4], "output_queue": getattr(ecfg, "output_queue_size", None),
+                "steps": [1, 4], "output_queue": self.runner.engine_config.output_queue_size,
                 "input_formats": list(codec.FORMATS), "output_format": "jpeg"}
 
 

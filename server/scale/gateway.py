@@ -38,7 +38,7 @@ from ditstream.engine.errors import (
     ValidationError,
 )
 from ditstream.engine.queues import LatestSlot, OutputQueue
-from ditstream.engine.types import StreamOutput, StreamStats
+from ditstream.engine.types import MetricsSink, StreamOutput, StreamStats
 from ditstream.server.scale.config import (
     Backoff,
     ScaleConfig,
@@ -140,7 +140,7 @@ class GatewayStreamHandle:
 
 
 class RedisGatewayRunner:
-    """Duck-typed ``EngineRunner`` for gateway mode (see the module docstring)."""
+    """The ``EngineClient`` of gateway mode (``server/engine_client.py``; see the module docstring)."""
 
     def __init__(self, cfg: ScaleConfig, engine: EngineConfig | None = None, *, job_timeout_s: float = 120.0,
                  gateway_id: str | None = None, open_timeout_s: float = 10.0) -> None:
@@ -237,6 +237,18 @@ class RedisGatewayRunner:
         info = dict(hb.info) if hb else {"model": None, "size_multiple": None, "defaults": {}}
         info.update(mode="gateway", gateway=self.id, workers=len(self.workers))
         return info
+
+    @property
+    def ready(self) -> bool:
+        """Workers join the fleet only once warm, so a live worker is a ready one."""
+        return self.alive
+
+    @property
+    def warming(self) -> list[str]:
+        return []
+
+    def prefer_warmup_size(self, width: int, height: int) -> None:
+        """Nothing to warm here: each worker warms its own engine before it joins."""
 
     def health(self) -> dict[str, Any]:
         """Extra fields for ``/ready``."""
@@ -663,9 +675,9 @@ class RedisGatewayRunner:
         return (redis.ConnectionError, redis.TimeoutError)
 
     # ------------------------------------------------------------------------------ metrics
-    def bind_metrics(self, registry: Any) -> None:
+    def bind_metrics(self, metrics: MetricsSink) -> None:
         """Export per-worker figures (from heartbeats) and gateway counters on the app's /metrics."""
-        registry.register(_WorkerCollector(self))
+        metrics.registry.register(_WorkerCollector(self))
 
 
 class _WorkerCollector:

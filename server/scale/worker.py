@@ -200,7 +200,7 @@ class Worker:
     def warm(self) -> bool:
         """The engine has warmed every shape (``EngineRunner.ready``); until then the worker stays
         out of the fleet: no heartbeat in Redis, no jobs claimed, ``/health`` 503 "warming"."""
-        return bool(getattr(self.runner, "ready", True))
+        return self.runner.ready
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """``(ok, body)`` of the worker's ``/health``: ok once warm, alive and not leaving."""
@@ -209,7 +209,7 @@ class Worker:
         status = "ok" if ok else ("warming" if hb.engine_alive and not self.warm and not self.stopping else "down")
         body: dict[str, Any] = {"status": status, **hb.model_dump(exclude={"counters"})}
         if status == "warming":
-            body["warming"] = list(getattr(self.runner, "warming", []))
+            body["warming"] = list(self.runner.warming)
         return ok, body
 
     @property
