@@ -131,17 +131,7 @@ class EngineCore:
 
     def submit(self, stream_id: str, frame: Frame) -> bool:
         """Offer a frame (latest wins); returns True if it replaced an unprocessed one."""
-        state = self.streams[stream_id]
-        if frame.image is not None:
-            imgs.check_image(frame.image, state.config.width, state.config.height)
-        elif state.config.mode == "img2img":
-            raise ValidationError("img2img streams need an image in every frame", field="image")
-        if not frame.received_at:
-            frame.received_at = time.perf_counter()
-        replaced = state.inbox.put(frame)
-        if replaced:
-            state.stats.dropped_inputs += 1
-        return replaced
+        return offer(self.streams[stream_id], frame)
 
     def has_work(self) -> bool:
         return any(s.busy for s in self.streams.values())
@@ -339,3 +329,24 @@ class EngineCore:
 def _chunks(items: list[InFlight], size: int) -> Iterable[list[InFlight]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def offer(state: StreamState, frame: Frame) -> bool:
+    """Put ``frame`` in the stream's latest-wins inbox; True if it replaced an unprocessed one.
+
+    The one way a frame enters a stream, and safe from any thread: it reads only the stream's
+    current config (one reference) and writes only its inbox (a locked slot) and the input-drop
+    counter (written by the submitting side alone); the core's tables are never touched, so a
+    codec thread can offer frames while the engine thread adds or removes streams.
+    """
+    cfg = state.config
+    if frame.image is not None:
+        imgs.check_image(frame.image, cfg.width, cfg.height)
+    elif cfg.mode == "img2img":
+        raise ValidationError("img2img streams need an image in every frame", field="image")
+    if not frame.received_at:
+        frame.received_at = time.perf_counter()
+    replaced = state.inbox.put(frame)
+    if replaced:
+        state.stats.dropped_inputs += 1
+    return replaced

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from ditstream.engine.config import EngineConfig, ModelConfig, StreamConfig
-from ditstream.engine.core import EngineCore
+from ditstream.engine.core import EngineCore, offer
 from ditstream.engine.errors import CancelledError, EngineDeadError, ValidationError, is_fatal_device_error
 from ditstream.engine.stream import StreamState
 from ditstream.engine.types import Frame, MetricsSink, StreamOutput, StreamStats
@@ -78,8 +78,11 @@ class StreamHandle:
     def submit(self, image: np.ndarray | None, seq: int = 0, ts: float = 0.0) -> bool:
         """Offer a frame; never blocks. Returns True if an unprocessed frame was replaced (dropped)."""
         self._runner.check_alive()
-        replaced = self._runner.core.submit(self.id, Frame(image=image, seq=seq, ts=ts,
-                                                           received_at=time.perf_counter()))
+        if self._state.outputs.closed:
+            raise CancelledError("the stream is closed")
+        # Straight into the stream's own inbox (thread-safe), never through the core's tables: the
+        # engine thread may be adding or removing streams right now.
+        replaced = offer(self._state, Frame(image=image, seq=seq, ts=ts, received_at=time.perf_counter()))
         self._runner.wake()
         return replaced
 

@@ -335,12 +335,10 @@ class StreamSession:
                 if self.handle.submit(image, seq, ts):
                     self.metrics.frames.labels("dropped").inc()
                 self.errors_in_row = 0
-            except DitstreamError as exc:
-                self._call_loop(self._on_frame_error, seq, exc)
+            except DitstreamError as exc:  # bad input; or the stream closed meanwhile (nobody to tell)
+                if not self._ended:
+                    self._call_loop(self._on_frame_error, seq, exc)
             except Exception:  # a bug, not bad input: loud in the log, and the client gets 1011
-                if self._ended:  # raced with the stream's end (e.g. the engine slot is gone)
-                    logger.debug("frame dropped at the end of its stream", exc_info=True)
-                    continue
                 logger.exception("unexpected error decoding a frame")
                 self._call_loop(self._on_frame_error, seq, DitstreamError("internal error while handling the message"))
 
