@@ -37,6 +37,11 @@ def default_cache_dir() -> Path:
 
 Range = tuple[int, int, int]
 
+#: The profile built when none is asked for (``build-engine`` and the backends alike, through
+#: ``specs.build_profile``): any size from 256² to 1024² (opt 512²), batch 1 to 8.
+DEFAULT_RESOLUTIONS: tuple[tuple[int, int], ...] = ((512, 512), (256, 256), (1024, 1024))
+DEFAULT_BATCHES: tuple[int, ...] = (1, 8)
+
 
 @dataclass(frozen=True)
 class BuildProfile:
