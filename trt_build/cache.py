@@ -155,7 +155,7 @@ class EngineCache:
     """A folder of ``<component>-<dtype>-<key><suffix>`` artifacts, each with a ``.json`` sidecar."""
 
     def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root) if root is not None else default_cache_dir() / "engines"
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir() / "engines"
 
     def path(self, spec: BuildSpec, suffix: str = ".plan") -> Path:
         return self.root / spec.filename(suffix)

@@ -15,7 +15,6 @@ through IO binding (no host copies).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,8 +60,7 @@ class OnnxBackend(Backend):
         from ditstream.trt_build.cache import EngineCache
         from ditstream.trt_build.export import get_or_export
 
-        cache_dir = self.options.cache_dir
-        self.cache = EngineCache(Path(cache_dir).expanduser() if cache_dir is not None else None)
+        self.cache = EngineCache(self.options.cache_dir)
         self.providers = self._choose_providers(tensorrt_provider)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

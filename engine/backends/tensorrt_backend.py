@@ -152,7 +152,7 @@ class TensorRTBackend(Backend):
 
         self._trt = trt
         o = self.options
-        self.cache = EngineCache(Path(o.cache_dir).expanduser() if o.cache_dir is not None else None)
+        self.cache = EngineCache(o.cache_dir)
         # The same profile build-engine computes from the same options: the same cache entry.
         self.profile = build_profile(components, o.resolutions, o.batches, seq_len=o.seq_len)
         self._sizes = o.resolutions or DEFAULT_RESOLUTIONS
