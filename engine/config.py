@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from ditstream.engine.errors import ValidationError
@@ -17,6 +18,88 @@ Mode = Literal["img2img", "txt2img"]
 
 #: Latent/pixel sizes must be multiples of this (DC-AE downsamples 32×; the demo model 8×).
 DEFAULT_SIZE_MULTIPLE = 32
+
+
+#: File names looked for in a ``--tiny-vae`` folder (the published TAESANA names).
+TINY_VAE_STEMS = {"encoder": "taesana_encoder", "decoder": "taesana_decoder"}
+TINY_VAE_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How a backend is built: its size/batch profile, where exports and engines are cached, and an
+    optional tiny autoencoder. The same object serves ``build-engine``, ``serve``, ``worker``,
+    ``generate`` and the benches, so what one builds the others find (``trt_build.specs``).
+
+    ``resolutions`` are (width, height) and ``batches`` batch sizes; the first of each is the profile's
+    opt and min/max bound it. Empty = the default profile (``trt_build.cache.DEFAULT_RESOLUTIONS`` and
+    ``DEFAULT_BATCHES``) for ``tensorrt``, and no bound at all for the dynamic-shape backends.
+    ``seq_len`` defaults to the model's ``max_sequence_length``; ``opt_level`` to TensorRT's level 3.
+    ``cache_dir`` is the engine cache folder (default ``~/.cache/ditstream/engines``). ``tiny_vae`` is a
+    TAESANA file or a folder holding ``taesana_encoder.*`` and/or ``taesana_decoder.*``.
+    ``build_deadline`` (``time.monotonic()``) cancels TensorRT builds still running after it.
+    """
+
+    resolutions: tuple[tuple[int, int], ...] = ()
+    batches: tuple[int, ...] = ()
+    seq_len: int | None = None
+    cache_dir: str | None = None
+    tiny_vae: str | None = None
+    opt_level: int | None = None
+    build_deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resolutions", tuple((int(w), int(h)) for w, h in self.resolutions))
+        object.__setattr__(self, "batches", tuple(int(b) for b in self.batches))
+
+    @property
+    def has_profile(self) -> bool:
+        """Whether sizes or batch sizes were asked for (else each backend keeps its default)."""
+        return bool(self.resolutions or self.batches)
+
+    def validate(self) -> BackendOptions:
+        """Check every field without loading anything; raise ``ValidationError`` naming it."""
+        for w, h in self.resolutions:
+            if w <= 0 or h <= 0:
+                raise ValidationError(f"resolution {w}x{h} must be positive", field="resolution")
+        for b in self.batches:
+            if not 1 <= b <= 1024:
+                raise ValidationError(f"batch size must be in [1, 1024], got {b}", field="batch")
+        if self.seq_len is not None and not 1 <= self.seq_len <= 4096:
+            raise ValidationError(f"seq_len must be in [1, 4096], got {self.seq_len}", field="seq_len")
+        if self.opt_level is not None and not 0 <= self.opt_level <= 5:
+            raise ValidationError(f"opt_level must be in [0, 5], got {self.opt_level}", field="opt_level")
+        if self.cache_dir is not None:
+            path = Path(self.cache_dir).expanduser()
+            if path.exists() and not path.is_dir():
+                raise ValidationError(f"cache dir {self.cache_dir!r} exists and is not a folder", field="cache_dir")
+        self.tiny_vae_files()
+        return self
+
+    def tiny_vae_files(self) -> tuple[Path | None, Path | None]:
+        """(encoder, decoder) weight files of ``tiny_vae`` (either may be ``None``; both when unset).
+
+        A file counts as the decoder unless its name says ``encoder``; a folder is searched for the
+        TAESANA names. Raises ``ValidationError`` when the path holds neither.
+        """
+        if self.tiny_vae is None:
+            return None, None
+        path = Path(self.tiny_vae).expanduser()
+        if path.is_file():
+            return (path, None) if "encoder" in path.name.lower() else (None, path)
+        if path.is_dir():
+            found = {side: next((path / f"{stem}{suf}" for suf in TINY_VAE_SUFFIXES
+                                 if (path / f"{stem}{suf}").is_file()), None)
+                     for side, stem in TINY_VAE_STEMS.items()}
+            if found["encoder"] is None and found["decoder"] is None:
+                names = ", ".join(f"{stem}{TINY_VAE_SUFFIXES[0]}" for stem in TINY_VAE_STEMS.values())
+                raise ValidationError(f"tiny VAE folder {self.tiny_vae!r} holds neither {names} (or .pth/.pt)",
+                                      field="tiny_vae")
+            return found["encoder"], found["decoder"]
+        raise ValidationError(f"tiny VAE {self.tiny_vae!r} does not exist", field="tiny_vae")
+
+    def replace(self, **changes: Any) -> BackendOptions:
+        return replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -40,6 +123,8 @@ class ModelConfig:
     max_sequence_length: int | None = None
     complex_human_instruction: bool | None = None
     local_files_only: bool = True
+    #: Profile, engine cache and tiny VAE of the backend (``create_backend``'s options).
+    backend_options: BackendOptions = field(default_factory=BackendOptions)
 
 
 @dataclass(frozen=True)

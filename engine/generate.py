@@ -35,7 +35,7 @@ class Generator:
     @classmethod
     def from_config(cls, config: ModelConfig) -> Generator:
         components = load_components(config)
-        return cls(components, create_backend(config.backend, components),
+        return cls(components, create_backend(config.backend, components, config.backend_options),
                    PromptCache(components, config.prompt_cache_size))
 
     @property

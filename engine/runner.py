@@ -137,7 +137,7 @@ class EngineRunner:
         from ditstream.engine.prompt_cache import PromptCache
 
         components = load_components(model)
-        backend = create_backend(model.backend, components)
+        backend = create_backend(model.backend, components, model.backend_options)
         prompts = PromptCache(components, model.prompt_cache_size)
         runner = cls(EngineCore(components, backend, prompts, engine))
         runner.info = {"model": model.model, "backend": backend.name, "device": str(components.device),

@@ -27,6 +27,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         text=dict(hidden_size=8, head_dim=16, intermediate_size=64, num_attention_heads=2,
                   num_hidden_layers=1, num_key_value_heads=2),
     ),
+    # ``tiny`` with a 32× DC-AE (six stages), the factor of the real model and of TAESANA: the smallest
+    # model a tiny autoencoder (``engine/tiny_vae.py``, ``--tiny-vae``) fits.
+    "tiny-f32": dict(
+        transformer=dict(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
+                         attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                         cross_attention_dim=8, caption_channels=8, sample_size=32),
+        vae=dict(latent_channels=4, attention_head_dim=2, block_out_channels=(8,) * 6,
+                 block_types=("ResBlock",) * 5 + ("EfficientViTBlock",), qkv_multiscales=((),) * 5 + ((5,),),
+                 layers_per_block=(1,) * 6),
+        text=dict(hidden_size=8, head_dim=16, intermediate_size=64, num_attention_heads=2,
+                  num_hidden_layers=1, num_key_value_heads=2),
+    ),
     # ~0.3M-parameter transformer on 8×8 latents (64×64 px, f8): the size class of the demo model, where
     # a CPU is still overhead-bound so batching pays, as a GPU is for the real model.
     "small": dict(

@@ -137,6 +137,34 @@ class TinyAutoencoder(nn.Module):
         return self.decoder(latents * self.scaling_factor).mul(2).sub(1)
 
 
+def check_fits(tiny: TinyAutoencoder, components: Any) -> None:
+    """Raise ``ModelLoadError`` unless ``tiny`` fits the model: a 32× VAE with the same latent channels."""
+    f = components.vae_scale_factor
+    if f != TINY_SCALE_FACTOR:
+        raise ModelLoadError(f"TAESANA is a {TINY_SCALE_FACTOR}× autoencoder but this model's VAE is {f}×")
+    channels = components.latent_channels
+    for side in (tiny.encoder, tiny.decoder):
+        if side is None:
+            continue
+        conv = side[-1] if side is tiny.encoder else side[1]
+        got = conv.out_channels if side is tiny.encoder else conv.in_channels
+        if got != channels:
+            raise ModelLoadError(f"tiny {'encoder' if side is tiny.encoder else 'decoder'} has {got} latent "
+                                 f"channels; the model has {channels}")
+
+
+def load_for_model(options: Any, components: Any) -> TinyAutoencoder:
+    """The tiny autoencoder named by ``options.tiny_vae`` (``BackendOptions``), checked against the model.
+
+    Loaded before the backend is built, so a wrong file fails in seconds, not after an engine build.
+    """
+    encoder_path, decoder_path = options.tiny_vae_files()
+    tiny = TinyAutoencoder.from_files(encoder_path, decoder_path, latent_channels=components.latent_channels,
+                                      scaling_factor=components.scaling_factor)
+    check_fits(tiny, components)
+    return tiny
+
+
 class TinyVaeBackend(Backend):
     """Any backend with its VAE encode/decode replaced by a tiny autoencoder.
 
@@ -145,14 +173,8 @@ class TinyVaeBackend(Backend):
     """
 
     def __init__(self, inner: Backend, tiny: TinyAutoencoder) -> None:
-        super().__init__(inner.components)
-        f = inner.components.vae_scale_factor
-        if f != TINY_SCALE_FACTOR:
-            raise ModelLoadError(f"TAESANA is a {TINY_SCALE_FACTOR}× autoencoder but this model's VAE is {f}×")
-        channels = inner.components.latent_channels
-        if tiny.decoder is not None and tiny.decoder[1].in_channels != channels:
-            raise ModelLoadError(f"tiny decoder takes {tiny.decoder[1].in_channels} latent channels; "
-                                 f"the model has {channels}")
+        super().__init__(inner.components, getattr(inner, "options", None))
+        check_fits(tiny, inner.components)
         self.inner = inner
         # Same dtype as the VAE it replaces (the loader never gives the VAE fp16).
         self.tiny = tiny.to(device=inner.device, dtype=inner.components.vae.dtype)

@@ -8,10 +8,13 @@ middleware keeps only their sha256 digests.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from ditstream.engine.config import BackendOptions
 
 
 class Settings(BaseSettings):
@@ -88,6 +91,16 @@ class Settings(BaseSettings):
     #: ``ditstream worker``: port of its own /health and /metrics (0 = off).
     worker_health_port: int = Field(0, ge=0)
 
+    #: Backend options (``engine.config.BackendOptions``), the ones ``build-engine`` takes, so the
+    #: engines it built are the ones loaded: sizes ``WxH`` or ``N`` (``DITSTREAM_RESOLUTIONS=512,768x512``)
+    #: and batch sizes (``DITSTREAM_BATCHES=1,4``) of the profile (empty = the backend's default),
+    #: the engine cache folder, a TAESANA tiny VAE (file or folder) and TensorRT's opt level.
+    resolutions: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    batches: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    cache_dir: str | None = None
+    tiny_vae: str | None = None
+    opt_level: int | None = Field(None, ge=0, le=5)
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
@@ -99,6 +112,54 @@ class Settings(BaseSettings):
                 return json.loads(v)
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
+
+    @field_validator("resolutions", mode="before")
+    @classmethod
+    def _parse_resolutions(cls, v: object) -> object:
+        """``"512,768x512"`` or a list → ``["512x512", "768x512"]``, through the one size parser."""
+        from ditstream.engine.errors import ValidationError
+        from ditstream.engine.sizes import parse_size
+
+        items = [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+        if not isinstance(items, (list, tuple)):
+            return v
+        out = []
+        for item in items:
+            try:
+                w, h = parse_size(str(item), square=True)
+            except ValidationError as exc:
+                raise ValueError(exc.message) from exc
+            out.append(f"{w}x{h}")
+        return out
+
+    @field_validator("batches", mode="before")
+    @classmethod
+    def _split_batches(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("batches")
+    @classmethod
+    def _check_batches(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError(f"batch sizes must be >= 1, got {v}")
+        return v
+
+    @field_validator("cache_dir", "tiny_vae", "opt_level", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        """An empty value (``DITSTREAM_TINY_VAE=`` from a compose file) means unset."""
+        return None if isinstance(v, str) and not v.strip() else v
+
+    def backend_options(self) -> BackendOptions:
+        """The ``BackendOptions`` these settings describe, checked (``ValidationError`` names the field)."""
+        from ditstream.engine.config import BackendOptions
+        from ditstream.engine.sizes import parse_size
+
+        return BackendOptions(resolutions=tuple(parse_size(r) for r in self.resolutions),
+                              batches=tuple(self.batches), cache_dir=self.cache_dir, tiny_vae=self.tiny_vae,
+                              opt_level=self.opt_level).validate()
 
     @property
     def auth_enabled(self) -> bool:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from ditstream.engine.backends import create_backend
 from ditstream.engine.backends.compile_backend import bucket_for
+from ditstream.engine.config import BackendOptions
 from ditstream.engine.errors import BackendUnavailableError
 from ditstream.trt_build.export import transformer_inputs
 
@@ -29,7 +30,7 @@ def onnx_backend(tiny_components, tmp_path_factory):
     pytest.importorskip("onnxruntime", reason="onnxruntime is in the 'test' extra")
     from ditstream.engine.backends.onnx_backend import OnnxBackend
 
-    return OnnxBackend(tiny_components, cache_dir=tmp_path_factory.mktemp("engines"))
+    return OnnxBackend(tiny_components, BackendOptions(cache_dir=str(tmp_path_factory.mktemp("engines"))))
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +78,10 @@ def test_onnx_export_is_cached(tiny_components, tmp_path, caplog):
     pytest.importorskip("onnxruntime", reason="onnxruntime is in the 'test' extra")
     from ditstream.engine.backends.onnx_backend import OnnxBackend
 
-    OnnxBackend(tiny_components, cache_dir=tmp_path)
+    OnnxBackend(tiny_components, BackendOptions(cache_dir=str(tmp_path)))
     assert len(list(tmp_path.glob("*.onnx.json"))) == 3
     with caplog.at_level("INFO", logger="ditstream.trt_build.export"):
-        OnnxBackend(tiny_components, cache_dir=tmp_path)
+        OnnxBackend(tiny_components, BackendOptions(cache_dir=str(tmp_path)))
     assert sum("onnx cache hit" in r.getMessage() for r in caplog.records) == 3
 
 

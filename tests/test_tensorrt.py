@@ -11,6 +11,7 @@ import importlib.util
 
 import pytest
 import torch
+from ditstream.engine.config import BackendOptions
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 HAVE_CUDA = torch.cuda.is_available()
@@ -43,8 +44,8 @@ def engine_dir(tmp_path_factory):
 def trt_backend(cuda_components, engine_dir):
     from ditstream.engine.backends.tensorrt_backend import TensorRTBackend
 
-    return TensorRTBackend(cuda_components, cache_dir=engine_dir, resolutions=RESOLUTIONS, batch_sizes=BATCHES,
-                           seq_len=SEQ, opt_level=1)
+    return TensorRTBackend(cuda_components, BackendOptions(cache_dir=str(engine_dir), resolutions=RESOLUTIONS,
+                                                          batches=BATCHES, seq_len=SEQ, opt_level=1))
 
 
 @pytest.mark.parametrize("batch,width,height", [(1, 32, 32), (4, 64, 48), (3, 48, 32)])
@@ -84,8 +85,8 @@ def test_second_backend_loads_from_cache(trt_backend, cuda_components, engine_di
     from ditstream.engine.backends.tensorrt_backend import TensorRTBackend
 
     with caplog.at_level("INFO", logger="ditstream.trt_build.build"):
-        TensorRTBackend(cuda_components, cache_dir=engine_dir, resolutions=RESOLUTIONS, batch_sizes=BATCHES,
-                        seq_len=SEQ, opt_level=1)
+        TensorRTBackend(cuda_components, BackendOptions(cache_dir=str(engine_dir), resolutions=RESOLUTIONS,
+                                                       batches=BATCHES, seq_len=SEQ, opt_level=1))
     messages = [r.getMessage() for r in caplog.records]
     assert sum("engine cache hit" in m for m in messages) == 3
     assert not any(m.startswith("building TensorRT engine") for m in messages)

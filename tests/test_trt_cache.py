@@ -204,6 +204,7 @@ def test_get_or_build_engine_flow_without_tensorrt(tiny_components, tmp_path, mo
     import copy
 
     import ditstream.trt_build.build as build
+    import ditstream.trt_build.specs as specs
 
     calls: list[tuple[str, dict]] = []
 
@@ -211,8 +212,8 @@ def test_get_or_build_engine_flow_without_tensorrt(tiny_components, tmp_path, mo
         calls.append((str(onnx_path), shapes))
         return b"engine for " + str(sorted(shapes)).encode()
 
-    monkeypatch.setattr(build, "trt_version", lambda: "10.0.test")
-    monkeypatch.setattr(build, "compute_capability", lambda device=0: "8.9")
+    monkeypatch.setattr(specs, "trt_version", lambda: "10.0.test")  # the key is computed in specs
+    monkeypatch.setattr(specs, "compute_capability", lambda device=0: "8.9")
     monkeypatch.setattr(build, "build_engine_bytes", fake_build)
     cache = EngineCache(tmp_path)
     profile = BuildProfile.from_request([(32, 32), (64, 64)], [1, 2], seq_len=8)

@@ -20,40 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from ditstream.trt_build.cache import BuildProfile, BuildSpec, EngineCache
-from ditstream.trt_build.export import (
+from ditstream.trt_build.export import MODEL_FILE, get_or_export
+from ditstream.trt_build.specs import (
     COMPONENTS,
-    DTYPE_NAMES,
-    MODEL_FILE,
-    component_dtype,
-    component_module,
-    get_or_export,
+    DEFAULT_OPT_LEVEL,
+    artifact_spec,
+    compute_capability,
+    trt_version,
 )
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OPT_LEVEL = 3
 #: The real DC-AE takes its quadratic-attention branch below 192 px (see ``export.make_export_spec``);
 #: the graph is traced on the linear branch, so smaller profiles would compute something else.
 MIN_PIXELS_REAL_DCAE = 192
-
-
-def trt_version() -> str:
-    """Installed TensorRT version, or ``""`` when TensorRT is not installed."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        return ""
-    return str(trt.__version__)
-
-
-def compute_capability(device: int = 0) -> str:
-    """``"major.minor"`` of the CUDA device (engines are tied to it), or ``""`` without CUDA."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return ""
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{major}.{minor}"
 
 
 def input_profiles(components: Any, component: str, profile: BuildProfile) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -88,15 +68,9 @@ def input_profiles(components: Any, component: str, profile: BuildProfile) -> di
 
 def engine_spec(components: Any, component: str, profile: BuildProfile, *, opt_level: int = DEFAULT_OPT_LEVEL,
                 weights: str | None = None, device: int = 0) -> BuildSpec:
-    """The cache spec of a TensorRT engine: weights, component, dtype, profile, flags, TRT, GPU."""
-    from ditstream.trt_build.cache import weights_hash
-
-    return BuildSpec(
-        weights_hash=weights or weights_hash(component_module(components, component)),
-        component=component, dtype=DTYPE_NAMES[component_dtype(components, component)], profile=profile,
-        kind="tensorrt", flags=(("strongly_typed", True), ("opt_level", opt_level)),
-        trt_version=trt_version(), compute_capability=compute_capability(device),
-    )
+    """The cache spec of a TensorRT engine (``specs.artifact_spec``): weights, dtype, profile, flags, TRT, GPU."""
+    return artifact_spec(components, component, "tensorrt", profile, opt_level=opt_level, weights=weights,
+                         device=device)
 
 
 def cast_resize_to_fp32(model: Any) -> int:
@@ -249,7 +223,7 @@ def get_or_build_engine(components: Any, component: str, profile: BuildProfile, 
     the timing cache makes a re-run of an interrupted build much faster.
     """
     cache = cache if cache is not None else EngineCache()
-    spec = engine_spec(components, component, profile, opt_level=opt_level)
+    spec = artifact_spec(components, component, "tensorrt", profile, opt_level=opt_level)
     if not spec.trt_version:
         raise RuntimeError("TensorRT is not installed (pip install tensorrt)")
     if not spec.compute_capability:
@@ -270,5 +244,5 @@ def get_or_build_engine(components: Any, component: str, profile: BuildProfile, 
         k: [list(s) for s in v] for k, v in shapes.items()}})
 
 
-__all__ = ["MODEL_FILE", "build_engine_bytes", "cast_resize_to_fp32", "compute_capability", "engine_spec",
+__all__ = ["DEFAULT_OPT_LEVEL", "MODEL_FILE", "build_engine_bytes", "cast_resize_to_fp32", "compute_capability", "engine_spec",
            "get_or_build_engine", "input_profiles", "prepare_onnx_for_trt", "trt_version"]

@@ -37,6 +37,11 @@ def default_cache_dir() -> Path:
 
 Range = tuple[int, int, int]
 
+#: The profile built when none is asked for (``build-engine`` and the backends alike, through
+#: ``specs.build_profile``): any size from 256² to 1024² (opt 512²), batch 1 to 8.
+DEFAULT_RESOLUTIONS: tuple[tuple[int, int], ...] = ((512, 512), (256, 256), (1024, 1024))
+DEFAULT_BATCHES: tuple[int, ...] = (1, 8)
+
 
 @dataclass(frozen=True)
 class BuildProfile:
@@ -150,7 +155,7 @@ class EngineCache:
     """A folder of ``<component>-<dtype>-<key><suffix>`` artifacts, each with a ``.json`` sidecar."""
 
     def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root) if root is not None else default_cache_dir() / "engines"
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir() / "engines"
 
     def path(self, spec: BuildSpec, suffix: str = ".plan") -> Path:
         return self.root / spec.filename(suffix)

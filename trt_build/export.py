@@ -22,13 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ditstream.trt_build.specs import (
+    COMPONENTS,
+    DEFAULT_OPSET,
+    DTYPE_NAMES,
+    artifact_spec,
+    component_dtype,
+    component_module,
+)
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS: tuple[str, ...] = ("transformer", "vae_encoder", "vae_decoder")
-#: TensorRT 10 and onnxruntime both read opset 17 (LayerNormalization is a single op from 17 on).
-DEFAULT_OPSET = 17
 MODEL_FILE = "model.onnx"
 
 
@@ -353,33 +358,10 @@ def _eps_value_names(model: Any, limit: float = 1e-6) -> set[str]:
 # Cached exports
 # ---------------------------------------------------------------------------------------------
 
-DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def component_module(components: Any, component: str) -> nn.Module:
-    """The module whose weights define ``component`` (the whole VAE for its encoder and decoder)."""
-    if component == "transformer":
-        return components.transformer
-    if component in ("vae_encoder", "vae_decoder"):
-        return components.vae
-    raise ValueError(f"unknown component {component!r}; choose one of {COMPONENTS}")
-
-
-def component_dtype(components: Any, component: str) -> torch.dtype:
-    return next(component_module(components, component).parameters()).dtype
-
-
 def onnx_build_spec(components: Any, component: str, *, opset: int = DEFAULT_OPSET,
                     weights: str | None = None) -> Any:
-    """The cache spec of an ONNX export (dynamic shapes, so the profile is not part of it)."""
-    from ditstream.trt_build.cache import BuildProfile, BuildSpec, weights_hash
-
-    module = component_module(components, component)
-    return BuildSpec(
-        weights_hash=weights or weights_hash(module), component=component,
-        dtype=DTYPE_NAMES[component_dtype(components, component)], profile=BuildProfile(),
-        kind="onnx", opset=opset, extra=(("torch", torch.__version__.split("+")[0]),),
-    )
+    """The cache spec of an ONNX export (``specs.artifact_spec``; the profile is not part of it)."""
+    return artifact_spec(components, component, "onnx", opset=opset, weights=weights)
 
 
 def get_or_export(components: Any, component: str, *, cache: Any = None, opset: int = DEFAULT_OPSET,
@@ -388,7 +370,7 @@ def get_or_export(components: Any, component: str, *, cache: Any = None, opset: 
     from ditstream.trt_build.cache import EngineCache
 
     cache = cache if cache is not None else EngineCache()
-    spec = onnx_build_spec(components, component, opset=opset, weights=weights)
+    spec = artifact_spec(components, component, "onnx", opset=opset, weights=weights)
     hit = cache.lookup(spec, suffix=".onnx")
     if hit is not None:
         logger.info("onnx cache hit for %s: %s", component, hit)
@@ -402,3 +384,7 @@ def get_or_export(components: Any, component: str, *, cache: Any = None, opset: 
         suffix=".onnx", info={"export_size": [size_h, size_w]},
     )
     return path / MODEL_FILE
+
+
+__all__ = ["COMPONENTS", "DEFAULT_OPSET", "DTYPE_NAMES", "MODEL_FILE", "component_dtype", "component_module",
+           "export_component", "get_or_export", "make_export_spec", "onnx_build_spec", "transformer_inputs"]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditstream.engine.config import EngineConfig, FilterConfig, ModelConfig, StreamConfig
+from ditstream.engine.config import BackendOptions, EngineConfig, FilterConfig, ModelConfig, StreamConfig
 from ditstream.engine.core import EngineCore
 from ditstream.engine.generate import Generator
 from ditstream.engine.similarity import SimilarityFilter
@@ -79,17 +79,19 @@ def _stream_run(gen: Generator, configs: list[StreamConfig], frames: list[np.nda
 
 
 def run_engine_bench(model: str = "demo", size: int = 64, frames: int = 12, streams: int = 8, steps: int = 4,
-                     repeats: int = 5, threads: int | None = None) -> dict[str, Any]:
-    """Run the three measurements and return a JSON-able dict."""
+                     repeats: int = 5, threads: int | None = None, backend: str = "torch",
+                     options: BackendOptions | None = None) -> dict[str, Any]:
+    """Run the three measurements and return a JSON-able dict (``backend`` built with ``options``)."""
+    options = options if options is not None else BackendOptions()
     if threads:
         torch.set_num_threads(threads)
     if model in PRESETS:
         tmp = tempfile.TemporaryDirectory()
         path = make_pipeline_folder(f"{tmp.name}/pipe", model, seed=0, complex_human_instruction=False,
                                     max_sequence_length=32)
-        gen = Generator.from_config(ModelConfig(model=str(path)))
+        gen = Generator.from_config(ModelConfig(model=str(path), backend=backend, backend_options=options))
     else:
-        gen = Generator.from_config(ModelConfig(model=model))
+        gen = Generator.from_config(ModelConfig(model=model, backend=backend, backend_options=options))
     clip = moving_clip(frames, size)
     base = StreamConfig(prompt="a red square on a gray background", mode="img2img", strength=0.8, seed=1,
                         width=size, height=size)
@@ -116,7 +118,7 @@ def run_engine_bench(model: str = "demo", size: int = 64, frames: int = 12, stre
 
     params = sum(p.numel() for p in gen.components.transformer.parameters())
     return {
-        "model": model, "transformer_params": params, "size": size, "frames": frames, "steps": steps,
+        "model": model, "backend": gen.backend.name, "transformer_params": params, "size": size, "frames": frames, "steps": steps,
         "streams": streams, "torch_threads": torch.get_num_threads(), "device": str(gen.components.device),
         "sequential_fps": frames / t_seq, "stream_batch_fps": frames / t_sb,
         "stream_batch_speedup": sb_ratio, "repeats": repeats,

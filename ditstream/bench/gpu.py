@@ -281,29 +281,23 @@ def _row(backend: str, size: int, batch: int, secs: float, tflop: float) -> Benc
 
 def _make_backend(name: str, components: Any, resolutions: Sequence[int], batches: Sequence[int],
                   cache_dir: str | None, *, deadline: float | None = None, opt_level: int = 3) -> Any:
-    if name == "tensorrt":
-        from ditstream.engine.backends.tensorrt_backend import TensorRTBackend
-
-        res = [(s, s) for s in resolutions]
-        return TensorRTBackend(components, cache_dir=cache_dir, resolutions=res, batch_sizes=list(batches),
-                               seq_len=SEQ_LEN if components.transformer.config.caption_channels > 64 else 8,
-                               opt_level=opt_level, build_deadline=deadline)
-    if name == "onnx":
-        from ditstream.engine.backends.onnx_backend import OnnxBackend
-
-        if components.dtype == torch.bfloat16:
-            # onnxruntime has almost no bf16 kernels: measure it as a user would run it, with an fp16
-            # transformer and an fp32 DC-AE (DC-AE must not run fp16).
-            import copy
-            import dataclasses
-
-            components = dataclasses.replace(
-                components, transformer=copy.deepcopy(components.transformer).half(),
-                vae=copy.deepcopy(components.vae).float(), dtype=torch.float16)
-        return OnnxBackend(components, cache_dir=cache_dir)
     from ditstream.engine.backends import create_backend
+    from ditstream.engine.config import BackendOptions
 
-    return create_backend(name, components)
+    # The options `build-engine -r … -b … --cache-dir …` takes: engines built ahead are the ones measured.
+    options = BackendOptions(resolutions=tuple((s, s) for s in resolutions), batches=tuple(batches),
+                             seq_len=SEQ_LEN if components.transformer.config.caption_channels > 64 else 8,
+                             cache_dir=cache_dir, opt_level=opt_level, build_deadline=deadline)
+    if name == "onnx" and components.dtype == torch.bfloat16:
+        # onnxruntime has almost no bf16 kernels: measure it as a user would run it, with an fp16
+        # transformer and an fp32 DC-AE (DC-AE must not run fp16).
+        import copy
+        import dataclasses
+
+        components = dataclasses.replace(
+            components, transformer=copy.deepcopy(components.transformer).half(),
+            vae=copy.deepcopy(components.vae).float(), dtype=torch.float16)
+    return create_backend(name, components, options)
 
 
 def format_table(result: BenchResult) -> str:

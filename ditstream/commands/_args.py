@@ -1,8 +1,15 @@
-"""Argument parsing shared by the commands: engine validators turned into usage errors (exit 2)."""
+"""Argument parsing shared by the commands: engine validators turned into usage errors (exit 2), and
+the backend options (profile, engine cache, tiny VAE) defined once for every command that builds a
+backend: ``build-engine``, ``serve``, ``worker``, ``generate``, ``bench engine`` and ``bench gpu``."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Annotated
+
 import typer
+
+if TYPE_CHECKING:
+    from ditstream.engine.config import BackendOptions
 
 
 def size_arg(text: str | None, *, param_hint: str = "--size", square: bool = False) -> tuple[int, int] | None:
@@ -16,3 +23,97 @@ def size_arg(text: str | None, *, param_hint: str = "--size", square: bool = Fal
         return parse_size(text, square=square)
     except ValidationError as exc:
         raise typer.BadParameter(exc.message, param_hint=param_hint) from exc
+
+
+# -- backend options: one definition, every command -------------------------------------------------
+Resolutions = Annotated[list[str] | None, typer.Option(
+    "--resolution", "-r", metavar="WxH",
+    help="Size to build/serve, WIDTHxHEIGHT or N (repeatable; the first is the profile's opt). Default "
+         "profile: 512 (256-1024). serve/worker: env DITSTREAM_RESOLUTIONS=512,768x512.")]
+Batches = Annotated[list[int] | None, typer.Option(
+    "--batch", "-b", metavar="N",
+    help="Batch size to build/serve (repeatable; min/max bound the profile, the first is opt). Default 1-8. "
+         "serve/worker: env DITSTREAM_BATCHES=1,4.")]
+CacheDir = Annotated[str | None, typer.Option(
+    "--cache-dir",
+    help="Engine cache folder, where build-engine puts ONNX exports and TensorRT engines and the backends "
+         "look for them (default ~/.cache/ditstream/engines; serve/worker: env DITSTREAM_CACHE_DIR).")]
+TinyVae = Annotated[str | None, typer.Option(
+    "--tiny-vae", metavar="PATH",
+    help="TAESANA tiny autoencoder: a folder with taesana_encoder.* and/or taesana_decoder.* "
+         "(.safetensors/.pth), or one decoder file. Replaces DC-AE on the sides given "
+         "(serve/worker: env DITSTREAM_TINY_VAE).")]
+OptLevel = Annotated[int | None, typer.Option(
+    "--opt-level", min=0, max=5,
+    help="TensorRT builder optimisation level (default 3; part of the engine's cache key; serve/worker: env "
+         "DITSTREAM_OPT_LEVEL).")]
+
+#: ``BackendOptions`` field → the option that sets it (for usage errors).
+_HINTS = {"resolution": "--resolution", "batch": "--batch", "cache_dir": "--cache-dir", "tiny_vae": "--tiny-vae",
+          "opt_level": "--opt-level", "seq_len": "--seq-len"}
+
+
+def parse_resolutions(values: list[str] | None) -> tuple[tuple[int, int], ...]:
+    """``-r`` values → (width, height) pairs through the one size parser (``N`` means N×N)."""
+    return tuple(size_arg(v, param_hint="--resolution", square=True) for v in values or ())  # type: ignore[misc]
+
+
+def backend_options(resolution: list[str] | None = None, batch: list[int] | None = None, cache_dir: str | None = None,
+                    tiny_vae: str | None = None, opt_level: int | None = None,
+                    seq_len: int | None = None) -> BackendOptions:
+    """The ``BackendOptions`` the shared options describe, checked now (before any model loads):
+    a malformed value is a usage error (exit 2) naming the option."""
+    from ditstream.engine.config import BackendOptions
+    from ditstream.engine.errors import ValidationError
+
+    try:
+        return BackendOptions(resolutions=parse_resolutions(resolution), batches=tuple(batch or ()),
+                              cache_dir=cache_dir, tiny_vae=tiny_vae, opt_level=opt_level,
+                              seq_len=seq_len).validate()
+    except ValidationError as exc:
+        raise typer.BadParameter(exc.message, param_hint=_HINTS.get(exc.field or "", exc.field)) from exc
+
+
+def backend_overrides(resolution: list[str] | None, batch: list[int] | None, cache_dir: str | None,
+                      tiny_vae: str | None, opt_level: int | None) -> dict[str, object]:
+    """The shared options as ``Settings`` overrides (serve, worker), checked first: a bad value is a
+    usage error naming the option, before anything loads. Unset ones are left out (env applies)."""
+    opts = backend_options(resolution, batch, cache_dir, tiny_vae, opt_level)
+    return {k: v for k, v in dict(
+        resolutions=[f"{w}x{h}" for w, h in opts.resolutions] or None, batches=list(opts.batches) or None,
+        cache_dir=cache_dir, tiny_vae=tiny_vae, opt_level=opt_level).items() if v is not None}
+
+
+def settings_or_exit(command: str, overrides: dict[str, object]):  # -> server.settings.Settings
+    """``Settings`` from the environment and ``overrides``, or exit 2 with one line per bad value
+    (an env var such as ``DITSTREAM_RESOLUTIONS=big`` included) before any model loads."""
+    import pydantic
+
+    from ditstream.engine.errors import ValidationError
+    from ditstream.server.settings import Settings
+
+    try:
+        settings = Settings(**overrides)
+        settings.backend_options()  # e.g. a DITSTREAM_TINY_VAE that does not exist
+    except pydantic.ValidationError as exc:
+        for err in exc.errors():
+            got = "" if err["type"] == "value_error" else f" (got {err.get('input')!r})"
+            typer.echo(f"{command}: invalid {_setting(str(err['loc'][0]) if err['loc'] else '?')}: "
+                       f"{err['msg'].removeprefix('Value error, ')}{got}", err=True)
+        raise typer.Exit(2) from exc
+    except ValidationError as exc:
+        typer.echo(f"{command}: invalid {_setting(exc.field or '?')}: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    return settings
+
+
+#: Settings fields whose option is named otherwise (for error messages).
+_SETTING_FLAGS = {"resolutions": "--resolution", "batches": "--batch", "redis_url": "--redis",
+                  "resolution": "--resolution", "batch": "--batch"}
+_SETTING_ENV = {"resolution": "resolutions", "batch": "batches"}
+
+
+def _setting(name: str) -> str:
+    """``"resolutions"`` → ``"--resolution / DITSTREAM_RESOLUTIONS"``."""
+    flag = _SETTING_FLAGS.get(name, "--" + name.replace("_", "-"))
+    return f"{flag} / DITSTREAM_{_SETTING_ENV.get(name, name).upper()}"

@@ -8,34 +8,43 @@ from __future__ import annotations
 
 import typer
 
-from ditstream.commands._args import size_arg
+from ditstream.commands._args import (
+    Batches,
+    CacheDir,
+    OptLevel,
+    Resolutions,
+    backend_options,
+    parse_resolutions,
+)
 
 
 def build_engine(
     model: str = typer.Option("demo", help="Model folder in diffusers layout, hub id, or 'demo'."),
-    resolution: list[str] = typer.Option(["512"], "--resolution", "-r",
-                                         help="Sizes to serve, WIDTHxHEIGHT or N (repeatable); the first is opt."),
-    batch: list[int] = typer.Option([1, 4], "--batch", "-b",
-                                    help="Batch sizes to serve (repeatable); min/max bound the profile, first is opt."),
+    resolution: Resolutions = None,
+    batch: Batches = None,
     component: list[str] = typer.Option(["transformer", "vae_encoder", "vae_decoder"], "--component", "-c",
                                         help="Which networks to build (repeatable)."),
     dtype: str = typer.Option("auto", help="fp32, fp16 or bf16 (auto: bf16 on CUDA). DC-AE is never fp16."),
     seq_len: int | None = typer.Option(None, help="Prompt length in tokens (default: the model's max_sequence_length)."),
-    opt_level: int = typer.Option(3, min=0, max=5, help="TensorRT builder optimisation level."),
-    cache_dir: str | None = typer.Option(None, help="Engine cache folder (default ~/.cache/ditstream/engines)."),
+    opt_level: OptLevel = None,
+    cache_dir: CacheDir = None,
     onnx_only: bool = typer.Option(False, "--onnx-only", help="Export ONNX only (no TensorRT; works on CPU)."),
     force: bool = typer.Option(False, help="Rebuild even if the cache holds a valid engine."),
     list_only: bool = typer.Option(False, "--list", help="List cached engines and exit."),
 ) -> None:
-    """Export ONNX and build TensorRT engines for the sizes and batch sizes you will serve (cached)."""
+    """Export ONNX and build TensorRT engines for the sizes and batch sizes you will serve (cached).
+
+    `serve`, `worker`, `generate` and the benches take the same -r/-b/--cache-dir/--opt-level and then
+    load exactly these entries (one key function: trt_build/specs.py)."""
     import json
     import logging
     import time
-    from pathlib import Path
 
-    from ditstream.trt_build.cache import BuildProfile, EngineCache
+    from ditstream.trt_build.cache import EngineCache
 
-    cache = EngineCache(Path(cache_dir) if cache_dir else None)
+    options = backend_options(None if list_only else resolution, None if list_only else batch, cache_dir,
+                              opt_level=opt_level, seq_len=seq_len)
+    cache = EngineCache(options.cache_dir)
     if list_only:
         for entry in cache.entries():
             spec = entry.get("spec", {})
@@ -43,10 +52,10 @@ def build_engine(
                        f"TRT {spec.get('trt_version') or '-'} sm {spec.get('compute_capability') or '-'} "
                        f"profile {json.dumps(spec.get('profile'))}")
         return
-    sizes = [size_arg(r, param_hint="--resolution", square=True) for r in resolution]
     from ditstream.engine.config import ModelConfig
     from ditstream.engine.loader import load_components
     from ditstream.trt_build.export import COMPONENTS, get_or_export
+    from ditstream.trt_build.specs import DEFAULT_OPT_LEVEL, build_profile
 
     unknown = [c for c in component if c not in COMPONENTS]
     if unknown:
@@ -63,7 +72,9 @@ def build_engine(
             raise typer.Exit(2)
     device = "cpu" if onnx_only else "cuda"
     components = load_components(ModelConfig(model=model, device=device, dtype=dtype))
-    profile = BuildProfile.from_request(sizes, batch, seq_len=seq_len or components.max_sequence_length)
+    # The profile (and with it the cache key) every backend computes from the same options.
+    profile = build_profile(components, options.resolutions, options.batches, seq_len=options.seq_len)
+    opt = options.opt_level if options.opt_level is not None else DEFAULT_OPT_LEVEL
     logging.getLogger("ditstream.trt_build").setLevel(logging.INFO)
     typer.echo(f"profile: {profile.describe()}")
     for name in component:
@@ -73,29 +84,37 @@ def build_engine(
         else:
             from ditstream.trt_build.build import get_or_build_engine
 
-            path = get_or_build_engine(components, name, profile, cache=cache, opt_level=opt_level, force=force)
+            path = get_or_build_engine(components, name, profile, cache=cache, opt_level=opt, force=force)
         typer.echo(f"{name}: {path} ({time.monotonic() - started:.1f} s)")
 
 
 def bench_gpu(
-    resolution: list[int] = typer.Option([512, 1024], "--resolution", "-r", help="Square sizes (repeatable)."),
-    batch: list[int] = typer.Option([1, 4, 8], "--batch", "-b", help="Batch sizes (repeatable)."),
+    resolution: Resolutions = None,
+    batch: Batches = None,
     backend: list[str] = typer.Option(["torch", "tensorrt", "compile", "onnx"], "--backend",
                                       help="Backends to measure (repeatable); diffusers is always the baseline."),
     dtype: str = typer.Option("bf16", help="Model dtype (bf16 or fp16; DC-AE runs bf16/fp32)."),
     budget_s: float = typer.Option(480.0, help="Time box: no new backend starts (and engine builds are "
                                                "cancelled) once this many seconds have passed."),
-    opt_level: int = typer.Option(3, min=0, max=5, help="TensorRT builder optimisation level."),
-    cache_dir: str | None = typer.Option(None, help="Engine cache folder."),
+    opt_level: OptLevel = None,
+    cache_dir: CacheDir = None,
     json_out: str | None = typer.Option(None, "--json-out", help="Also write the JSON result to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
 ) -> None:
-    """One-step img2img fps per backend on the real SANA-Sprint 0.6B + DC-AE (random weights) vs diffusers."""
+    """One-step img2img fps per backend on the real SANA-Sprint 0.6B + DC-AE (random weights) vs diffusers.
+
+    Sizes are square here (default -r 512 -r 1024, -b 1 -b 4 -b 8); the profile and cache are the ones
+    `build-engine` uses for the same options."""
     from ditstream.bench.gpu import BenchRefused, format_table, run_gpu_bench, to_json
 
+    sizes = parse_resolutions(resolution) or ((512, 512), (1024, 1024))
+    if any(w != h for w, h in sizes):
+        raise typer.BadParameter("the GPU bench measures square sizes (N or NxN)", param_hint="--resolution")
+    options = backend_options(None, batch or [1, 4, 8], cache_dir, opt_level=opt_level)
     try:
-        result = run_gpu_bench(resolutions=resolution, batches=batch, backends=backend, dtype=dtype,
-                               budget_s=budget_s, cache_dir=cache_dir, trt_opt_level=opt_level,
+        result = run_gpu_bench(resolutions=[w for w, _ in sizes], batches=list(options.batches), backends=backend,
+                               dtype=dtype, budget_s=budget_s, cache_dir=options.cache_dir,
+                               trt_opt_level=options.opt_level if options.opt_level is not None else 3,
                                progress=lambda msg: typer.echo(msg, err=True))
     except BenchRefused as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import typer
 
-from ditstream.commands._args import size_arg
+from ditstream.commands._args import (
+    Batches,
+    CacheDir,
+    OptLevel,
+    Resolutions,
+    TinyVae,
+    backend_options,
+    size_arg,
+)
 
 #: What ``generate --out`` can write, by extension (PIL's format names; .npy is the float array).
 OUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".npy": "NPY"}
@@ -52,10 +60,16 @@ def generate(
     dtype: str = typer.Option("auto", help="auto, fp32, bf16 or fp16."),
     threads: int = typer.Option(None, envvar="DITSTREAM_THREADS", help="torch CPU threads (default 1; 0 = one "
                                 "per core). More threads are slower on a shared CPU (docs/benchmarks.md)."),
+    resolution: Resolutions = None,
+    batch: Batches = None,
+    cache_dir: CacheDir = None,
+    tiny_vae: TinyVae = None,
+    opt_level: OptLevel = None,
 ) -> None:
     """Make one image (txt2img, or img2img with --image)."""
     fmt = _check_out(out)
     wh_arg = size_arg(size)
+    options = backend_options(resolution, batch, cache_dir, tiny_vae, opt_level)
     pixels = _read_image(image) if image is not None else None
 
     import numpy as np
@@ -68,7 +82,8 @@ def generate(
 
     set_torch_threads(threads)
     try:
-        gen = Generator.from_config(ModelConfig(model=model, backend=backend, device=device, dtype=dtype))
+        gen = Generator.from_config(ModelConfig(model=model, backend=backend, device=device, dtype=dtype,
+                                                backend_options=options))
         d = gen.components.defaults or {}
         wh = wh_arg or (int(d.get("width", 512)), int(d.get("height", 512)))
         cfg = StreamConfig(
@@ -106,13 +121,20 @@ def bench_engine(
     repeats: int = typer.Option(5, help="Interleaved repeats of each pair of arms (medians are reported)."),
     threads: int = typer.Option(0, help="torch CPU threads; 0 = torch's default (all cores). On a CPU shared with "
                                 "other jobs, 1 avoids OpenMP oversubscription."),
+    backend: str = typer.Option("torch", help="torch, compile, onnx, tensorrt or auto."),
+    resolution: Resolutions = None,
+    batch: Batches = None,
+    cache_dir: CacheDir = None,
+    tiny_vae: TinyVae = None,
+    opt_level: OptLevel = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Stream batch vs sequential; N streams cross-batched vs one at a time; SSF skip rates."""
     from ditstream.bench.engine import format_table, run_engine_bench
 
+    options = backend_options(resolution, batch, cache_dir, tiny_vae, opt_level)
     result = run_engine_bench(model=model, size=size, frames=frames, streams=streams, steps=steps,
-                              repeats=repeats, threads=threads or None)
+                              repeats=repeats, threads=threads or None, backend=backend, options=options)
     typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 

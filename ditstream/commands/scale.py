@@ -7,6 +7,16 @@ from __future__ import annotations
 
 import typer
 
+from ditstream.commands._args import (
+    Batches,
+    CacheDir,
+    OptLevel,
+    Resolutions,
+    TinyVae,
+    backend_overrides,
+    settings_or_exit,
+)
+
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.command("worker")(worker)
@@ -19,6 +29,11 @@ def worker(
     backend: str = typer.Option(None, help="torch | compile | onnx | tensorrt | auto."),
     device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option(None, help="auto | float32 | bfloat16 | float16."),
+    resolution: Resolutions = None,
+    batch: Batches = None,
+    cache_dir: CacheDir = None,
+    tiny_vae: TinyVae = None,
+    opt_level: OptLevel = None,
     max_batch: int = typer.Option(None, help="Largest batched model call."),
     max_jobs: int = typer.Option(None, help="REST jobs this worker holds at once (env DITSTREAM_WORKER_MAX_JOBS)."),
     worker_id: str = typer.Option(None, help="Stable name (default host-pid-random)."),
@@ -38,15 +53,14 @@ def worker(
     import logging
     import signal
 
-    from ditstream.server.settings import Settings
-
+    backend_args = backend_overrides(resolution, batch, cache_dir, tiny_vae, opt_level)
     overrides = {k: v for k, v in dict(
         redis_url=redis, model=model, backend=backend, device=device, dtype=dtype, max_batch=max_batch,
         worker_max_jobs=max_jobs, worker_heartbeat_s=heartbeat_s, worker_ttl_s=ttl_s, job_claim_idle_s=claim_idle_s,
         job_max_attempts=max_attempts, redis_prefix=prefix, frame_codec=frame_codec,
         null_delay_s=null_delay_ms / 1e3 if null_delay_ms is not None else None, threads=threads).items()
         if v is not None}
-    settings = Settings(**overrides)
+    settings = settings_or_exit("ditstream worker", {**overrides, **backend_args})
     if not settings.redis_url:
         typer.echo("ditstream worker: no Redis URL (--redis or DITSTREAM_REDIS_URL)", err=True)
         raise typer.Exit(2)

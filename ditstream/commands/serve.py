@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import typer
 
-from ditstream.commands._args import size_arg
+from ditstream.commands._args import (
+    Batches,
+    CacheDir,
+    OptLevel,
+    Resolutions,
+    TinyVae,
+    backend_overrides,
+    settings_or_exit,
+    size_arg,
+)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -23,6 +32,11 @@ def serve(
     backend: str = typer.Option(None, help="torch | compile | onnx | tensorrt | auto."),
     device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option(None, help="auto | float32 | bfloat16 | float16."),
+    resolution: Resolutions = None,
+    batch: Batches = None,
+    cache_dir: CacheDir = None,
+    tiny_vae: TinyVae = None,
+    opt_level: OptLevel = None,
     max_streams: int = typer.Option(None, help="Live WebSocket streams at once (more are refused with 1013)."),
     max_queued_jobs: int = typer.Option(None, help="REST images queued at once (more get 429 + Retry-After)."),
     api_key: list[str] = typer.Option(None, "--api-key", help="Accept this API key (repeatable). "
@@ -49,8 +63,8 @@ def serve(
     import uvicorn
 
     from ditstream.server.api.app import create_app
-    from ditstream.server.settings import Settings
 
+    backend_args = backend_overrides(resolution, batch, cache_dir, tiny_vae, opt_level)
     overrides = {k: v for k, v in dict(
         host=host, port=port, model=model, backend=backend, device=device, dtype=dtype, max_streams=max_streams,
         max_queued_jobs=max_queued_jobs, api_keys=api_key or None, cors_origins=cors_origin or None,
@@ -60,7 +74,7 @@ def serve(
         null_delay_s=null_delay_ms / 1e3 if null_delay_ms is not None else None, redis_url=redis,
         threads=threads).items()
         if v is not None}
-    settings = Settings(**overrides)
+    settings = settings_or_exit("ditstream serve", {**overrides, **backend_args})
     logging.getLogger("ditstream.server").info("settings: %s", settings.public())
     # Bind first: a port in use is one clear line now, not after the model has loaded.
     sock = bind_or_exit("ditstream serve", settings.host, settings.port)

@@ -14,6 +14,7 @@ from ditstream.engine.errors import BackendUnavailableError
 
 if TYPE_CHECKING:
     from ditstream.engine.backends.base import Backend
+    from ditstream.engine.config import BackendOptions
     from ditstream.engine.loader import ModelComponents
 
 logger = logging.getLogger(__name__)
@@ -45,15 +46,37 @@ def backend_class(name: str) -> type[Backend]:
     return getattr(module, attr)
 
 
-def create_backend(name: str, components: ModelComponents) -> Backend:
-    """Build backend ``name``; a named backend that fails raises, only ``auto`` falls back (logged)."""
+def create_backend(name: str, components: ModelComponents, options: BackendOptions | None = None) -> Backend:
+    """Build backend ``name`` with ``options`` (profile, engine cache, tiny VAE; ``BackendOptions``).
+
+    A named backend that fails raises, only ``auto`` falls back (logged). With ``options.tiny_vae``
+    the tiny autoencoder is loaded and checked first (a wrong file fails before any engine build),
+    then wraps the backend's VAE encode/decode.
+    """
+    from ditstream.engine.config import BackendOptions
+
+    options = (options if options is not None else BackendOptions()).validate()
+    tiny = None
+    if options.tiny_vae is not None:
+        from ditstream.engine.tiny_vae import load_for_model
+
+        tiny = load_for_model(options, components)
+    backend = _create(name, components, options)
+    if tiny is not None:
+        from ditstream.engine.tiny_vae import TinyVaeBackend
+
+        backend = TinyVaeBackend(backend, tiny)
+    return backend
+
+
+def _create(name: str, components: ModelComponents, options: BackendOptions) -> Backend:
     if name != "auto":
-        return backend_class(name)(components)
+        return backend_class(name)(components, options)
     order = AUTO_ORDER_CUDA if components.device.type == "cuda" else AUTO_ORDER_CPU
     reasons: list[str] = []
     for candidate in order:
         try:
-            backend = backend_class(candidate)(components)
+            backend = backend_class(candidate)(components, options)
         except BackendUnavailableError as exc:
             reasons.append(f"{candidate}: {exc}")
             continue

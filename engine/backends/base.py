@@ -16,6 +16,7 @@ from ditstream.engine.errors import ValidationError
 
 if TYPE_CHECKING:
     import torch
+    from ditstream.engine.config import BackendOptions
     from ditstream.engine.loader import ModelComponents
 
 
@@ -77,8 +78,12 @@ class Backend(ABC):
     #: Whether the first call at a shape is slow (compile, graph capture) and must happen in warm-up.
     needs_warmup: bool = False
 
-    def __init__(self, components: ModelComponents) -> None:
+    def __init__(self, components: ModelComponents, options: BackendOptions | None = None) -> None:
+        from ditstream.engine.config import BackendOptions
+
         self.components = components
+        #: Profile, cache folder and tiny VAE asked for (``engine.config.BackendOptions``).
+        self.options = options if options is not None else BackendOptions()
         #: True once every shape the engine will call has been warmed (the runner sets it).
         self.warm = not self.needs_warmup
 

@@ -14,11 +14,14 @@ compiled graph has plain positional tensor inputs.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from ditstream.engine.backends.base import Backend, BackendLimits
 from ditstream.engine.errors import BackendUnavailableError
+
+if TYPE_CHECKING:
+    from ditstream.engine.config import BackendOptions
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +62,10 @@ class CompileBackend(Backend):
     #: Prompt length used by ``warmup`` (the prompt cache pads to ``max_sequence_length``).
     warmup_seq_len = 300
 
-    def __init__(self, components: Any, *, mode: str | None = None, compile_backend: str = "inductor",
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, pad_to_buckets: bool | None = None) -> None:
-        super().__init__(components)
+    def __init__(self, components: Any, options: BackendOptions | None = None, *, mode: str | None = None,
+                 compile_backend: str = "inductor", buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+                 pad_to_buckets: bool | None = None) -> None:
+        super().__init__(components, options)
         if not hasattr(torch, "compile"):
             raise BackendUnavailableError("backend 'compile' needs torch >= 2.0")
         if compile_backend == "inductor" and self.device.type == "cpu":

@@ -15,12 +15,14 @@ through IO binding (no host copies).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from ditstream.engine.backends.base import Backend
+from ditstream.engine.backends.base import Backend, BackendLimits
 from ditstream.engine.errors import BackendUnavailableError
+
+if TYPE_CHECKING:
+    from ditstream.engine.config import BackendOptions
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +35,17 @@ _TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16
 class OnnxBackend(Backend):
     """Runs exported ONNX graphs with onnxruntime.
 
-    ``cache_dir``: where exports are kept (default ``~/.cache/ditstream/engines``).
+    ``options.cache_dir``: where exports are kept (default ``~/.cache/ditstream/engines``), the
+    folder ``build-engine --onnx-only`` fills. The graphs have dynamic shapes, so the profile in
+    ``options`` (when given) only bounds what is admitted and names the sizes warm-up prepares.
     ``tensorrt_provider``: put onnxruntime's TensorRT EP first on CUDA when it is installed.
     """
 
     name = "onnx"
 
-    def __init__(self, components: Any, *, cache_dir: str | Path | None = None,
+    def __init__(self, components: Any, options: BackendOptions | None = None, *,
                  tensorrt_provider: bool = False, threads: int | None = None) -> None:
-        super().__init__(components)
+        super().__init__(components, options)
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -56,7 +60,7 @@ class OnnxBackend(Backend):
         from ditstream.trt_build.cache import EngineCache
         from ditstream.trt_build.export import get_or_export
 
-        self.cache = EngineCache(Path(cache_dir) if cache_dir is not None else None)
+        self.cache = EngineCache(self.options.cache_dir)
         self.providers = self._choose_providers(tensorrt_provider)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -74,6 +78,15 @@ class OnnxBackend(Backend):
                 raise BackendUnavailableError(f"backend 'onnx' could not prepare {component}: {exc}") from exc
         actual = self.sessions["transformer"].get_providers()
         logger.info("onnx backend ready on %s (providers %s)", self.device, actual)
+
+    @property
+    def limits(self) -> BackendLimits:
+        """Unbounded unless sizes or batch sizes were asked for; then those bound what is admitted."""
+        o = self.options
+        ws, hs = [w for w, _ in o.resolutions], [h for _, h in o.resolutions]
+        return BackendLimits(max_batch=max(o.batches) if o.batches else None,
+                             width=(min(ws), max(ws)) if ws else None, height=(min(hs), max(hs)) if hs else None,
+                             sizes=o.resolutions)
 
     def _choose_providers(self, tensorrt_provider: bool) -> list[Any]:
         available = self._ort.get_available_providers()

@@ -16,17 +16,20 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from ditstream.engine.backends.base import Backend, BackendLimits
 from ditstream.engine.errors import BackendUnavailableError, GenerationError
+from ditstream.trt_build.cache import DEFAULT_BATCHES, DEFAULT_RESOLUTIONS
+
+if TYPE_CHECKING:
+    from ditstream.engine.config import BackendOptions
 
 logger = logging.getLogger(__name__)
 
-#: Default profile: any size from 256² to 1024², batch 1 to 8, prompts up to 300 tokens.
-DEFAULT_RESOLUTIONS: tuple[tuple[int, int], ...] = ((512, 512), (256, 256), (1024, 1024))
-DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8)
+#: The default profile (``build-engine``'s too): any size from 256² to 1024², batch 1 to 8.
+DEFAULT_BATCH_SIZES: tuple[int, ...] = DEFAULT_BATCHES
 MAX_GRAPHS = 32
 
 
@@ -122,21 +125,20 @@ def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
 class TensorRTBackend(Backend):
     """Runs the three networks as TensorRT engines.
 
-    ``resolutions`` (width, height) and ``batch_sizes`` decide the build profile (min/opt/max; opt
-    is the first of each); ``seq_len`` defaults to the model's ``max_sequence_length``. ``cuda_graphs``
-    captures one graph per exact shape after its first use. ``build_deadline`` (``time.monotonic()``)
-    cancels engine builds still running after it (used by the time-boxed GPU bench).
+    ``options`` (``engine.config.BackendOptions``) decide the build profile and the cache, exactly as
+    for ``ditstream build-engine`` (``trt_build.specs``): ``resolutions`` (width, height) and
+    ``batches`` (min/opt/max; opt is the first of each; default ``DEFAULT_RESOLUTIONS`` and
+    ``DEFAULT_BATCHES``), ``seq_len`` (the model's ``max_sequence_length``), ``opt_level``,
+    ``cache_dir``, and ``build_deadline`` (``time.monotonic()``), which cancels engine builds still
+    running after it (the time-boxed GPU bench). ``cuda_graphs`` captures one graph per exact shape
+    after its first use.
     """
 
     name = "tensorrt"
     needs_warmup = True  # one CUDA graph per exact shape, captured on its second run
 
-    def __init__(self, components: Any, *, cache_dir: str | Path | None = None,
-                 resolutions: tuple[tuple[int, int], ...] | list[tuple[int, int]] = DEFAULT_RESOLUTIONS,
-                 batch_sizes: tuple[int, ...] | list[int] = DEFAULT_BATCH_SIZES, seq_len: int | None = None,
-                 cuda_graphs: bool = True, opt_level: int | None = None,
-                 build_deadline: float | None = None) -> None:
-        super().__init__(components)
+    def __init__(self, components: Any, options: BackendOptions | None = None, *, cuda_graphs: bool = True) -> None:
+        super().__init__(components, options)
         try:
             import tensorrt as trt
         except ImportError as exc:
@@ -145,19 +147,21 @@ class TensorRTBackend(Backend):
         if components.device.type != "cuda" or not torch.cuda.is_available():
             raise BackendUnavailableError(f"backend 'tensorrt' needs a CUDA device; the model is on {components.device}")
         from ditstream.trt_build.build import DEFAULT_OPT_LEVEL, get_or_build_engine
-        from ditstream.trt_build.cache import BuildProfile, EngineCache
+        from ditstream.trt_build.cache import EngineCache
+        from ditstream.trt_build.specs import build_profile
 
         self._trt = trt
-        self.cache = EngineCache(Path(cache_dir) if cache_dir is not None else None)
-        # The prompt cache pads every prompt to the model's max_sequence_length: that is the one length.
-        seq_len = seq_len or int(getattr(components, "max_sequence_length", 300))
-        self.profile = BuildProfile.from_request(resolutions, batch_sizes, seq_len=seq_len)
-        self._sizes = tuple((int(w), int(h)) for w, h in resolutions)
+        o = self.options
+        self.cache = EngineCache(o.cache_dir)
+        # The same profile build-engine computes from the same options: the same cache entry.
+        self.profile = build_profile(components, o.resolutions, o.batches, seq_len=o.seq_len)
+        self._sizes = o.resolutions or DEFAULT_RESOLUTIONS
+        opt_level = o.opt_level if o.opt_level is not None else DEFAULT_OPT_LEVEL
         self.runners: dict[str, _Runner] = {}
         for component in ("transformer", "vae_encoder", "vae_decoder"):
             try:
                 path = get_or_build_engine(components, component, self.profile, cache=self.cache,
-                                           opt_level=opt_level or DEFAULT_OPT_LEVEL, deadline=build_deadline)
+                                           opt_level=opt_level, deadline=o.build_deadline)
             except Exception as exc:
                 raise BackendUnavailableError(f"backend 'tensorrt' could not build {component}: {exc}") from exc
             self.runners[component] = _Runner(trt, path, components.device, cuda_graphs)

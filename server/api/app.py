@@ -99,6 +99,12 @@ class AppState:
         """Stream settings a new session starts with: the model's defaults, the size overridden by
         the server's ``--width``/``--height`` when given (512² for an engine that states none)."""
         d: dict[str, Any] = {"width": FALLBACK_SIZE, "height": FALLBACK_SIZE, **self.model_defaults()}
+        limits = (self.runner.info if self.runner is not None else {}).get("limits") or {}
+        if limits.get("sizes") and not _within(limits, int(d["width"]), int(d["height"])):
+            # Built for other sizes (-r/--resolution): start streams at the profile's first (opt) size.
+            from ditstream.engine.sizes import parse_size
+
+            d["width"], d["height"] = parse_size(limits["sizes"][0])
         if self.settings.default_width is not None:
             d["width"] = self.settings.default_width
         if self.settings.default_height is not None:
@@ -117,6 +123,12 @@ class AppState:
                 "size_multiple": info.get("size_multiple"),
                 "defaults": {k: start.get(k, getattr(_STREAM_CONFIG_DEFAULTS, k))
                              for k in ("prompt", "width", "height", "steps", "strength", "guidance_scale")}}
+
+
+def _within(limits: dict[str, Any], width: int, height: int) -> bool:
+    """Whether ``width``x``height`` fits ``BackendLimits.as_dict()``'s width/height spans."""
+    return all(span is None or span[0] <= v <= span[1]
+               for v, span in ((width, limits.get("width")), (height, limits.get("height"))))
 
 
 #: ``code`` of FastAPI's own HTTP refusals in the error body.
@@ -231,7 +243,8 @@ def load_runner(settings: Settings) -> EngineClient:
         from ditstream.engine.null import null_runner
 
         return null_runner(ecfg, delay_s=settings.null_delay_s)
-    mcfg = ModelConfig(model=settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype)
+    mcfg = ModelConfig(model=settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype,
+                       backend_options=settings.backend_options())
     runner = EngineRunner.from_config(mcfg, ecfg)
     if settings.default_width is not None and settings.default_height is not None:
         # A backend without a size profile warms the size streams start at (a worker has no lifespan).
