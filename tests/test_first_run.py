@@ -100,7 +100,7 @@ def test_ready_and_models_carry_the_demo_defaults(demo_app) -> None:
 
 
 def test_the_servers_size_overrides_the_models_only_when_given(demo_app) -> None:
-    from ditstream.server.api.app import state_of
+    from ditstream.server.api.state import state_of
     from ditstream.server.settings import Settings
 
     state = state_of(demo_app)

@@ -286,7 +286,7 @@ def test_serve_with_redis_is_a_gateway(redis_url: str, tmp_path):
     import sys
 
     import httpx
-    from ditstream.server.api.app import load_runner
+    from ditstream.server.api.factory import load_runner
     from ditstream.server.settings import Settings
 
     from ditstream.bench.scale_harness import free_port

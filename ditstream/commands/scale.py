@@ -70,7 +70,7 @@ def worker(
 
     set_torch_threads(settings.threads)
     from ditstream.engine.errors import DitstreamError
-    from ditstream.server.api.app import load_runner
+    from ditstream.server.api.factory import load_runner
     from ditstream.server.scale.config import ScaleConfig
     from ditstream.server.scale.worker import Worker
 

@@ -81,7 +81,7 @@ def serve(
     # Load before uvicorn starts, so that a bad model or backend is one clear line, not a lifespan
     # traceback.
     from ditstream.engine.errors import DitstreamError
-    from ditstream.server.api.app import load_runner
+    from ditstream.server.api.factory import load_runner
 
     if not settings.redis_url:  # a gateway holds no model: it never imports torch
         from ditstream.engine.threads import set_torch_threads

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ditstream.engine.config import StreamConfig
-from ditstream.engine.errors import DitstreamError, EngineDeadError, PayloadTooLargeError, ValidationError
-from ditstream.engine.runner import EngineRunner
+from ditstream.engine.errors import DitstreamError, ValidationError
 from ditstream.server.api.admission import Admission
 from ditstream.server.api.auth import APIKeyMiddleware
+from ditstream.server.api.factory import load_runner
+from ditstream.server.api.middleware import HTTP_ERROR_CODES, BodyLimitMiddleware, MetricsMiddleware
+from ditstream.server.api.state import AppState
 from ditstream.server.codec import Codec
 from ditstream.server.engine_client import EngineClient
 from ditstream.server.errors import MalformedMessageError, mapping_for, rest_error_body, rest_headers
@@ -34,181 +33,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
+
+logger = logging.getLogger(__name__)
+
+
 WEB_DIR = Path(__file__).resolve().parents[2] / "clients" / "web"
-#: ``defaults`` keys a new stream takes from the model.
-STREAM_DEFAULT_KEYS = ("prompt", "width", "height", "steps", "strength", "guidance_scale", "seed")
-#: Stream size when neither the model nor the server states one (the null engine).
-FALLBACK_SIZE = 512
-_STREAM_CONFIG_DEFAULTS = StreamConfig()
-KNOWN_ROUTES = frozenset({"/", "/health", "/ready", "/metrics", "/v1/models", "/v1/images/generations",
-                          "/v1/images/edits", "/v1/stream"})
-
-
-@dataclass
-class AppState:
-    """What routes and sessions share (one per app)."""
-
-    settings: Settings
-    metrics: Metrics
-    admission: Admission
-    codec: Codec
-    runner: EngineClient | None = None
-    shutting_down: bool = False
-    sessions: set[Any] = field(default_factory=set)
-    started_at: float = field(default_factory=time.time)
-
-    @property
-    def ready(self) -> bool:
-        """Alive, warm (every shape the backend will run prepared) and not shutting down."""
-        return self.runner is not None and self.runner.ready and not self.shutting_down
-
-    @property
-    def warming(self) -> list[str]:
-        """Shapes the engine still warms before it is ready (empty once warm, or for an engine without any)."""
-        if self.runner is None or not self.runner.alive:
-            return []
-        return list(self.runner.warming)
-
-    def require_engine(self) -> EngineClient:
-        if self.runner is None or not self.runner.alive:
-            raise EngineDeadError("the engine is not running")
-        return self.runner
-
-    def validate(self, cfg: StreamConfig) -> StreamConfig:
-        """The engine's validation plus the server's own limits (an injected engine may allow more)."""
-        cfg = self.require_engine().validate(cfg)
-        s = self.settings
-        if len(cfg.prompt) > s.max_prompt_chars:
-            raise ValidationError(f"prompt is {len(cfg.prompt)} characters; the limit is {s.max_prompt_chars}",
-                                  field="prompt")
-        if cfg.width * cfg.height > s.max_pixels:
-            raise ValidationError(f"size {cfg.width}x{cfg.height} is {cfg.width * cfg.height} pixels; the limit "
-                                  f"is {s.max_pixels}", field="size")
-        return cfg
-
-    def model_defaults(self) -> dict[str, Any]:
-        """The engine's model defaults (``ditstream.json`` over the loader's fallbacks; ``{}`` for none)."""
-        info = self.runner.info if self.runner is not None else {}
-        return {k: v for k, v in (info.get("defaults") or {}).items() if k in STREAM_DEFAULT_KEYS}
-
-    def stream_defaults(self) -> dict[str, Any]:
-        """Stream settings a new session starts with: the model's defaults, the size overridden by
-        the server's ``--width``/``--height`` when given (512² for an engine that states none)."""
-        d: dict[str, Any] = {"width": FALLBACK_SIZE, "height": FALLBACK_SIZE, **self.model_defaults()}
-        limits = (self.runner.info if self.runner is not None else {}).get("limits") or {}
-        if limits.get("sizes") and not _within(limits, int(d["width"]), int(d["height"])):
-            # Built for other sizes (-r/--resolution): start streams at the profile's first (opt) size.
-            from ditstream.engine.sizes import parse_size
-
-            d["width"], d["height"] = parse_size(limits["sizes"][0])
-        if self.settings.default_width is not None:
-            d["width"] = self.settings.default_width
-        if self.settings.default_height is not None:
-            d["height"] = self.settings.default_height
-        return d
-
-    def model_card(self) -> dict[str, Any]:
-        """What ``ready`` and ``GET /v1/models`` say about the model: name, where it runs, its native
-        size and size multiple, and the settings a new stream starts with (``docs/protocol.md``)."""
-        info = self.runner.info if self.runner is not None else {}
-        own = self.model_defaults()
-        start = self.stream_defaults()
-        native = f"{own['width']}x{own['height']}" if "width" in own and "height" in own else None
-        return {"model": info.get("model") or self.settings.model, "backend": info.get("backend"),
-                "device": info.get("device"), "dtype": info.get("dtype"), "native_size": native,
-                "size_multiple": info.get("size_multiple"),
-                "defaults": {k: start.get(k, getattr(_STREAM_CONFIG_DEFAULTS, k))
-                             for k in ("prompt", "width", "height", "steps", "strength", "guidance_scale")}}
-
-
-def _within(limits: dict[str, Any], width: int, height: int) -> bool:
-    """Whether ``width``x``height`` fits ``BackendLimits.as_dict()``'s width/height spans."""
-    return all(span is None or span[0] <= v <= span[1]
-               for v, span in ((width, limits.get("width")), (height, limits.get("height"))))
-
-
-#: ``code`` of FastAPI's own HTTP refusals in the error body.
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
-
-
-def state_of(app: Any) -> AppState:
-    return app.state.ditstream
-
-
-# ------------------------------------------------------------------------------------ middleware
-class MetricsMiddleware:
-    """Counts every HTTP response and WebSocket close by route template and status/close code."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        code: list[str] = []
-
-        async def send_wrapper(message: Message) -> None:
-            t = message["type"]
-            if t in ("http.response.start", "websocket.http.response.start"):
-                code.append(str(message["status"]))
-            elif t == "websocket.close" and not code:
-                code.append(str(message.get("code", 1000)))
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or scope["path"]
-            if label not in KNOWN_ROUTES:
-                label = "/web/*" if scope["path"].startswith("/web/") else "other"
-            self.metrics.requests.labels(label, code[0] if code else ("1000" if scope["type"] == "websocket"
-                                                                      else "500")).inc()
-
-
-class BodyLimitMiddleware:
-    """Refuses HTTP bodies over ``limit`` bytes with 413, by Content-Length or while streaming."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for k, v in scope.get("headers", ()):
-            if k == b"content-length" and v.isdigit() and int(v) > self.limit:
-                await _send_error(send, PayloadTooLargeError(
-                    f"request body is {int(v)} bytes; the limit is {self.limit}", field="body"))
-                return
-        seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise PayloadTooLargeError(f"request body is over the limit of {self.limit} bytes",
-                                               field="body")
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-async def _send_error(send: Send, err: DitstreamError) -> None:
-    body = json.dumps(rest_error_body(err)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in rest_headers(err).items()]
-    await send({"type": "http.response.start", "status": mapping_for(err).http_status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 # ------------------------------------------------------------------------------------ lifespan
@@ -226,30 +58,6 @@ async def _lag_monitor(metrics: Metrics, interval: float = 0.025) -> None:
             metrics.loop_lag_max.set(lag)
         if lag > 0.05:
             logger.warning("event loop stalled for %.1f ms", lag * 1e3)
-
-
-def load_runner(settings: Settings) -> EngineClient:
-    """The one factory: the engine named in the settings, in process, or the Redis gateway to the
-    workers' engines when ``redis_url`` is set (blocking: called in a worker thread)."""
-    from ditstream.engine.config import EngineConfig, ModelConfig
-
-    if settings.redis_url:  # gateway mode: the engines are `ditstream worker` processes behind Redis
-        from ditstream.server.scale.gateway import RedisGatewayRunner
-
-        return RedisGatewayRunner.from_settings(settings)
-    ecfg = EngineConfig(max_batch=settings.max_batch, output_queue_size=settings.output_queue_size,
-                        max_pixels=settings.max_pixels, max_prompt_chars=settings.max_prompt_chars)
-    if settings.model == "null":
-        from ditstream.engine.null import null_runner
-
-        return null_runner(ecfg, delay_s=settings.null_delay_s)
-    mcfg = ModelConfig(model=settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype,
-                       backend_options=settings.backend_options())
-    runner = EngineRunner.from_config(mcfg, ecfg)
-    if settings.default_width is not None and settings.default_height is not None:
-        # A backend without a size profile warms the size streams start at (a worker has no lifespan).
-        runner.prefer_warmup_size(settings.default_width, settings.default_height)
-    return runner
 
 
 def _lifespan(state: AppState):
@@ -339,7 +147,7 @@ def create_app(settings: Settings | None = None, runner: EngineClient | None = N
             return await _ditstream_error(request, MalformedMessageError(f"request body cannot be parsed: "
                                                                         f"{exc.detail}", field="body"))
         body = {"error": {"message": str(exc.detail), "type": "invalid_request_error" if exc.status_code < 500
-                          else "server_error", "code": _HTTP_CODES.get(exc.status_code, "http_error"), "param": None}}
+                          else "server_error", "code": HTTP_ERROR_CODES.get(exc.status_code, "http_error"), "param": None}}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

@@ -24,7 +24,7 @@ from ditstream.engine.errors import CancelledError, GenerationError, PayloadTooL
 from ditstream.engine.sizes import parse_size
 from ditstream.engine.types import StreamOutput
 from ditstream.server import codec
-from ditstream.server.api.app import AppState, state_of
+from ditstream.server.api.state import AppState, state_of
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 

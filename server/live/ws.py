@@ -34,8 +34,8 @@ from ditstream.engine.errors import (
 )
 from ditstream.engine.types import StreamOutput
 from ditstream.server import codec
-from ditstream.server.api.app import AppState, state_of
 from ditstream.server.api.auth import SUBPROTOCOL
+from ditstream.server.api.state import AppState, state_of
 from ditstream.server.engine_client import EngineStream
 from ditstream.server.errors import (
     WS_INTERNAL_ERROR,
