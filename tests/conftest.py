@@ -44,3 +44,30 @@ def tiny_generator(tiny_components, backend_name: str):
     from ditstream.engine.generate import Generator
 
     return Generator(tiny_components, create_backend(backend_name, tiny_components))
+
+
+# Fleets behind the "gateway" parametrisation of the REST/WS suites (tests/serverkit.py): a private
+# redis-server and one `ditstream worker` each, started the first time a gateway test needs them.
+@pytest.fixture(scope="session")
+def tiny_fleet(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    from serverkit import fleet_of
+
+    with fleet_of(tmp_path_factory.mktemp("tiny-fleet"), "--model", str(tiny_model_dir), name="tiny") as fleet:
+        yield fleet
+
+
+@pytest.fixture(scope="session")
+def null_fleet(tmp_path_factory: pytest.TempPathFactory):
+    from serverkit import fleet_of
+
+    with fleet_of(tmp_path_factory.mktemp("null-fleet"), "--model", "null", name="null") as fleet:
+        yield fleet
+
+
+@pytest.fixture(scope="session")
+def slow_null_fleet(tmp_path_factory: pytest.TempPathFactory):
+    from serverkit import SLOW_DELAY_S, fleet_of
+
+    with fleet_of(tmp_path_factory.mktemp("slow-fleet"), "--model", "null", "--null-delay-ms",
+                  str(SLOW_DELAY_S * 1e3), name="slow") as fleet:
+        yield fleet

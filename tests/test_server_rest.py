@@ -1,4 +1,8 @@
-"""REST in the OpenAI Images API shape, proven with the unmodified ``openai`` client."""
+"""REST in the OpenAI Images API shape, proven with the unmodified ``openai`` client.
+
+Every test runs twice (``tests/serverkit.py``): against the in-process engine and against the Redis
+gateway with ``ditstream worker`` processes on the same model.
+"""
 
 from __future__ import annotations
 
@@ -14,22 +18,28 @@ import pytest
 from ditstream.engine.config import EngineConfig, ModelConfig
 from ditstream.engine.null import null_runner
 from ditstream.engine.runner import EngineRunner
-from ditstream.server.api.app import create_app
-from ditstream.server.settings import Settings
 from PIL import Image
-
-from ditstream.bench.harness import ServerThread
+from serverkit import KINDS, SLOW_DELAY_S, runner_of, serve
 
 KEY = "sk-test-0123456789"
 
 
-@pytest.fixture(scope="module")
-def tiny_server(tiny_model_dir):
-    runner = EngineRunner.from_config(ModelConfig(model=str(tiny_model_dir)), EngineConfig())
-    app = create_app(Settings(model=str(tiny_model_dir), default_width=32, default_height=32,
-                              api_keys=[KEY]), runner)
-    with ServerThread(app) as srv:
+@pytest.fixture(scope="module", params=KINDS)
+def tiny_server(request, tiny_model_dir):
+    def runner():
+        return EngineRunner.from_config(ModelConfig(model=str(tiny_model_dir)), EngineConfig())
+
+    with serve(request, "tiny_fleet", runner, model=str(tiny_model_dir), default_width=32, default_height=32,
+               api_keys=[KEY]) as srv:
         yield srv
+
+
+@pytest.fixture(params=KINDS)
+def slow_server(request):
+    """``slow_server(**settings)``: a server on the null engine taking ``SLOW_DELAY_S`` per tick."""
+    return lambda **settings: serve(request, "slow_null_fleet",
+                                    lambda: null_runner(EngineConfig(), delay_s=SLOW_DELAY_S),
+                                    model="null", default_width=64, default_height=64, **settings)
 
 
 def _png(b64: str) -> Image.Image:
@@ -88,11 +98,9 @@ def test_ops_endpoints_are_open_and_metrics_named(tiny_server):
     assert {"/v1/images/generations", "/v1/images/edits", "/v1/models"} <= set(schema["paths"])
 
 
-def test_full_queue_answers_429_with_retry_after():
-    runner = null_runner(EngineConfig(), delay_s=0.5)
-    app = create_app(Settings(model="null", default_width=64, default_height=64, max_queued_jobs=1,
-                              retry_after_s=2), runner)
-    with ServerThread(app) as srv:
+def test_full_queue_answers_429_with_retry_after(slow_server):
+    with slow_server(max_queued_jobs=1, retry_after_s=2) as srv:
+        app = srv.app
         first: dict = {}
         t = threading.Thread(target=lambda: first.update(r=httpx.post(
             srv.url + "/v1/images/generations", json={"prompt": "slow"}, timeout=30)))
@@ -109,10 +117,9 @@ def test_full_queue_answers_429_with_retry_after():
         assert ok.status_code == 200
 
 
-def test_a_client_that_leaves_cancels_its_queued_jobs():
-    runner = null_runner(EngineConfig(), delay_s=1.0)
-    app = create_app(Settings(model="null", default_width=64, default_height=64), runner)
-    with ServerThread(app) as srv:
+def test_a_client_that_leaves_cancels_its_queued_jobs(slow_server):
+    with slow_server() as srv:
+        app, runner = srv.app, runner_of(srv)
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(srv.url + "/v1/images/generations", json={"prompt": "x", "n": 4}, timeout=0.05)
         # The server noticed the disconnect (499 = cancelled), not a completed request (200).

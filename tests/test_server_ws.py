@@ -2,6 +2,8 @@
 
 The tiny real-class model makes prompts matter (prompt change, isolation); the null engine makes
 the server's own paths (order, txt2img pacing, admission, cleanup) fast and deterministic.
+Every test but one runs twice (``tests/serverkit.py``): against the in-process engine and against
+the Redis gateway with ``ditstream worker`` processes on the same model.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ditstream.engine.null import null_runner
 from ditstream.engine.runner import EngineRunner
 from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
+from serverkit import KINDS, SLOW_DELAY_S, runner_of, serve
 from testkit import frame_message, jpeg, recv_frame, recv_json
 
 from ditstream.bench.harness import ServerThread
@@ -36,19 +39,28 @@ def _diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
 
 
-@pytest.fixture(scope="module")
-def tiny_server(tiny_model_dir):
-    runner = EngineRunner.from_config(ModelConfig(model=str(tiny_model_dir)), EngineConfig())
-    app = create_app(Settings(model=str(tiny_model_dir), default_width=SIZE, default_height=SIZE), runner)
-    with ServerThread(app) as srv:
+@pytest.fixture(scope="module", params=KINDS)
+def tiny_server(request, tiny_model_dir):
+    def runner():
+        return EngineRunner.from_config(ModelConfig(model=str(tiny_model_dir)), EngineConfig())
+
+    with serve(request, "tiny_fleet", runner, model=str(tiny_model_dir), default_width=SIZE,
+               default_height=SIZE) as srv:
         yield srv
 
 
-@pytest.fixture(scope="module")
-def null_server():
-    app = create_app(Settings(model="null", default_width=64, default_height=64, max_streams=4), null_runner())
-    with ServerThread(app) as srv:
+@pytest.fixture(scope="module", params=KINDS)
+def null_server(request):
+    with serve(request, "null_fleet", null_runner, model="null", default_width=64, default_height=64,
+               max_streams=4) as srv:
         yield srv
+
+
+@pytest.fixture(params=KINDS)
+def slow_server(request):
+    """``slow_server(**settings)``: a server on the null engine taking ``SLOW_DELAY_S`` per tick."""
+    return lambda **settings: serve(request, "slow_null_fleet", lambda: null_runner(delay_s=SLOW_DELAY_S),
+                                    model="null", default_width=64, default_height=64, **settings)
 
 
 async def _open(url: str, **config) -> websockets.ClientConnection:
@@ -213,10 +225,9 @@ def _wait_for(cond, timeout: float = 10.0) -> bool:
     return cond()
 
 
-def test_disconnect_frees_the_stream_and_admission_refuses_with_1013():
-    runner = null_runner(delay_s=0.05)
-    app = create_app(Settings(model="null", default_width=64, default_height=64, max_streams=2), runner)
-    with ServerThread(app) as srv:
+def test_disconnect_frees_the_stream_and_admission_refuses_with_1013(slow_server):
+    with slow_server(max_streams=2) as srv:
+        app, runner = srv.app, runner_of(srv)
         async def main():
             a = await _open(srv.ws_url)
             b = await _open(srv.ws_url)
@@ -243,6 +254,9 @@ def test_disconnect_frees_the_stream_and_admission_refuses_with_1013():
         assert app.state.ditstream.admission.streams.in_use == 0
 
 
+# Engine-only: it breaks the in-process engine thread (a simulated CUDA fault in ``runner.core``).
+# A gateway has no engine thread to kill; a worker's failures reach it as in-band errors and dead
+# workers (tests/test_redis_faults.py, tests/test_redis_scale.py::test_no_worker_means_not_ready_and_503).
 def test_engine_death_is_loud():
     runner = null_runner()
     app = create_app(Settings(model="null", default_width=64, default_height=64), runner)
