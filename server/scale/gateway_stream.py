@@ -1,0 +1,135 @@
+"""What the gateway hands out and keeps per request: a session's handle (an ``EngineStream``), a pending
+job, and the Prometheus collector of the workers' heartbeats."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from ditstream.engine.config import EngineConfig, StreamConfig
+from ditstream.engine.errors import (
+    EngineDeadError,
+    ValidationError,
+)
+from ditstream.engine.queues import LatestSlot, OutputQueue
+from ditstream.engine.types import StreamOutput, StreamStats
+from ditstream.server.scale.messages import (
+    JobMessage,
+)
+
+if TYPE_CHECKING:
+    from ditstream.server.scale.gateway import RedisGatewayRunner
+
+#: Seconds a session record lives without the gateway refreshing it (a dead gateway's sessions expire).
+SESSION_TTL_S = 30
+#: Results kept after their future resolved, to recognise (and count) a second answer.
+RECENT_RESULTS = 4096
+
+
+@dataclass
+class PendingJob:
+    msg: JobMessage
+    image: bytes
+    future: Future
+
+
+class GatewayCore:
+    """What the app reads from ``runner.core``: the engine settings (queue sizes)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+
+
+class GatewayStreamHandle:
+    """A session as the app sees it; its engine lives on whichever worker it is pinned to."""
+
+    def __init__(self, runner: RedisGatewayRunner, sid: str, cfg: StreamConfig,
+                 notify: Callable[[], None] | None) -> None:
+        self._runner = runner
+        self.id = sid
+        self._config = cfg
+        self.outputs: OutputQueue[StreamOutput] = OutputQueue(runner.engine_config.output_queue_size, notify)
+        self.stats = StreamStats()
+        self.slot: LatestSlot[tuple[np.ndarray | None, int, float]] = LatestSlot()
+        self.worker = ""
+        self.epoch = 0
+        self.last_out = "0-0"
+        self.closed = False
+        self.refreshed = 0.0
+        #: True while ``add_stream`` is pinning it: the supervisor leaves it alone (it would otherwise
+        #: see a worker set but no record yet, "re-pin" it concurrently and split the session).
+        self.pinning = False
+
+    @property
+    def config(self) -> StreamConfig:
+        return self._config
+
+    def submit(self, image: np.ndarray | None, seq: int = 0, ts: float = 0.0) -> bool:
+        """Offer a frame; never blocks (the publisher thread sends it). True if one was replaced.
+
+        Not refused while Redis or the worker is briefly gone: the slot keeps the newest frame and
+        the session resumes when the supervisor has re-pinned it — a stream outlives an outage.
+        """
+        if self.closed or not self._runner.running:
+            raise EngineDeadError("the gateway is not running")
+        if image is None and self._config.mode == "img2img":
+            raise ValidationError("img2img streams need an image in every frame", field="image")
+        replaced = self.slot.put((image, seq, ts))
+        if replaced:
+            self.stats.dropped_inputs += 1
+        self._runner.wake_publisher()
+        return replaced
+
+    def reconfigure(self, **changes: Any) -> Future:
+        """Validate now; the future resolves to the config the worker applied."""
+        try:
+            cfg = self._runner.validate(self._config.replace(**changes))
+        except TypeError as exc:
+            raise ValidationError(f"unknown config key: {exc}") from exc
+        self._config = cfg  # a re-pin opens the session with the newest config
+        return self._runner.control(self, "reconfigure", cfg)
+
+    def close(self) -> None:
+        self._runner.close_session(self)
+
+
+class WorkerCollector:
+    """Prometheus collector reading the supervisor's heartbeat snapshot (no Redis I/O on scrape)."""
+
+    def __init__(self, gateway: RedisGatewayRunner) -> None:
+        self.gw = gateway
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        up = GaugeMetricFamily("ditstream_worker_up", "1 per worker with a fresh heartbeat.", labels=["worker"])
+        sessions = GaugeMetricFamily("ditstream_worker_sessions", "Streams pinned to each worker.", labels=["worker"])
+        inflight = GaugeMetricFamily("ditstream_worker_jobs_inflight", "REST jobs each worker holds.",
+                                     labels=["worker"])
+        jobs = CounterMetricFamily("ditstream_worker_jobs", "REST jobs per worker by outcome.",
+                                   labels=["worker", "outcome"])
+        frames = CounterMetricFamily("ditstream_worker_frames", "Stream frames per worker.",
+                                     labels=["worker", "direction"])
+        infer = CounterMetricFamily("ditstream_worker_inference_seconds", "Model time of REST jobs per worker.",
+                                    labels=["worker"])
+        for wid, hb in sorted(self.gw.workers.items()):
+            up.add_metric([wid], 1)
+            sessions.add_metric([wid], hb.sessions)
+            inflight.add_metric([wid], hb.jobs_inflight)
+            c = hb.counters
+            for outcome in ("done", "failed", "expired", "duplicate", "claimed", "dead_lettered", "retried"):
+                jobs.add_metric([wid, outcome], c.get(f"jobs_{outcome}", 0))
+            frames.add_metric([wid, "in"], c.get("frames_in", 0))
+            frames.add_metric([wid, "out"], c.get("frames_out", 0))
+            infer.add_metric([wid], c.get("inference_s", 0.0))
+        gw = CounterMetricFamily("ditstream_gateway_events", "Gateway events (jobs re-sent, sessions re-pinned, ...).",
+                                 labels=["event"])
+        for k, v in sorted(self.gw.counters.items()):
+            gw.add_metric([k], v)
+        yield from (up, sessions, inflight, jobs, frames, infer, gw)
