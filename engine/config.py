@@ -6,6 +6,7 @@ validated once (``validate``) so that the hot loop can trust it.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -223,6 +224,11 @@ class StreamConfig:
         d = asdict(self)
         d["size"] = f"{self.width}x{self.height}"
         return d
+
+    def fields(self) -> dict[str, Any]:
+        """Every field by name, values as they are (``replace(**cfg.fields())`` rebuilds ``cfg``): what a
+        reconfigure passes so that it never depends on which earlier change the engine has applied."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import threading
@@ -392,7 +391,7 @@ class StreamSession:
             return
         # Pass every field, not only the changes: the engine's copy may not have applied the previous
         # message yet, and a diff against it would undo that message.
-        future = asyncio.wrap_future(self.handle.reconfigure(**_fields(wanted)))
+        future = asyncio.wrap_future(self.handle.reconfigure(**wanted.fields()))
         if reshapes:
             # Frames of the new size/mode must not reach the engine before it switched: wait (rare).
             self._applied(await future)
@@ -525,10 +524,6 @@ class StreamSession:
 def _close_if_added(future: asyncio.Future) -> None:
     if not future.cancelled() and future.exception() is None:
         future.result().close()
-
-
-def _fields(cfg: StreamConfig) -> dict[str, Any]:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
 def _ms(seconds: float) -> float:

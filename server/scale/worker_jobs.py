@@ -1,0 +1,188 @@
+"""REST jobs on a worker: taking them from the jobs stream, answering each exactly once, the
+dead-letter stream; a mixin of ``Worker`` (see ``worker.py`` for the threads)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from typing import Any
+
+from ditstream.engine.errors import DitstreamError, GenerationError, ValidationError
+from ditstream.engine.types import StreamOutput
+from ditstream.server.scale.config import (
+    Backoff,
+    ensure_group,
+    fields_get,
+    is_nogroup,
+    sid_str,
+)
+from ditstream.server.scale.messages import (
+    ErrorInfo,
+    JobMessage,
+    JobResult,
+    WireError,
+    config_from_wire,
+    decode_image,
+    encode_image,
+)
+from ditstream.server.scale.worker_state import RETRYABLE, WorkerJob
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerJobs:
+    """The jobs and answers loops of ``Worker`` (which holds their state)."""
+
+    def _jobs_loop(self) -> None:
+        import redis
+
+        backoff = Backoff(f"worker {self.id} jobs", self._stop)
+        need_group = True
+        while not self._stop.is_set():
+            try:
+                if need_group:
+                    ensure_group(self.r, self.keys)
+                    need_group = False
+                # Warming: claim nothing (another worker, or this one once warm, takes the job).
+                busy = self._leaving.is_set() or not self.warm
+                with self._jobs_lock:
+                    room = 0 if busy else self.cfg.max_jobs - len(self._jobs)
+                if room <= 0:
+                    self._room.wait(0.2)
+                    self._room.clear()
+                    continue
+                resp = self.r.xreadgroup(self.keys.group, self.id, {self.keys.jobs: ">"}, count=room, block=500)
+                backoff.ok()
+                for _stream, entries in resp or ():
+                    for entry_id, fields in entries:
+                        self._take_job(sid_str(entry_id), fields, 1)
+            except redis.ResponseError as exc:
+                if is_nogroup(exc):
+                    need_group = True
+                    logger.warning("worker %s: the consumer group is gone (Redis restarted?); recreating", self.id)
+                    continue
+                raise
+            except self._conn_errors() as exc:
+                need_group = True
+                backoff.failed(exc)
+
+    def _take_job(self, eid: str, fields: dict[Any, Any], deliveries: int) -> None:
+        """Check one delivered job and hand it to the engine (or answer/drop it right away)."""
+        raw = fields_get(fields, "m")
+        try:
+            msg = JobMessage.load(raw or b"")
+        except Exception as exc:
+            logger.error("worker %s: unreadable job entry %s: %s", self.id, eid, exc)
+            self._dead_letter(eid, fields, f"unreadable: {exc}", None)
+            return
+        attempts = msg.attempt + deliveries - 1
+        if time.time() > msg.deadline:
+            self.counters["jobs_expired"] += 1
+            logger.info("worker %s: job %s expired before it ran; dropped", self.id, msg.job)
+            self._ack(eid)
+            return
+        if self.r.exists(self.keys.done(msg.job)):
+            self.counters["jobs_duplicate"] += 1
+            self._ack(eid)
+            return
+        if attempts > self.cfg.max_attempts:
+            self._dead_letter(eid, fields, f"delivered {attempts} times (limit {self.cfg.max_attempts})", msg)
+            return
+        try:
+            image = decode_image(msg.image, fields_get(fields, "img") or b"",
+                                 max_pixels=self.max_pixels) if msg.image else None
+            future = self.runner.submit_job(config_from_wire(msg.config), image)
+        except (DitstreamError, WireError, TypeError, ValueError) as exc:
+            err = exc if isinstance(exc, DitstreamError) else ValidationError(f"bad job: {exc}")
+            self.counters["jobs_failed"] += 1
+            self._reply(eid, msg, None, err)
+            return
+        with self._jobs_lock:
+            self._jobs[eid] = WorkerJob(eid, msg, future, time.perf_counter(), attempts)
+        future.add_done_callback(lambda _f: self._finished.put(eid))
+
+    def _answers_loop(self) -> None:
+        backoff = Backoff(f"worker {self.id} answers", self._stop)
+        retry: list[str] = []
+        while not self._stop.is_set():
+            if retry:
+                eid = retry.pop(0)
+            else:
+                try:
+                    eid = self._finished.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+            with self._jobs_lock:
+                job = self._jobs.get(eid)
+            if job is None:
+                continue
+            try:
+                self._finish(job)
+                backoff.ok()
+            except self._conn_errors() as exc:
+                if time.time() < job.msg.deadline:
+                    retry.append(eid)  # answer once Redis is back
+                    backoff.failed(exc)
+                    continue
+            with self._jobs_lock:
+                self._jobs.pop(eid, None)
+            self._room.set()
+
+    def _finish(self, job: WorkerJob) -> None:
+        exc = job.future.exception()
+        if exc is None:
+            out: StreamOutput = job.future.result()
+            self.counters["jobs_done"] += 1
+            self.counters["inference_s"] += out.timings.get("inference", 0.0)
+            self._reply(job.entry, job.msg, out, None)
+        elif isinstance(exc, RETRYABLE) and job.attempts < self.cfg.max_attempts and time.time() < job.msg.deadline:
+            self.counters["jobs_retried"] += 1
+            logger.warning("worker %s: job %s failed (%s); queued again (attempt %d)", self.id, job.msg.job,
+                           exc, job.attempts + 1)
+            retry_msg = job.msg.model_copy(update={"attempt": job.attempts + 1})
+            fields = {"m": retry_msg.dump()}
+            img = self.r.xrange(self.keys.jobs, job.entry, job.entry)
+            if img:
+                fields["img"] = fields_get(img[0][1], "img") or b""
+            pipe = self.r.pipeline(transaction=True)
+            pipe.xadd(self.keys.jobs, fields)
+            pipe.xack(self.keys.jobs, self.keys.group, job.entry)
+            pipe.xdel(self.keys.jobs, job.entry)
+            pipe.execute()
+        else:
+            self.counters["jobs_failed"] += 1
+            if isinstance(exc, RETRYABLE):
+                self._dead_letter(job.entry, {"m": job.msg.dump()}, f"failed {job.attempts} times: {exc}", job.msg)
+            else:
+                self._reply(job.entry, job.msg, None, exc)
+
+    def _reply(self, eid: str, msg: JobMessage, out: StreamOutput | None, exc: BaseException | None) -> bool:
+        meta, data = (encode_image(out.image, "raw") if out is not None else (None, b""))
+        result = JobResult(job=msg.job, worker=self.id, image=meta, error=ErrorInfo.of(exc) if exc else None,
+                           skipped=bool(out.skipped) if out else False, timings=dict(out.timings) if out else {})
+        first = self._answer(keys=[self.keys.done(msg.job), msg.reply_to, self.keys.jobs],
+                             args=[self.id, self.cfg.done_ttl_s, eid, self.keys.group, self.cfg.replies_len,
+                                   result.dump(), data])
+        if not first:
+            self.counters["jobs_duplicate"] += 1
+            logger.info("worker %s: job %s was already answered; result discarded", self.id, msg.job)
+        return bool(first)
+
+    def _ack(self, eid: str) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xack(self.keys.jobs, self.keys.group, eid)
+        pipe.xdel(self.keys.jobs, eid)
+        pipe.execute()
+
+    def _dead_letter(self, eid: str, fields: dict[Any, Any], reason: str, msg: JobMessage | None) -> None:
+        """Park a job that keeps failing (with its reason) and tell the waiting gateway, once."""
+        self.counters["jobs_dead_lettered"] += 1
+        logger.error("worker %s: job entry %s to the dead-letter stream: %s", self.id, eid, reason)
+        entry = {"m": fields_get(fields, "m") or b"", "reason": reason, "worker": self.id, "entry": eid}
+        self.r.xadd(self.keys.dead_letter, entry, maxlen=self.cfg.dead_letter_len, approximate=True)
+        if msg is not None:
+            self._reply(eid, msg, None, GenerationError(f"job {msg.job} {reason}"))
+        else:
+            self._ack(eid)
+
