@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ditstream.clients.media import open_source
 from ditstream.clients.rest_client import APIError, generate
-from ditstream.clients.stream_client import open_source, run_stream
+from ditstream.clients.stream_client import run_stream
 from ditstream.engine.null import null_runner
 from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
@@ -40,7 +41,7 @@ def test_clients_speak_the_wire_protocol_only():
 
 
 def test_stream_client_pattern_to_folder(server, tmp_path):
-    from ditstream.clients.stream_client import FolderSink
+    from ditstream.clients.media import FolderSink
 
     sink = FolderSink(tmp_path / "out")
     stats = asyncio.run(run_stream(server.ws_url, open_source("pattern", 64, 48), config={"prompt": "x"},
@@ -65,7 +66,7 @@ def test_stream_client_video_file_to_video(server, tmp_path):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    from ditstream.clients.stream_client import VideoSink
+    from ditstream.clients.media import VideoSink
 
     out = tmp_path / "out.avi"
     sink = VideoSink(out, fps=10)

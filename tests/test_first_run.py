@@ -12,7 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
-from ditstream.clients.stream_client import PATTERN_BACKGROUND, pattern_frames, pattern_position
+from ditstream.clients.media import PATTERN_BACKGROUND, pattern_frames, pattern_position
 from ditstream.engine.config import ModelConfig, StreamConfig
 from ditstream.engine.demo import dataset as ds
 from ditstream.engine.demo.evaluator import read_image

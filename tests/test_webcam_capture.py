@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 import pytest
-from ditstream.clients import stream_client
-from ditstream.clients.stream_client import SourceError, capture_frames, open_source
+from ditstream.clients import media
+from ditstream.clients.media import SourceError, capture_frames, open_source
 from ditstream.engine.null import null_runner
 from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
@@ -59,7 +59,7 @@ def test_a_missing_camera_or_opencv_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)  # as if the webcam extra were not installed
     with pytest.raises(SourceError, match=r"ditstream\[webcam\]"):
         open_source("webcam", 64, 48)
-    assert "ditstream[webcam]" in stream_client.WEBCAM_EXTRA
+    assert "ditstream[webcam]" in media.WEBCAM_EXTRA
 
 
 def test_cli_streams_a_video_file_into_a_video_file(clip, server, tmp_path):

@@ -88,7 +88,8 @@ def stream(
     """Stream frames to /v1/stream; prints output fps and glass-to-glass latency every second."""
     import asyncio
 
-    from ditstream.clients.stream_client import SourceError, open_sink, open_source, run_stream
+    from ditstream.clients.media import SourceError, open_sink, open_source
+    from ditstream.clients.stream_client import run_stream
 
     url = stream_url(url)
     wh = size_arg(size)
