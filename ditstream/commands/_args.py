@@ -25,6 +25,18 @@ def size_arg(text: str | None, *, param_hint: str = "--size", square: bool = Fal
         raise typer.BadParameter(exc.message, param_hint=param_hint) from exc
 
 
+# -- engine options of serve and worker (settings: None = the env var or the default) -----------------
+Model = Annotated[str | None, typer.Option(
+    help="'demo' (default), a diffusers folder, a hub id, or 'null' (echo engine); env DITSTREAM_MODEL.")]
+BackendName = Annotated[str | None, typer.Option(
+    "--backend", help="torch | compile | onnx | tensorrt | auto; env DITSTREAM_BACKEND.")]
+Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N; env DITSTREAM_DEVICE.")]
+Dtype = Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16; env DITSTREAM_DTYPE.")]
+Threads = Annotated[int | None, typer.Option(
+    help="torch CPU threads (env DITSTREAM_THREADS; default 1, 0 = one per core). More threads are slower on "
+         "a shared CPU (docs/benchmarks.md).")]
+NullDelayMs = Annotated[float | None, typer.Option(help="Null engine only: simulated inference time per tick.")]
+
 # -- backend options: one definition, every command -------------------------------------------------
 Resolutions = Annotated[list[str] | None, typer.Option(
     "--resolution", "-r", metavar="WxH",

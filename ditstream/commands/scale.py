@@ -8,10 +8,16 @@ from __future__ import annotations
 import typer
 
 from ditstream.commands._args import (
+    BackendName,
     Batches,
     CacheDir,
+    Device,
+    Dtype,
+    Model,
+    NullDelayMs,
     OptLevel,
     Resolutions,
+    Threads,
     TinyVae,
     backend_overrides,
     settings_or_exit,
@@ -25,10 +31,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
 def worker(
     redis: str = typer.Option(None, "--redis", help="Redis URL, e.g. redis://redis:6379/0 (env DITSTREAM_REDIS_URL)."),
-    model: str = typer.Option(None, help="'demo' (default), a diffusers folder, a hub id, or 'null' (echo engine)."),
-    backend: str = typer.Option(None, help="torch | compile | onnx | tensorrt | auto."),
-    device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
-    dtype: str = typer.Option(None, help="auto | float32 | bfloat16 | float16."),
+    model: Model = None,
+    backend: BackendName = None,
+    device: Device = None,
+    dtype: Dtype = None,
     resolution: Resolutions = None,
     batch: Batches = None,
     cache_dir: CacheDir = None,
@@ -43,9 +49,8 @@ def worker(
     max_attempts: int = typer.Option(None, help="Deliveries before a job goes to the dead-letter stream."),
     prefix: str = typer.Option(None, help="Redis key prefix (several deployments can share one Redis)."),
     frame_codec: str = typer.Option(None, help="Stream frames on the wire: jpeg | raw | png."),
-    null_delay_ms: float = typer.Option(None, help="Null engine only: simulated inference time per tick."),
-    threads: int = typer.Option(None, help="torch CPU threads (env DITSTREAM_THREADS; default 1, 0 = one per "
-                                "core). More threads are slower on a shared CPU (docs/benchmarks.md)."),
+    null_delay_ms: NullDelayMs = None,
+    threads: Threads = None,
     health_port: int = typer.Option(None, "--health-port", help="Serve /health and /metrics on this port "
                                     "(0 = off; env DITSTREAM_WORKER_HEALTH_PORT)."),
 ) -> None:

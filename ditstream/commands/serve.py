@@ -9,10 +9,16 @@ from __future__ import annotations
 import typer
 
 from ditstream.commands._args import (
+    BackendName,
     Batches,
     CacheDir,
+    Device,
+    Dtype,
+    Model,
+    NullDelayMs,
     OptLevel,
     Resolutions,
+    Threads,
     TinyVae,
     backend_overrides,
     settings_or_exit,
@@ -28,10 +34,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 def serve(
     host: str = typer.Option(None, help="Interface to listen on (env DITSTREAM_HOST, default 127.0.0.1)."),
     port: int = typer.Option(None, help="Port (env DITSTREAM_PORT, default 8000)."),
-    model: str = typer.Option(None, help="'demo' (default), a diffusers folder, a hub id, or 'null' (echo engine)."),
-    backend: str = typer.Option(None, help="torch | compile | onnx | tensorrt | auto."),
-    device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
-    dtype: str = typer.Option(None, help="auto | float32 | bfloat16 | float16."),
+    model: Model = None,
+    backend: BackendName = None,
+    device: Device = None,
+    dtype: Dtype = None,
     resolution: Resolutions = None,
     batch: Batches = None,
     cache_dir: CacheDir = None,
@@ -50,11 +56,10 @@ def serve(
     max_fps: float = typer.Option(None, help="Highest txt2img push rate."),
     width: int = typer.Option(None, "--width", help="Default stream width (overrides the model's own size; env DITSTREAM_DEFAULT_WIDTH)."),
     height: int = typer.Option(None, "--height", help="Default stream height (overrides the model's own size; env DITSTREAM_DEFAULT_HEIGHT)."),
-    null_delay_ms: float = typer.Option(None, help="Null engine only: simulated inference time per tick."),
+    null_delay_ms: NullDelayMs = None,
     redis: str = typer.Option(None, "--redis", help="Gateway mode: take engines from `ditstream worker` "
                               "processes through this Redis (env DITSTREAM_REDIS_URL); --model is then unused."),
-    threads: int = typer.Option(None, help="torch CPU threads (env DITSTREAM_THREADS; default 1, 0 = one per "
-                                "core). More threads are slower on a shared CPU (docs/benchmarks.md)."),
+    threads: Threads = None,
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Run the all-in-one server: REST + WebSocket + the engine in one process."""
