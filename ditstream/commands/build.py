@@ -49,7 +49,8 @@ def build_engine(
         for entry in cache.entries():
             spec = entry.get("spec", {})
             typer.echo(f"{entry['path']}\n    {spec.get('kind')} {spec.get('component')} {spec.get('dtype')} "
-                       f"TRT {spec.get('trt_version') or '-'} sm {spec.get('compute_capability') or '-'} "
+                       f"TRT {spec.get('trt_version') or '-'}{('-' + spec['trt_flavour']) if spec.get('trt_flavour') else ''} "
+                       f"sm {spec.get('compute_capability') or '-'} {spec.get('gpu') or ''} "
                        f"profile {json.dumps(spec.get('profile'))}")
         return
     from ditstream.engine.config import ModelConfig
@@ -62,9 +63,10 @@ def build_engine(
         raise typer.BadParameter(f"unknown component(s) {unknown}; choose from {list(COMPONENTS)}")
     if not onnx_only:
         from ditstream.trt_build.build import compute_capability, trt_version
+        from ditstream.trt_build.specs import trt_install_hint
 
         if not trt_version():
-            typer.echo("error: TensorRT is not installed (pip install tensorrt); use --onnx-only to export only",
+            typer.echo(f"error: TensorRT is not installed ({trt_install_hint()}); use --onnx-only to export only",
                        err=True)
             raise typer.Exit(2)
         if not compute_capability():
