@@ -42,7 +42,7 @@ TRT_PACKAGES = {"12": "tensorrt-cu12>=10.7,<11", "13": "tensorrt-cu13>=10.13,<11
 def trt_install_hint() -> str:
     """The exact ``pip install`` that gives TensorRT matching this torch's CUDA major."""
     cuda = (torch.version.cuda or "12").split(".")[0]
-    return f"pip install '{TRT_PACKAGES.get(cuda, TRT_PACKAGES['12'])}' (or: pip install 'ditstream[tensorrt]')"
+    return f"pip install '{TRT_PACKAGES.get(cuda, TRT_PACKAGES['12'])}'"
 
 
 def trt_version() -> str:
