@@ -38,7 +38,8 @@ class BackendOptions:
     ``seq_len`` defaults to the model's ``max_sequence_length``; ``opt_level`` to TensorRT's level 3.
     ``cache_dir`` is the engine cache folder (default ``~/.cache/ditstream/engines``). ``tiny_vae`` is a
     TAESANA file or a folder holding ``taesana_encoder.*`` and/or ``taesana_decoder.*``.
-    ``build_deadline`` (``time.monotonic()``) cancels TensorRT builds still running after it.
+    ``build_deadline`` (``time.monotonic()``) cancels TensorRT builds still running after it and stops
+    a torch.compile warm-up before its next shape.
     """
 
     resolutions: tuple[tuple[int, int], ...] = ()

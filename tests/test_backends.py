@@ -119,14 +119,117 @@ def test_gpu_bench_machinery_on_the_tiny_model(tmp_path):
     result = run_gpu_bench(arch="tiny", device="cpu", dtype="fp32", resolutions=(32,), batches=(1, 2),
                            backends=("torch", "onnx", "tensorrt"), min_time=0.0, cache_dir=str(tmp_path))
     by = {(r.backend, r.batch): r for r in result.rows}
-    assert {b for b, _ in by} == {"diffusers", "torch", "onnx", "tensorrt"}
-    for name in ("diffusers", "torch", "onnx"):
-        assert by[(name, 2)].status == "ok" and by[(name, 2)].fps > 0
+    assert {b for b, _ in by} == {"diffusers", "torch", "onnx", "tensorrt", "diffusers-end"}
+    for name in ("diffusers", "torch", "onnx", "diffusers-end"):
+        row = by[(name, 2)]
+        assert row.status == "ok" and row.fps > 0 and row.calls >= 10
+        assert row.seconds_per_call <= row.p90_s
+    assert by[("torch", 2)].max_abs_err == 0.0  # torch against itself
+    assert by[("onnx", 2)].max_abs_err < 1e-3
     assert by[("onnx", 1)].speedup_vs_diffusers > 0
     assert by[("tensorrt", 1)].status == "unavailable" and "tensorrt" in by[("tensorrt", 1)].note
     assert result.tflop_per_frame[32] > 0
+    assert result.info["versions"]["torch"] == torch.__version__ and result.info["complete"]
     assert "diffusers" in format_table(result)
     assert json.loads(to_json(result))["rows"][0]["backend"] == "diffusers"
+
+
+def test_gpu_bench_default_grid_is_the_tensorrt_profile():
+    from ditstream.trt_build.cache import BuildProfile
+
+    from ditstream.bench.gpu import DEFAULT_GRID, _profile_of, bench_grid
+
+    assert bench_grid() == [(512, 1), (512, 4), (1024, 1)] == list(DEFAULT_GRID)
+    sizes, batches = _profile_of(bench_grid())
+    profile = BuildProfile.from_request([(s, s) for s in sizes], batches)
+    assert profile.batch == (1, 1, 4) and profile.height == profile.width == (512, 512, 1024)
+    assert bench_grid([256], [1, 2]) == [(256, 1), (256, 2)]
+
+
+class _FakeBackend:
+    """Stands in for an accelerated backend: torch underneath, a warm-up that can hang."""
+
+    def __init__(self, components, hang=None):
+        from ditstream.engine.backends.torch_backend import TorchBackend
+
+        self._inner = TorchBackend(components)
+        self.dtype = components.dtype
+        self.hang = hang
+
+    def warmup(self, shapes):
+        if self.hang is not None:
+            assert self.hang.wait(30), "the watchdog never fired"
+
+    def denoise(self, *args):
+        return self._inner.denoise(*args)
+
+    def encode(self, images):
+        return self._inner.encode(images)
+
+    def decode(self, latents):
+        return self._inner.decode(latents) + 0.5  # a wrong output: the check must see it
+
+
+def test_gpu_bench_writes_json_after_every_row(tmp_path):
+    import json
+
+    from ditstream.bench.gpu import run_gpu_bench
+
+    out = tmp_path / "bench.json"
+    seen: list[int] = []
+
+    def progress(msg):  # after each row's message, the file already holds that row
+        if out.exists():
+            seen.append(len(json.loads(out.read_text())["rows"]))
+
+    result = run_gpu_bench(arch="tiny", device="cpu", dtype="fp32", grid=[(32, 1), (64, 2)], backends=("fake",),
+                           min_time=0.0, json_out=out, progress=progress,
+                           backend_factory=lambda name, comps, *a, **k: _FakeBackend(comps))
+    assert seen == sorted(seen) and seen[-1] == len(result.rows) == 6  # diffusers, fake, diffusers-end
+    final = json.loads(out.read_text())
+    assert final["info"]["complete"] and len(final["rows"]) == 6
+    fake = [r for r in final["rows"] if r["backend"] == "fake"]
+    assert all(r["max_abs_err"] >= 0.49 and "differs from torch" in r["note"] for r in fake)
+
+
+def test_gpu_bench_watchdog_keeps_the_rows_and_ends_a_hung_run(tmp_path):
+    import json
+    import threading
+
+    from ditstream.bench.gpu import run_gpu_bench
+
+    out = tmp_path / "bench.json"
+    release = threading.Event()
+    at_fire: dict = {}
+
+    def on_watchdog():  # instead of os._exit: record what the file held, then unblock the hung warm-up
+        at_fire.update(json.loads(out.read_text()))
+        release.set()
+
+    result = run_gpu_bench(arch="tiny", device="cpu", dtype="fp32", grid=[(32, 1)], backends=("fake",),
+                           min_time=0.0, json_out=out, watchdog_s=2.0, on_watchdog=on_watchdog,
+                           backend_factory=lambda name, comps, *a, **k: _FakeBackend(comps, hang=release))
+    assert release.is_set()
+    assert "watchdog" in at_fire["info"] and not at_fire["info"]["complete"]
+    assert [r["backend"] for r in at_fire["rows"]] == ["diffusers"]  # the baseline survived the hang
+    assert not result.info["complete"]
+
+
+def test_watchdog_calls_back_only_after_its_deadline():
+    import time
+
+    from ditstream.bench.gpu import Watchdog
+
+    notes: list[str] = []
+    fired: list[bool] = []
+    dog = Watchdog(time.monotonic() + 60, notes.append, lambda: fired.append(True), poll_s=0.01).start()
+    time.sleep(0.1)
+    dog.stop()
+    assert not fired and not notes
+    dog = Watchdog(time.monotonic(), notes.append, lambda: fired.append(True), poll_s=0.01).start()
+    time.sleep(0.2)
+    dog.stop()
+    assert fired == [True] and "watchdog" in notes[0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -29,6 +29,9 @@ BASE = BuildSpec(weights_hash="abc", component="transformer", dtype="fp16",
     {"flags": (("strongly_typed", True), ("opt_level", 5))},
     {"trt_version": "10.10.0"},
     {"compute_capability": "9.0"},
+    {"gpu": "NVIDIA H200"},
+    {"trt_flavour": "cu13"},
+    {"extra": (("diffusers", "0.43.0"),)},
     {"kind": "onnx"},
 ], ids=lambda c: next(iter(c)))
 def test_every_field_changes_the_key(change):
@@ -235,3 +238,155 @@ def test_get_or_build_engine_flow_without_tensorrt(tiny_components, tmp_path, mo
 
     build.get_or_build_engine(Bf16, "vae_decoder", profile, cache=cache)
     assert calls[-1][0].endswith("model.trt.onnx")
+
+
+def test_keys_carry_exporter_versions_gpu_and_flavour(tiny_components, monkeypatch):
+    import ditstream.trt_build.specs as specs
+
+    profile = BuildProfile.from_request([(32, 32)], [1], seq_len=8)
+    onnx_spec = specs.artifact_spec(tiny_components, "vae_decoder", "onnx")
+    engine = specs.artifact_spec(tiny_components, "vae_decoder", "tensorrt", profile)
+    for spec in (onnx_spec, engine):
+        assert {k for k, _ in spec.extra} == {"torch", "onnx", "diffusers", "export_revision"}
+    monkeypatch.setattr(specs, "EXPORT_REVISION", specs.EXPORT_REVISION + 1)
+    assert specs.artifact_spec(tiny_components, "vae_decoder", "onnx").key() != onnx_spec.key()
+    monkeypatch.setattr(specs, "gpu_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(specs, "trt_flavour", lambda: "cu12")
+    other = specs.artifact_spec(tiny_components, "vae_decoder", "tensorrt", profile)
+    assert (other.gpu, other.trt_flavour) == ("NVIDIA H200", "cu12") and other.key() != engine.key()
+    assert "tensorrt-cu" in specs.trt_install_hint()
+
+
+def test_lock_excludes_threads_and_get_or_create_builds_once(tmp_path):
+    import threading
+    import time
+
+    cache = EngineCache(tmp_path)
+    calls: list[int] = []
+
+    def writer(tmp):
+        calls.append(1)
+        time.sleep(0.2)  # long enough that the other thread asks while this one builds
+        tmp.write_bytes(b"engine")
+
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get_or_create(BASE, writer)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert sorted(created for _, created in results) == [False, False, True]
+    assert len({path for path, _ in results}) == 1 and cache.lookup(BASE) is not None
+
+
+_WORKER = r"""
+import json, sys, time
+from pathlib import Path
+import ditstream.trt_build.export as export
+from ditstream.engine.config import ModelConfig
+from ditstream.engine.loader import load_components
+from ditstream.trt_build.cache import EngineCache
+
+model, cache_dir, go, log = sys.argv[1:5]
+components = load_components(ModelConfig(model=model, device="cpu", dtype="fp32"))
+real = export.export_component
+
+def counted(*args, **kwargs):
+    with open(log, "a") as fh:
+        fh.write("export\n")
+    time.sleep(1.0)  # widen the race window
+    return real(*args, **kwargs)
+
+export.export_component = counted
+while not Path(go).exists():  # start both exports at the same moment
+    time.sleep(0.01)
+print(json.dumps(str(export.get_or_export(components, "vae_decoder", cache=EngineCache(cache_dir)))))
+"""
+
+
+def test_two_processes_exporting_into_one_cache_leave_one_valid_entry(tiny_model_dir, tmp_path):
+    """Two workers on one cache volume: one exports (under the lock), the other waits and hits."""
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("onnx", reason="the ONNX export needs onnx (the 'onnx' extra)")
+    cache_dir, go, log = tmp_path / "cache", tmp_path / "go", tmp_path / "exports.log"
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(tiny_model_dir), str(cache_dir), str(go), str(log)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    time.sleep(0.5)
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    paths = {json.loads(out.strip().splitlines()[-1]) for out, _ in outs}
+    assert len(paths) == 1
+    assert log.read_text().count("export") == 1
+    entries = EngineCache(cache_dir).entries()
+    assert len(entries) == 1 and entries[0]["spec"]["kind"] == "onnx"
+    visible = sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith("."))
+    assert len(visible) == 2  # the export folder and its sidecar
+    assert sorted(p.name for p in cache_dir.iterdir() if p.name.startswith(".")) == [".locks"]  # no temporaries
+    import onnx
+
+    onnx.checker.check_model(str(next(iter(paths))))
+
+
+class _FakeTimingCache:
+    def __init__(self, tactics, tag="trt10-h200"):
+        self.tactics, self.tag = set(tactics), tag
+
+    def combine(self, other, ignore_mismatch):
+        if other.tag != self.tag:
+            return False
+        self.tactics |= other.tactics
+        return True
+
+    def serialize(self):
+        return json.dumps([self.tag, sorted(self.tactics)]).encode()
+
+
+class _FakeConfig:
+    """The two calls of TensorRT's IBuilderConfig the timing-cache code makes."""
+
+    def __init__(self, tag="trt10-h200"):
+        self.tag, self.set_with = tag, None
+
+    def create_timing_cache(self, blob):
+        if not blob:
+            return _FakeTimingCache((), self.tag)
+        tag, tactics = json.loads(blob)
+        return _FakeTimingCache(tactics, tag)
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        if cache.tag != self.tag:
+            return False
+        self.set_with = cache
+        return True
+
+
+def test_timing_cache_is_merged_never_clobbered(tmp_path):
+    from contextlib import nullcontext
+
+    from ditstream.trt_build.build import load_timing_cache, save_timing_cache
+
+    path = tmp_path / "timing.cache"
+    path.write_bytes(_FakeTimingCache({"a"}).serialize())
+    config = _FakeConfig()
+    ours = load_timing_cache(None, config, path)
+    assert config.set_with is ours and ours.tactics == {"a"}
+    ours.tactics.add("b")
+    path.write_bytes(_FakeTimingCache({"a", "c"}).serialize())  # another worker saved meanwhile
+    assert save_timing_cache(None, config, ours, path, nullcontext())
+    assert set(json.loads(path.read_bytes())[1]) == {"a", "b", "c"}
+
+    # A cache from another TensorRT/GPU: the build starts empty, and the file is left alone.
+    other = _FakeConfig(tag="trt10-h100")
+    fresh = load_timing_cache(None, other, path)
+    assert fresh.tactics == set() and other.set_with is fresh
+    fresh.tactics.add("z")
+    before = path.read_bytes()
+    assert not save_timing_cache(None, other, fresh, path, nullcontext())
+    assert path.read_bytes() == before

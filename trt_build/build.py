@@ -13,19 +13,22 @@ tested) without it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from ditstream.trt_build.cache import BuildProfile, BuildSpec, EngineCache
+from ditstream.trt_build.cache import BuildProfile, BuildSpec, EngineCache, unique_name, write_atomic
 from ditstream.trt_build.export import MODEL_FILE, get_or_export
 from ditstream.trt_build.specs import (
     COMPONENTS,
     DEFAULT_OPT_LEVEL,
+    TRT_MAJOR,
     artifact_spec,
     compute_capability,
+    trt_install_hint,
     trt_version,
 )
 
@@ -67,7 +70,7 @@ def input_profiles(components: Any, component: str, profile: BuildProfile) -> di
 
 
 def engine_spec(components: Any, component: str, profile: BuildProfile, *, opt_level: int = DEFAULT_OPT_LEVEL,
-                weights: str | None = None, device: int = 0) -> BuildSpec:
+                weights: str | None = None, device: Any = None) -> BuildSpec:
     """The cache spec of a TensorRT engine (``specs.artifact_spec``): weights, dtype, profile, flags, TRT, GPU."""
     return artifact_spec(components, component, "tensorrt", profile, opt_level=opt_level, weights=weights,
                          device=device)
@@ -108,11 +111,13 @@ def cast_resize_to_fp32(model: Any) -> int:
     return count
 
 
-def prepare_onnx_for_trt(onnx_path: Path, dtype: str) -> Path:
+def prepare_onnx_for_trt(onnx_path: Path, dtype: str, cache: EngineCache | None = None) -> Path:
     """Check the fp32 islands of a reduced-precision graph and patch bf16 Resizes; returns the path.
 
     Raises ``RuntimeError`` if an RMSNorm x² or a linear-attention division is not fp32 — building
-    such a graph would produce NaN/inf images, so we refuse instead.
+    such a graph would produce NaN/inf images, so we refuse instead. The patched graph is written
+    beside the export (``model.trt.onnx``) under ``cache``'s lock for that export, through a unique
+    temporary; once there it is reused (the export folder never changes under its key).
     """
     import onnx
     from ditstream.trt_build.export import reduced_precision_islands
@@ -125,31 +130,86 @@ def prepare_onnx_for_trt(onnx_path: Path, dtype: str) -> Path:
         raise RuntimeError(f"{dtype} graph {onnx_path} has reduced-precision ops that must be fp32: "
                            f"{islands['other'][:5]}")
     if dtype == "bf16":
-        model = onnx.load(str(onnx_path))
-        if cast_resize_to_fp32(model):
-            patched = onnx_path.with_name("model.trt.onnx")
-            tmp = patched.with_name(patched.name + ".tmp")
-            big = model.ByteSize() > 2**31 - 1
-            onnx.save(model, str(tmp), save_as_external_data=big, location=patched.name + ".data")
-            os.replace(tmp, patched)
-            return patched
+        patched = onnx_path.with_name("model.trt.onnx")
+        lock = cache.lock(onnx_path.parent.name) if cache is not None else contextlib.nullcontext()
+        with lock:
+            if patched.is_file():
+                return patched
+            model = onnx.load(str(onnx_path))
+            if cast_resize_to_fp32(model):
+                tmp = unique_name(patched)
+                big = model.ByteSize() > 2**31 - 1
+                # External data is written first, under the lock; the model file lands last.
+                onnx.save(model, str(tmp), save_as_external_data=big, location=patched.name + ".data")
+                os.replace(tmp, patched)
+                return patched
     return onnx_path
 
 
 def _timing_cache_path(cache: EngineCache, spec: BuildSpec) -> Path:
-    return cache.root / f"timing-trt{spec.trt_version}-sm{spec.compute_capability}.cache"
+    gpu = "".join(c if c.isalnum() else "-" for c in spec.gpu).strip("-").lower() or "gpu"
+    flavour = f"-{spec.trt_flavour}" if spec.trt_flavour else ""
+    return cache.root / f"timing-trt{spec.trt_version}{flavour}-sm{spec.compute_capability}-{gpu}.cache"
+
+
+def load_timing_cache(trt: Any, config: Any, path: Path | None) -> Any:
+    """A timing cache object for ``config``: ``path``'s tactics when TensorRT accepts them, else empty.
+
+    ``set_timing_cache`` returns False for a cache from another TensorRT or GPU; then the build
+    starts from an empty cache (logged) and ``save_timing_cache`` will not overwrite the file.
+    """
+    blob = path.read_bytes() if path is not None and path.is_file() else b""
+    cache_obj = config.create_timing_cache(blob)
+    if cache_obj is not None and config.set_timing_cache(cache_obj, ignore_mismatch=False):
+        return cache_obj
+    logger.warning("timing cache %s does not match this TensorRT/GPU; building without it", path)
+    cache_obj = config.create_timing_cache(b"")
+    if not config.set_timing_cache(cache_obj, ignore_mismatch=False):
+        logger.warning("TensorRT refused an empty timing cache; building without one")
+        return None
+    return cache_obj
+
+
+def save_timing_cache(trt: Any, config: Any, cache_obj: Any, path: Path, lock: Any) -> bool:
+    """Merge ``cache_obj`` into the timing cache at ``path`` (under ``lock``): never clobber it.
+
+    Another worker may have saved tactics meanwhile: the file is read again under the lock, ours is
+    combined into it, and the union is written through a unique temporary. A file TensorRT cannot
+    combine with (another version or GPU) is left as it is. Returns whether anything was written.
+    """
+    with lock:
+        merged = cache_obj
+        if path.is_file():
+            current = config.create_timing_cache(path.read_bytes())
+            if current is None or not current.combine(cache_obj, False):
+                logger.warning("timing cache %s does not combine with this build's; left unchanged", path)
+                return False
+            merged = current
+        write_atomic(path, bytes(memoryview(merged.serialize())))
+    return True
+
+
+def check_trt_major(trt: Any) -> None:
+    """Refuse a TensorRT this code was not written for, naming the package to install instead."""
+    major = int(str(trt.__version__).split(".")[0])
+    if major != TRT_MAJOR:
+        raise RuntimeError(f"TensorRT {trt.__version__} is installed; ditstream supports TensorRT {TRT_MAJOR} "
+                           f"(strongly typed builds): {trt_install_hint()}")
 
 
 def build_engine_bytes(onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...], ...]], *,
                        opt_level: int = DEFAULT_OPT_LEVEL, timing_cache: Path | None = None,
                        workspace_gb: float | None = None, progress: bool = True,
-                       deadline: float | None = None) -> bytes:
+                       deadline: float | None = None, cache: EngineCache | None = None) -> bytes:
     """Parse ``onnx_path`` into a strongly typed network and build a serialized engine.
 
     ``deadline`` (a ``time.monotonic()`` value) cancels the build through the progress monitor once
-    passed; the build then raises and nothing is cached.
+    passed; the build then raises and no engine is cached. The tactics timed so far are merged into
+    ``timing_cache`` whether the build finished, failed or was cancelled (under ``cache``'s lock).
     """
     import tensorrt as trt
+
+    check_trt_major(trt)
 
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
@@ -166,24 +226,24 @@ def build_engine_bytes(onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...],
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
-    cache_obj = None
-    if timing_cache is not None:
-        blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        cache_obj = config.create_timing_cache(blob)
-        config.set_timing_cache(cache_obj, ignore_mismatch=False)
+    cache_obj = load_timing_cache(trt, config, timing_cache) if timing_cache is not None else None
     if (progress or deadline is not None) and hasattr(trt, "IProgressMonitor"):
         config.progress_monitor = _progress_monitor(trt, deadline)
     started = time.monotonic()
-    serialized = builder.build_serialized_network(network, config)
+    try:
+        serialized = builder.build_serialized_network(network, config)
+    finally:  # a cancelled build's tactics still make the next try faster
+        if cache_obj is not None and timing_cache is not None:
+            lock = cache.lock(timing_cache.name) if cache is not None else contextlib.nullcontext()
+            try:
+                save_timing_cache(trt, config, cache_obj, timing_cache, lock)
+            except Exception as exc:  # never lose the build over its timing cache
+                logger.warning("could not save the timing cache %s: %s", timing_cache, exc)
     if serialized is None:
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"TensorRT build of {onnx_path} cancelled: time budget spent")
         raise RuntimeError(f"TensorRT build of {onnx_path} failed (see the TensorRT log above)")
     logger.info("built %s in %.1f s", onnx_path, time.monotonic() - started)
-    if cache_obj is not None and timing_cache is not None:
-        tmp = timing_cache.with_name(f".{timing_cache.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(bytes(memoryview(cache_obj.serialize())))
-        os.replace(tmp, timing_cache)
     return bytes(memoryview(serialized))
 
 
@@ -219,13 +279,17 @@ def get_or_build_engine(components: Any, component: str, profile: BuildProfile, 
                         progress: bool = True, force: bool = False, deadline: float | None = None) -> Path:
     """The engine file for ``component`` at ``profile``: from the cache, or exported and built now.
 
-    The ONNX export is cached too, so a build interrupted after the export resumes at the build;
-    the timing cache makes a re-run of an interrupted build much faster.
+    Built on the components' CUDA device (``torch.cuda.device`` guard) and keyed on it. The ONNX
+    export is cached too, so a build interrupted after the export resumes at the build; the timing
+    cache makes a re-run of an interrupted build much faster. Workers sharing the cache folder build
+    one engine per key (``EngineCache.get_or_create``'s lock); the others wait and load it.
     """
+    import torch
+
     cache = cache if cache is not None else EngineCache()
     spec = artifact_spec(components, component, "tensorrt", profile, opt_level=opt_level)
     if not spec.trt_version:
-        raise RuntimeError("TensorRT is not installed (pip install tensorrt)")
+        raise RuntimeError(f"TensorRT is not installed: {trt_install_hint()}")
     if not spec.compute_capability:
         raise RuntimeError("building a TensorRT engine needs a CUDA GPU")
     if not force:
@@ -233,16 +297,31 @@ def get_or_build_engine(components: Any, component: str, profile: BuildProfile, 
         if hit is not None:
             logger.info("engine cache hit for %s: %s", component, hit.name)
             return hit
+    device = getattr(components, "device", None)
+    guard = (torch.cuda.device(device) if isinstance(device, torch.device) and device.type == "cuda"
+             else contextlib.nullcontext())
     shapes = input_profiles(components, component, profile)
     onnx_path = get_or_export(components, component, cache=cache, weights=spec.weights_hash)
-    onnx_path = prepare_onnx_for_trt(onnx_path, spec.dtype)
-    logger.info("building TensorRT engine for %s (%s, %s)", component, spec.dtype, profile.describe())
-    data = build_engine_bytes(onnx_path, shapes, opt_level=opt_level,
-                              timing_cache=_timing_cache_path(cache, spec), progress=progress,
-                              deadline=deadline)
-    return cache.store_bytes(spec, data, info={"onnx": str(onnx_path), "shapes": {
-        k: [list(s) for s in v] for k, v in shapes.items()}})
+    onnx_path = prepare_onnx_for_trt(onnx_path, spec.dtype, cache)
+    info = {"onnx": str(onnx_path), "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}}
+
+    def build(tmp: Path) -> None:
+        logger.info("building TensorRT engine for %s (%s, %s)", component, spec.dtype, profile.describe())
+        with guard:
+            data = build_engine_bytes(onnx_path, shapes, opt_level=opt_level,
+                                      timing_cache=_timing_cache_path(cache, spec), progress=progress,
+                                      deadline=deadline, cache=cache)
+        tmp.write_bytes(data)
+
+    if force:
+        with cache.lock(spec.key()):
+            return cache.store_with(spec, build, info=info)
+    path, created = cache.get_or_create(spec, build, info=info)
+    if not created:
+        logger.info("engine cache hit for %s: %s", component, path.name)
+    return path
 
 
-__all__ = ["DEFAULT_OPT_LEVEL", "MODEL_FILE", "build_engine_bytes", "cast_resize_to_fp32", "compute_capability", "engine_spec",
-           "get_or_build_engine", "input_profiles", "prepare_onnx_for_trt", "trt_version"]
+__all__ = ["DEFAULT_OPT_LEVEL", "MODEL_FILE", "build_engine_bytes", "cast_resize_to_fp32", "check_trt_major",
+           "compute_capability", "engine_spec", "get_or_build_engine", "input_profiles", "load_timing_cache",
+           "prepare_onnx_for_trt", "save_timing_cache", "trt_version"]

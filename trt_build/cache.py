@@ -7,6 +7,11 @@ min/opt/max profile, builder flags, TensorRT version, GPU compute capability —
 the artifact and a sidecar JSON whose spec equals the one asked for and whose recorded size and
 digest match the file. Artifacts are written to a temporary name and ``os.replace``-d; the sidecar is
 written last, so a crash at any point leaves nothing that passes ``lookup``.
+
+Several workers may share one cache volume: ``get_or_create`` takes an exclusive lock per key
+(``fcntl.flock`` on ``.locks/<key>.lock``), looks again once it holds it, and only then exports or
+builds, so two processes asking for the same entry at once build it once and the second loads it.
+Every temporary name is unique (``mkstemp``), never a fixed ``.tmp`` two writers would share.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +32,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 #: Bump when the layout of specs or artifacts changes; old entries then simply miss.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 SIDECAR_SUFFIX = ".json"
 
 
@@ -100,6 +107,8 @@ class BuildSpec:
     flags: tuple[tuple[str, Any], ...] = ()
     trt_version: str = ""
     compute_capability: str = ""
+    gpu: str = ""  # the device name: one SM version covers GPUs whose best tactics differ
+    trt_flavour: str = ""  # the TensorRT wheel's CUDA major ("cu12", "cu13")
     opset: int = 17
     format: int = CACHE_FORMAT
     extra: tuple[tuple[str, Any], ...] = field(default=())
@@ -224,11 +233,61 @@ class EngineCache:
             meta["size"] = path.stat().st_size
             meta["sha256"] = file_digest(path)
         side = self.sidecar(path)
-        side_tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
-        side_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        os.replace(side_tmp, side)
+        write_atomic(side, json.dumps(meta, indent=2, sort_keys=True).encode())
         logger.info("cached %s", path)
         return path
+
+    @contextlib.contextmanager
+    def lock(self, name: str, *, poll_s: float = 0.5) -> Iterator[None]:
+        """Hold the exclusive inter-process lock ``name`` (a key or a file name) of this cache folder.
+
+        ``fcntl.flock`` on ``<root>/.locks/<name>.lock``: released by the kernel if the holder dies, and
+        exclusive between threads too (each call opens its own file description). Waits as long as it
+        takes (an engine build can take many minutes), logging once that it waits.
+        """
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        path = locks / f"{name}.lock"
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: filelock (a dependency of torch) does the same
+            from filelock import FileLock
+
+            with FileLock(str(path)):
+                yield
+            return
+        with open(path, "a+b") as fh:
+            waited = False
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waited:
+                        logger.info("waiting for another process that holds the cache lock %s", path)
+                        waited = True
+                    time.sleep(poll_s)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def get_or_create(self, spec: BuildSpec, writer: Callable[[Path], Any], suffix: str = ".plan",
+                      info: dict[str, Any] | None = None) -> tuple[Path, bool]:
+        """``(path, created)``: the entry for ``spec``, made by ``writer`` (``store_with``) unless present.
+
+        Holds ``lock(spec.key())`` from the second lookup to the sidecar, so concurrent callers for
+        one key (threads or processes sharing the folder) create it once; the others then hit.
+        """
+        hit = self.lookup(spec, suffix)
+        if hit is not None:
+            return hit, False
+        with self.lock(spec.key()):
+            hit = self.lookup(spec, suffix)
+            if hit is not None:
+                logger.info("cache entry %s was made by another process meanwhile", hit.name)
+                return hit, False
+            return self.store_with(spec, writer, suffix, info), True
 
     def entries(self) -> list[dict[str, Any]]:
         """Sidecars of every complete entry (for ``build-engine --list``)."""
@@ -239,9 +298,28 @@ class EngineCache:
         return out
 
 
+def unique_name(path: Path, tag: str = "tmp") -> Path:
+    """A sibling of ``path`` no other process or thread will pick (pid + random), hidden by its dot."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a unique temporary beside ``path``, fsync it, then ``os.replace`` it."""
+    tmp = unique_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
 def _replace(src: Path, dst: Path) -> None:
     if dst.is_dir() and not dst.is_symlink():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        old = unique_name(dst, "old")
         os.replace(dst, old)
         os.replace(src, dst)
         _remove(old)

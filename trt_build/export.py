@@ -224,9 +224,11 @@ def _fix_transpose_perms(path: Path) -> None:
 
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move finished folder ``src`` to ``dst``; an old ``dst`` is moved aside first, then removed."""
+    from ditstream.trt_build.cache import unique_name
+
     old = None
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        old = unique_name(dst, "old")
         os.replace(dst, old)
     os.replace(src, dst)
     if old is not None:
@@ -261,6 +263,8 @@ def cleanup_onnx(path: str | Path) -> bool:
         logger.debug("onnx-graphsurgeon not installed; skipping graph clean-up")
         return False
     path = Path(path)
+    from ditstream.trt_build.cache import unique_name
+
     model = onnx.load(str(path))
     if model.ByteSize() > 2**31 - 1 or any(init.data_location == onnx.TensorProto.EXTERNAL
                                             for init in model.graph.initializer):
@@ -268,7 +272,7 @@ def cleanup_onnx(path: str | Path) -> bool:
         return False
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = unique_name(path)
     onnx.save(gs.export_onnx(graph), str(tmp))
     os.replace(tmp, path)
     return True
@@ -371,18 +375,17 @@ def get_or_export(components: Any, component: str, *, cache: Any = None, opset: 
 
     cache = cache if cache is not None else EngineCache()
     spec = artifact_spec(components, component, "onnx", opset=opset, weights=weights)
-    hit = cache.lookup(spec, suffix=".onnx")
-    if hit is not None:
-        logger.info("onnx cache hit for %s: %s", component, hit)
-        return hit / MODEL_FILE
     f = _vae_scale(components.vae)
     # Big enough that DC-AE takes its linear-attention branch at every stage (see make_export_spec).
     size_h = height or max(64, 8 * f)
     size_w = width or max(64, 8 * f)
-    path = cache.store_with(
+    # Under the cache's per-key lock: workers sharing a cache volume export once, the others hit.
+    path, created = cache.get_or_create(
         spec, lambda tmp: export_component(components, component, tmp, height=size_h, width=size_w, opset=opset),
         suffix=".onnx", info={"export_size": [size_h, size_w]},
     )
+    if not created:
+        logger.info("onnx cache hit for %s: %s", component, path)
     return path / MODEL_FILE
 
 

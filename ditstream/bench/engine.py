@@ -80,8 +80,9 @@ def _stream_run(gen: Generator, configs: list[StreamConfig], frames: list[np.nda
 
 def run_engine_bench(model: str = "demo", size: int = 64, frames: int = 12, streams: int = 8, steps: int = 4,
                      repeats: int = 5, threads: int | None = None, backend: str = "torch",
-                     options: BackendOptions | None = None) -> dict[str, Any]:
-    """Run the three measurements and return a JSON-able dict (``backend`` built with ``options``)."""
+                     options: BackendOptions | None = None, device: str = "auto") -> dict[str, Any]:
+    """Run the three measurements and return a JSON-able dict (``backend`` built with ``options`` on
+    ``device``: auto, cpu, cuda, cuda:N)."""
     options = options if options is not None else BackendOptions()
     if threads:
         torch.set_num_threads(threads)
@@ -89,9 +90,10 @@ def run_engine_bench(model: str = "demo", size: int = 64, frames: int = 12, stre
         tmp = tempfile.TemporaryDirectory()
         path = make_pipeline_folder(f"{tmp.name}/pipe", model, seed=0, complex_human_instruction=False,
                                     max_sequence_length=32)
-        gen = Generator.from_config(ModelConfig(model=str(path), backend=backend, backend_options=options))
+        gen = Generator.from_config(ModelConfig(model=str(path), backend=backend, device=device,
+                                                backend_options=options))
     else:
-        gen = Generator.from_config(ModelConfig(model=model, backend=backend, backend_options=options))
+        gen = Generator.from_config(ModelConfig(model=model, backend=backend, device=device, backend_options=options))
     clip = moving_clip(frames, size)
     base = StreamConfig(prompt="a red square on a gray background", mode="img2img", strength=0.8, seed=1,
                         width=size, height=size)

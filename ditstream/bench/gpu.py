@@ -8,8 +8,15 @@ diffusers' ``SanaSprintImg2ImgPipeline`` called the way a user would, on the sam
 run. Achieved TFLOP/s is printed beside each fps from a FLOP count of the same call
 (``torch.utils.flop_counter``), so the figures can be held against the GPU's peak.
 
-A time budget keeps the whole run inside ``budget_s`` (TensorRT engine builds and torch.compile
-count against it; backends that no longer fit are reported as skipped, never silently dropped).
+It always leaves figures: the JSON (``json_out``) is rewritten after every row; a time budget keeps
+the run inside ``budget_s`` (TensorRT builds are cancelled and torch.compile warm-ups stopped at
+their deadline; a backend that no longer fits is reported as skipped, never silently dropped); and a
+watchdog thread writes what was measured and ends the process if one call hangs past the budget.
+The default grid (512² batch 1 and 4, 1024² batch 1) is exactly the TensorRT profile built, so the
+engine build stays small. Each row is the median and p90 of ≥ 10 calls timed with CUDA events, each
+backend's output is checked against torch's with the grid's shapes interleaved (a CUDA graph replayed
+for the wrong shape shows up there), library versions and the GPU's name are recorded, and the
+diffusers baseline is measured again at the end (clock or thermal drift shows up as a difference).
 The ``tiny`` architecture exists so the bench machinery is tested on CPU.
 """
 
@@ -19,9 +26,13 @@ import functools
 import json
 import logging
 import math
+import os
+import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +63,10 @@ DC_AE_F32C32: dict[str, Any] = dict(
 TFLOP_512 = {"transformer": 0.32, "vae_encoder": 1.30, "vae_decoder": 2.09}
 
 DEFAULT_BACKENDS = ("torch", "tensorrt", "compile", "onnx")  # the headline first, in case the budget runs out
+#: (size, batch) measured by default: exactly the shapes the TensorRT profile is built for.
+DEFAULT_GRID: tuple[tuple[int, int], ...] = ((512, 1), (512, 4), (1024, 1))
+#: Timed calls per row (median and p90 need a handful).
+MIN_CALLS = 10
 SEQ_LEN = 300
 STRENGTH = 0.6
 
@@ -66,10 +81,14 @@ class BenchRow:
     resolution: int
     batch: int
     status: str = "ok"
-    seconds_per_call: float | None = None
-    fps: float | None = None
+    seconds_per_call: float | None = None  # the median
+    p90_s: float | None = None
+    mean_s: float | None = None
+    calls: int = 0
+    fps: float | None = None  # batch / median
     tflops: float | None = None
     speedup_vs_diffusers: float | None = None
+    max_abs_err: float | None = None  # vs the torch backend on the same inputs (images in [-1, 1])
     note: str = ""
 
 
@@ -137,18 +156,96 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], Any], device: torch.device, *, min_time: float = 1.0, min_iters: int = 3,
-              max_iters: int = 50) -> float:
-    """Mean seconds per call after two warm-up calls (at least ``min_iters`` or ``min_time`` seconds)."""
+def time_calls(fn: Callable[[], Any], device: torch.device, *, min_time: float = 1.0, min_iters: int = MIN_CALLS,
+               max_iters: int = 100) -> list[float]:
+    """Seconds of each call after two warm-up calls: at least ``min_iters`` calls and ``min_time`` s.
+
+    On CUDA each call is bracketed by CUDA events (GPU time of the call, no host sync inside the
+    loop's measurement); on CPU by ``perf_counter``.
+    """
     for _ in range(2):
         fn()
     _sync(device)
-    iters, start = 0, time.perf_counter()
-    while iters < max_iters and (iters < min_iters or time.perf_counter() - start < min_time):
-        fn()
-        iters += 1
-    _sync(device)
-    return (time.perf_counter() - start) / iters
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start < min_time):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, **kwargs: Any) -> float:
+    """Median seconds per call (``time_calls``)."""
+    return statistics.median(time_calls(fn, device, **kwargs))
+
+
+def p90(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of what the figures depend on (missing packages are left out)."""
+    from importlib import metadata
+
+    out = {"torch": torch.__version__, "cuda": str(torch.version.cuda or "")}
+    for dist in ("ditstream", "diffusers", "tensorrt", "tensorrt-cu12", "tensorrt-cu13", "onnx", "onnxruntime",
+                 "onnxruntime-gpu", "triton"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        out["driver"] = str(pynvml.nvmlSystemGetDriverVersion())
+    except Exception:  # nvidia-ml-py is optional
+        pass
+    return out
+
+
+class Watchdog:
+    """Ends a hung bench: after ``deadline`` (monotonic) it calls ``on_fire`` (default: ``os._exit(3)``).
+
+    A TensorRT build, a torch.compile or a CUDA call can hang in native code where no Python deadline
+    is checked; the bench's figures must survive that, so ``checkpoint`` is called first.
+    """
+
+    def __init__(self, deadline: float, checkpoint: Callable[[str], None],
+                 on_fire: Callable[[], None] | None = None, poll_s: float = 0.5) -> None:
+        self.deadline, self.checkpoint, self.poll_s = deadline, checkpoint, poll_s
+        self.on_fire = on_fire or (lambda: os._exit(3))
+        self.fired = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-watchdog", daemon=True)
+
+    def start(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            if time.monotonic() >= self.deadline:
+                self.fired = True
+                try:
+                    self.checkpoint("watchdog: the bench overran its budget and was stopped")
+                finally:
+                    self.on_fire()
+                return
 
 
 def count_tflop(backend: Any, components: Any, size: int) -> float:
@@ -189,12 +286,38 @@ def _diffusers_call(components: Any) -> Callable[[torch.Tensor, torch.Tensor, to
     return call
 
 
-def run_gpu_bench(*, resolutions: Sequence[int] = (512, 1024), batches: Sequence[int] = (1, 4, 8),
+def bench_grid(resolutions: Sequence[int] | None = None, batches: Sequence[int] | None = None
+               ) -> list[tuple[int, int]]:
+    """``(size, batch)`` pairs: every size × batch asked for, else ``DEFAULT_GRID``."""
+    if not resolutions and not batches:
+        return list(DEFAULT_GRID)
+    sizes = list(resolutions or sorted({s for s, _ in DEFAULT_GRID}))
+    return [(s, b) for s in sizes for b in (batches or (1,))]
+
+
+def _profile_of(grid: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """The sizes and batches of ``grid`` in first-seen order (the first of each is the profile's opt)."""
+    sizes = list(dict.fromkeys(s for s, _ in grid))
+    batches = list(dict.fromkeys(b for _, b in grid))
+    return sizes, batches
+
+
+def run_gpu_bench(*, resolutions: Sequence[int] | None = None, batches: Sequence[int] | None = None,
+                  grid: Sequence[tuple[int, int]] | None = None,
                   backends: Sequence[str] = DEFAULT_BACKENDS, arch: str = "sana-sprint-0.6b", dtype: str = "bf16",
                   budget_s: float = 480.0, device: str = "cuda", cache_dir: str | None = None,
-                  min_time: float = 1.0, trt_opt_level: int = 3,
-                  progress: Callable[[str], None] | None = None) -> BenchResult:
-    """Run the bench; see the module docstring. ``device="cpu"`` is only for the ``tiny`` self-test."""
+                  min_time: float = 1.0, min_calls: int = MIN_CALLS, trt_opt_level: int = 3,
+                  progress: Callable[[str], None] | None = None, json_out: str | Path | None = None,
+                  watchdog_s: float | None = None, on_watchdog: Callable[[], None] | None = None,
+                  backend_factory: Callable[..., Any] | None = None) -> BenchResult:
+    """Run the bench; see the module docstring. ``device="cpu"`` is only for the ``tiny`` self-test.
+
+    ``grid`` (or ``resolutions`` × ``batches``; default ``DEFAULT_GRID``) is what is measured and what
+    the TensorRT profile covers. ``json_out`` is rewritten after every row. ``watchdog_s`` (default
+    ``budget_s + 60``) after the start, the watchdog writes ``json_out`` and calls ``on_watchdog``
+    (default: end the process with status 3). ``backend_factory(name, components, sizes, batches,
+    cache_dir, deadline=..., opt_level=...)`` replaces ``create_backend`` (tests use a fake).
+    """
     say = progress or (lambda msg: logger.info("%s", msg))
     started = time.monotonic()
     dev = torch.device(device)
@@ -205,77 +328,172 @@ def run_gpu_bench(*, resolutions: Sequence[int] = (512, 1024), batches: Sequence
         raise BenchRefused("the GPU bench runs the real architecture only on CUDA")
     from ditstream.engine.loader import resolve_dtype
 
+    shapes = list(grid) if grid else bench_grid(resolutions, batches)
+    sizes, batch_sizes = _profile_of(shapes)
     torch_dtype = resolve_dtype(dtype, dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     result = BenchResult(device=name, arch=arch, dtype=dtype)
     result.info = {"torch": torch.__version__, "budget_s": budget_s, "strength": STRENGTH,
-                   "trt_opt_level": trt_opt_level}
+                   "trt_opt_level": trt_opt_level, "grid": [f"{s}x{b}" for s, b in shapes],
+                   "timing": f"median and p90 of >= {min_calls} calls "
+                             + ("(CUDA events)" if dev.type == "cuda" else "(perf_counter)"),
+                   "versions": library_versions(), "complete": False}
     if dev.type == "cuda":
         major, minor = torch.cuda.get_device_capability(dev)
         result.info["compute_capability"] = f"{major}.{minor}"
-    say(f"building {arch} ({dtype}) on {name}")
+    lock = threading.Lock()
+
+    def checkpoint(note: str | None = None) -> None:
+        """Write the JSON as it stands (atomically): every row so far is kept whatever happens next."""
+        with lock:
+            result.info["elapsed_s"] = round(time.monotonic() - started, 1)
+            if note:
+                result.info["watchdog"] = note
+            if json_out is not None:
+                path = Path(json_out)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(to_json(result))
+                os.replace(tmp, path)
+
+    def add(row: BenchRow) -> None:
+        with lock:
+            result.rows.append(row)
+        checkpoint()
+
+    watchdog = Watchdog(started + (watchdog_s if watchdog_s is not None else budget_s + 60), checkpoint,
+                        on_watchdog).start()
+    try:
+        _bench(result, shapes, sizes, batch_sizes, backends, arch, dev, torch_dtype, budget_s, started, cache_dir,
+               min_time, min_calls, trt_opt_level, say, add, checkpoint, backend_factory or _make_backend)
+    finally:
+        watchdog.stop()
+    result.info["total_s"] = round(time.monotonic() - started, 1)
+    result.info["complete"] = not watchdog.fired
+    checkpoint()
+    return result
+
+
+def _bench(result: BenchResult, shapes: list[tuple[int, int]], sizes: list[int], batch_sizes: list[int],
+           backends: Sequence[str], arch: str, dev: torch.device, torch_dtype: torch.dtype, budget_s: float,
+           started: float, cache_dir: str | None, min_time: float, min_calls: int, trt_opt_level: int,
+           say: Callable[[str], None], add: Callable[[BenchRow], None], checkpoint: Callable[[], None],
+           factory: Callable[..., Any]) -> None:
+    say(f"building {arch} ({result.dtype}) on {result.device}; grid {result.info['grid']}")
     t0 = time.monotonic()
     components = build_components(arch, dev, torch_dtype)
     result.setup_s["model"] = round(time.monotonic() - t0, 2)
     from ditstream.engine.backends.torch_backend import TorchBackend
 
-    for size in resolutions:
-        result.tflop_per_frame[size] = float(f"{count_tflop(TorchBackend(components), components, size):.6g}")
+    reference = TorchBackend(components)
+    for size in sizes:
+        result.tflop_per_frame[size] = float(f"{count_tflop(reference, components, size):.6g}")
+    inputs = {shape: _inputs(components, shape[1], shape[0]) for shape in shapes}
+    with torch.inference_mode():
+        expected = {shape: one_step_img2img(reference, components, *inputs[shape]).float().cpu() for shape in shapes}
+    checkpoint()
 
-    # 1. Baseline: the diffusers pipeline loop.
+    def timed(backend_name: str, fn: Callable[[], Any], size: int, batch: int) -> BenchRow:
+        with torch.inference_mode():
+            times = time_calls(fn, dev, min_time=min_time, min_iters=min_calls)
+        return _row(backend_name, size, batch, times, result.tflop_per_frame[size])
+
+    # 1. Baseline: the diffusers pipeline loop (measured again at the end: drift shows up there).
     baseline: dict[tuple[int, int], float] = {}
     call = _diffusers_call(components)
-    for size in resolutions:
-        for batch in batches:
-            images, ehs, mask, _ = _inputs(components, batch, size)
+
+    def run_baseline(label: str) -> None:
+        for size, batch in shapes:
+            images, ehs, mask, _ = inputs[(size, batch)]
             images01 = (images.float() + 1) / 2
-            with torch.inference_mode():
-                secs = time_call(functools.partial(call, images01, ehs, mask, size), dev, min_time=min_time)
-            baseline[(size, batch)] = secs
-            result.rows.append(_row("diffusers", size, batch, secs, result.tflop_per_frame[size]))
-            say(f"diffusers {size}² b{batch}: {batch / secs:.2f} fps")
+            row = timed(label, functools.partial(call, images01, ehs, mask, size), size, batch)
+            baseline.setdefault((size, batch), row.seconds_per_call or 0.0)
+            add(row)
+            say(f"{label} {size}² b{batch}: {row.fps:.2f} fps (median {row.seconds_per_call * 1e3:.2f} ms, "
+                f"p90 {row.p90_s * 1e3:.2f} ms)")
+
+    run_baseline("diffusers")
 
     # 2. Each backend, while the budget lasts.
     for name_ in backends:
         left = budget_s - (time.monotonic() - started)
         if left < 30:
-            result.rows += [BenchRow(name_, s, b, status="skipped", note="time budget spent")
-                            for s in resolutions for b in batches]
+            for s, b in shapes:
+                add(BenchRow(name_, s, b, status="skipped", note="time budget spent"))
             say(f"{name_}: skipped (time budget spent)")
             continue
+        backend = None
         try:
             t0 = time.monotonic()
-            backend = _make_backend(name_, components, resolutions, batches, cache_dir,
-                                    deadline=started + budget_s - 20, opt_level=trt_opt_level)
-            backend.warmup([(b, s, s) for s in resolutions for b in batches])
+            # Leave room for measuring and for the closing baseline after this backend's setup.
+            deadline = started + budget_s - 20 - 3 * len(shapes) * max(min_time, 0.5)
+            backend = factory(name_, components, sizes, batch_sizes, cache_dir, deadline=deadline,
+                              opt_level=trt_opt_level)
+            for size, batch in shapes:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"warm-up stopped at its deadline ({budget_s:.0f} s budget)")
+                backend.warmup([(batch, size, size)])
             result.setup_s[name_] = round(time.monotonic() - t0, 2)
         except Exception as exc:  # report why, keep measuring the others
-            result.rows += [BenchRow(name_, s, b, status="unavailable", note=str(exc)[:200])
-                            for s in resolutions for b in batches]
-            say(f"{name_}: unavailable ({exc})")
+            status = "skipped" if isinstance(exc, TimeoutError) else "unavailable"
+            for s, b in shapes:
+                add(BenchRow(name_, s, b, status=status, note=str(exc)[:300]))
+            say(f"{name_}: {status} ({exc})")
+            backend = None
+            _free(dev)
             continue
-        for size in resolutions:
-            for batch in batches:
-                inputs = _inputs(components, batch, size)
-                with torch.inference_mode():
-                    secs = time_call(functools.partial(one_step_img2img, backend, components, *inputs), dev,
-                                     min_time=min_time)
-                row = _row(name_, size, batch, secs, result.tflop_per_frame[size])
-                row.speedup_vs_diffusers = round(baseline[(size, batch)] / secs, 2)
-                if backend.dtype != components.dtype:
-                    row.note = f"transformer {str(backend.dtype).removeprefix('torch.')}"
-                result.rows.append(row)
-                say(f"{name_} {size}² b{batch}: {row.fps:.2f} fps ({row.speedup_vs_diffusers}× diffusers)")
+        errors = _check_outputs(backend, components, shapes, inputs, expected)
+        for size, batch in shapes:
+            row = timed(name_, functools.partial(one_step_img2img, backend, components, *inputs[(size, batch)]),
+                        size, batch)
+            row.speedup_vs_diffusers = round(baseline[(size, batch)] / row.seconds_per_call, 2)
+            row.max_abs_err = errors[(size, batch)]
+            notes = []
+            if backend.dtype != components.dtype:
+                notes.append(f"transformer {str(backend.dtype).removeprefix('torch.')}")
+            if row.max_abs_err is not None and row.max_abs_err > _tolerance(components.dtype):
+                notes.append(f"output differs from torch by {row.max_abs_err:.3g}")
+            row.note = "; ".join(notes)
+            add(row)
+            say(f"{name_} {size}² b{batch}: {row.fps:.2f} fps ({row.speedup_vs_diffusers}× diffusers, "
+                f"max |Δ| vs torch {row.max_abs_err:.3g})")
         backend = None  # free its engines/graphs before the next backend builds its own
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    result.info["total_s"] = round(time.monotonic() - started, 1)
-    return result
+        _free(dev)
+
+    # 3. The baseline again.
+    run_baseline("diffusers-end")
 
 
-def _row(backend: str, size: int, batch: int, secs: float, tflop: float) -> BenchRow:
-    fps = batch / secs
-    return BenchRow(backend, size, batch, seconds_per_call=round(secs, 5), fps=round(fps, 2),
+def _free(dev: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """Largest max-abs difference from torch on [-1, 1] images that still counts as the same output."""
+    return 2e-2 if dtype == torch.float32 else 0.15
+
+
+def _check_outputs(backend: Any, components: Any, shapes: list[tuple[int, int]],
+                   inputs: dict[tuple[int, int], tuple[torch.Tensor, ...]],
+                   expected: dict[tuple[int, int], torch.Tensor]) -> dict[tuple[int, int], float]:
+    """Max |backend - torch| per shape, running the shapes interleaved (A B C, then C B A)."""
+    errors: dict[tuple[int, int], float] = {}
+    with torch.inference_mode():
+        for shape in [*shapes, *reversed(shapes)]:
+            out = one_step_img2img(backend, components, *inputs[shape]).float().cpu()
+            err = (out - expected[shape]).abs().max().item() if out.shape == expected[shape].shape else math.inf
+            errors[shape] = max(errors.get(shape, 0.0), err)
+    return errors
+
+
+def _row(backend: str, size: int, batch: int, times: Sequence[float], tflop: float) -> BenchRow:
+    median = statistics.median(times)
+    fps = batch / median
+    return BenchRow(backend, size, batch, seconds_per_call=round(median, 6), p90_s=round(p90(times), 6),
+                    mean_s=round(statistics.fmean(times), 6), calls=len(times), fps=round(fps, 2),
                     tflops=round(fps * tflop, 2))
 
 
@@ -302,17 +520,23 @@ def _make_backend(name: str, components: Any, resolutions: Sequence[int], batche
 
 def format_table(result: BenchResult) -> str:
     """A fixed-width table plus notes (published per-frame cost, setup times)."""
-    lines = [f"GPU: {result.device} ({result.info.get('compute_capability', '-')}), {result.arch}, {result.dtype}",
-             f"{'backend':<10} {'res':>5} {'batch':>5} {'ms/call':>9} {'fps':>9} {'TFLOP/s':>9} {'vs diffusers':>13}"
-             "  note"]
+    versions = result.info.get("versions", {})
+    lines = [f"GPU: {result.device} ({result.info.get('compute_capability', '-')}), {result.arch}, {result.dtype}; "
+             + ", ".join(f"{k} {v}" for k, v in versions.items()),
+             f"{'backend':<14} {'res':>5} {'batch':>5} {'median ms':>10} {'p90 ms':>9} {'fps':>9} {'TFLOP/s':>9} "
+             f"{'vs diffusers':>13} {'max|Δ|':>8}  note"]
     for r in result.rows:
         if r.status != "ok":
-            lines.append(f"{r.backend:<10} {r.resolution:>5} {r.batch:>5} {'-':>9} {'-':>9} {'-':>9} {'-':>13}"
-                         f"  {r.status}: {r.note}")
+            lines.append(f"{r.backend:<14} {r.resolution:>5} {r.batch:>5} {'-':>10} {'-':>9} {'-':>9} {'-':>9} "
+                         f"{'-':>13} {'-':>8}  {r.status}: {r.note}")
             continue
         speed = f"{r.speedup_vs_diffusers:.2f}x" if r.speedup_vs_diffusers else "1.00x"
-        lines.append(f"{r.backend:<10} {r.resolution:>5} {r.batch:>5} {r.seconds_per_call * 1e3:>9.2f} "
-                     f"{r.fps:>9.2f} {r.tflops:>9.2f} {speed:>13}  {r.note}".rstrip())
+        err = f"{r.max_abs_err:.3g}" if r.max_abs_err is not None else "-"
+        lines.append(f"{r.backend:<14} {r.resolution:>5} {r.batch:>5} {r.seconds_per_call * 1e3:>10.2f} "
+                     f"{(r.p90_s or 0) * 1e3:>9.2f} {r.fps:>9.2f} {r.tflops:>9.2f} {speed:>13} {err:>8}  "
+                     f"{r.note}".rstrip())
+    if "watchdog" in result.info:
+        lines.append(f"INCOMPLETE: {result.info['watchdog']}")
     per = ", ".join(f"{k}²: {v:.4g}" for k, v in result.tflop_per_frame.items())
     lines.append(f"measured TFLOP per frame (encode+denoise+decode): {per}; published 512²: "
                  f"{sum(TFLOP_512.values()):.2f} ({', '.join(f'{k} {v}' for k, v in TFLOP_512.items())})")

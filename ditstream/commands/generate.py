@@ -122,6 +122,7 @@ def bench_engine(
     threads: int = typer.Option(0, help="torch CPU threads; 0 = torch's default (all cores). On a CPU shared with "
                                 "other jobs, 1 avoids OpenMP oversubscription."),
     backend: str = typer.Option("torch", help="torch, compile, onnx, tensorrt or auto."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     resolution: Resolutions = None,
     batch: Batches = None,
     cache_dir: CacheDir = None,
@@ -134,7 +135,8 @@ def bench_engine(
 
     options = backend_options(resolution, batch, cache_dir, tiny_vae, opt_level)
     result = run_engine_bench(model=model, size=size, frames=frames, streams=streams, steps=steps,
-                              repeats=repeats, threads=threads or None, backend=backend, options=options)
+                              repeats=repeats, threads=threads or None, backend=backend, options=options,
+                              device=device)
     typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 

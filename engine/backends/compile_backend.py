@@ -116,14 +116,19 @@ class CompileBackend(Backend):
 
     def warmup(self, shapes: list[tuple[int, int, int]]) -> None:
         """Compile (and capture, on CUDA) every bucket the ``(batch, height, width)`` shapes need."""
+        import time
+
         from ditstream.trt_build.export import transformer_inputs
 
         f = self.components.vae_scale_factor
+        deadline = self.options.build_deadline
         seen: set[tuple[int, int, int]] = set()
         for batch, height, width in shapes:
             key = (self._bucket(batch), height, width)
             if key in seen:
                 continue
+            if deadline is not None and time.monotonic() > deadline:  # as TensorRT builds are cancelled
+                raise TimeoutError("torch.compile warm-up stopped: its deadline (build_deadline) passed")
             seen.add(key)
             b = key[0]
             x, t, ehs, mask, *g = transformer_inputs(self.components.transformer, b, height // f, width // f,
