@@ -140,7 +140,9 @@ def test_serve_reuses_the_export_build_engine_made(tiny_model_dir, tmp_path):
     after = _cli("build-engine", "--list", "--cache-dir", str(cache))
     assert after.stdout == listing.stdout  # the same entries...
     assert _files(cache) == files  # ...and not one file new or rewritten: no second export
-    assert not default_cache.exists()  # nor one elsewhere: the backend looked in --cache-dir
+    # nor one in the default cache ($XDG_CACHE_HOME/ditstream): the backend looked in --cache-dir (other
+    # libraries may make $XDG_CACHE_HOME itself)
+    assert not (default_cache / "ditstream").exists(), sorted(p.relative_to(default_cache) for p in default_cache.rglob("*"))
 
 
 # -- --tiny-vae ---------------------------------------------------------------------------------------
