@@ -26,10 +26,12 @@ def _lock() -> dict[str, Version]:
 
 
 def _declared() -> list[Requirement]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    toml = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project, unlocked = toml["project"], set(toml["tool"]["ditstream"]["unlocked-extras"])
     reqs = [Requirement(r) for r in project["dependencies"]]
-    for extra in project.get("optional-dependencies", {}).values():
-        reqs += [Requirement(r) for r in extra if not r.startswith("ditstream")]
+    for name, extra in project.get("optional-dependencies", {}).items():
+        if name not in unlocked:
+            reqs += [Requirement(r) for r in extra if not r.startswith("ditstream")]
     return reqs
 
 
