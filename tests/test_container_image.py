@@ -13,6 +13,7 @@ otherwise, saying why. DITSTREAM_CONTAINER_IMAGE names another image.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -86,6 +88,38 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+def _session_pids(sid: int) -> list[int]:
+    """Every live process of session `sid`: buildah, tini and ditstream (tini gives its child a process
+    group of its own, so killing buildah's group would leave the server running)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _stop_session(proc: subprocess.Popen) -> None:
+    """SIGTERM to the container's processes (ditstream stops gracefully), SIGKILL to what lingers."""
+    for sig, wait_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+        pids = _session_pids(proc.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while _session_pids(proc.pid) and time.monotonic() < deadline:
+            proc.poll()
+            time.sleep(0.2)
+        if not _session_pids(proc.pid):
+            break
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+    assert not _session_pids(proc.pid), "the container's processes outlived SIGKILL"
+
+
 @pytest.fixture(scope="module")
 def container(tmp_path_factory: pytest.TempPathFactory):
     """A working container of IMAGE running its own entrypoint; yields (base_url, name, log path)."""
@@ -97,9 +131,11 @@ def container(tmp_path_factory: pytest.TempPathFactory):
     port = _free_port()
     log = (tmp_path_factory.mktemp("container") / "serve.log").open("w+b")
     # No --user: buildah run uses the image's USER (ditstream), ENV, and WORKDIR. The chroot shares the
-    # host's network, so the port is chosen here (DITSTREAM_PORT, read by `ditstream serve`).
+    # host's network, so the port is chosen here (DITSTREAM_PORT, read by `ditstream serve`); there is
+    # no PID namespace either, so tini reaps as a subreaper (TINI_SUBREAPER) instead of as PID 1.
+    env_args = ["-e", f"DITSTREAM_PORT={port}", "-e", "TINI_SUBREAPER=1"]
     proc = subprocess.Popen(
-        ["buildah", "run", "--isolation", "chroot", "-e", f"DITSTREAM_PORT={port}", name, "--", *argv],
+        ["buildah", "run", "--isolation", "chroot", *env_args, name, "--", *argv],
         env=BUILDAH_ENV,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -127,18 +163,7 @@ def container(tmp_path_factory: pytest.TempPathFactory):
             time.sleep(1)
         yield base, name, log
     finally:
-        # tini forwards SIGTERM to ditstream (a graceful stop); the whole session goes if it lingers.
-        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            if proc.poll() is not None:
-                break
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait_s)
-            except subprocess.TimeoutExpired:
-                pass
+        _stop_session(proc)
         _buildah("rm", name, check=False)
         log.close()
 
