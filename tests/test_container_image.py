@@ -102,13 +102,22 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _stop_session(proc: subprocess.Popen) -> None:
-    """SIGTERM to the container's processes (ditstream stops gracefully), SIGKILL to what lingers."""
+    """SIGTERM to tini, which forwards it to ditstream (a graceful stop, as `docker stop` does; buildah
+    itself would SIGKILL its child), then SIGKILL to whatever of the session lingers."""
     for sig, wait_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
         pids = _session_pids(proc.pid)
         for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+            if sig == signal.SIGKILL or _comm(pid) == "tini":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
         deadline = time.monotonic() + wait_s
         while _session_pids(proc.pid) and time.monotonic() < deadline:
             proc.poll()
