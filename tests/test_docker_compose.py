@@ -217,3 +217,19 @@ def test_the_commands_compose_runs_exist():
     worker_help = runner.invoke(app, ["worker", "--help"]).output
     assert "--threads" in worker_help and "--redis" in worker_help
     assert "--redis" in runner.invoke(app, ["serve", "--help"]).output
+
+
+@pytest.mark.parametrize("dockerfile", ["docker/Dockerfile", "docker/Dockerfile.cpu"])
+def test_the_import_check_imports_the_install_not_the_source_folder(dockerfile: str):
+    """In WORKDIR /app, next to the copied ditstream/ source folder, ``python -c "import ditstream..."``
+    imports that folder (which has no server/ inside: the package-dir mapping exists only once
+    installed) and the build fails. Every such check must leave /app first."""
+    text = (ROOT / dockerfile).read_text().replace("\\\n", " ")
+    workdir = "/"
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] == ["WORKDIR"]:
+            workdir = words[1]
+        if words[:1] == ["RUN"] and 'python -c "import ditstream' in line:
+            before = line.split('python -c "import ditstream')[0]
+            assert workdir != "/app" or "cd /" in before, f"{dockerfile}: {line.strip()[:120]}"
