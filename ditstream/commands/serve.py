@@ -44,6 +44,8 @@ def serve(
     tiny_vae: TinyVae = None,
     opt_level: OptLevel = None,
     max_streams: int = typer.Option(None, help="Live WebSocket streams at once (more are refused with 1013)."),
+    max_batch: int = typer.Option(None, help="Largest batched model call (env DITSTREAM_MAX_BATCH, default 16); "
+                                  "never above what the backend takes (its profile's largest batch)."),
     max_queued_jobs: int = typer.Option(None, help="REST images queued at once (more get 429 + Retry-After)."),
     api_key: list[str] = typer.Option(None, "--api-key", help="Accept this API key (repeatable). "
                                       "Better: DITSTREAM_API_KEYS=k1,k2 (keeps keys out of `ps`)."),
@@ -71,7 +73,7 @@ def serve(
 
     backend_args = backend_overrides(resolution, batch, cache_dir, tiny_vae, opt_level)
     overrides = {k: v for k, v in dict(
-        host=host, port=port, model=model, backend=backend, device=device, dtype=dtype, max_streams=max_streams,
+        host=host, port=port, model=model, backend=backend, device=device, dtype=dtype, max_streams=max_streams, max_batch=max_batch,
         max_queued_jobs=max_queued_jobs, api_keys=api_key or None, cors_origins=cors_origin or None,
         max_frame_bytes=max_frame_bytes,
         max_upload_bytes=max_upload_bytes, max_pixels=max_pixels, max_prompt_chars=max_prompt_chars,
