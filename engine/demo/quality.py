@@ -11,6 +11,7 @@ Measures, on the engine's own sampling code (``engine.generate.Generator``, ``en
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import Any
@@ -71,6 +72,18 @@ def clip_frames(clip: tuple[str, str, str, str], frames: int) -> tuple[np.ndarra
     spec = ds.ShapeSpec(shape, colour, bg, 32.0, 32.0, 14.0)
     video, specs = ds.moving_shape_video(frames, spec)
     return video, specs, ds.caption_for(shape, new_colour, bg)
+
+
+def flicker(frames: list[np.ndarray]) -> float:
+    """The flicker measure: mean absolute difference of consecutive output frames, in 0–255 units.
+
+    Measured on a near-static noisy clip (``noisy_static_clip``), where an ideal stream would return
+    the same image every frame: whatever changes is flicker. Lower is steadier.
+    """
+    f = [np.asarray(x, np.float32) for x in frames]
+    if len(f) < 2:
+        raise ValueError("flicker needs at least two frames")
+    return float(np.mean([np.abs(b - a).mean() for a, b in itertools.pairwise(f)]))
 
 
 def _img2img_figures(outputs: list[np.ndarray], specs: list[ds.ShapeSpec], prompt_colours: list[str]) -> dict[str, float]:
