@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from ditstream.engine.config import StreamConfig
+from ditstream.engine.config import MAX_BLEND, StreamConfig
 from ditstream.engine.errors import CancelledError, GenerationError, PayloadTooLargeError, ValidationError
 from ditstream.engine.sizes import parse_size
 from ditstream.engine.types import StreamOutput
@@ -39,7 +39,8 @@ class PromptWeight(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     text: str
-    weight: float = Field(1.0, description="Relative weight, >= 0; the weights are normalised.")
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False,
+                          description="Relative weight, >= 0 (at least one > 0); the weights are normalised.")
 
 
 class GenerationRequest(BaseModel):
@@ -60,7 +61,7 @@ class GenerationRequest(BaseModel):
     steps: int | None = Field(None, description="Model calls per image (1-4).")
     guidance_scale: float | None = None
     prompts: list[PromptWeight] | None = Field(
-        None, description="A prompt blend mixed in embedding space; replaces `prompt` for the model "
+        None, min_length=1, max_length=MAX_BLEND, description="A prompt blend mixed in embedding space; replaces `prompt` for the model "
                           "(`prompt` is still required by the OpenAI shape and is echoed as revised_prompt).")
     prompt_interpolation: Literal["linear", "slerp"] | None = Field(None, description="How `prompts` are mixed.")
 
