@@ -5,8 +5,10 @@ advances every stream's pipeline by one stage. The runner (``engine.runner``) ow
 the control inbox; tests drive the core directly.
 
 One tick (``step``):
- 1. take each stream's newest input (latest wins), run the similarity filter, and enter the frame
-    at its first angle (VAE-encode all new frames of a size in one call);
+ 1. take each stream's newest input (latest wins), move a gliding stream one step along its
+    transition, run the similarity filter (not while gliding), and enter the frame at its first
+    angle (VAE-encode all new frames of a size in one call; with ``feedback`` the clean latent is
+    first mixed with the stream's last output latent, ``sampler.feedback_blend``);
  2. gather every in-flight latent of every stream, group by latent shape and prompt length, and
     denoise each group in calls of at most ``max_batch`` samples (per-sample angle, embedding,
     mask and guidance);
