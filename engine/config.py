@@ -16,6 +16,12 @@ from typing import Any, Literal
 from ditstream.engine.errors import ValidationError
 
 Mode = Literal["img2img", "txt2img"]
+Interpolation = Literal["linear", "slerp"]
+INTERPOLATIONS: tuple[str, ...] = ("linear", "slerp")
+#: Most entries in a prompt or seed blend (bounds the encoder calls and noise draws of one config).
+MAX_BLEND = 8
+#: Longest glide between configs, in output frames.
+MAX_TRANSITION_FRAMES = 1000
 
 #: Latent/pixel sizes must be multiples of this (DC-AE downsamples 32×; the demo model 8×).
 DEFAULT_SIZE_MULTIPLE = 32
@@ -156,42 +162,140 @@ class FilterConfig:
 
 
 @dataclass(frozen=True)
+class WeightedPrompt:
+    """One entry of a prompt blend: ``{"text": ..., "weight": w}`` on the wire."""
+
+    text: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class WeightedSeed:
+    """One entry of a seed blend: ``{"seed": s, "weight": w}`` on the wire."""
+
+    seed: int
+    weight: float = 1.0
+
+
+def _blend_entries(value: Any, kind: type, key: str, name: str) -> Any:
+    """A list of dicts (JSON) or of ``kind`` → a tuple of ``kind``; anything else is left for ``validate``."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    out = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, kind):
+            out.append(entry)
+            continue
+        if not isinstance(entry, dict) or key not in entry or set(entry) - {key, "weight"}:
+            raise ValidationError(f"{name}[{i}] must be an object {{{key!r}: ..., 'weight': w}}, got {entry!r}",
+                                  field=name)
+        out.append(kind(entry[key], entry.get("weight", 1.0)))
+    return tuple(out)
+
+
+def _check_weights(entries: tuple, name: str) -> None:
+    if not entries:
+        raise ValidationError(f"{name} list is empty; give at least one entry", field=name)
+    if len(entries) > MAX_BLEND:
+        raise ValidationError(f"{name} list has {len(entries)} entries; the limit is {MAX_BLEND}", field=name)
+    for i, e in enumerate(entries):
+        w = e.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValidationError(f"{name}[{i}].weight must be a finite number >= 0, got {w!r}", field=name)
+    if not any(e.weight > 0 for e in entries):
+        raise ValidationError(f"{name} weights are all zero; at least one must be > 0", field=name)
+
+
+@dataclass(frozen=True)
 class StreamConfig:
     """Everything that decides a stream's (or a one-shot job's) output.
 
     ``steps`` is the number of model calls per frame (1–4). img2img enters at angle
     ``strength · π/2``; txt2img starts from pure noise. ``timesteps`` overrides the step list with
     explicit angles (descending, in (0, π/2]).
+
+    ``prompt`` is a string or a blend (``WeightedPrompt``s; lists of ``{"text", "weight"}`` dicts are
+    converted), mixed in embedding space by ``prompt_interpolation``; ``seed`` an int or a blend of
+    ``WeightedSeed``s (the noises are slerped). ``transition_frames`` glides to a new config over that
+    many output frames (0 = jump); ``feedback`` ∈ [0, 1) mixes the previous output's latent into each
+    img2img frame's entry (0 = off). The maths of all four is in ``engine.sampler``.
     """
 
-    prompt: str = ""
+    prompt: str | tuple[WeightedPrompt, ...] = ""
     mode: Mode = "img2img"
     steps: int = 1
     strength: float = 0.6
-    seed: int = 0
+    seed: int | tuple[WeightedSeed, ...] = 0
     width: int = 512
     height: int = 512
     guidance_scale: float = 4.5
     timesteps: tuple[float, ...] | None = None
     filter: FilterConfig = field(default_factory=FilterConfig)
+    prompt_interpolation: Interpolation = "linear"
+    transition_frames: int = 0
+    feedback: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompt", _blend_entries(self.prompt, WeightedPrompt, "text", "prompt"))
+        object.__setattr__(self, "seed", _blend_entries(self.seed, WeightedSeed, "seed", "seed"))
+
+    @property
+    def prompts(self) -> tuple[WeightedPrompt, ...]:
+        """The prompt as a blend (a plain string is one entry of weight 1)."""
+        return (WeightedPrompt(self.prompt),) if isinstance(self.prompt, str) else self.prompt
+
+    @property
+    def seeds(self) -> tuple[WeightedSeed, ...]:
+        """The seed as a blend (a plain int is one entry of weight 1)."""
+        return (WeightedSeed(self.seed),) if isinstance(self.seed, int) else self.seed
+
+    @property
+    def base_seed(self) -> int:
+        """One int for what needs a single seed (the similarity filter): the heaviest seed of a blend."""
+        return max(self.seeds, key=lambda s: s.weight).seed
+
+    @property
+    def prompt_chars(self) -> int:
+        """Characters of all prompt texts together (what ``max_prompt_chars`` bounds)."""
+        return sum(len(p.text) for p in self.prompts if isinstance(p.text, str))
 
     def validate(self, *, max_prompt_chars: int = 2000, max_pixels: int = 1024 * 1024,
                  size_multiple: int = DEFAULT_SIZE_MULTIPLE) -> StreamConfig:
         """Check every field; raise ``ValidationError`` naming the field, limit and value."""
         if self.mode not in ("img2img", "txt2img"):
             raise ValidationError(f"mode must be 'img2img' or 'txt2img', got {self.mode!r}", field="mode")
-        if not isinstance(self.prompt, str):
-            raise ValidationError("prompt must be a string", field="prompt")
-        if len(self.prompt) > max_prompt_chars:
+        if not isinstance(self.prompt, (str, tuple)):
+            raise ValidationError("prompt must be a string or a list of {text, weight}", field="prompt")
+        if isinstance(self.prompt, tuple):
+            _check_weights(self.prompt, "prompt")
+            for i, p in enumerate(self.prompt):
+                if not isinstance(p.text, str):
+                    raise ValidationError(f"prompt[{i}].text must be a string, got {p.text!r}", field="prompt")
+        if self.prompt_chars > max_prompt_chars:
             raise ValidationError(
-                f"prompt is {len(self.prompt)} characters; the limit is {max_prompt_chars}", field="prompt"
+                f"prompt is {self.prompt_chars} characters; the limit is {max_prompt_chars}", field="prompt"
             )
+        if self.prompt_interpolation not in INTERPOLATIONS:
+            raise ValidationError(f"prompt_interpolation must be 'linear' or 'slerp', got {self.prompt_interpolation!r}",
+                                  field="prompt_interpolation")
         if not 1 <= self.steps <= 4:
             raise ValidationError(f"steps must be in [1, 4], got {self.steps}", field="steps")
         if not 0.0 < self.strength <= 1.0:
             raise ValidationError(f"strength must be in (0, 1], got {self.strength}", field="strength")
-        if not 0 <= self.seed < 2**63:
-            raise ValidationError(f"seed must be in [0, 2^63), got {self.seed}", field="seed")
+        if isinstance(self.seed, tuple):
+            _check_weights(self.seed, "seed")
+        elif not isinstance(self.seed, int):
+            raise ValidationError("seed must be an integer or a list of {seed, weight}", field="seed")
+        for i, s in enumerate(self.seeds):
+            where = "seed" if isinstance(self.seed, int) else f"seed[{i}].seed"
+            if isinstance(s.seed, bool) or not isinstance(s.seed, int) or not 0 <= s.seed < 2**63:
+                raise ValidationError(f"{where} must be an integer in [0, 2^63), got {s.seed!r}", field="seed")
+        if isinstance(self.transition_frames, bool) or not isinstance(self.transition_frames, int) or not (
+                0 <= self.transition_frames <= MAX_TRANSITION_FRAMES):
+            raise ValidationError(f"transition_frames must be an integer in [0, {MAX_TRANSITION_FRAMES}], "
+                                  f"got {self.transition_frames!r}", field="transition_frames")
+        if not isinstance(self.feedback, (int, float)) or not 0.0 <= self.feedback < 1.0:
+            raise ValidationError(f"feedback must be in [0, 1), got {self.feedback!r}", field="feedback")
         for name, v in (("width", self.width), ("height", self.height)):
             if v <= 0 or v % size_multiple:
                 raise ValidationError(

@@ -5,8 +5,10 @@ advances every stream's pipeline by one stage. The runner (``engine.runner``) ow
 the control inbox; tests drive the core directly.
 
 One tick (``step``):
- 1. take each stream's newest input (latest wins), run the similarity filter, and enter the frame
-    at its first angle (VAE-encode all new frames of a size in one call);
+ 1. take each stream's newest input (latest wins), move a gliding stream one step along its
+    transition, run the similarity filter (not while gliding), and enter the frame at its first
+    angle (VAE-encode all new frames of a size in one call; with ``feedback`` the clean latent is
+    first mixed with the stream's last output latent, ``sampler.feedback_blend``);
  2. gather every in-flight latent of every stream, group by latent shape and prompt length, and
     denoise each group in calls of at most ``max_batch`` samples (per-sample angle, embedding,
     mask and guidance);
@@ -41,7 +43,7 @@ from ditstream.engine.errors import (
     is_fatal_device_error,
 )
 from ditstream.engine.loader import ModelComponents
-from ditstream.engine.plan import Plan, decode_clean, encode_clean, make_plan, predict_x0
+from ditstream.engine.plan import Plan, Transition, decode_clean, encode_clean, make_plan, predict_x0
 from ditstream.engine.prompt_cache import PromptCache
 from ditstream.engine.queues import OutputQueue
 from ditstream.engine.similarity import SimilarityFilter
@@ -104,7 +106,7 @@ class EngineCore:
         sid = stream_id or new_stream_id("job" if one_shot else "s")
         state = StreamState(
             id=sid, config=cfg, plan=self._plan(cfg),
-            outputs=OutputQueue(self.config.output_queue_size, notify), filter=SimilarityFilter(cfg.filter, cfg.seed),
+            outputs=OutputQueue(self.config.output_queue_size, notify), filter=SimilarityFilter(cfg.filter, cfg.base_seed),
             one_shot=one_shot,
         )
         self.streams[sid] = state
@@ -114,10 +116,16 @@ class EngineCore:
         return make_plan(cfg, self.components, self.prompts)
 
     def reconfigure(self, stream_id: str, cfg: StreamConfig) -> StreamConfig:
-        """New frames use ``cfg``; frames in flight finish with the plan they entered with."""
+        """New frames use ``cfg``; frames in flight finish with the plan they entered with.
+
+        With ``cfg.transition_frames`` > 0 the next frames glide from where the stream is to ``cfg``.
+        """
         state = self.streams[stream_id]
         cfg = self.validate(cfg)
-        state.plan = self._plan(cfg)
+        target = self._plan(cfg)
+        state.transition = Transition.between(state.plan, target, cfg.transition_frames)
+        if state.transition is None:
+            state.plan = target
         state.filter.reconfigure(cfg.filter)
         state.config = cfg
         return cfg
@@ -161,14 +169,22 @@ class EngineCore:
             frame = state.inbox.take()
             if frame is None:
                 continue
+            gliding = state.transition is not None
+            if gliding:  # the stream moves one step along its transition with every new frame
+                state.plan = state.transition.next_plan()
+                if state.transition.finished:
+                    state.transition = None
             plan = state.plan
             item = InFlight(frame=frame, plan=plan, x=None, taken_at=now)
-            if frame.image is not None and state.filter.should_skip(frame.image):
+            # While gliding the output changes even for a repeated input: the filter must not skip.
+            if frame.image is not None and not gliding and state.filter.should_skip(frame.image):
                 item.skipped = True
                 item.stage = plan.steps  # travels without compute
             elif frame.image is None or plan.config.mode == "txt2img":
                 item.x = sampler.entry_latent(plan.angles[:1], plan.noise[:1], c.sigma_data)
             else:
+                if plan.config.feedback > 0 and _fits(state.last_latent, plan):
+                    item.previous = state.last_latent
                 to_encode[frame.image.shape[:2]].append(item)
             state.pipeline.append(item)
         for items in to_encode.values():
@@ -179,6 +195,12 @@ class EngineCore:
                 except Exception as exc:
                     self._fail_call("encode", chunk, exc)
                     continue
+                if any(it.previous is not None for it in chunk):
+                    clean = sampler.feedback_blend(
+                        clean, torch.cat([it.previous if it.previous is not None else clean[i : i + 1]
+                                          for i, it in enumerate(chunk)]),
+                        torch.tensor([it.plan.config.feedback if it.previous is not None else 0.0 for it in chunk],
+                                     device=clean.device))
                 t1 = torch.cat([it.plan.angles[:1] for it in chunk])
                 noise = torch.cat([it.plan.noise[:1] for it in chunk])
                 x = sampler.entry_latent(t1, noise, c.sigma_data, clean)
@@ -243,6 +265,7 @@ class EngineCore:
                     it.inference_s += dt
                     if i not in bad:
                         it.result = arr[i]
+                        it.latent = it.x if it.plan.config.feedback > 0 else None
                         it.x = None
 
     def _emit(self) -> list[StreamOutput]:
@@ -264,6 +287,7 @@ class EngineCore:
                 else:
                     image = it.result
                     state.last_output = image
+                    state.last_latent = it.latent
                     state.stats.processed += 1
                 f = it.frame
                 output = StreamOutput(
@@ -324,6 +348,11 @@ class EngineCore:
         self.failed_frames += frames
         if self.on_failure is not None:
             self.on_failure(stage, frames)
+
+
+def _fits(latent: torch.Tensor | None, plan: Plan) -> bool:
+    """Whether a fed-back latent can enter a frame of ``plan`` (same latent shape)."""
+    return latent is not None and tuple(latent.shape[1:]) == plan.latent_shape
 
 
 def _chunks(items: list[InFlight], size: int) -> Iterable[list[InFlight]]:

@@ -7,7 +7,7 @@ reconfigure only changes which plan *new* frames get: frames already in flight f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from ditstream.engine import sampler
@@ -51,14 +51,74 @@ def make_plan(cfg: StreamConfig, components: ModelComponents, prompts: PromptCac
     angles = sampler.step_angles(cfg.mode, cfg.steps, cfg.strength, cfg.timesteps,
                                  intermediate=components.intermediate_angle)
     shape = latent_shape(components, cfg.width, cfg.height)
-    noise = sampler.draw_noise(cfg.seed, shape, angles.shape[0], device=components.device)
-    embeds, mask = prompts.get(cfg.prompt)
+    seeds = [s for s in cfg.seeds if s.weight > 0]
+    noise = sampler.blend_noise(
+        [sampler.draw_noise(s.seed, shape, angles.shape[0], device=components.device) for s in seeds],
+        [s.weight for s in seeds])
+    entries = [p for p in cfg.prompts if p.weight > 0]  # each from the cache: encoded once per text
+    encoded = [prompts.get(p.text) for p in entries]
+    embeds, mask = sampler.blend_embeddings([e for e, _ in encoded], [m for _, m in encoded],
+                                            sampler.normalise_weights([p.weight for p in entries]),
+                                            cfg.prompt_interpolation)
     guidance = sampler.guidance_vector(
         torch.full((1,), cfg.guidance_scale, dtype=torch.float32).to(components.dtype),
         components.guidance_embeds_scale,
     ).to(components.device)
     return Plan(config=cfg, angles=angles.to(components.device), noise=noise, embeds=embeds, mask=mask,
                 guidance=guidance)
+
+
+def can_glide(a: Plan | None, b: Plan | None) -> bool:
+    """Whether a transition from ``a`` to ``b`` is defined: same mode, step count and latent shape
+    (a change of size, mode or steps has no in-between and jumps)."""
+    return (a is not None and b is not None and a.config.mode == b.config.mode and a.steps == b.steps
+            and a.latent_shape == b.latent_shape)
+
+
+def glide(a: Plan, b: Plan, alpha: float) -> Plan:
+    """The plan ``alpha`` ∈ [0, 1] of the way from ``a`` to ``b`` (``can_glide(a, b)``); 1 is ``b`` itself.
+
+    Embedding by ``b``'s ``prompt_interpolation`` (masks united), noise by slerp at unit variance,
+    angles and guidance linearly — img2img angles are linear in strength, so this glides strength.
+    """
+    if alpha >= 1.0:
+        return b
+    embeds, mask = sampler.blend_embeddings([a.embeds, b.embeds], [a.mask, b.mask], [1.0 - alpha, alpha],
+                                            b.config.prompt_interpolation)
+    noise = a.noise if a.noise is b.noise else sampler.blend_noise([a.noise, b.noise], [1.0 - alpha, alpha])
+    return replace(b, angles=sampler.lerp(a.angles, b.angles, alpha), noise=noise, embeds=embeds, mask=mask,
+                   guidance=sampler.lerp(a.guidance, b.guidance, alpha))
+
+
+@dataclass
+class Transition:
+    """A stream gliding from ``start`` to ``target`` over ``frames`` new frames (mutable, one per stream).
+
+    Frame k = 1 … ``frames`` after the reconfigure enters with ``glide(start, target, k / frames)``, so
+    the last one is exactly ``target``. A reconfigure mid-way starts a new transition from the plan
+    the stream's latest frame entered with.
+    """
+
+    start: Plan
+    target: Plan
+    frames: int
+    taken: int = 0
+
+    @classmethod
+    def between(cls, start: Plan | None, target: Plan, frames: int) -> Transition | None:
+        """A transition, or ``None`` when the change should jump (0 frames, or no in-between)."""
+        if frames <= 0 or not can_glide(start, target):
+            return None
+        return cls(start, target, frames)
+
+    def next_plan(self) -> Plan:
+        """The plan of the next frame (advances the transition)."""
+        self.taken = min(self.taken + 1, self.frames)
+        return glide(self.start, self.target, self.taken / self.frames)
+
+    @property
+    def finished(self) -> bool:
+        return self.taken >= self.frames
 
 
 def predict_x0(backend: Backend, components: ModelComponents, x: torch.Tensor, t: torch.Tensor,

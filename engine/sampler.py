@@ -134,5 +134,134 @@ def from_vae_latent(z: torch.Tensor, sigma_data: float, scaling_factor: float) -
     return z * scaling_factor * sigma_data
 
 
+# ------------------------------------------------------------------ blends, glides and feedback
+#
+# Live control (prompt and seed blends, transitions between configs, latent feedback) is arithmetic
+# on tensors the plan already holds: cached prompt embeddings, fixed noise, clean latents. None of
+# it calls the text encoder or the model, so a blend or a glide costs a few element-wise ops per
+# frame. Entries of weight 0 are dropped before mixing and a single remaining entry is returned
+# unchanged, so ``{A: 1, B: 0}`` is exactly A and a one-seed list is exactly that seed.
+
+def normalise_weights(weights: Sequence[float]) -> list[float]:
+    """Weights scaled to sum to 1 (all ≥ 0, at least one > 0; ``StreamConfig.validate`` checks)."""
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"weights must have a positive sum, got {list(weights)}")
+    return [float(w) / total for w in weights]
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """``(1 − t)·a + t·b``; ``t`` a number (0 and 1 return ``a``/``b`` exactly) or a tensor broadcasting
+    against ``a``."""
+    if isinstance(t, (int, float)):
+        if t <= 0:
+            return a
+        if t >= 1:
+            return b
+    return a + (b - a) * t
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, *, dim: int = -1, eps: float = 1e-4) -> torch.Tensor:
+    """Spherical interpolation of the vectors of ``a`` and ``b`` along ``dim`` (same shapes).
+
+    Why spherical: the mean of two independent Gaussian noises has √½ of their norm (a washed-out,
+    low-contrast image), and a linear mix of two text embeddings passes through a shorter vector
+    than either; slerp follows the arc between the directions and interpolates the norms linearly,
+    so every point of the path is as "loud" as its ends. Nearly parallel vectors (angle < ``eps``)
+    fall back to ``lerp``; ``t`` = 0 or 1 returns ``a`` or ``b`` exactly. Computed in fp32, returned
+    in ``a``'s dtype.
+    """
+    if t <= 0.0:
+        return a
+    if t >= 1.0:
+        return b
+    a32, b32 = a.float(), b.float()
+    na, nb = a32.norm(dim=dim, keepdim=True), b32.norm(dim=dim, keepdim=True)
+    ua, ub = a32 / na.clamp_min(1e-12), b32 / nb.clamp_min(1e-12)
+    omega = torch.acos((ua * ub).sum(dim=dim, keepdim=True).clamp(-1.0, 1.0))
+    so = torch.sin(omega)
+    direction = (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / so.clamp_min(1e-12)
+    arc = direction * ((1 - t) * na + t * nb)
+    out = torch.where(omega < eps, a32 + (b32 - a32) * t, arc)
+    return out.to(a.dtype)
+
+
+def blend(tensors: Sequence[torch.Tensor], weights: Sequence[float], method: str = "linear", *,
+          dim: int = -1) -> torch.Tensor:
+    """Weighted mix of same-shape tensors: ``"linear"`` (weighted mean) or ``"slerp"`` along ``dim``.
+
+    More than two entries are slerped one at a time (``acc ← slerp(acc, xᵢ, wᵢ / Σ_{j≤i} wⱼ)``), which
+    is the weighted mean for ``"linear"`` and order-dependent only in the rounding for two entries.
+    Zero weights are dropped first; one entry left is returned as it is (bit-exact).
+    """
+    if len(tensors) != len(weights):
+        raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights")
+    kept = [(x, w) for x, w in zip(tensors, normalise_weights(weights)) if w > 0]
+    if len(kept) == 1:
+        return kept[0][0]
+    if method == "linear":
+        out = sum(x.float() * w for x, w in kept)
+        return out.to(kept[0][0].dtype)
+    if method != "slerp":
+        raise ValueError(f"unknown interpolation {method!r}")
+    acc, total = kept[0][0], kept[0][1]
+    for x, w in kept[1:]:
+        total += w
+        acc = slerp(acc, x, w / total, dim=dim)
+    return acc
+
+
+def blend_embeddings(embeds: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], weights: Sequence[float],
+                     method: str = "linear") -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix prompt embeddings ``(1, Lᵢ, D)`` with attention masks ``(1, Lᵢ)`` → ``((1, L, D), (1, L))``.
+
+    Shorter ones are zero-padded to the longest ``L`` (mask 0 there); each token position is mixed
+    across prompts (slerp per token vector for ``"slerp"``) and the mask is the union of the masks
+    of the prompts with weight > 0, so every token any weighted prompt attends to stays visible.
+    Zero-weight prompts take no part at all (neither embedding nor mask).
+    """
+    kept = [(e, m, w) for e, m, w in zip(embeds, masks, weights, strict=True) if w > 0]
+    if not kept:
+        raise ValueError("at least one weight must be > 0")
+    if len(kept) == 1:
+        return kept[0][0], kept[0][1]
+    length = max(e.shape[1] for e, _, _ in kept)
+    es = [torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[1])) for e, _, _ in kept]
+    ms = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for _, m, _ in kept]
+    mask = torch.stack(ms).amax(dim=0)
+    return blend(es, [w for _, _, w in kept], method, dim=-1), mask
+
+
+def blend_noise(noises: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Slerp of fixed noises ``(n, C, h, w)`` (each of the n draws as one vector), at unit variance.
+
+    A seed blend must still look like one N(0, 1) draw to the model: slerp keeps the norm of two
+    independent draws (a linear mean would shrink it by √½), and each mixed draw is then rescaled to
+    mean square 1 so that three or more seeds, or nearly parallel ones, do not drift. One entry left
+    (e.g. ``[{"seed": s}]``) is returned unchanged: exactly seed s's noise.
+    """
+    kept = [(x, w) for x, w in zip(noises, weights, strict=True) if w > 0]
+    if len(kept) == 1:
+        return kept[0][0]
+    shape = kept[0][0].shape
+    flat = blend([x.reshape(shape[0], -1) for x, _ in kept], [w for _, w in kept], "slerp", dim=-1)
+    flat = flat * torch.rsqrt(flat.float().pow(2).mean(dim=-1, keepdim=True)).to(flat.dtype)
+    return flat.reshape(shape)
+
+
+def feedback_blend(clean: torch.Tensor, previous: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
+    """Latent feedback: the clean latent a frame enters with, ``(1 − f)·clean + f·previous``.
+
+    ``clean`` is the new input's encoded latent and ``previous`` the stream's last output latent
+    (both (B, C, h, w), sampler units), ``feedback`` (B,) in [0, 1). Mixing before the entry noise is
+    the same as mixing the two noised entry latents (the noise is fixed per stream). Why: frame-to-
+    frame jitter of the input (sensor noise, compression) enters only with weight 1 − f and the
+    output becomes a leaky average of past outputs — steadier, at the cost of following motion with
+    a lag of about f / (1 − f) frames.
+    """
+    f = _expand(feedback.to(clean.dtype))
+    return clean + (previous - clean) * f
+
+
 def _expand(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from ditstream.engine.config import StreamConfig
-from ditstream.engine.plan import Plan
+from ditstream.engine.plan import Plan, Transition
 from ditstream.engine.queues import LatestSlot, OutputQueue
 from ditstream.engine.similarity import SimilarityFilter
 from ditstream.engine.types import Frame, StreamOutput, StreamStats
@@ -41,6 +41,10 @@ class InFlight:
     result: np.ndarray | None = None
     #: Set when a model call this frame took part in failed: the frame is done, with no image.
     error: Exception | None = None
+    #: Latent feedback: the stream's last output latent this frame's entry is mixed with, if any.
+    previous: torch.Tensor | None = None
+    #: The final clean latent (kept after decoding when the stream feeds it back).
+    latent: torch.Tensor | None = None
 
     def fail(self, error: Exception) -> None:
         """End this frame with ``error``: it drops its latent and is emitted, in order, as an error."""
@@ -68,6 +72,10 @@ class StreamState:
     pipeline: deque[InFlight] = field(default_factory=deque)
     stats: StreamStats = field(default_factory=StreamStats)
     last_output: np.ndarray | None = None
+    #: Clean latent of ``last_output`` when its frame had feedback on (the next frame's ``previous``).
+    last_latent: torch.Tensor | None = None
+    #: A glide to ``config``'s plan in progress (``plan`` is then where the stream is now).
+    transition: Transition | None = None
     on_output: Callable[[StreamOutput], None] | None = None
     #: One-shot jobs are removed after their single output.
     one_shot: bool = False

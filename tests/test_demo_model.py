@@ -3,6 +3,8 @@ the quality figures of ``ditstream bench quality`` (the full run is in docs/demo
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from ditstream.engine.demo import dataset as ds
@@ -156,3 +158,37 @@ def test_one_step_img2img_keeps_position_and_takes_the_prompt_colour(generator, 
     s = img2img_one_step(generator, d, 4, float(d["strength"]), seed=0, clips=CLIPS[:2])
     assert s["centroid_err_mean"] <= 4.0, s
     assert s["colour"] >= 0.75, s
+
+
+# --------------------------------------------------------------------------- live control (issue 19 A)
+
+def test_a_ten_frame_transition_turns_the_circle_from_red_to_blue_step_by_step(components) -> None:
+    """Red → blue over ``transition_frames: 10`` (txt2img, seed 0): the shape colour moves along the
+    red → blue line monotonically (the evaluator's position, 0 = red, 1 = blue; its nearest-palette
+    name goes red, purple, blue) and the last frame is blue; with 0 frames the next frame is blue."""
+    from ditstream.engine.demo.quality import _defaults, transition_readings
+
+    d = _defaults(components)
+    glide = transition_readings(components, d, 10, seed=0, before=2, after=1)
+    pos = [r["position"] for r in glide]
+    assert [r["colour"] for r in glide[:2]] == ["red", "red"] and glide[-2]["colour"] == "blue", glide
+    assert all(b >= a - 0.01 for a, b in itertools.pairwise(pos)), pos  # monotonic (evaluator's rounding)
+    assert pos[2] < 0.5 < pos[8] and pos[-2] > 0.9, pos  # it glides: no jump on the first frame
+    assert all(r["shape"] == "circle" for r in glide), glide
+    names = [r["colour"] for r in glide]
+    assert names == sorted(names, key=["red", "purple", "blue"].index), names
+    jump = transition_readings(components, d, 0, seed=0, before=2, after=1)
+    assert [r["colour"] for r in jump] == ["red", "red", "blue"], jump
+
+
+def test_feedback_halves_flicker_and_still_tracks_a_moving_shape(components) -> None:
+    """``feedback: 0.5`` on the near-static noisy clip: the flicker measure drops ≥ 2× against 0
+    (full run: docs/demo_model_card.md); the moving-shape clips are still tracked within 4 px."""
+    from ditstream.engine.demo.quality import CLIPS, _defaults, flicker_figures, img2img_stream
+
+    d = _defaults(components)
+    strength = float(d["strength"])
+    f = flicker_figures(components, d, strength, frames=16)
+    assert f["feedback_0"] >= 2 * f["feedback_0.5"] > 0, f
+    s = img2img_stream(components, d, 16, strength, 1, seed=0, clips=CLIPS[:2], feedback=0.5)
+    assert s["centroid_err_mean"] <= 4.0 and s["colour"] >= 0.75, s

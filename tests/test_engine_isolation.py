@@ -94,3 +94,50 @@ def test_remove_stream_drops_its_work_and_keeps_others(tiny_generator):
     out += core.flush()
     assert {o.stream_id for o in out} == {s1}
     assert not core.has_work()
+
+
+LIVE = [
+    StreamConfig(prompt=[{"text": "a red circle", "weight": 0.7}, {"text": "a cat", "weight": 0.3}],
+                 prompt_interpolation="slerp", mode="img2img", steps=2, strength=0.7, seed=1, feedback=0.4,
+                 width=SIZE, height=SIZE),
+    StreamConfig(prompt=[{"text": "a dog on a horse", "weight": 1}, {"text": "a blue square", "weight": 1}],
+                 mode="img2img", steps=1, strength=0.6, seed=[{"seed": 2, "weight": 1}, {"seed": 7, "weight": 2}],
+                 width=SIZE, height=SIZE, guidance_scale=2.0),
+    StreamConfig(prompt="a blue square on a white background", mode="img2img", steps=3, strength=0.8,
+                 seed=[{"seed": 4, "weight": 1}, {"seed": 5, "weight": 1}], feedback=0.7, width=SIZE, height=SIZE),
+]
+#: Mid-clip reconfigures (frame → (stream, changes)): a glide, and a new config mid-glide.
+LIVE_CHANGES = {2: (0, {"prompt": "a cat", "transition_frames": 3, "feedback": 0.2}),
+                3: (2, {"seed": 9, "transition_frames": 2, "guidance_scale": 6.0}),
+                4: (0, {"prompt": [{"text": "a cat", "weight": 1}, {"text": "a red circle", "weight": 1}],
+                        "transition_frames": 2})}
+
+
+def _run_live(g, which: list[int], frames):
+    core = EngineCore(g.components, g.backend, g.prompts, EngineConfig(output_float=True))
+    states = {k: core.add(LIVE[k]) for k in which}
+    got: dict[int, list] = {k: [] for k in which}
+    by_id = {s.id: k for k, s in states.items()}
+    for i, f in enumerate(frames):
+        if i in LIVE_CHANGES and LIVE_CHANGES[i][0] in states:
+            k, changes = LIVE_CHANGES[i]
+            core.reconfigure(states[k].id, states[k].config.replace(**changes))
+        for s in states.values():
+            core.submit(s.id, Frame(image=f, seq=i))
+        for o in core.step():
+            got[by_id[o.stream_id]].append(o)
+    for o in core.flush():
+        got[by_id[o.stream_id]].append(o)
+    return got, core.batch_sizes
+
+
+def test_streams_with_blends_seeds_feedback_and_glides_batched_equal_each_alone(tiny_generator):
+    frames = _frames(7)
+    together, sizes = _run_live(tiny_generator, [0, 1, 2], frames)
+    assert max(sizes) == sum(c.steps for c in LIVE)  # they really shared calls
+    for k in range(len(LIVE)):
+        alone, _ = _run_live(tiny_generator, [k], frames)
+        assert [o.seq for o in together[k]] == [o.seq for o in alone[k]] == list(range(len(frames)))
+        for a, b in zip(alone[k], together[k], strict=True):
+            np.testing.assert_allclose(b.image, a.image, atol=1e-5, rtol=0)
+    assert np.abs(together[0][-1].image - together[2][-1].image).max() > 1e-3

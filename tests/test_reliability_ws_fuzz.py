@@ -157,7 +157,8 @@ HOSTILE_VALUES: list[Any] = [None, True, -1, 0, 2**70, -(2**70), 1e308, -1e308, 
                              [], {}, [1, 2, 3], {"a": {"b": None}}, "512x512", "99999x99999", "0x0", "-32x-32"]
 NUMERIC_TOKENS = ["NaN", "Infinity", "-Infinity", "1e999", "-0", "1" * 400]
 CONFIG_FIELDS = ["prompt", "mode", "steps", "strength", "seed", "size", "width", "height", "guidance_scale",
-                 "timesteps", "filter", "fps", "quality", "bogus", "type"]
+                 "timesteps", "filter", "fps", "quality", "bogus", "type", "prompt_interpolation", "transition_frames",
+                 "feedback"]
 
 
 def hostile_messages(rng: random.Random, good: bytes) -> Iterator[str | bytes]:

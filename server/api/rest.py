@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from ditstream.engine.config import StreamConfig
+from ditstream.engine.config import MAX_BLEND, StreamConfig
 from ditstream.engine.errors import CancelledError, GenerationError, PayloadTooLargeError, ValidationError
 from ditstream.engine.sizes import parse_size
 from ditstream.engine.types import StreamOutput
@@ -32,6 +32,15 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["images"])
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class PromptWeight(BaseModel):
+    """One entry of a prompt blend (``prompts``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: str
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False,
+                          description="Relative weight, >= 0 (at least one > 0); the weights are normalised.")
 
 
 class GenerationRequest(BaseModel):
@@ -51,6 +60,10 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, description="Seed of the first image; image i uses seed + i.")
     steps: int | None = Field(None, description="Model calls per image (1-4).")
     guidance_scale: float | None = None
+    prompts: list[PromptWeight] | None = Field(
+        None, min_length=1, max_length=MAX_BLEND, description="A prompt blend mixed in embedding space; replaces `prompt` for the model "
+                          "(`prompt` is still required by the OpenAI shape and is echoed as revised_prompt).")
+    prompt_interpolation: Literal["linear", "slerp"] | None = Field(None, description="How `prompts` are mixed.")
 
 
 class ImageData(BaseModel):
@@ -119,7 +132,11 @@ async def generations(body: GenerationRequest, request: Request) -> ImagesRespon
     state = state_of(request.app)
     _check_common(state, body.n, body.response_format)
     width, height = _size(state, body.size)
-    base = _base_config(state, "txt2img", body.prompt, width, height, body.seed, body.steps, body.guidance_scale)
+    prompt: str | list[dict[str, Any]] = body.prompt
+    if body.prompts is not None:
+        prompt = [p.model_dump() for p in body.prompts]
+    base = _base_config(state, "txt2img", prompt, width, height, body.seed, body.steps, body.guidance_scale,
+                        interpolation=body.prompt_interpolation)
     cfgs = [base.replace(seed=base.seed + i) for i in range(body.n)]
     outputs = await _run_jobs(state, request, cfgs, [None] * body.n)
     return await _respond(state, outputs, body.output_format or "png", body.prompt)
@@ -186,10 +203,13 @@ def _size(state: AppState, size: str | None) -> tuple[int, int]:
     return parse_size(size)
 
 
-def _base_config(state: AppState, mode: str, prompt: str, width: int, height: int, seed: int | None,
-                 steps: int | None, guidance: float | None, strength: float | None = None) -> StreamConfig:
+def _base_config(state: AppState, mode: str, prompt: str | list[dict[str, Any]], width: int, height: int,
+                 seed: int | None, steps: int | None, guidance: float | None, strength: float | None = None, *,
+                 interpolation: str | None = None) -> StreamConfig:
     d = state.stream_defaults()
     d.update(mode=mode, prompt=prompt, width=width, height=height)
+    if interpolation is not None:
+        d["prompt_interpolation"] = interpolation
     for k, v in (("seed", seed), ("steps", steps), ("guidance_scale", guidance), ("strength", strength)):
         if v is not None:
             d[k] = v

@@ -60,8 +60,8 @@ class AppState:
         """The engine's validation plus the server's own limits (an injected engine may allow more)."""
         cfg = self.require_engine().validate(cfg)
         s = self.settings
-        if len(cfg.prompt) > s.max_prompt_chars:
-            raise ValidationError(f"prompt is {len(cfg.prompt)} characters; the limit is {s.max_prompt_chars}",
+        if cfg.prompt_chars > s.max_prompt_chars:
+            raise ValidationError(f"prompt is {cfg.prompt_chars} characters; the limit is {s.max_prompt_chars}",
                                   field="prompt")
         if cfg.width * cfg.height > s.max_pixels:
             raise ValidationError(f"size {cfg.width}x{cfg.height} is {cfg.width * cfg.height} pixels; the limit "

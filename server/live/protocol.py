@@ -61,16 +61,39 @@ class FilterModel(BaseModel):
     downscale: int | None = None
 
 
+class PromptItem(BaseModel):
+    """One entry of a prompt blend; weights are checked (≥ 0, one > 0) by the engine's validation."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    weight: float = 1.0
+
+
+class SeedItem(BaseModel):
+    """One entry of a seed blend."""
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int
+    weight: float = 1.0
+
+
 class ConfigMessage(BaseModel):
     """``{"type":"config", ...}``: any subset of the stream's settings; applied from the next frame."""
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["config"] = "config"
-    prompt: str | None = None
+    #: A string, or a blend ``[{"text": ..., "weight": w}, ...]`` mixed in embedding space.
+    prompt: str | list[PromptItem] | None = None
+    prompt_interpolation: Literal["linear", "slerp"] | None = None
     mode: Literal["img2img", "txt2img"] | None = None
     steps: int | None = None
     strength: float | None = None
-    seed: int | None = None
+    #: An int, or a blend ``[{"seed": s, "weight": w}, ...]`` (noises slerped).
+    seed: int | list[SeedItem] | None = None
+    #: Glide to this config over this many output frames (0 = jump).
+    transition_frames: int | None = None
+    #: Latent feedback f ∈ [0, 1): steadier img2img frames, slower motion response.
+    feedback: float | None = None
     size: str | None = None
     width: int | None = None
     height: int | None = None
@@ -121,9 +144,21 @@ def parse_control(text: str) -> BaseModel:
     try:
         return model.model_validate(raw)
     except PydanticValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "message"
+        errors = exc.errors()
+        # A field typed as a union (prompt: string or list) fails once per member: report the deepest
+        # failure of the first field, which is the member the client meant.
+        first = [e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]]
+        err = max(first, key=lambda e: len(_where(e["loc"])))
+        where = ".".join(_where(err["loc"])) or "message"
         raise ValidationError(f"{where}: {err['msg']} (got {err.get('input')!r})", field=where) from exc
+
+
+def _where(loc: tuple) -> list[str]:
+    """An error location without pydantic's union-member tags (``str``, ``list[PromptItem]``, ...)."""
+    return [str(p) for p in loc if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
+
+
+_UNION_TAGS = {"str", "int", "float", "bool"}
 
 
 def frame_header_fields(header: dict[str, Any] | None) -> tuple[int | None, float | None]:
