@@ -1,5 +1,8 @@
 """``/v1/stream``: one live stream per WebSocket (protocol in ``docs/protocol.md``).
 
+This module holds the session and its input half; ``session_out.py`` its output half (encoder and
+sender).
+
 Per connection: the receive loop parses control messages and frames; one codec job at a time per
 stream decodes the newest received frame (latest wins already before decoding) and offers it to the
 engine itself, so neither the frame nor its result wakes the event loop again (errors do). The engine thread's
@@ -26,7 +29,6 @@ from ditstream.engine.config import StreamConfig
 from ditstream.engine.errors import (
     DitstreamError,
     EngineDeadError,
-    GenerationError,
     OverloadedError,
     PayloadTooLargeError,
     ValidationError,
@@ -48,20 +50,16 @@ from ditstream.server.live.protocol import (
     ConfigMessage,
     PingMessage,
     frame_header_fields,
-    pack_frame,
     parse_control,
     unpack_frame,
 )
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from uvicorn.protocols.utils import ClientDisconnected
+from ditstream.server.live.session_out import SessionOutputs
+from ditstream.server.live.session_util import MAX_TRACKED_FRAMES, close_if_added
+from fastapi import APIRouter, WebSocket
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
-#: Control replies waiting for the sender; a client that never reads them is cut off.
-MAX_PENDING_CONTROL = 256
-#: Receive times kept for frames in flight (more than the engine can ever hold per stream).
-MAX_TRACKED_FRAMES = 64
 
 
 @router.websocket("/v1/stream", name="stream")
@@ -87,7 +85,7 @@ async def stream(websocket: WebSocket) -> None:
         permit.release()
 
 
-class StreamSession:
+class StreamSession(SessionOutputs):
     """The state of one connection."""
 
     def __init__(self, websocket: WebSocket, state: AppState) -> None:
@@ -142,7 +140,7 @@ class StreamSession:
             try:
                 self.handle = await asyncio.shield(adding)
             except asyncio.CancelledError:  # left while the engine was building the stream: undo it
-                adding.add_done_callback(_close_if_added)
+                adding.add_done_callback(close_if_added)
                 raise
             logger.debug("stream %s opened", self.handle.id)
             self.send_json({"type": "ready", "session": self.handle.id, "protocol": PROTOCOL_VERSION,
@@ -181,70 +179,9 @@ class StreamSession:
             self.close_code, self.close_reason = code, reason
         self.wake.set()
 
-    def _notify(self) -> None:
-        """Engine thread, after each output: start (or re-arm) this stream's encoder in the codec pool.
 
-        Encoding straight from here, instead of waking the event loop first, takes one thread hop
-        off every frame's path. At most one encoder runs per stream, so outputs stay in order.
-        Must never raise: it runs on the engine thread.
-        """
-        try:
-            with self._encode_lock:
-                if self._encode_scheduled:
-                    self._encode_again = True
-                    return
-                self._encode_scheduled = True
-            self.state.codec.pool.submit(self._encode_pending)
-        except Exception:  # pool shut down at exit
-            logger.debug("encoder not scheduled", exc_info=True)
-            with self._encode_lock:
-                self._encode_scheduled = False
-            self._wake_loop()
 
-    def _wake_loop(self) -> None:
-        self._call_loop(self.wake.set)
 
-    def _encode_pending(self) -> None:
-        """Codec thread: encode every queued output in order, hand them to the sender."""
-        try:
-            while True:
-                handle = self.handle
-                batch = handle.outputs.drain() if handle is not None else []
-                for out in batch:
-                    t0 = time.perf_counter()
-                    quality = self.quality
-                    if out.error is not None:  # the model call failed: an in-band error, in the frame's place
-                        data = None
-                    elif out.image is self._last_image and quality == self._last_quality:
-                        data = self._last_bytes  # a skipped frame re-sends the same array
-                    else:
-                        data = codec.encode(out.image, "jpeg", quality)
-                        self._last_image, self._last_bytes, self._last_quality = out.image, data, quality
-                    if len(self.encoded) >= self.encoded_limit:  # the client reads too slowly: drop oldest
-                        self.encoded.popleft()
-                        self.metrics.frames.labels("dropped").inc()
-                    self.encoded.append((out, data, time.perf_counter() - t0))
-                if batch:
-                    self._wake_loop()
-                with self._encode_lock:
-                    if not self._encode_again:
-                        self._encode_scheduled = False
-                        break
-                    self._encode_again = False
-            if handle is not None and handle.outputs.closed:
-                self._wake_loop()  # after the flag is down, so the sender sees a settled state
-        except Exception:
-            logger.exception("encoding failed")
-            with self._encode_lock:
-                self._encode_scheduled = False
-            self._wake_loop()
-
-    def send_json(self, message: dict[str, Any]) -> None:
-        if len(self.control_out) >= MAX_PENDING_CONTROL:
-            self.request_close(1008, "client does not read")
-            return
-        self.control_out.append(json.dumps(message, separators=(",", ":")))
-        self.wake.set()
 
     # ------------------------------------------------------------------------------ receiving
     async def _receive_loop(self, sender: asyncio.Task) -> None:
@@ -436,95 +373,8 @@ class StreamSession:
             except EngineDeadError:
                 return
 
-    # ------------------------------------------------------------------------------ sending
-    async def _sender(self) -> None:
-        """The only writer to the socket: control replies, then output frames, then a close."""
-        try:
-            await self._send_loop()
-        except (WebSocketDisconnect, ClientDisconnected, RuntimeError) as exc:  # the client left mid-send
-            logger.debug("sender stopped: %r", exc)
-
-    async def _send_loop(self) -> None:
-        assert self.handle is not None
-        outputs = self.handle.outputs
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            while self.control_out:
-                await self.ws.send_text(self.control_out.popleft())
-            if self.close_code is not None:
-                await self._close()
-                return
-            self._count_output_drops()
-            while self.encoded:
-                await self._send_output(*self.encoded.popleft())
-            if outputs.closed and not outputs and not self.encoded and not self._encode_scheduled:
-                err = self.runner.error
-                if err is not None or not self.runner.alive:
-                    dead = EngineDeadError(f"the engine stopped: {err!r}" if err else "the engine stopped")
-                    await self.ws.send_text(json.dumps(ws_error(dead)))
-                    self.close_code, self.close_reason = WS_INTERNAL_ERROR, dead.error_type
-                    await self._close()
-                    return
-
-    async def _close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.ws.close(self.close_code or 1000, self.close_reason[:120])
-
-    def _count_output_drops(self) -> None:
-        assert self.handle is not None
-        dropped = self.handle.outputs.dropped
-        if dropped > self._out_dropped:
-            self.metrics.frames.labels("dropped").inc(dropped - self._out_dropped)
-            self._out_dropped = dropped
-
-    async def _send_output(self, out: StreamOutput, data: bytes | None, encode_s: float) -> None:
-        if data is None:  # its model call failed: in-band error naming the frame; the stream goes on
-            self._untrack(out.seq)
-            err = out.error if isinstance(out.error, DitstreamError) else GenerationError(str(out.error))
-            await self.ws.send_text(json.dumps({**ws_error(err), "seq": out.seq, "ts": out.ts},
-                                               separators=(",", ":")))
-            self.metrics.frames.labels("failed").inc()
-            return
-        t_recv = self.received.pop(out.seq, None)
-        decode_s = self.decode_s.pop(out.seq, 0.0)
-        now = time.perf_counter()
-        server_s = (now - t_recv) if t_recv is not None else out.timings.get("total", 0.0) + encode_s
-        inference_s = out.timings.get("inference", 0.0)
-        header = {"seq": out.seq, "ts": out.ts, "skipped": out.skipped,
-                  "width": int(out.image.shape[1]), "height": int(out.image.shape[0]),
-                  "timings": {"decode_ms": _ms(decode_s), "queue_ms": _ms(out.timings.get("queue", 0.0)),
-                              "inference_ms": _ms(inference_s), "encode_ms": _ms(encode_s),
-                              "server_ms": _ms(server_s)}}
-        await self.ws.send_bytes(pack_frame(header, data))
-        m = self.metrics
-        m.frames.labels("skipped" if out.skipped else "processed").inc()
-        m.queue_seconds.observe(out.timings.get("queue", 0.0))
-        if not out.skipped:
-            m.inference_seconds.observe(inference_s)
-        m.e2e_seconds.observe(server_s)
-        m.overhead_seconds.observe(max(0.0, server_s - inference_s))
-
-    # ------------------------------------------------------------------------------ helpers
-    def _config_dict(self, cfg: StreamConfig) -> dict[str, Any]:
-        d = cfg.to_dict()
-        d["fps"] = self.fps
-        d["quality"] = self.quality
-        return d
-
-    def _limits(self) -> dict[str, Any]:
-        s = self.settings
-        return {"max_frame_bytes": s.max_frame_bytes, "max_control_bytes": s.max_control_bytes,
-                "max_pixels": s.max_pixels, "max_prompt_chars": s.max_prompt_chars,
-                "size_multiple": self.runner.info.get("size_multiple"), "max_fps": s.max_fps,
-                "steps": [1, 4], "output_queue": self.runner.engine_config.output_queue_size,
-                "input_formats": list(codec.FORMATS), "output_format": "jpeg"}
 
 
-def _close_if_added(future: asyncio.Future) -> None:
-    if not future.cancelled() and future.exception() is None:
-        future.result().close()
 
 
-def _ms(seconds: float) -> float:
-    return round(seconds * 1e3, 3)
+
