@@ -114,7 +114,8 @@ def test_gpu_bench_machinery_on_the_tiny_model(tmp_path):
     """The bench's loop, baseline, table and JSON on CPU with the tiny architecture (the GPU run is manual)."""
     import json
 
-    from ditstream.bench.gpu import format_table, run_gpu_bench, to_json
+    from ditstream.bench.gpu import run_gpu_bench
+    from ditstream.bench.gpu_timing import format_table, to_json
 
     result = run_gpu_bench(arch="tiny", device="cpu", dtype="fp32", resolutions=(32,), batches=(1, 2),
                            backends=("torch", "onnx", "tensorrt"), min_time=0.0, cache_dir=str(tmp_path))
@@ -218,7 +219,7 @@ def test_gpu_bench_watchdog_keeps_the_rows_and_ends_a_hung_run(tmp_path):
 def test_watchdog_calls_back_only_after_its_deadline():
     import time
 
-    from ditstream.bench.gpu import Watchdog
+    from ditstream.bench.gpu_timing import Watchdog
 
     notes: list[str] = []
     fired: list[bool] = []

@@ -70,3 +70,10 @@ def test_one_size_parser():
     copies = [p.relative_to(ROOT).as_posix() for _, p in _modules()
               if by_hand.search(p.read_text()) and p.name != "sizes.py"]
     assert not copies, f"hand-rolled WxH parsing in {copies}: use ditstream.engine.sizes.parse_size"
+
+
+def test_no_module_is_a_house_of_its_own():
+    """One concept per file: no shipped module over ~400 lines (a bigger one is several concepts)."""
+    big = {p.relative_to(ROOT).as_posix(): n for _, p in _modules()
+           if (n := len(p.read_text().splitlines())) > 420}
+    assert not big, f"split these by concern: {big}"

@@ -111,7 +111,8 @@ def bench_gpu(
     Default grid: 512² batch 1 and 4, 1024² batch 1 — exactly the TensorRT profile built. -r/-b measure
     every size × batch instead (square sizes); the profile and cache are the ones `build-engine` uses for
     the same options. Median and p90 of >= 10 calls (CUDA events), each backend checked against torch."""
-    from ditstream.bench.gpu import BenchRefused, format_table, run_gpu_bench, to_json
+    from ditstream.bench.gpu import BenchRefused, run_gpu_bench
+    from ditstream.bench.gpu_timing import format_table, to_json
 
     sizes = parse_resolutions(resolution) or ()
     if any(w != h for w, h in sizes):
