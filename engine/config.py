@@ -149,8 +149,9 @@ class BatchConfig:
     max_wait: float = 0.5
     #: An expected frame is given up on this many mean prediction errors after its predicted time…
     grace: float = 2.0
-    #: …but never less than this (seconds): scheduling jitter of the threads that deliver frames.
-    min_grace_s: float = 0.002
+    #: …but never less than this (seconds): scheduling jitter of the threads that deliver frames
+    #: (2 ms left 12 % of closed-loop calls a sample short on a busy 2-core machine; docs/benchmarks.md).
+    min_grace_s: float = 0.005
     #: Weight of the newest sample in the running means (intervals, gaps, errors, tick duration).
     smoothing: float = 0.25
 
