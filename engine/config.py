@@ -337,10 +337,36 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
+class BatchConfig:
+    """When a tick starts (``engine/batching.py``): wait for expected frames, at most ``max_wait`` ticks."""
+
+    #: Longest the engine idles with work pending, waiting for expected frames, as a fraction of
+    #: the recent tick duration; 0 = start a tick as soon as any stream has work.
+    max_wait: float = 0.5
+    #: An expected frame is given up on this many mean prediction errors after its predicted time…
+    grace: float = 2.0
+    #: …but never less than this (seconds): scheduling jitter of the threads that deliver frames
+    #: (2 ms left 12 % of closed-loop calls a sample short on a busy 2-core machine; docs/benchmarks.md).
+    min_grace_s: float = 0.005
+    #: Weight of the newest sample in the running means (intervals, gaps, errors, tick duration).
+    smoothing: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_wait <= 4.0:
+            raise ValueError(f"batching.max_wait must be in [0, 4] ticks, got {self.max_wait}")
+        if not 0.0 < self.smoothing <= 1.0:
+            raise ValueError(f"batching.smoothing must be in (0, 1], got {self.smoothing}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
-    """Scheduler settings: batch bound and queue sizes."""
+    """Scheduler settings: batch bound, batch formation and queue sizes."""
 
     max_batch: int = 16
+    batching: BatchConfig = field(default_factory=BatchConfig)
+    #: Pending input frames per stream (``queues.FrameInbox``): 2 keeps a client's two frames in
+    #: flight; a frame that sat through a tick is still replaced by a newer one (latest wins).
+    inbox_depth: int = 2
     output_queue_size: int = 4
     idle_wait_s: float = 0.05
     max_pixels: int = 1024 * 1024

@@ -5,10 +5,11 @@ advances every stream's pipeline by one stage. The runner (``engine.runner``) ow
 the control inbox; tests drive the core directly.
 
 One tick (``step``):
- 1. take each stream's newest input (latest wins), move a gliding stream one step along its
-    transition, run the similarity filter (not while gliding), and enter the frame at its first
-    angle (VAE-encode all new frames of a size in one call; with ``feedback`` the clean latent is
-    first mixed with the stream's last output latent, ``sampler.feedback_blend``);
+ 1. take each stream's oldest pending input (``queues.FrameInbox``: two deep, latest wins only over a
+    frame that sat through a tick), move a gliding stream one step along its transition, run the
+    similarity filter (not while gliding), and enter the frame at its first angle (VAE-encode all
+    new frames of a size in one call; with ``feedback`` the clean latent is first mixed with the
+    stream's last output latent, ``sampler.feedback_blend``);
  2. gather every in-flight latent of every stream, group by latent shape and prompt length, and
     denoise each group in calls of at most ``max_batch`` samples (per-sample angle, embedding,
     mask and guidance);
@@ -16,6 +17,11 @@ One tick (``step``):
     ones (batched);
  4. emit finished frames from the front of each pipeline, in input order.
 A stream's output never depends on which other streams shared its batch (tested: isolation).
+
+When a tick starts is the batch policy's call (``engine.batching``; the runner asks ``batch_wait``
+before each tick): it holds a tick, at most half a tick, for frames expected from streams that have
+none yet, so closed-loop clients share calls instead of alternating. Every tick takes one frame from
+every stream that has one, so no stream starves and equal demand gets equal rates.
 
 Failure isolation: an exception in one model call (an encode, denoise or decode chunk) fails only
 the frames of that call, and a non-finite (NaN/inf) output fails only its own samples. A failed
@@ -35,6 +41,7 @@ import torch
 from ditstream.engine import images as imgs
 from ditstream.engine import sampler
 from ditstream.engine.backends.base import Backend, BackendLimits
+from ditstream.engine.batching import BatchPolicy
 from ditstream.engine.config import EngineConfig, StreamConfig
 from ditstream.engine.errors import (
     GenerationError,
@@ -45,7 +52,7 @@ from ditstream.engine.errors import (
 from ditstream.engine.loader import ModelComponents
 from ditstream.engine.plan import Plan, Transition, decode_clean, encode_clean, make_plan, predict_x0
 from ditstream.engine.prompt_cache import PromptCache
-from ditstream.engine.queues import OutputQueue
+from ditstream.engine.queues import FrameInbox, OutputQueue
 from ditstream.engine.similarity import SimilarityFilter
 from ditstream.engine.stream import InFlight, StreamState, new_stream_id
 from ditstream.engine.types import Frame, StreamOutput
@@ -67,6 +74,11 @@ class EngineCore:
         self.batch_sizes: list[int] = []
         self.on_batch: Callable[[int, float], None] | None = None
         self._init_failures()
+        self._init_batching()
+
+    def _init_batching(self) -> None:
+        #: When ticks start (a pure policy, fed with what the ticks observe; ``engine.batching``).
+        self.batching = BatchPolicy(self.config.batching)
 
     def _init_failures(self) -> None:
         #: Failed model calls by stage (``encode``/``denoise``/``decode``; ``nonfinite`` counts samples
@@ -107,7 +119,7 @@ class EngineCore:
         state = StreamState(
             id=sid, config=cfg, plan=self._plan(cfg),
             outputs=OutputQueue(self.config.output_queue_size, notify), filter=SimilarityFilter(cfg.filter, cfg.base_seed),
-            one_shot=one_shot,
+            one_shot=one_shot, inbox=FrameInbox(self.config.inbox_depth),
         )
         self.streams[sid] = state
         return state
@@ -133,6 +145,7 @@ class EngineCore:
     def remove(self, stream_id: str) -> StreamState | None:
         """Forget a stream and everything it had in flight (cancelled work is simply dropped)."""
         state = self.streams.pop(stream_id, None)
+        self.batching.forget(stream_id)
         if state is not None:
             state.outputs.close()
         return state
@@ -144,13 +157,30 @@ class EngineCore:
     def has_work(self) -> bool:
         return any(s.busy for s in self.streams.values())
 
+    def batch_wait(self, now: float) -> float:
+        """Seconds to hold the next tick for frames expected soon (0: start it now); see ``engine.batching``."""
+        pending: dict[str, float] = {}
+        idle: list[str] = []
+        for sid, state in self.streams.items():
+            frame = state.inbox.oldest()
+            if frame is not None:
+                pending[sid] = frame.received_at
+            elif state.pipeline:  # latents in flight: ready since the last tick ended
+                pending[sid] = self.batching.last_tick_end or now
+            elif not state.one_shot:
+                idle.append(sid)
+        return self.batching.wait_s(now, pending, idle)
+
     # ------------------------------------------------------------------ tick
     @torch.inference_mode()
     def step(self) -> list[StreamOutput]:
         """Advance every stream by one stage; returns the outputs emitted (also queued per stream)."""
+        start = time.perf_counter()
         self._admit_new_frames()
         self._denoise_all()
-        return self._emit()
+        out = self._emit()
+        self.batching.observe_tick(start, time.perf_counter())
+        return out
 
     def flush(self, max_ticks: int = 64) -> list[StreamOutput]:
         """Run ticks until nothing is in flight (end of a clip); returns all outputs."""
@@ -169,6 +199,7 @@ class EngineCore:
             frame = state.inbox.take()
             if frame is None:
                 continue
+            self.batching.observe_arrival(state.id, frame.received_at)
             gliding = state.transition is not None
             if gliding:  # the stream moves one step along its transition with every new frame
                 state.plan = state.transition.next_plan()
@@ -300,6 +331,7 @@ class EngineCore:
                 state.stats.dropped_outputs += state.outputs.dropped - before
                 if state.on_output is not None:
                     state.on_output(output)
+                self.batching.observe_output(state.id, now)
                 out.append(output)
         return out
 
@@ -361,7 +393,7 @@ def _chunks(items: list[InFlight], size: int) -> Iterable[list[InFlight]]:
 
 
 def offer(state: StreamState, frame: Frame) -> bool:
-    """Put ``frame`` in the stream's latest-wins inbox; True if it replaced an unprocessed one.
+    """Put ``frame`` in the stream's inbox; True if it made an unprocessed frame drop (``FrameInbox``).
 
     The one way a frame enters a stream, and safe from any thread: it reads only the stream's
     current config (one reference) and writes only its inbox (a locked slot) and the input-drop
@@ -375,7 +407,7 @@ def offer(state: StreamState, frame: Frame) -> bool:
         raise ValidationError("img2img streams need an image in every frame", field="image")
     if not frame.received_at:
         frame.received_at = time.perf_counter()
-    replaced = state.inbox.put(frame)
-    if replaced:
-        state.stats.dropped_inputs += 1
-    return replaced
+    dropped = state.inbox.put(frame)
+    if dropped:
+        state.stats.dropped_inputs += dropped
+    return dropped > 0

@@ -26,6 +26,7 @@ class NullCore(EngineCore):
         self.on_batch = None
         self.on_failure = None
         self._init_failures()
+        self._init_batching()
         self._size_multiple = size_multiple
         self.delay_s = delay_s
 
@@ -42,6 +43,7 @@ class NullCore(EngineCore):
             frame = state.inbox.take()
             if frame is None:
                 continue
+            self.batching.observe_arrival(state.id, frame.received_at)
             item = _NullItem(frame=frame, plan=None, x=None, taken_at=now)
             if frame.image is not None and state.filter.should_skip(frame.image):
                 item.skipped = True
@@ -53,11 +55,19 @@ class NullCore(EngineCore):
             state.pipeline.append(item)
 
     def _denoise_all(self) -> None:
+        """The simulated model call: ``delay_s`` per tick, counted as every computed frame's inference time."""
+        t0 = time.perf_counter()
         if self.delay_s:
             time.sleep(self.delay_s)
-        n = sum(len(s.pipeline) for s in self.streams.values())
-        if n:
-            self.batch_sizes.append(n)
+        dt = time.perf_counter() - t0
+        items = [it for s in self.streams.values() for it in s.pipeline]
+        if items:
+            self.batch_sizes.append(len(items))
+            if self.on_batch is not None:
+                self.on_batch(len(items), dt)
+        for it in items:
+            if not it.skipped:
+                it.inference_s += dt
 
 
 class _NullItem(InFlight):

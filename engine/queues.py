@@ -1,7 +1,8 @@
-"""Per-stream queues: a one-slot input mailbox (latest wins) and a bounded drop-oldest output.
+"""Per-stream queues: a two-deep input inbox, a one-slot mailbox (latest wins) and a bounded
+drop-oldest output.
 
-Both are thread-safe and never block the producer, so a producer faster than the engine can never
-grow memory: at most one pending input and ``maxsize`` outputs exist per stream.
+All are thread-safe and never block the producer, so a producer faster than the engine can never
+grow memory: at most ``depth`` pending inputs and ``maxsize`` outputs exist per stream.
 """
 
 from __future__ import annotations
@@ -38,6 +39,57 @@ class LatestSlot(Generic[T]):
 
     def __bool__(self) -> bool:
         return self._item is not None
+
+
+class FrameInbox(Generic[T]):
+    """A stream's pending input frames: at most ``depth``, taken oldest first, one per ``take`` (tick).
+
+    Latest wins only for a frame that has already sat through a tick: ``put`` first drops every
+    pending frame that was there at an earlier ``take`` (a tick took an older frame of this stream
+    and left it), then the oldest while the inbox is full. So a client with two frames in flight
+    keeps both (the older is taken first, the newer by the next tick), while a producer faster than
+    the engine is served at most about one tick behind its newest frame and never grows memory.
+    ``depth=1`` is a plain latest-wins slot.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        if depth < 1:
+            raise ValueError("depth must be >= 1")
+        self.depth = depth
+        self._items: deque[tuple[T, int]] = deque()  # (item, takes counted when it was put)
+        self._takes = 0
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def put(self, item: T) -> int:
+        """Queue ``item``; returns how many pending items it made drop (0 when none)."""
+        with self._lock:
+            before = len(self._items)
+            while self._items and self._items[0][1] < self._takes:  # sat through a tick already
+                self._items.popleft()
+            while len(self._items) >= self.depth:
+                self._items.popleft()
+            dropped = before - len(self._items)
+            self.dropped += dropped
+            self._items.append((item, self._takes))
+            return dropped
+
+    def take(self) -> T | None:
+        """The oldest pending item (called once per tick, so the others count as having sat through it)."""
+        with self._lock:
+            self._takes += 1
+            return self._items.popleft()[0] if self._items else None
+
+    def oldest(self) -> T | None:
+        """The item the next ``take`` returns, left in place."""
+        with self._lock:
+            return self._items[0][0] if self._items else None
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class OutputQueue(Generic[T]):

@@ -2,6 +2,8 @@
 
 The loop drains an inbox of typed control messages (add, reconfigure, remove, job, stop), applies
 them between ticks, steps the core while any stream has work and sleeps on an event otherwise.
+Before a tick it asks the core's batch policy (``engine.batching``) whether to hold it for frames
+expected soon; it then waits on the same event, so each arriving frame re-asks at once.
 Callers never touch torch: frames go into a stream's latest-wins slot from any thread, outputs come
 out of its bounded queue, and ``notify`` callbacks (e.g. ``loop.call_soon_threadsafe``) wake
 consumers. A failed model call fails only its own frames (the core emits them as error outputs;
@@ -298,6 +300,11 @@ class EngineRunner:
                     break
                 self._reap_cancelled_jobs()
                 if self.core.has_work():
+                    hold = self.core.batch_wait(time.perf_counter())
+                    if hold > 0:  # frames expected soon: let them join this tick (an arrival wakes us)
+                        self._wake.wait(hold)
+                        self._wake.clear()
+                        continue
                     outputs = self._step()
                     self.ticks += 1
                     self._resolve_jobs(outputs)

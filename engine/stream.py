@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from ditstream.engine.config import StreamConfig
 from ditstream.engine.plan import Plan, Transition
-from ditstream.engine.queues import LatestSlot, OutputQueue
+from ditstream.engine.queues import FrameInbox, OutputQueue
 from ditstream.engine.similarity import SimilarityFilter
 from ditstream.engine.types import Frame, StreamOutput, StreamStats
 
@@ -68,7 +68,7 @@ class StreamState:
     plan: Plan
     outputs: OutputQueue[StreamOutput]
     filter: SimilarityFilter
-    inbox: LatestSlot[Frame] = field(default_factory=LatestSlot)
+    inbox: FrameInbox[Frame] = field(default_factory=FrameInbox)
     pipeline: deque[InFlight] = field(default_factory=deque)
     stats: StreamStats = field(default_factory=StreamStats)
     last_output: np.ndarray | None = None

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     default_height: int | None = None
     #: Engine scheduler knobs.
     max_batch: int = Field(16, ge=1)
+    #: Longest a tick is held for frames expected soon, in ticks (``engine/batching.py``; env
+    #: ``DITSTREAM_BATCH_WAIT``); 0 starts a tick as soon as any stream has a frame.
+    batch_wait: float = Field(0.5, ge=0, le=4)
     output_queue_size: int = Field(4, ge=1)
     #: JPEG quality of stream outputs.
     jpeg_quality: int = Field(85, ge=1, le=100)

@@ -1,9 +1,15 @@
-"""``ditstream bench server``: N concurrent WebSocket streams at a fixed input fps for T seconds.
+"""``ditstream bench server``: N concurrent WebSocket streams for T seconds, open or closed loop.
+
+Open loop (default): every stream sends at a fixed input fps, as a camera does, answered or not.
+Closed loop (``inflight`` ≥ 1): every stream keeps that many frames unanswered and sends the next
+one as soon as an answer comes back (outputs come in ``seq`` order, so "unanswered" is
+``last sent seq − last answered seq``; a frame dropped by the server is then implied answered).
 
 Measures what a user sees and what the server adds:
-* per-stream output fps, glass-to-glass latency p50/p99 (frame sent → its output received, one
-  clock: the bench's own), dropped % (inputs never answered: latest-wins at the server) and
-  skipped % (similarity filter);
+* per-stream output fps and their spread (fairness: (max − min) / mean), glass-to-glass latency
+  p50/p99 (frame sent → its output received, one clock: the bench's own), dropped % (inputs never
+  answered: replaced at the server) and skipped % (similarity filter);
+* the batch sizes of the server's model calls over the run (its ``ditstream_batch_size`` histogram);
 * server overhead per frame from the output headers: ``server_ms − inference_ms`` (receipt to
   send, minus model time), with decode and encode medians;
 * the server's event-loop lag over the run, from its ``/metrics`` (stalls over 20 ms counted from
@@ -11,8 +17,11 @@ Measures what a user sees and what the server adds:
   stalled client would inflate latencies, so it is reported too).
 
 The same load is run against a null-engine server started for the purpose (``ditstream serve
---model null`` in a subprocess), which isolates the server's overhead from the model's.
-Frames are a moving pattern, JPEG-encoded once up front, so the client spends no time encoding.
+--model null`` in a subprocess, ``null_delay_ms`` of simulated inference per tick, counted as
+inference), which isolates the server's overhead from the model's. ``run_arms`` runs several
+specs against fresh null servers, interleaved ``repeats`` times, for ratios measured side by side.
+Frames are a moving pattern (or the JPEGs of ``frames_dir``), JPEG-encoded once up front, so the
+client spends no time encoding.
 """
 
 from __future__ import annotations
@@ -51,6 +60,37 @@ class BenchSpec:
     #: server ~0.5 ms more decode per 512² frame.
     subsampling: str = "420"
     warmup_s: float = 1.0
+    #: 0: open loop at ``fps``; N ≥ 1: closed loop, N frames unanswered per stream at any time.
+    inflight: int = 0
+    #: A folder of JPEGs to send instead of the pattern (scaled to ``width``×``height`` if needed).
+    frames_dir: str | None = None
+    #: Null server only: simulated inference per tick (``serve --null-delay-ms``).
+    null_delay_ms: float = 0.0
+    #: Null server only: ``DITSTREAM_BATCH_WAIT`` (None: the server's default).
+    batch_wait: float | None = None
+
+
+def _folder_frames(folder: str, width: int, height: int, quality: int, subsampling: str) -> list[bytes]:
+    """The ``*.jpg``/``*.jpeg`` of ``folder`` in name order; re-encoded at width×height when sized otherwise."""
+    import pathlib
+
+    import simplejpeg
+    from PIL import Image
+
+    from ditstream.clients.stream_client import decode_jpeg, encode_jpeg
+
+    paths = sorted(p for p in pathlib.Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not paths:
+        raise ValueError(f"no .jpg/.jpeg files in {folder}")
+    out = []
+    for path in paths:
+        data = path.read_bytes()
+        w, h = simplejpeg.decode_jpeg_header(data)[1::-1]
+        if (w, h) != (width, height):
+            img = Image.fromarray(decode_jpeg(data)).resize((width, height), Image.BILINEAR)
+            data = encode_jpeg(np.asarray(img), quality, subsampling)
+        out.append(data)
+    return out
 
 
 def _pattern(width: int, height: int, n: int, quality: int, subsampling: str = "420") -> list[bytes]:
@@ -88,6 +128,7 @@ class _Stream:
         self.decode_ms: list[float] = []
         self.encode_ms: list[float] = []
         self.errors: list[dict[str, Any]] = []
+        self.stalls = 0  # closed loop: no answer for a second, a frame sent anyway
 
 
 async def _one_stream(url: str, headers: dict[str, str] | None, spec: BenchSpec, frames: list[bytes],
@@ -109,14 +150,23 @@ async def _one_stream(url: str, headers: dict[str, str] | None, spec: BenchSpec,
             if msg.get("type") == "error":
                 raise RuntimeError(f"config refused: {msg}")
 
+        answered = asyncio.Event()
+        last_answered = -1
+
         async def receive() -> None:
-            nonlocal first_seq
+            nonlocal first_seq, last_answered
             async for msg in ws:
                 now = time.perf_counter() * 1e3
                 if isinstance(msg, str):
-                    st.errors.append(json.loads(msg))
+                    err = json.loads(msg)
+                    st.errors.append(err)
+                    if isinstance(err.get("seq"), int):
+                        last_answered = max(last_answered, err["seq"])
+                        answered.set()
                     continue
                 h = _unpack_header(msg)
+                last_answered = max(last_answered, h["seq"])
+                answered.set()
                 if first_seq is None or h["seq"] < first_seq:
                     continue  # warm-up frame
                 st.received += 1
@@ -133,17 +183,31 @@ async def _one_stream(url: str, headers: dict[str, str] | None, spec: BenchSpec,
         next_t = t_start - spec.warmup_s + period * index / max(spec.streams, 1)
         seq = 0
         while True:
-            next_t += period
-            if next_t >= t_end:
-                break
-            await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
+            if spec.inflight:  # closed loop: send as soon as fewer than `inflight` are unanswered
+                if seq == 0:
+                    await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
+                while seq - 1 - last_answered >= spec.inflight and time.perf_counter() < t_end:
+                    answered.clear()
+                    try:
+                        await asyncio.wait_for(answered.wait(), min(1.0, max(0.001, t_end - time.perf_counter())))
+                    except TimeoutError:
+                        if time.perf_counter() < t_end:
+                            st.stalls += 1
+                            break
+                if time.perf_counter() >= t_end:
+                    break
+            else:
+                next_t += period
+                if next_t >= t_end:
+                    break
+                await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
             if first_seq is None and time.perf_counter() >= t_start:
                 first_seq = seq
             await ws.send(_pack(seq, time.perf_counter() * 1e3, frames[seq % len(frames)]))
             if first_seq is not None:
                 st.sent += 1
             seq += 1
-        await asyncio.sleep(min(1.0, 10 * period))  # let the last answers arrive
+        await asyncio.sleep(1.0 if spec.inflight else min(1.0, 10 * period))  # let the last answers arrive
         recv.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await recv
@@ -158,13 +222,30 @@ async def _client_lag(stop: asyncio.Event, out: list[float], interval: float = 0
         out.append(max(0.0, loop.time() - t0 - interval))
 
 
-def _lag_buckets(http_url: str, headers: dict[str, str] | None) -> dict[float, float]:
-    text = httpx.get(http_url + "/metrics", headers=headers, timeout=10).text
+def _buckets(text: str, name: str) -> dict[float, float]:
+    """The cumulative buckets (le → count) of histogram ``name`` in a Prometheus text page."""
     out: dict[float, float] = {}
     for line in text.splitlines():
-        if line.startswith("ditstream_event_loop_lag_seconds_bucket"):
+        if line.startswith(name + "_bucket"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _scrape(http_url: str, headers: dict[str, str] | None) -> dict[str, dict[float, float]]:
+    text = httpx.get(http_url + "/metrics", headers=headers, timeout=10).text
+    return {"lag": _buckets(text, "ditstream_event_loop_lag_seconds"), "batch": _buckets(text, "ditstream_batch_size")}
+
+
+def _histogram(before: dict[float, float], after: dict[float, float]) -> dict[str, int]:
+    """Per-bucket counts over the run from two cumulative scrapes: {"≤ le": n} for buckets with any."""
+    les = sorted(after)
+    cum = [after[k] - before.get(k, 0.0) for k in les]
+    out, prev = {}, 0.0
+    for le, c in zip(les, cum, strict=True):
+        if c - prev > 0:
+            out["+Inf" if le == float("inf") else f"{le:g}"] = int(c - prev)
+        prev = c
     return out
 
 
@@ -189,9 +270,12 @@ async def measure(url: str, spec: BenchSpec, api_key: str | None = None, pid: in
     http_url = base.replace("ws://", "http://").replace("wss://", "https://")
     ws_url = http_url.replace("http://", "ws://").replace("https://", "wss://") + "/v1/stream"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    frames = await asyncio.to_thread(_pattern, spec.width, spec.height, 30, spec.quality,
-                                   spec.subsampling)
-    before = await asyncio.to_thread(_lag_buckets, http_url, headers)
+    if spec.frames_dir:
+        frames = await asyncio.to_thread(_folder_frames, spec.frames_dir, spec.width, spec.height, spec.quality,
+                                         spec.subsampling)
+    else:
+        frames = await asyncio.to_thread(_pattern, spec.width, spec.height, 30, spec.quality, spec.subsampling)
+    before = await asyncio.to_thread(_scrape, http_url, headers)
     client_lag: list[float] = []
     stop = asyncio.Event()
     lag_task = asyncio.create_task(_client_lag(stop, client_lag))
@@ -209,8 +293,9 @@ async def measure(url: str, spec: BenchSpec, api_key: str | None = None, pid: in
     await asyncio.gather(*marks)
     stop.set()
     await lag_task
-    after = await asyncio.to_thread(_lag_buckets, http_url, headers)
-    out = _summarise(spec, list(streams), before, after, client_lag)
+    after = await asyncio.to_thread(_scrape, http_url, headers)
+    out = _summarise(spec, list(streams), before["lag"], after["lag"], client_lag)
+    out["batch_sizes"] = _histogram(before["batch"], after["batch"])
     if len(cpu) == 2 and cpu[0] is not None and cpu[1] is not None and out["received"]:
         out["server_cpu_ms_per_frame"] = round((cpu[1] - cpu[0]) * 1e3 / out["received"], 3)
     return out
@@ -231,10 +316,14 @@ def _summarise(spec: BenchSpec, streams: list[_Stream], before: dict[float, floa
     stalls = total_ticks - delta.get(STALL_S, total_ticks)
     nonzero = [k for k in sorted(delta) if delta[k] < total_ticks]  # buckets some sample exceeded
     lag_max_le = min((k for k in sorted(delta) if delta[k] >= total_ticks), default=float("inf"))
+    fps = [s.received / spec.seconds for s in streams]
+    mean_fps = received / spec.seconds / max(1, spec.streams)
     return {
-        "streams": spec.streams,
-        "fps_per_stream": [round(s.received / spec.seconds, 2) for s in streams],
-        "fps_per_stream_mean": round(received / spec.seconds / max(1, spec.streams), 2),
+        "streams": spec.streams, "inflight": spec.inflight,
+        "fps_per_stream": [round(f, 2) for f in fps],
+        "fps_per_stream_mean": round(mean_fps, 2),
+        "fps_total": round(received / spec.seconds, 2),
+        "fps_spread_pct": round(100.0 * (max(fps) - min(fps)) / mean_fps, 1) if mean_fps else float("nan"),
         "g2g_ms_p50": _pct(lat, 50), "g2g_ms_p99": _pct(lat, 99),
         "server_overhead_ms_p50": _pct(over, 50), "server_overhead_ms_p99": _pct(over, 99),
         "decode_ms_p50": _pct([v for s in streams for v in s.decode_ms], 50),
@@ -246,6 +335,7 @@ def _summarise(spec: BenchSpec, streams: list[_Stream], before: dict[float, floa
         "server_loop_stalls_over_20ms": int(stalls),
         "server_loop_lag_max_ms_le": round(lag_max_le * 1e3, 1) if nonzero or total_ticks else float("nan"),
         "client_loop_lag_ms_max": round(max(client_lag, default=0.0) * 1e3, 2),
+        "closed_loop_stalls": sum(s.stalls for s in streams),
         "errors": [e for s in streams for e in s.errors][:5],
     }
 
@@ -255,8 +345,11 @@ def _summarise(spec: BenchSpec, streams: list[_Stream], before: dict[float, floa
 def null_server(spec: BenchSpec, timeout: float = 120.0) -> Iterator[tuple[str, int]]:
     """A ``ditstream serve --model null`` subprocess on a free port; yields (ws:// base URL, pid)."""
     args = ["--model", "null", "--max-streams", str(spec.streams + 1), "--width", str(spec.width),
-            "--height", str(spec.height), "--log-level", "warning"]
-    with serve_subprocess(args, {"DITSTREAM_API_KEYS": ""}, timeout) as (port, pid):
+            "--height", str(spec.height), "--null-delay-ms", str(spec.null_delay_ms), "--log-level", "warning"]
+    env = {"DITSTREAM_API_KEYS": ""}
+    if spec.batch_wait is not None:
+        env["DITSTREAM_BATCH_WAIT"] = str(spec.batch_wait)
+    with serve_subprocess(args, env, timeout) as (port, pid):
         yield f"ws://127.0.0.1:{port}", pid
 
 
@@ -273,11 +366,56 @@ def run_bench(spec: BenchSpec, url: str | None = None, api_key: str | None = Non
     return results
 
 
+def run_arms(arms: dict[str, BenchSpec], repeats: int = 3) -> dict[str, list[dict[str, Any]]]:
+    """Each arm against its own fresh null server, interleaved: arm 1, arm 2, …, then again ``repeats`` times.
+
+    Load that comes and goes on a shared machine then hits every arm alike; compare arms with
+    ``paired_ratio`` (the median of the per-repeat ratios).
+    """
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
+    for _ in range(repeats):
+        for name, spec in arms.items():
+            with null_server(spec) as (null_url, pid):
+                runs[name].append(asyncio.run(measure(null_url, spec, pid=pid)))
+    return runs
+
+
+def paired_ratio(runs: dict[str, list[dict[str, Any]]], num: str, den: str, key: str) -> float:
+    """Median over repeats of ``runs[num][i][key] / runs[den][i][key]``."""
+    ratios = [a[key] / b[key] for a, b in zip(runs[num], runs[den], strict=True) if b[key]]
+    return round(float(np.median(ratios)), 3) if ratios else float("nan")
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One arm's repeats as one row: medians of the numbers, batch-size counts summed, lists of the median run."""
+    mid = sorted(runs, key=lambda r: r["fps_total"])[len(runs) // 2]
+    out = dict(mid)
+    for key, value in mid.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = round(float(np.median([r[key] for r in runs])), 3)
+    sizes: dict[str, int] = {}
+    for r in runs:
+        for k, n in r.get("batch_sizes", {}).items():
+            sizes[k] = sizes.get(k, 0) + n
+    out["batch_sizes"] = sizes
+    return out
+
+
+def _mode(spec: BenchSpec, r: dict[str, Any]) -> str:
+    n = r.get("streams", spec.streams)
+    return f"{n} × {spec.inflight} in flight" if spec.inflight else f"{n} × {spec.fps:g}"
+
+
 def format_report(spec: BenchSpec, results: dict[str, dict[str, Any]]) -> str:
     rows = [
-        ("streams × input fps", lambda r: f"{r['streams']} × {spec.fps:g}"),
+        ("streams × input fps (or in flight)", lambda r: _mode(spec, r)),
         ("output fps per stream (mean)", lambda r: f"{r['fps_per_stream_mean']:.1f}"),
         ("output fps per stream (min)", lambda r: f"{min(r['fps_per_stream'], default=0):.1f}"),
+        ("output fps, all streams", lambda r: f"{r.get('fps_total', float('nan')):.1f}"),
+        ("per-stream fps spread (max−min)/mean", lambda r: f"{r.get('fps_spread_pct', float('nan')):.1f} %"),
+        ("batch sizes (size: calls)", lambda r: " ".join(f"{k}:{v}" for k, v in r.get("batch_sizes", {}).items())
+         or "-"),
         ("glass-to-glass p50 / p99 ms", lambda r: f"{r['g2g_ms_p50']:.1f} / {r['g2g_ms_p99']:.1f}"),
         ("server overhead p50 / p99 ms", lambda r: f"{r['server_overhead_ms_p50']:.2f} / "
                                                   f"{r['server_overhead_ms_p99']:.2f}"),
@@ -290,12 +428,14 @@ def format_report(spec: BenchSpec, results: dict[str, dict[str, Any]]) -> str:
     ]
     names = list(results)
     width = max(len(r[0]) for r in rows) + 2
+    load = f"{spec.inflight} frame(s) in flight (closed loop)" if spec.inflight else f"{spec.fps:g} fps (open loop)"
+    col = max([22, *(len(n) + 2 for n in names)])
     lines = [f"ditstream bench server: {spec.streams} streams, {spec.width}x{spec.height} JPEG q{spec.quality} "
              f"{spec.subsampling[0]}:{spec.subsampling[1]}:{spec.subsampling[2]} at "
-             f"{spec.fps:g} fps for {spec.seconds:g} s", "",
-             "".ljust(width) + "".join(n.rjust(22) for n in names)]
+             f"{load} for {spec.seconds:g} s", "",
+             "".ljust(width) + "".join(n.rjust(col) for n in names)]
     for label, fn in rows:
-        lines.append(label.ljust(width) + "".join(fn(results[n]).rjust(22) for n in names))
+        lines.append(label.ljust(width) + "".join(fn(results[n]).rjust(col) for n in names))
     if "server" in results and "null engine" in results:
         s, n = results["server"], results["null engine"]
         if s["g2g_ms_p50"] and s["g2g_ms_p50"] == s["g2g_ms_p50"]:
@@ -303,4 +443,26 @@ def format_report(spec: BenchSpec, results: dict[str, dict[str, Any]]) -> str:
     for name, r in results.items():
         if r["errors"]:
             lines.append(f"{name}: errors: {r['errors']}")
+    return "\n".join(lines)
+
+
+def format_arms(spec: BenchSpec, arms: dict[str, BenchSpec], runs: dict[str, list[dict[str, Any]]]) -> str:
+    """The arms' median runs side by side, then each pair's ratios (medians of per-repeat ratios)."""
+    merged = {name: median_run(r) for name, r in runs.items()}
+    repeats = len(next(iter(runs.values()), []))
+    lines = [format_report(spec, merged), "",
+             f"medians of {repeats} interleaved repeat(s); null engine {spec.null_delay_ms:g} ms per call; ratios "
+             "are medians of per-repeat ratios:"]
+    names = list(arms)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            sa, sb = arms[a], arms[b]
+            if sa.batch_wait == sb.batch_wait and sa.streams != sb.streams:
+                big, small = (a, b) if sa.streams > sb.streams else (b, a)
+                lines.append(f"  {big} / {small}: total fps ×{paired_ratio(runs, big, small, 'fps_total'):.2f}, "
+                             f"g2g p50 ×{paired_ratio(runs, big, small, 'g2g_ms_p50'):.2f}")
+            elif sa.streams == sb.streams and sa.batch_wait != sb.batch_wait:
+                lines.append(f"  {a} / {b}: total fps ×{paired_ratio(runs, a, b, 'fps_total'):.2f}, "
+                             f"g2g p50 ×{paired_ratio(runs, a, b, 'g2g_ms_p50'):.2f}, "
+                             f"dropped {merged[a]['dropped_pct']:.1f} % vs {merged[b]['dropped_pct']:.1f} %")
     return "\n".join(lines)

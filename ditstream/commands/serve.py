@@ -130,7 +130,17 @@ def bind_or_exit(command: str, host: str, port: int):
 def bench_server(
     url: str = typer.Option(None, help="Server to measure, e.g. ws://127.0.0.1:8000 (omit: null engine only)."),
     streams: int = typer.Option(4, "--streams", "-n", help="Concurrent WebSocket streams."),
-    fps: float = typer.Option(30.0, help="Input frames per second per stream."),
+    fps: float = typer.Option(30.0, help="Input frames per second per stream (open loop)."),
+    inflight: int = typer.Option(0, "--inflight", min=0, help="Closed loop: keep N frames unanswered per stream, "
+                                 "sending the next when an answer comes back (0 = open loop at --fps)."),
+    frames: str = typer.Option(None, "--frames", help="A folder of JPEGs to send (scaled to --size if needed) "
+                               "instead of the moving pattern."),
+    null_delay_ms: float = typer.Option(0.0, "--null-delay-ms", help="Null server: simulated inference per tick."),
+    baseline_streams: int = typer.Option(None, "--baseline-streams", help="Also run N streams (e.g. 1) against "
+                                         "fresh null servers, interleaved with --streams, and report the ratios."),
+    batch_wait: str = typer.Option(None, "--batch-wait", help="Null server's DITSTREAM_BATCH_WAIT; comma-separated "
+                                   "values (e.g. 0.5,0) run one arm each, interleaved."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Interleaved repeats of the arms (medians reported)."),
     seconds: float = typer.Option(10.0, "--seconds", "-t", help="Duration of each run."),
     size: str = typer.Option("512x512", help="Frame size WxH (JPEG frames of a moving pattern)."),
     prompt: str = typer.Option("a watercolor painting", help="Prompt sent to each stream."),
@@ -141,18 +151,30 @@ def bench_server(
                               "server started for the purpose (isolates server overhead)."),
     json_out: str = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
 ) -> None:
-    """N concurrent streams at a fixed input fps for T seconds: fps, glass-to-glass p50/p99, drops, loop lag."""
+    """N concurrent streams, open or closed loop: fps and its spread, glass-to-glass p50/p99, drops, batch sizes."""
+    import dataclasses
     import json
 
-    from ditstream.bench.server import BenchSpec, format_report, run_bench
+    from ditstream.bench.server import BenchSpec, format_arms, format_report, run_arms, run_bench
 
     if subsampling not in ("420", "422", "444"):
         raise typer.BadParameter("--subsampling must be 420, 422 or 444")
     w, h = size_arg(size)
     spec = BenchSpec(streams=streams, fps=fps, seconds=seconds, width=w, height=h, prompt=prompt,
-                     subsampling=subsampling)
-    results = run_bench(spec, url=url, api_key=api_key, null=null)
-    typer.echo(format_report(spec, results))
+                     subsampling=subsampling, inflight=inflight, frames_dir=frames, null_delay_ms=null_delay_ms)
+    waits = [float(v) for v in batch_wait.split(",")] if batch_wait else [None]
+    if baseline_streams is None and len(waits) == 1 and repeats == 1:
+        spec = dataclasses.replace(spec, batch_wait=waits[0])
+        results = run_bench(spec, url=url, api_key=api_key, null=null)
+        typer.echo(format_report(spec, results))
+        out: dict = {"spec": spec.__dict__, "results": results}
+    else:  # arms against fresh null servers, interleaved
+        counts = [n for n in (baseline_streams, streams) if n is not None]
+        arms = {f"{n} stream(s)" + ("" if wait is None else f", batch_wait {wait:g}"):
+                dataclasses.replace(spec, streams=n, batch_wait=wait) for wait in waits for n in counts}
+        runs = run_arms(arms, repeats)
+        typer.echo(format_arms(spec, arms, runs))
+        out = {"spec": spec.__dict__, "arms": {k: v.__dict__ for k, v in arms.items()}, "runs": runs}
     if json_out:
         with open(json_out, "w") as f:
-            json.dump({"spec": spec.__dict__, "results": results}, f, indent=2)
+            json.dump(out, f, indent=2)
