@@ -12,7 +12,8 @@ from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
 
 from ditstream.bench.harness import ServerThread
-from ditstream.bench.server import BenchSpec, _folder_frames, _histogram, format_report, measure
+from ditstream.bench.server import BenchSpec, _folder_frames, measure
+from ditstream.bench.server_report import batch_histogram, format_report
 
 
 def test_closed_loop_keeps_n_in_flight_and_reports_batches_and_spread(tmp_path):
@@ -38,4 +39,4 @@ def test_closed_loop_keeps_n_in_flight_and_reports_batches_and_spread(tmp_path):
 def test_histogram_from_two_cumulative_scrapes():
     before = {1.0: 5, 2.0: 5, 4.0: 9, float("inf"): 9}
     after = {1.0: 6, 2.0: 6, 4.0: 30, float("inf"): 30}
-    assert _histogram(before, after) == {"1": 1, "4": 20}
+    assert batch_histogram(before, after) == {"1": 1, "4": 20}

@@ -7,7 +7,8 @@ from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
 
 from ditstream.bench.harness import ServerThread
-from ditstream.bench.server import BenchSpec, format_report, run_bench
+from ditstream.bench.server import BenchSpec, run_bench
+from ditstream.bench.server_report import format_report
 
 
 def test_bench_against_a_server_and_a_null_engine():

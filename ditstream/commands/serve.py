@@ -155,7 +155,8 @@ def bench_server(
     import dataclasses
     import json
 
-    from ditstream.bench.server import BenchSpec, format_arms, format_report, run_arms, run_bench
+    from ditstream.bench.server import BenchSpec, run_arms, run_bench
+    from ditstream.bench.server_report import format_arms, format_report
 
     if subsampling not in ("420", "422", "444"):
         raise typer.BadParameter("--subsampling must be 420, 422 or 444")
