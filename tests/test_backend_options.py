@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,19 +15,11 @@ import pytest
 import torch
 from ditstream.engine.config import BackendOptions
 from ditstream.engine.errors import ValidationError
+from testkit import free_port, run_cli, wait_ready
 
 EXIT_USAGE = 2
 
 
-def _cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ditstream", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _files(folder: Path) -> dict[str, int]:
@@ -102,13 +92,13 @@ def test_serve_reuses_the_export_build_engine_made(tiny_model_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     cache = tmp_path / "engines"
     profile = ["-r", "256", "-b", "1", "-b", "4"]
-    built = _cli("build-engine", "--model", str(tiny_model_dir), "--onnx-only", *profile, "--cache-dir", str(cache))
+    built = run_cli("build-engine", "--model", str(tiny_model_dir), "--onnx-only", *profile, "--cache-dir", str(cache))
     assert built.returncode == 0, built.stderr
-    listing = _cli("build-engine", "--list", "--cache-dir", str(cache))
+    listing = run_cli("build-engine", "--list", "--cache-dir", str(cache))
     assert listing.returncode == 0 and listing.stdout.count(" onnx ") == 3, listing.stdout
     files = _files(cache)
 
-    port = _free_port()
+    port = free_port()
     default_cache = tmp_path / "xdg"  # where serve would export if it ignored --cache-dir
     proc = subprocess.Popen([sys.executable, "-m", "ditstream", "serve", "--model", str(tiny_model_dir),
                              "--backend", "onnx", *profile, "--cache-dir", str(cache), "--port", str(port),
@@ -116,16 +106,7 @@ def test_serve_reuses_the_export_build_engine_made(tiny_model_dir, tmp_path):
                             env={**os.environ, "XDG_CACHE_HOME": str(default_cache)})
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.3)
+        wait_ready(proc, base)
         card = httpx.get(base + "/v1/models", timeout=5).json()["data"][0]
         assert "onnx" in str(card), card
         # the profile reached the backend: new streams start at its size
@@ -137,7 +118,7 @@ def test_serve_reuses_the_export_build_engine_made(tiny_model_dir, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    after = _cli("build-engine", "--list", "--cache-dir", str(cache))
+    after = run_cli("build-engine", "--list", "--cache-dir", str(cache))
     assert after.stdout == listing.stdout  # the same entries...
     assert _files(cache) == files  # ...and not one file new or rewritten: no second export
     # nor one in the default cache ($XDG_CACHE_HOME/ditstream): the backend looked in --cache-dir (other
@@ -200,9 +181,9 @@ def test_tiny_vae_on_a_model_of_another_scale_fails_before_the_backend_is_built(
 
 def test_generate_with_tiny_vae(f32_model_dir, taesana_dir, tmp_path):
     common = ["generate", "--model", str(f32_model_dir), "--prompt", "a red circle", "--size", "64x64"]
-    plain = _cli(*common, "--out", str(tmp_path / "plain.npy"))
+    plain = run_cli(*common, "--out", str(tmp_path / "plain.npy"))
     assert plain.returncode == 0, plain.stderr
-    tiny = _cli(*common, "--tiny-vae", str(taesana_dir), "--out", str(tmp_path / "tiny.npy"))
+    tiny = run_cli(*common, "--tiny-vae", str(taesana_dir), "--out", str(tmp_path / "tiny.npy"))
     assert tiny.returncode == 0, tiny.stderr
     a, b = np.load(tmp_path / "plain.npy"), np.load(tmp_path / "tiny.npy")
     assert a.shape == b.shape == (64, 64, 3) and np.isfinite(b).all()
@@ -219,7 +200,7 @@ def test_generate_with_tiny_vae(f32_model_dir, taesana_dir, tmp_path):
     (["--tiny-vae", "/no/such/taesana"], "does not exist"),
 ])
 def test_malformed_options_are_refused_before_the_model_loads(tmp_path, command, args, complaint):
-    r = _cli(*command, "--model", str(tmp_path / "no-such-model"), *args, timeout=120)
+    r = run_cli(*command, "--model", str(tmp_path / "no-such-model"), *args, timeout=120)
     if command[0] == "build-engine" and args[0] == "--tiny-vae":
         assert r.returncode == EXIT_USAGE and "No such option" in r.stderr  # build-engine builds no tiny VAE
         return
@@ -234,6 +215,6 @@ def test_malformed_options_are_refused_before_the_model_loads(tmp_path, command,
     ({"DITSTREAM_TINY_VAE": "/no/such/taesana"}, "DITSTREAM_TINY_VAE"),
 ])
 def test_malformed_env_options_are_refused_before_the_model_loads(tmp_path, env, complaint):
-    r = _cli("serve", "--model", str(tmp_path / "no-such-model"), env=env, timeout=120)
+    r = run_cli("serve", "--model", str(tmp_path / "no-such-model"), env=env, timeout=120)
     assert r.returncode == EXIT_USAGE and complaint in r.stderr and "no-such-model" not in r.stderr, r.stderr
     assert "Traceback" not in r.stderr

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from testkit import run_cli
 
 SIZE = 32
 
-
-def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ditstream", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +33,7 @@ def _ref_kwargs(seed: int) -> dict:
 @pytest.mark.parametrize("steps", [1, 2])
 def test_generate_txt2img_cli_equals_diffusers(tmp_path, tiny_model_dir, pipes, steps):
     out = tmp_path / "t.npy"
-    r = _cli("generate", "--model", str(tiny_model_dir), "--prompt", "a red circle", "--steps", str(steps),
+    r = run_cli("generate", "--model", str(tiny_model_dir), "--prompt", "a red circle", "--steps", str(steps),
              "--seed", "7", "--size", f"{SIZE}x{SIZE}", "--guidance-scale", "4.5", "--out", str(out))
     assert r.returncode == 0, r.stderr
     ref = pipes[0](prompt="a red circle", num_inference_steps=steps, max_timesteps=math.pi / 2,
@@ -51,7 +47,7 @@ def test_generate_img2img_cli_equals_diffusers(tmp_path, tiny_model_dir, pipes, 
     src = Image.fromarray((rs.rand(SIZE, SIZE, 3) * 255).astype(np.uint8))
     src.save(tmp_path / "in.png")
     out = tmp_path / "i.npy"
-    r = _cli("generate", "--model", str(tiny_model_dir), "--prompt", "a blue star", "--image", str(tmp_path / "in.png"),
+    r = run_cli("generate", "--model", str(tiny_model_dir), "--prompt", "a blue star", "--image", str(tmp_path / "in.png"),
              "--strength", str(strength), "--steps", "1", "--seed", "4", "--size", f"{SIZE}x{SIZE}",
              "--guidance-scale", "4.5", "--out", str(out))
     assert r.returncode == 0, r.stderr
@@ -62,27 +58,27 @@ def test_generate_img2img_cli_equals_diffusers(tmp_path, tiny_model_dir, pipes, 
 
 def test_generate_png_and_clear_errors(tmp_path, tiny_model_dir):
     out = tmp_path / "x.png"
-    r = _cli("generate", "--model", str(tiny_model_dir), "--prompt", "a cat", "--size", f"{SIZE}x{SIZE}", "--out", str(out))
+    r = run_cli("generate", "--model", str(tiny_model_dir), "--prompt", "a cat", "--size", f"{SIZE}x{SIZE}", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (SIZE, SIZE)
-    r = _cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
+    r = run_cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
     assert r.returncode == 2 and "does not exist" in r.stderr
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "model_index.json").write_text("{}")
-    r = _cli("generate", "--model", str(partial), "--prompt", "x")
+    r = run_cli("generate", "--model", str(partial), "--prompt", "x")
     assert r.returncode == 2 and "missing" in r.stderr and "transformer/" in r.stderr
-    r = _cli("generate", "--model", str(tiny_model_dir), "--prompt", "x", "--size", "33x32")
+    r = run_cli("generate", "--model", str(tiny_model_dir), "--prompt", "x", "--size", "33x32")
     assert r.returncode == 2 and "width" in r.stderr
     from testkit import png_bomb
 
     (tmp_path / "bomb.png").write_bytes(png_bomb(30000, 30000))  # refused from its header, not a traceback
-    r = _cli("generate", "--model", str(tiny_model_dir), "--prompt", "x", "--image", str(tmp_path / "bomb.png"))
+    r = run_cli("generate", "--model", str(tiny_model_dir), "--prompt", "x", "--image", str(tmp_path / "bomb.png"))
     assert r.returncode == 2 and "too many pixels" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_bench_engine_json_reports_both_ratios():
-    r = _cli("bench", "engine", "--json", "--frames", "4", "--streams", "3", "--steps", "2", "--repeats", "1",
+    r = run_cli("bench", "engine", "--json", "--frames", "4", "--streams", "3", "--steps", "2", "--repeats", "1",
              timeout=300)
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)

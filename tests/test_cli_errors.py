@@ -6,22 +6,17 @@ bad argument with a model that does not exist, so an error about the argument pr
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 from importlib.metadata import version
 
 import numpy as np
 import pytest
 from PIL import Image
+from testkit import run_cli
 
 EXIT_SERVER, EXIT_USAGE = 1, 2
 
-
-def _cli(*args: str, env: dict[str, str] | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ditstream", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def _closed_port() -> int:
@@ -35,7 +30,7 @@ def _no_traceback(r: subprocess.CompletedProcess) -> None:
 
 
 def test_version():
-    r = _cli("--version")
+    r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"ditstream {version('ditstream')}"
 
 
@@ -47,7 +42,7 @@ def test_version():
     (["--out", "noextension"], "without extension"),
 ])
 def test_generate_refuses_bad_arguments_before_loading_the_model(tmp_path, args, complaint):
-    r = _cli("generate", "--model", str(tmp_path / "no-such-model"), "--prompt", "x", *args)
+    r = run_cli("generate", "--model", str(tmp_path / "no-such-model"), "--prompt", "x", *args)
     assert r.returncode == EXIT_USAGE, r.stderr
     assert complaint in r.stderr and "no-such-model" not in r.stderr
     _no_traceback(r)
@@ -56,7 +51,7 @@ def test_generate_refuses_bad_arguments_before_loading_the_model(tmp_path, args,
 def test_generate_refuses_an_unreadable_image(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    r = _cli("generate", "--model", str(tmp_path / "no-such-model"), "--prompt", "x", "--image", str(bad))
+    r = run_cli("generate", "--model", str(tmp_path / "no-such-model"), "--prompt", "x", "--image", str(bad))
     assert r.returncode == EXIT_USAGE and "cannot read" in r.stderr
     _no_traceback(r)
 
@@ -64,7 +59,7 @@ def test_generate_refuses_an_unreadable_image(tmp_path):
 def test_serve_refuses_a_port_in_use_before_loading_the_model(tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
-        r = _cli("serve", "--model", str(tmp_path / "no-such-model"), "--port", str(port))
+        r = run_cli("serve", "--model", str(tmp_path / "no-such-model"), "--port", str(port))
     assert r.returncode == EXIT_USAGE
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "cannot load model" not in r.stderr
     _no_traceback(r)
@@ -75,11 +70,11 @@ def test_client_commands_with_the_server_down(tmp_path):
     for args in (["client", "generate", "a red circle on a white background", "--out", str(tmp_path / "a")],
                  ["client", "stream", "pattern", "--frames", "2"],
                  ["client", "stream", "pattern", "--frames", "2", "--size", "64x64"]):
-        r = _cli(*args, "--url", url)
+        r = run_cli(*args, "--url", url)
         assert r.returncode == EXIT_SERVER, (args, r.stderr)
         assert "cannot reach the server" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         _no_traceback(r)
-    r = _cli("client", "generate", "x", env={"DITSTREAM_URL": url})  # the env var is the default --url
+    r = run_cli("client", "generate", "x", env={"DITSTREAM_URL": url})  # the env var is the default --url
     assert r.returncode == EXIT_SERVER and url in r.stderr
 
 
@@ -93,7 +88,7 @@ def test_client_commands_with_the_server_down(tmp_path):
     (["client", "stream", "pattern", "--size", "64"], "--size"),
 ])
 def test_client_commands_refuse_bad_arguments_before_calling(args, complaint):
-    r = _cli(*args, "--url", f"http://127.0.0.1:{_closed_port()}")  # nothing is called: no network error
+    r = run_cli(*args, "--url", f"http://127.0.0.1:{_closed_port()}")  # nothing is called: no network error
     assert r.returncode == EXIT_USAGE, r.stderr
     assert complaint in r.stderr and "cannot reach" not in r.stderr
     _no_traceback(r)
@@ -107,10 +102,10 @@ def test_client_generate_out_extension_picks_the_format(tmp_path):
     from ditstream.bench.harness import ServerThread
 
     with ServerThread(create_app(Settings(model="null", default_width=32, default_height=32), null_runner())) as srv:
-        r = _cli("client", "generate", "x", "--url", srv.url, "--out", str(tmp_path / "a.jpg"))
+        r = run_cli("client", "generate", "x", "--url", srv.url, "--out", str(tmp_path / "a.jpg"))
         assert r.returncode == 0, r.stderr
         assert Image.open(tmp_path / "a.jpg").format == "JPEG" and not (tmp_path / "a.jpg.png").exists()
         src = tmp_path / "in.png"
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(src)
-        r = _cli("client", "generate", "x", "--url", srv.url, "--image", str(src), "--out", str(tmp_path / "b"))
+        r = run_cli("client", "generate", "x", "--url", srv.url, "--image", str(src), "--out", str(tmp_path / "b"))
         assert r.returncode == 0 and Image.open(tmp_path / "b.png").format == "PNG"

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import time
@@ -28,6 +27,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from testkit import free_port
 
 IMAGE = os.environ.get("DITSTREAM_CONTAINER_IMAGE", "localhost/ditstream:cpu")
 BUILDAH_ENV = {**os.environ, "STORAGE_DRIVER": "vfs", "BUILDAH_ISOLATION": "chroot"}
@@ -56,11 +56,6 @@ def _skip_reason() -> str | None:
 _reason = _skip_reason()
 pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 5) -> tuple[int, bytes]:
@@ -137,7 +132,7 @@ def container(tmp_path_factory: pytest.TempPathFactory):
     assert argv[:3] == ["tini", "--", "entrypoint.sh"] and argv[3:] == ["serve"], argv
     name = f"ditstream-test-{uuid.uuid4().hex[:8]}"
     _buildah("from", "--pull-never", "--name", name, IMAGE)
-    port = _free_port()
+    port = free_port()
     log = (tmp_path_factory.mktemp("container") / "serve.log").open("w+b")
     # No --user: buildah run uses the image's USER (ditstream), ENV, and WORKDIR. The chroot shares the
     # host's network, so the port is chosen here (DITSTREAM_PORT, read by `ditstream serve`); there is

@@ -6,12 +6,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
 import httpx
 import pytest
+from testkit import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,16 +67,7 @@ def test_installed_wheel_serves_the_demo_and_page_without_the_source_tree(wheel,
     proc = subprocess.Popen([sys.executable, "-m", "ditstream", "serve", "--port", str(port), "--log-level",
                              "warning"], env=env, cwd=run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+        wait_ready(proc, f"http://127.0.0.1:{port}")
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
         assert models["data"][0]["id"] == "demo", models
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)

@@ -12,11 +12,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 from PIL import Image
+from testkit import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,14 +29,6 @@ def _block_after(heading: str) -> list[str]:
     return [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_readme_quick_start_as_written(tmp_path):
     (install_and_serve,) = _block_after("## Two commands")
     assert install_and_serve.startswith("scripts/install && ")
@@ -44,23 +36,14 @@ def test_readme_quick_start_as_written(tmp_path):
     commands = _block_after("## Quick start")
     assert all(c.startswith("ditstream ") for c in commands), commands
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DITSTREAM_PORT": str(port), "DITSTREAM_URL": f"http://127.0.0.1:{port}",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen(["bash", "-c", f"exec {serve}"], env=env, cwd=tmp_path, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.3)
+        wait_ready(proc, f"http://127.0.0.1:{port}", log=tmp_path / "serve.log")
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
         assert page.status_code == 200 and "<html" in page.text.lower()
         for command in commands:

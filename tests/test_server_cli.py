@@ -6,41 +6,24 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
 import websockets
-from testkit import frame_message, jpeg, recv_frame, recv_json
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from testkit import frame_message, free_port, jpeg, recv_frame, recv_json, wait_ready
 
 
 def test_serve_tiny_model_then_sigterm(tiny_model_dir):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DITSTREAM_API_KEYS": "cli-key", "DITSTREAM_MAX_STREAMS": "3"}
     proc = subprocess.Popen([sys.executable, "-m", "ditstream", "serve", "--model", str(tiny_model_dir),
                              "--port", str(port), "--width", "32", "--height", "32", "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.3)
+        wait_ready(proc, base)
         headers = {"Authorization": "Bearer cli-key"}
         r = httpx.post(base + "/v1/images/generations", json={"prompt": "a cat", "size": "32x32"},
                        headers=headers, timeout=60)

@@ -91,3 +91,42 @@ async def recv_frame(ws: Any, timeout: float = 60.0, texts: list[dict[str, Any]]
             return decode_output(msg)
         if texts is not None:
             texts.append(json.loads(msg))
+
+
+# -------------------------------------------------------------------------------- processes
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> Any:
+    """``python -m ditstream ARGS`` as a user runs it: a ``CompletedProcess`` with text output."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "ditstream", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound and released)."""
+    from ditstream.bench.scale_harness import free_port as harness_free_port
+
+    return harness_free_port()
+
+
+def wait_ready(proc: Any, base_url: str, *, log: Any = None, timeout: float = 180.0) -> None:
+    """Poll ``base_url/ready`` until it answers 200; fail at once, with the server's output, if the
+    process exits first (polling: the server is another process, there is no event to wait on)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            from pathlib import Path
+
+            out = Path(log).read_text() if log else (proc.stdout.read().decode() if proc.stdout else "")
+            raise AssertionError(f"the server exited with {proc.returncode}:\n{out[-4000:]}")
+        try:
+            if httpx.get(base_url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{base_url} did not become ready in {timeout:.0f} s"
+        time.sleep(0.3)
