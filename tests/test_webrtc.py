@@ -291,3 +291,23 @@ def test_refusals_bad_sdp_capacity_auth_trickle_and_missing_extra(monkeypatch):
 
     with _server(max_streams=1, api_keys="k1") as srv:
         asyncio.run(main(srv))
+
+
+def test_ice_port_range_and_public_host_shape_the_answer():
+    """Behind a firewall or in Docker: candidates on the configured ports, announcing the public address."""
+    async def main(srv):
+        async with httpx.AsyncClient(base_url=srv.url, timeout=TIMEOUT) as client:
+            pub = Publisher(_image(9))
+            r = await pub.publish(client)
+            assert r.status_code == 201, r.text
+            candidates = [ln.split() for ln in r.text.splitlines() if ln.startswith("a=candidate:")]
+            assert candidates, r.text
+            assert {c[4] for c in candidates if c[7] == "host"} & {"203.0.113.7"}, candidates
+            assert all(41000 <= int(c[5]) <= 41020 for c in candidates), candidates
+            await client.delete(pub.location)
+            await pub.pc.close()
+
+    with _server(webrtc_port_range="41000-41020", webrtc_public_host="203.0.113.7") as srv:
+        asyncio.run(main(srv))
+    with pytest.raises(ValueError, match="LOW-HIGH"):
+        Settings(webrtc_port_range="41020-41000")
