@@ -65,8 +65,14 @@ class NotFoundError(DitstreamError):
     error_type = "not_found"
 
 
+class WebRTCUnavailableError(DitstreamError):
+    """A WebRTC endpoint was called but the ``webrtc`` extra (aiortc, PyAV) is not installed."""
+
+    error_type = "webrtc_unavailable"
+
+
 SERVER_ERRORS: tuple[type[DitstreamError], ...] = (
-    MalformedMessageError, UnknownMessageTypeError, ProtocolAbuseError, NotFoundError,
+    MalformedMessageError, UnknownMessageTypeError, ProtocolAbuseError, NotFoundError, WebRTCUnavailableError,
 )
 
 
@@ -92,6 +98,7 @@ ERROR_TABLE: dict[type[DitstreamError], ErrorMapping] = {
     ProtocolAbuseError: ErrorMapping(400, WS_UNSUPPORTED_DATA, "invalid_request_error"),
     AuthError: ErrorMapping(401, WS_POLICY_VIOLATION, "authentication_error"),
     NotFoundError: ErrorMapping(404, None, "invalid_request_error"),
+    WebRTCUnavailableError: ErrorMapping(501, None, "server_error"),
     OverloadedError: ErrorMapping(429, WS_TRY_AGAIN_LATER, "rate_limit_error"),
     ModelLoadError: ErrorMapping(503, WS_INTERNAL_ERROR, "server_error"),
     BackendUnavailableError: ErrorMapping(503, WS_INTERNAL_ERROR, "server_error"),

@@ -22,7 +22,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.streams_active = Gauge("ditstream_streams_active", "Live WebSocket streams.", registry=r)
+        self.streams_active = Gauge("ditstream_streams_active", "Live streams (every transport).", registry=r)
+        self.streams_by_transport = Gauge("ditstream_streams_by_transport", "Live streams by transport.",
+                                          ["transport"], registry=r)
+        self.webrtc_viewers = Gauge("ditstream_webrtc_viewers", "WHEP viewers watching a WebRTC session.",
+                                    registry=r)
         self.frames = Counter("ditstream_frames_total", "Stream frames by outcome.", ["outcome"], registry=r)
         self.requests = Counter("ditstream_requests_total", "HTTP requests and WebSocket sessions by route and code.",
                                 ["route", "code"], registry=r)
@@ -56,6 +60,8 @@ class Metrics:
                                   "Largest event-loop lag seen since start.", registry=r)
         for outcome in ("processed", "skipped", "dropped", "failed"):
             self.frames.labels(outcome)
+        for transport in ("websocket", "webrtc"):
+            self.streams_by_transport.labels(transport)
         for stage in ("encode", "denoise", "decode", "nonfinite", "tick"):
             self.model_failures.labels(stage)
 

@@ -78,6 +78,17 @@ class Settings(BaseSettings):
     #: Delay per engine tick of the null engine (simulates inference time in benches).
     null_delay_s: float = Field(0.0, ge=0)
 
+    #: WebRTC (``/v1/whip``, ``/v1/whep``; the ``webrtc`` extra, docs/deploy.md): the UDP ports ICE
+    #: binds, ``"50000-50100"`` (empty = any free port); the address announced in ICE candidates in
+    #: place of the interfaces' own (a public IP or the Docker host's; empty = the interfaces'); STUN
+    #: servers (``stun:host:port``, comma-separated; none by default: nothing is asked of the outside);
+    #: seconds a peer has to connect before its session is dropped; WHEP viewers per session.
+    webrtc_port_range: str | None = None
+    webrtc_public_host: str | None = None
+    webrtc_stun_servers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webrtc_connect_timeout_s: float = Field(20.0, gt=0)
+    webrtc_max_viewers: int = Field(8, ge=1)
+
     #: Scale-out (docs/deploy.md): with a Redis URL ``serve`` is a gateway and ``worker`` runs engines.
     redis_url: str | None = None
     redis_prefix: str = "ditstream"
@@ -104,7 +115,7 @@ class Settings(BaseSettings):
     tiny_vae: str | None = None
     opt_level: int | None = Field(None, ge=0, le=5)
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "webrtc_stun_servers", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
         """Accept a comma-separated string as well as a JSON list (friendlier for env files)."""
@@ -149,7 +160,25 @@ class Settings(BaseSettings):
             raise ValueError(f"batch sizes must be >= 1, got {v}")
         return v
 
-    @field_validator("cache_dir", "tiny_vae", "opt_level", mode="before")
+    @field_validator("webrtc_port_range")
+    @classmethod
+    def _check_port_range(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        lo, sep, hi = v.strip().partition("-")
+        if not (sep and lo.strip().isdigit() and hi.strip().isdigit()
+                and 1024 <= int(lo) <= int(hi) <= 65535):
+            raise ValueError(f"a UDP port range 'LOW-HIGH' within 1024-65535, got {v!r}")
+        return f"{int(lo)}-{int(hi)}"
+
+    def webrtc_ports(self) -> tuple[int, int] | None:
+        """``webrtc_port_range`` as (low, high), both included; None = any port."""
+        if self.webrtc_port_range is None:
+            return None
+        lo, _, hi = self.webrtc_port_range.partition("-")
+        return int(lo), int(hi)
+
+    @field_validator("cache_dir", "tiny_vae", "opt_level", "webrtc_public_host", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         """An empty value (``DITSTREAM_TINY_VAE=`` from a compose file) means unset."""

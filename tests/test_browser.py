@@ -172,3 +172,45 @@ def test_first_run_on_the_demo_shows_the_prompt_drawn(demo_server):
             page.wait_for_function("!window.ditstream.running")
         finally:
             browser.close()
+
+
+def test_page_transport_switch_streams_over_webrtc(server):
+    """Transport WebRTC: the page publishes its canvas over WHIP, plays the output over WHEP and sends
+    its settings on the ``control`` data channel; Stop ends the session on the server."""
+    pytest.importorskip("aiortc")
+    state = server.app.state.ditstream
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            console: list[str] = []
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            page.goto(server.url + "/")
+            page.select_option("#source", "pattern")
+            page.select_option("#transport", "webrtc")
+            page.fill("#key", KEY)
+            page.click("#start")
+            page.wait_for_function("window.ditstream.stats.received >= 20", timeout=60_000)
+            assert page.inner_text("#status") == "live", (page.inner_text("#message"), console)
+            assert page.evaluate("window.ditstream.ws") is None  # no WebSocket involved
+            assert len(state.webrtc) == 1 and state.metrics.streams_by_transport.labels("webrtc")._value.get() == 1
+            page.select_option("#steps", "3")  # over the data channel; the reply updates the page's config
+            page.wait_for_function("window.ditstream.config && window.ditstream.config.steps === 3", timeout=30_000)
+            assert next(iter(state.webrtc.values())).config.steps == 3
+            page.wait_for_function("document.getElementById('output').width === 256", timeout=30_000)
+            pixels = page.evaluate("""() => {
+                const c = document.getElementById('output');
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let sum = 0, sq = 0; for (let i = 0; i < d.length; i += 4) { sum += d[i]; sq += d[i] ** 2; }
+                const n = d.length / 4; return {h: c.height, var: sq / n - (sum / n) ** 2};
+            }""")
+            assert pixels["h"] == 256 and pixels["var"] > 10, pixels  # the echoed red circle, not a blank
+            assert page.evaluate("window.ditstream.stats.errors") == []
+            page.click("#start")  # Stop: the page DELETEs its session
+            page.wait_for_function("!window.ditstream.running")
+            page.wait_for_function("fetch('/metrics').then(r => r.text()).then(t => "
+                                   "t.includes('ditstream_streams_by_transport{transport=\"webrtc\"} 0.0'))",
+                                   timeout=30_000)
+            assert state.admission.streams.in_use == 0 and not state.webrtc
+        finally:
+            browser.close()

@@ -24,7 +24,7 @@ function freshStats() {
 }
 
 const state = {
-  ws: null, running: false, seq: 0, lastAnswered: -1, config: null, limits: null, model: null,
+  ws: null, rtc: null, rtcStats: null, running: false, seq: 0, lastAnswered: -1, config: null, limits: null, model: null,
   source: null, timer: null, pinger: null, encoding: false,
   stats: freshStats(),
   recent: [],  // output arrival times (ms) for the fps readout
@@ -82,6 +82,7 @@ function unpackFrame(buf) {
 }
 
 function sendControl(msg) {
+  if (state.rtc) { state.rtc.send(msg); return; }
   if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify(msg));
 }
 function sendConfig(changes) { sendControl({ type: "config", ...changes }); }
@@ -165,9 +166,10 @@ async function start() {
     if (!state.source) state.source = new PatternSource();
   } catch (err) { showMessage(String(err)); return; }
 
-  const proto = location.protocol === "https:" ? "wss" : "ws";
   const key = $("key").value.trim();
   if (key) sessionStorage.setItem("ditstream-key", key);
+  if ($("transport").value === "webrtc") { await startRtc(key); return; }
+  const proto = location.protocol === "https:" ? "wss" : "ws";
   const subprotocols = key ? ["ditstream", `ditstream.bearer.${key}`] : ["ditstream"];
   const ws = new WebSocket(`${proto}://${location.host}/v1/stream`, subprotocols);
   ws.binaryType = "arraybuffer";
@@ -188,9 +190,42 @@ async function start() {
   ws.onerror = () => { if (state.ws === ws) setStatus("connection error", "error"); };
 }
 
+// WebRTC (webrtc.js): the input canvas is published, the output video is drawn into the output
+// canvas by pump(); "frames received" counts the frames the viewer decoded.
+async function startRtc(key) {
+  state.running = true; state.seq = 0; state.lastAnswered = -1;
+  $("start").textContent = "Stop"; $("start").classList.add("stop");
+  setStatus("connecting…", "idle");
+  const link = new RtcLink(key, (reason) => {
+    if (state.rtc !== link) return;
+    setStatus(`closed (${reason})`, "error");
+    stop(false);
+  });
+  state.rtc = link;
+  const canvas = $("input");
+  state.source.draw(canvas.getContext("2d"), canvas.width, canvas.height, performance.now());
+  state.rtcStats = setInterval(async () => {
+    const n = await link.newFrames(), now = performance.now();
+    if (state.rtc !== link || n <= 0) return;
+    state.stats.received += n;
+    for (let i = 0; i < n; i++) state.recent.push(now);
+  }, 200);
+  try {
+    await link.connect({ canvas, video: $("output-video"), fps: SEND_FPS,
+                         onControl: (msg) => { if (state.rtc === link) onControl(msg); } });
+  } catch (err) {
+    if (state.rtc !== link) return;
+    showMessage(String(err.message || err));
+    setStatus("connection error", "error");
+    stop();
+  }
+}
+
 function stop(closeSocket = true) {
   state.running = false;
   clearInterval(state.timer); state.timer = null;
+  clearInterval(state.rtcStats); state.rtcStats = null;
+  if (state.rtc) { const link = state.rtc; state.rtc = null; link.close(); }
   clearTimeout(state.pinger); state.pinger = null;
   if (state.source) { state.source.stop(); state.source = null; }
   if (closeSocket && state.ws) state.ws.close(1000);
@@ -259,6 +294,7 @@ function resizeCanvases(w, h) {
 }
 
 function pump() {
+  if (state.rtc) { pumpRtc(); return; }
   const ws = state.ws;
   if (!state.running || !ws || ws.readyState !== WebSocket.OPEN || !state.config) return;
   const canvas = $("input"), ctx = canvas.getContext("2d");
@@ -279,6 +315,20 @@ function pump() {
   }, "image/jpeg", 0.85);
 }
 
+function pumpRtc() {
+  if (!state.running || !state.config) return;
+  const canvas = $("input");
+  state.source.draw(canvas.getContext("2d"), canvas.width, canvas.height, performance.now());
+  if (state.config.mode !== "txt2img") state.stats.sent += 1;  // a frame of the published track
+  const video = $("output-video"), out = $("output");
+  if (video.readyState < 2 || !video.videoWidth) return;
+  if (out.width !== video.videoWidth || out.height !== video.videoHeight) {
+    out.width = video.videoWidth; out.height = video.videoHeight;
+  }
+  out.getContext("2d").drawImage(video, 0, 0);
+  $("output-info").textContent = `${video.videoWidth}×${video.videoHeight} (WebRTC)`;
+}
+
 // ------------------------------------------------------------------ wiring
 function debounce(fn, ms) { let t; return (...a) => { clearTimeout(t); t = setTimeout(() => fn(...a), ms); }; }
 
@@ -295,5 +345,6 @@ $("mode").addEventListener("change", () => sendConfig({ mode: $("mode").value })
 $("key").value = sessionStorage.getItem("ditstream-key") || "";
 $("key").addEventListener("change", loadModelCard);
 if (new URLSearchParams(location.search).get("source") === "pattern") $("source").value = "pattern";
+if (new URLSearchParams(location.search).get("transport") === "webrtc") $("transport").value = "webrtc";
 loadModelCard();
 setInterval(updateStats, 500);

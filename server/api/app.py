@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None, runner: EngineClient | None = N
     """Build the app. ``runner`` (not yet started) replaces the model named in ``settings``."""
     from ditstream.server import logsafe
     from ditstream.server.api import rest
-    from ditstream.server.live import ws
+    from ditstream.server.live import webrtc, ws
 
     settings = settings or Settings()
     logsafe.install()  # uvicorn logs query strings (?token=<key>); rewrite them before any handler
@@ -122,7 +122,8 @@ def create_app(settings: Settings | None = None, runner: EngineClient | None = N
     # whole point) /docs would be a blank page. The schema itself is served: /openapi.json.
     app = FastAPI(title="ditstream", version="0.1.0", lifespan=_lifespan(state), docs_url=None, redoc_url=None,
                   description="Real-time streaming image generation: OpenAI Images API over REST and a "
-                              "frame-in/frame-out WebSocket at /v1/stream (see docs/protocol.md).")
+                              "frame-in/frame-out WebSocket at /v1/stream, WebRTC over WHIP/WHEP at /v1/whip "
+                              "and /v1/whep (see docs/protocol.md).")
     app.state.ditstream = state
 
     @app.exception_handler(DitstreamError)
@@ -164,6 +165,7 @@ def create_app(settings: Settings | None = None, runner: EngineClient | None = N
 
     app.include_router(rest.router)
     app.include_router(ws.router)
+    app.include_router(webrtc.router)
 
     @app.get("/health", tags=["ops"], summary="Liveness: the process answers and its engine has not died.",
              responses={503: {"description": "the engine died (e.g. an unrecoverable device error): restart me"}})
@@ -213,8 +215,9 @@ def create_app(settings: Settings | None = None, runner: EngineClient | None = N
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
-                           expose_headers=["Retry-After"], max_age=600)
+                           allow_methods=["GET", "POST", "DELETE", "PATCH"],
+                           allow_headers=["Authorization", "Content-Type", "X-Ditstream-Config"],
+                           expose_headers=["Retry-After", "Location", "X-Ditstream-Session"], max_age=600)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

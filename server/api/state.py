@@ -37,6 +37,8 @@ class AppState:
     runner: EngineClient | None = None
     shutting_down: bool = False
     sessions: set[Any] = field(default_factory=set)
+    #: WebRTC sessions by id (``server/live/webrtc_session.py``): WHEP and live config find them here.
+    webrtc: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
 
     @property

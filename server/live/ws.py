@@ -54,7 +54,7 @@ from ditstream.server.live.protocol import (
     unpack_frame,
 )
 from ditstream.server.live.session_out import SessionOutputs
-from ditstream.server.live.session_util import MAX_TRACKED_FRAMES, close_if_added
+from ditstream.server.live.session_util import MAX_TRACKED_FRAMES, close_if_added, wanted_config
 from fastapi import APIRouter, WebSocket
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ class StreamSession(SessionOutputs):
     async def run(self) -> None:
         self.state.sessions.add(self)
         self.metrics.streams_active.inc()
+        self.metrics.streams_by_transport.labels("websocket").inc()
         sender: asyncio.Task | None = None
         try:
             self.config = self.state.validate(StreamConfig(**self.state.stream_defaults()))
@@ -171,6 +172,7 @@ class StreamSession(SessionOutputs):
                 self.handle.close()  # the engine drops its slot, pipeline and outputs
             logger.debug("stream %s closed (%s)", self.handle.id, self.handle.stats.as_dict())
         self.metrics.streams_active.dec()
+        self.metrics.streams_by_transport.labels("websocket").dec()
         self.state.sessions.discard(self)
 
     def request_close(self, code: int, reason: str) -> None:
@@ -307,13 +309,7 @@ class StreamSession(SessionOutputs):
             await self._on_config(msg)
 
     async def _on_config(self, msg: ConfigMessage) -> None:
-        if msg.fps is not None and msg.fps > self.settings.max_fps:
-            raise ValidationError(f"fps is {msg.fps}; the limit is {self.settings.max_fps}", field="fps")
-        try:
-            wanted = self.config.replace(**msg.engine_changes())
-        except TypeError as exc:
-            raise ValidationError(f"bad config: {exc}", field="config") from exc
-        wanted = self.state.validate(wanted)  # names the field on error; nothing applied yet
+        wanted = wanted_config(self.state, self.config, msg)  # names the field on error; nothing applied yet
         if msg.fps is not None:
             self.fps = msg.fps
         if msg.quality is not None:

@@ -1,0 +1,183 @@
+"""WebRTC signalling: WHIP ingest, WHEP playback, live config (``docs/protocol.md``, "WebRTC").
+
+* ``POST /v1/whip`` (``Content-Type: application/sdp``; config as query parameters and/or a JSON
+  ``X-Ditstream-Config`` header) → ``201`` + SDP answer + ``Location: /v1/whip/{session}``;
+  ``DELETE`` on it ends the session; ``PATCH`` (trickle ICE) → ``405``: the server's answer carries
+  every candidate (RFC 9725 lets a server decline trickle).
+* ``POST /v1/whep/{session}`` (a recvonly offer) → ``201`` + answer + ``Location:
+  /v1/whep/{session}/{viewer}``; ``DELETE`` on it hangs that viewer up.
+* ``POST /v1/sessions/{session}/config``: the WebSocket ``config`` message's fields, same validation
+  and errors; answers once the engine applied it.
+
+A session holds an admission permit like a WebSocket stream; over ``--max-streams`` the WHIP POST is
+refused with ``503`` + ``Retry-After`` (RFC 9725 §4.6). Without the ``webrtc`` extra every endpoint
+answers ``501`` naming it. The session itself is ``webrtc_session.py``; nothing here imports aiortc
+until a request needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from ditstream.engine.errors import DitstreamError, OverloadedError
+from ditstream.server.api.state import AppState, state_of
+from ditstream.server.errors import (
+    MalformedMessageError,
+    NotFoundError,
+    WebRTCUnavailableError,
+    rest_error_body,
+    rest_headers,
+)
+from ditstream.server.live.protocol import ConfigMessage, parse_control
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["webrtc"])
+
+INSTALL_HINT = "WebRTC needs the webrtc extra: pip install 'ditstream[webrtc]'"
+SDP = "application/sdp"
+CONFIG_HEADER = "x-ditstream-config"
+_SDP_BODY = {"requestBody": {"required": True, "content": {SDP: {"schema": {"type": "string"}}}}}
+_ICE_INSTALLED: list[Any] = []
+
+
+def _session_module() -> Any:
+    """``webrtc_session`` (aiortc imported), ICE settings applied once; raises without the extra."""
+    try:
+        import aiortc  # noqa: F401
+        import av  # noqa: F401
+    except ImportError as exc:
+        raise WebRTCUnavailableError(f"{INSTALL_HINT} ({exc})") from exc
+    from ditstream.server.live import webrtc_ice, webrtc_session
+
+    return webrtc_ice, webrtc_session
+
+
+def _error(exc: DitstreamError, status: int) -> JSONResponse:
+    return JSONResponse(rest_error_body(exc), status_code=status, headers=rest_headers(exc))
+
+
+def _prepare(state: AppState) -> Any:
+    ice, session = _session_module()
+    s = state.settings
+    if _ICE_INSTALLED != [(s.webrtc_ports(), s.webrtc_public_host)]:
+        ice.install(s.webrtc_ports(), s.webrtc_public_host)
+        _ICE_INSTALLED[:] = [(s.webrtc_ports(), s.webrtc_public_host)]
+    return session
+
+
+async def _offer(request: Request) -> str:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != SDP:
+        raise MalformedMessageError(f"Content-Type must be {SDP}, got {ctype or 'none'!r}", field="content-type")
+    try:
+        return (await request.body()).decode()
+    except UnicodeDecodeError as exc:
+        raise MalformedMessageError("the SDP offer is not UTF-8 text", field="sdp") from exc
+
+
+def _initial_config(request: Request) -> ConfigMessage:
+    """The stream's config from the JSON ``X-Ditstream-Config`` header and the query (which wins)."""
+    fields: dict[str, Any] = {}
+    header = request.headers.get(CONFIG_HEADER)
+    if header:
+        try:
+            fields = json.loads(header)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise MalformedMessageError(f"X-Ditstream-Config is not valid JSON: {exc}",
+                                        field="X-Ditstream-Config") from exc
+        if not isinstance(fields, dict):
+            raise MalformedMessageError("X-Ditstream-Config must be a JSON object", field="X-Ditstream-Config")
+    fields.update({k: v for k, v in request.query_params.items() if k != "token"})
+    msg = parse_control(json.dumps({**fields, "type": "config"}))
+    assert isinstance(msg, ConfigMessage)
+    return msg
+
+
+def _session(state: AppState, session: str) -> Any:
+    found = state.webrtc.get(session)
+    if found is None:
+        raise NotFoundError(f"no WebRTC session {session!r} (it ended, or never was)", field="session")
+    return found
+
+
+@router.post("/v1/whip", status_code=201, response_class=Response, openapi_extra=_SDP_BODY,
+             summary="WHIP: publish a video track into a new live stream; the answer is the SDP.",
+             responses={201: {"content": {SDP: {}}, "description": "session created (Location)"},
+                        400: {"description": "bad SDP"}, 501: {"description": "webrtc extra missing"},
+                        503: {"description": "at --max-streams (Retry-After)"}})
+async def whip(request: Request) -> Response:
+    state = state_of(request.app)
+    module = _prepare(state)  # 501 without the extra
+    try:
+        offer = await _offer(request)
+        msg = _initial_config(request)
+        if state.shutting_down:
+            raise OverloadedError("server is shutting down", retry_after=state.settings.retry_after_s,
+                                  reason="shutting_down")
+        state.require_engine()
+        permit = state.admission.streams.acquire()
+    except OverloadedError as exc:  # WHIP says 503 (not REST's 429): the server, not the client, is full
+        return _error(exc, 503)
+    session, sdp = await module.WebRTCSession.publish(state, permit, offer, msg)
+    return Response(sdp, status_code=201, media_type=SDP,
+                    headers={"Location": f"/v1/whip/{session.id}", "X-Ditstream-Session": session.id})
+
+
+@router.delete("/v1/whip/{session}", summary="WHIP: end the session (its stream and viewers).")
+async def whip_delete(request: Request, session: str) -> Response:
+    await _session(state_of(request.app), session).close("DELETE")
+    return Response(status_code=200)
+
+
+@router.patch("/v1/whip/{session}", summary="Trickle ICE is not supported: the answer has every candidate.",
+              responses={405: {"description": "always"}})
+@router.patch("/v1/whep/{session}/{viewer}", include_in_schema=False)
+async def trickle(request: Request) -> Response:
+    return JSONResponse({"error": {"message": "trickle ICE is not supported: the SDP answer already holds "
+                                              "every server candidate", "type": "invalid_request_error",
+                                   "code": "method_not_allowed", "param": None}},
+                        status_code=405, headers={"Allow": "DELETE"})
+
+
+@router.post("/v1/whep/{session}", status_code=201, response_class=Response, openapi_extra=_SDP_BODY,
+             summary="WHEP: watch a session's output frames as a video track.",
+             responses={201: {"content": {SDP: {}}, "description": "viewer created (Location)"},
+                        400: {"description": "bad SDP"}, 404: {"description": "no such session"}})
+async def whep(request: Request, session: str) -> Response:
+    state = state_of(request.app)
+    _prepare(state)  # 501 without the extra
+    offer = await _offer(request)
+    try:
+        viewer, sdp = await _session(state, session).add_viewer(offer)
+    except OverloadedError as exc:
+        return _error(exc, 503)
+    return Response(sdp, status_code=201, media_type=SDP, headers={"Location": f"/v1/whep/{session}/{viewer}"})
+
+
+@router.delete("/v1/whep/{session}/{viewer}", summary="WHEP: hang a viewer up.")
+async def whep_delete(request: Request, session: str, viewer: str) -> Response:
+    if not await _session(state_of(request.app), session).remove_viewer(viewer):
+        raise NotFoundError(f"no viewer {viewer!r} of session {session!r}", field="viewer")
+    return Response(status_code=200)
+
+
+@router.post("/v1/sessions/{session}/config",
+             summary="Change a WebRTC session's config (the WebSocket config message's fields).")
+async def session_config(request: Request, session: str) -> JSONResponse:
+    state = state_of(request.app)
+    found = _session(state, session)
+    body = (await request.body()).decode("utf-8", "replace")
+    try:
+        raw = json.loads(body)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise MalformedMessageError(f"request body is not valid JSON: {exc}", field="body") from exc
+    if not isinstance(raw, dict):
+        raise MalformedMessageError("the config must be a JSON object", field="body")
+    msg = parse_control(json.dumps({**raw, "type": "config"}))
+    assert isinstance(msg, ConfigMessage)
+    applied = await found.apply_config(msg)
+    return JSONResponse({"type": "config", "session": session, "applied": found.config_dict(applied)})

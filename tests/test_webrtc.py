@@ -1,0 +1,313 @@
+"""WebRTC (issue 20): WHIP ingest, WHEP playback and live config against a real uvicorn server on loopback.
+
+An aiortc client publishes a synthetic video track over WHIP and watches the session over WHEP; the
+null engine echoes, so what comes back must be what was sent (within VP8's loss). Waiting is always
+for an observable event (a frame that matches, a reply, a counter), bounded by a timeout, never a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+from ditstream.engine.null import null_runner
+from ditstream.server.api.app import create_app
+from ditstream.server.settings import Settings
+from testkit import frame_message, jpeg
+
+from ditstream.bench.harness import ServerThread
+
+av = pytest.importorskip("av")
+aiortc = pytest.importorskip("aiortc")
+from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack  # noqa: E402
+
+SIZE = 64
+TIMEOUT = 30.0
+
+
+def _image(seed: int, size: int = SIZE) -> np.ndarray:
+    """A smooth random image (4x4 random colour blocks): survives a video codec."""
+    small = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return np.kron(small, np.ones((size // 4, size // 4, 1), np.uint8))
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
+
+
+def _resized(image: np.ndarray, size: int) -> np.ndarray:
+    frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+    return frame.reformat(width=size, height=size, format="rgb24").to_ndarray()
+
+
+class Source(VideoStreamTrack):
+    """A synthetic camera at aiortc's own pace (30 fps) showing ``image`` (switchable)."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        super().__init__()
+        self.image = image
+
+    async def recv(self) -> av.VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = av.VideoFrame.from_ndarray(self.image, format="rgb24")
+        frame.pts, frame.time_base = pts, time_base
+        return frame
+
+
+async def _negotiate(client: httpx.AsyncClient, pc: RTCPeerConnection, url: str,
+                     **kw) -> httpx.Response:
+    await pc.setLocalDescription(await pc.createOffer())
+    r = await client.post(url, content=pc.localDescription.sdp, headers={"Content-Type": "application/sdp",
+                                                                         **kw.pop("headers", {})}, **kw)
+    if r.status_code == 201:
+        assert r.headers["content-type"].startswith("application/sdp")
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
+    return r
+
+
+class Publisher:
+    """A WHIP client: a synthetic track and a ``control`` data channel."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.pc = RTCPeerConnection()
+        self.source = Source(image)
+        self.pc.addTrack(self.source)
+        self.control = self.pc.createDataChannel("control")
+        self.messages: asyncio.Queue[dict] = asyncio.Queue()
+        self.control.on("message", lambda m: self.messages.put_nowait(json.loads(m)))
+        self.location = ""
+
+    async def publish(self, client: httpx.AsyncClient, query: str = "") -> httpx.Response:
+        r = await _negotiate(client, self.pc, "/v1/whip" + query)
+        if r.status_code == 201:
+            self.location = r.headers["location"]
+        return r
+
+    @property
+    def session(self) -> str:
+        return self.location.rsplit("/", 1)[1]
+
+    async def reply(self, kind: str) -> dict:
+        while True:
+            msg = await asyncio.wait_for(self.messages.get(), TIMEOUT)
+            if msg["type"] == kind:
+                return msg
+            assert msg["type"] != "error", msg
+
+
+class Viewer:
+    """A WHEP client: a recvonly video transceiver; its frames as RGB arrays."""
+
+    def __init__(self) -> None:
+        self.pc = RTCPeerConnection()
+        self.pc.addTransceiver("video", direction="recvonly")
+        self.frames: asyncio.Queue[np.ndarray] = asyncio.Queue()
+        self.pc.on("track", self._on_track)
+        self.readers: list[asyncio.Task] = []
+
+    def _on_track(self, track) -> None:
+        async def read() -> None:
+            while True:
+                try:
+                    frame = await track.recv()
+                except aiortc.mediastreams.MediaStreamError:
+                    return
+                self.frames.put_nowait(frame.to_ndarray(format="rgb24"))
+
+        self.readers.append(asyncio.ensure_future(read()))
+
+    async def until(self, want: np.ndarray, tol: float = 12.0) -> np.ndarray:
+        """The first frame of ``want``'s size within ``tol`` of it (mean abs difference)."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no frame like the one sent within {TIMEOUT}s"
+            got = await asyncio.wait_for(self.frames.get(), left)
+            if got.shape == want.shape and _diff(got, want) < tol:
+                return got
+
+
+def _server(**settings):
+    s = {"model": "null", "default_width": SIZE, "default_height": SIZE, "max_streams": 2, **settings}
+    delay = s.pop("delay_s", 0.0)
+    return ServerThread(create_app(Settings(**s), null_runner(delay_s=delay)))
+
+
+def _state(srv):
+    return srv.app.state.ditstream
+
+
+def _transport_gauge(srv, transport: str) -> float:
+    return _state(srv).metrics.streams_by_transport.labels(transport)._value.get()
+
+
+def test_whip_whep_round_trip_config_and_delete():
+    a, b = _image(1), _image(2)
+    assert _diff(a, b) > 40  # the images are told apart by far more than the codec's loss
+
+    async def main(srv):
+        async with httpx.AsyncClient(base_url=srv.url, timeout=TIMEOUT) as client:
+            pub = Publisher(a)
+            r = await pub.publish(client, "?prompt=hello&steps=2")
+            assert r.status_code == 201, r.text
+            assert pub.location.startswith("/v1/whip/")
+            session = _state(srv).webrtc[pub.session]
+            assert session.config.prompt == "hello" and session.config.steps == 2
+            assert _state(srv).admission.streams.in_use == 1 and _transport_gauge(srv, "webrtc") == 1
+
+            viewer, second = Viewer(), Viewer()
+            for v in (viewer, second):
+                r = await _negotiate(client, v.pc, f"/v1/whep/{pub.session}")
+                assert r.status_code == 201, r.text
+                assert r.headers["location"].startswith(f"/v1/whep/{pub.session}/")
+            await viewer.until(a)
+            await second.until(a)  # several viewers watch one session
+            pub.source.image = b
+            await viewer.until(b)  # live: what is sent now comes back now
+
+            ready = await pub.reply("ready")  # the control channel greets like the WebSocket
+            assert ready["session"] == pub.session
+            pub.control.send(json.dumps({"type": "config", "size": "48x48", "prompt": "over the channel"}))
+            applied = (await pub.reply("config"))["applied"]
+            assert (applied["width"], applied["height"], applied["prompt"]) == (48, 48, "over the channel")
+            await viewer.until(_resized(b, 48))
+            pub.control.send(json.dumps({"type": "config", "steps": 99}))
+            err = await pub.reply("error")
+            assert err["code"] == "validation_error" and "steps" in err["message"], err
+
+            r = await client.post(f"/v1/sessions/{pub.session}/config", json={"size": "32x32", "strength": 0.5})
+            assert r.status_code == 200, r.text
+            assert (r.json()["applied"]["width"], r.json()["applied"]["strength"]) == (32, 0.5)
+            await viewer.until(_resized(b, 32))
+            r = await client.post(f"/v1/sessions/{pub.session}/config", json={"steps": 99})
+            assert r.status_code == 422 and r.json()["error"]["param"] == "steps", r.text
+            r = await client.post(f"/v1/sessions/{pub.session}/config", json={"nope": 1})
+            assert r.status_code == 422 and "nope" in r.json()["error"]["message"], r.text
+            assert (await client.post("/v1/sessions/unknown/config", json={})).status_code == 404
+
+            r = await client.delete(pub.location)
+            assert r.status_code == 200
+            assert _state(srv).admission.streams.in_use == 0 and not _state(srv).webrtc
+            assert _transport_gauge(srv, "webrtc") == 0 and not _state(srv).sessions
+            assert (await client.delete(pub.location)).status_code == 404
+            assert (await client.post(f"/v1/whep/{pub.session}", content="v=0\r\n",
+                                      headers={"Content-Type": "application/sdp"})).status_code == 404
+            for pc in (pub.pc, viewer.pc, second.pc):
+                await pc.close()
+
+    with _server() as srv:
+        asyncio.run(main(srv))
+
+
+def test_a_peer_that_goes_away_frees_its_stream():
+    async def main(srv):
+        async with httpx.AsyncClient(base_url=srv.url, timeout=TIMEOUT) as client:
+            pub = Publisher(_image(3))
+            assert (await pub.publish(client)).status_code == 201
+            assert _state(srv).admission.streams.in_use == 1
+            await pub.pc.close()  # no DELETE: the server sees the DTLS close
+            deadline = time.monotonic() + TIMEOUT
+            while _state(srv).admission.streams.in_use:
+                assert time.monotonic() < deadline, "the session outlived its peer"
+                await asyncio.sleep(0.05)
+            assert not _state(srv).webrtc
+
+    with _server() as srv:
+        asyncio.run(main(srv))
+
+
+def test_whip_and_websocket_streams_share_model_calls():
+    """One engine tick serves both transports: the null engine records a batch of 2."""
+    async def main(srv):
+        runner = _state(srv).runner
+        async with httpx.AsyncClient(base_url=srv.url, timeout=TIMEOUT) as client:
+            pub = Publisher(_image(4))
+            assert (await pub.publish(client)).status_code == 201
+            async with websockets.connect(srv.ws_url, max_size=None) as ws:
+                assert json.loads(await ws.recv())["type"] == "ready"
+                data, seq = jpeg(_image(5)), 0
+                deadline = time.monotonic() + TIMEOUT
+                while 2 not in runner.core.batch_sizes:
+                    assert time.monotonic() < deadline, f"never batched together: {runner.core.batch_sizes}"
+                    await ws.send(frame_message(data, seq))  # lockstep: a frame, then its output
+                    while not isinstance(await ws.recv(), bytes):
+                        pass
+                    seq += 1
+            await client.delete(pub.location)
+            await pub.pc.close()
+
+    with _server(delay_s=0.05) as srv:
+        asyncio.run(main(srv))
+
+
+def test_refusals_bad_sdp_capacity_auth_trickle_and_missing_extra(monkeypatch):
+    async def main(srv):
+        async with httpx.AsyncClient(base_url=srv.url, timeout=TIMEOUT,
+                                     headers={"Authorization": "Bearer k1"}) as client:
+            r = await client.post("/v1/whip", content="hello", headers={"Content-Type": "application/sdp"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "sdp", r.text
+            assert "SDP" in r.json()["error"]["message"]
+            r = await client.post("/v1/whip", content="v=0\r\nnonsense\r\n",
+                                  headers={"Content-Type": "application/sdp"})
+            assert r.status_code == 400 and "SDP offer" in r.json()["error"]["message"], r.text
+            r = await client.post("/v1/whip", content="v=0", headers={"Content-Type": "text/plain"})
+            assert r.status_code == 400 and "application/sdp" in r.json()["error"]["message"]
+            no_video = RTCPeerConnection()
+            no_video.createDataChannel("control")
+            r = await _negotiate(client, no_video, "/v1/whip")
+            assert r.status_code == 400 and "video" in r.json()["error"]["message"], r.text
+            r = await _negotiate(client, Publisher(_image(6)).pc, "/v1/whip?steps=99")
+            assert r.status_code == 422 and r.json()["error"]["param"] == "steps", r.text
+            assert _state(srv).admission.streams.in_use == 0  # refused offers hold nothing
+
+            async with httpx.AsyncClient(base_url=srv.url, timeout=TIMEOUT) as anonymous:
+                r = await anonymous.post("/v1/whip", content="v=0", headers={"Content-Type": "application/sdp"})
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+
+            pub = Publisher(_image(7))
+            assert (await pub.publish(client)).status_code == 201
+            r = await client.patch(pub.location, content="a=candidate", headers={"Content-Type":
+                                                                                 "application/trickle-ice-sdpfrag"})
+            assert r.status_code == 405 and r.headers["allow"] == "DELETE"
+            over = Publisher(_image(8))
+            r = await over.publish(client)  # max_streams=1
+            assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+            metrics = (await client.get("/metrics")).text
+            assert 'ditstream_streams_by_transport{transport="webrtc"} 1.0' in metrics
+
+            monkeypatch.setitem(sys.modules, "aiortc", None)  # as if the extra were not installed
+            r = await client.post("/v1/whip", content="v=0", headers={"Content-Type": "application/sdp"})
+            assert r.status_code == 501 and "pip install 'ditstream[webrtc]'" in r.json()["error"]["message"]
+            monkeypatch.undo()
+            await client.delete(pub.location)
+            for pc in (pub.pc, over.pc, no_video):
+                await pc.close()
+
+    with _server(max_streams=1, api_keys="k1") as srv:
+        asyncio.run(main(srv))
+
+
+def test_ice_port_range_and_public_host_shape_the_answer():
+    """Behind a firewall or in Docker: candidates on the configured ports, announcing the public address."""
+    async def main(srv):
+        async with httpx.AsyncClient(base_url=srv.url, timeout=TIMEOUT) as client:
+            pub = Publisher(_image(9))
+            r = await pub.publish(client)
+            assert r.status_code == 201, r.text
+            candidates = [ln.split() for ln in r.text.splitlines() if ln.startswith("a=candidate:")]
+            assert candidates, r.text
+            assert {c[4] for c in candidates if c[7] == "host"} & {"203.0.113.7"}, candidates
+            assert all(41000 <= int(c[5]) <= 41020 for c in candidates), candidates
+            await client.delete(pub.location)
+            await pub.pc.close()
+
+    with _server(webrtc_port_range="41000-41020", webrtc_public_host="203.0.113.7") as srv:
+        asyncio.run(main(srv))
+    with pytest.raises(ValueError, match="LOW-HIGH"):
+        Settings(webrtc_port_range="41020-41000")
