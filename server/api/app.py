@@ -37,9 +37,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 logger = logging.getLogger(__name__)
 
 
-logger = logging.getLogger(__name__)
-
-
 WEB_DIR = Path(__file__).resolve().parents[2] / "clients" / "web"
 
 
