@@ -170,6 +170,7 @@ class StreamClient:
         outs = [o for o in self.outputs if o[0] >= since]
         seqs = [s for _, s, _ in self.outputs]
         assert seqs == sorted(seqs), f"stream {self.color}: outputs out of order {seqs}"
+        assert len(set(seqs)) == len(seqs), f"stream {self.color}: a frame arrived twice {seqs}"
         for _, seq, err in outs:
             assert err < 8.0, f"stream {self.color}: frame {seq} is not this stream's image (error {err:.1f})"
         return outs

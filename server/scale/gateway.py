@@ -92,6 +92,7 @@ class RedisGatewayRunner(GatewayThreads, GatewaySessions):
         self.redis_ok = False
         self.workers: dict[str, Heartbeat] = {}
         self._run_id: str | None = None
+        self._restart_grace_until = 0.0
         self._lock = threading.Lock()
         self._sessions: dict[str, GatewayStreamHandle] = {}
         self._jobs: dict[str, PendingJob] = {}
@@ -102,7 +103,8 @@ class RedisGatewayRunner(GatewayThreads, GatewaySessions):
         self._repin_now = threading.Event()
         self.counters: dict[str, int] = {k: 0 for k in (
             "jobs_sent", "jobs_answered", "jobs_failed", "jobs_expired", "jobs_resent", "duplicate_answers",
-            "sessions_pinned", "sessions_repinned", "frames_sent", "frames_received")}
+            "sessions_pinned", "sessions_repinned", "frames_sent", "frames_received", "frames_resent",
+            "outputs_stale")}
 
     # ------------------------------------------------------------------------------ lifecycle
     @classmethod

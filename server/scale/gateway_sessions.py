@@ -72,9 +72,11 @@ class GatewaySessions:
                 mine[h.worker] = mine.get(h.worker, 0) + 1
         return min(live, key=lambda hb: (max(hb.sessions, mine.get(hb.worker, 0)), hb.jobs_inflight)).worker
 
-    def _pin(self, handle: GatewayStreamHandle, exclude: set[str]) -> bool:
-        """Open ``handle`` on a live worker and record where; raises the worker's validation errors."""
-        wid = self._pick_worker(exclude)
+    def _pin(self, handle: GatewayStreamHandle, exclude: set[str], prefer: str | None = None) -> bool:
+        """Open ``handle`` on a live worker (``prefer`` when it is live) and record where; raises the
+        worker's validation errors."""
+        live = self.workers.get(prefer or "")
+        wid = prefer if live is not None and live.engine_alive else self._pick_worker(exclude)
         if wid is None:
             return False
         handle.epoch += 1
@@ -143,6 +145,13 @@ class GatewaySessions:
 
     def _on_output(self, handle: GatewayStreamHandle, fields: dict[Any, Any]) -> None:
         head = OutputHeader.load(fields_get(fields, "m") or b"")
+        if (head.epoch != handle.epoch or (head.worker and head.worker != handle.worker)
+                or head.seq < handle.last_seq_out
+                or (head.seq == handle.last_seq_out and head.epoch != handle.last_epoch_out)):
+            # From a worker the session moved away from, or a frame answered before the move.
+            self.counters["outputs_stale"] += 1
+            return
+        handle.last_epoch_out, handle.last_seq_out = head.epoch, head.seq
         error = head.error.to_exception() if head.error is not None else None
         image = None
         if error is not None:  # the worker's model call failed: relayed as the in-band error for this seq

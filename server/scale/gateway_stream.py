@@ -3,6 +3,7 @@ job, and the Prometheus collector of the workers' heartbeats."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -57,6 +58,12 @@ class GatewayStreamHandle:
         self.worker = ""
         self.epoch = 0
         self.last_out = "0-0"
+        #: The last output handed to the client: (epoch, seq). Outputs of another worker or epoch, and
+        #: repeats of an answered ``seq`` after a re-pin, are dropped (exactly once, in order).
+        self.last_epoch_out = 0
+        self.last_seq_out = -1
+        #: The newest frames sent as (seq, ts, meta, bytes): those unanswered are sent again after a re-pin.
+        self.sent: deque[tuple[int, float, Any, bytes]] = deque(maxlen=2)
         self.closed = False
         self.refreshed = 0.0
         #: True while ``add_stream`` is pinning it: the supervisor leaves it alone (it would otherwise

@@ -102,14 +102,31 @@ class GatewayThreads:
             image, seq, ts = item
             meta, data = encode_image(image, self.cfg.frame_codec, self.cfg.jpeg_quality) if image is not None \
                 else (None, b"")
-            head = FrameHeader(seq=seq, ts=ts, image=meta)
-            pipe.xadd(self.keys.frames_in(h.id), {"m": head.dump(), "img": data},
-                      maxlen=self.cfg.frames_in_len, approximate=False)
-            pipe.expire(self.keys.frames_in(h.id), 3600)
+            h.sent.append((seq, ts, meta, data))
+            self._xadd_frame(pipe, h, seq, ts, meta, data)
             n += 1
         if n:
             pipe.execute()
             self.counters["frames_sent"] += n
+
+    def _xadd_frame(self, pipe: Any, h: GatewayStreamHandle, seq: int, ts: float, meta: Any, data: bytes) -> None:
+        head = FrameHeader(seq=seq, ts=ts, image=meta, epoch=h.epoch)
+        pipe.xadd(self.keys.frames_in(h.id), {"m": head.dump(), "img": data},
+                  maxlen=self.cfg.frames_in_len, approximate=False)
+        pipe.expire(self.keys.frames_in(h.id), SESSION_TTL_S)
+
+    def _resend_unanswered(self, h: GatewayStreamHandle) -> None:
+        """After a re-pin: the frames sent to the old worker and not answered go to the new one (oldest
+        first, under the new epoch), unless the client has sent a newer frame since."""
+        if h.slot:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        items = [it for it in list(h.sent) if it[0] > h.last_seq_out]
+        for seq, ts, meta, data in items:
+            self._xadd_frame(pipe, h, seq, ts, meta, data)
+        if items:
+            pipe.execute()
+            self.counters["frames_resent"] += len(items)
 
     def _reader_loop(self) -> None:
         backoff = Backoff(f"gateway {self.id} reader", self._stop)
@@ -172,6 +189,8 @@ class GatewayThreads:
             raise
         restarted = self._run_id is not None and run_id != self._run_id
         self._run_id = run_id
+        if restarted:  # every heartbeat vanished with the data: wait a TTL before calling a worker dead
+            self._restart_grace_until = time.monotonic() + self.cfg.worker_ttl_s
         self.redis_ok = True
         self._refresh_workers()
         if restarted:
@@ -217,26 +236,35 @@ class GatewayThreads:
             exists.exists(self.keys.session(h.id))
         present = exists.execute()
         now = time.monotonic()
+        grace = time.monotonic() < self._restart_grace_until
         for h, ok in zip(handles, present):
             if h.closed or h.pinning:
                 continue
-            if h.worker in self.workers and ok:
+            alive = h.worker in self.workers
+            if alive and ok:
                 if now - h.refreshed > SESSION_TTL_S / 3:
                     self.r.expire(self.keys.session(h.id), SESSION_TTL_S)
                     h.refreshed = now
                 continue
+            if not alive and grace:
+                continue  # Redis restarted: its worker may be alive but not have beaten again yet
             old = h.worker
             if not self.workers:
                 continue  # nobody to move it to yet; try again next pass
-            logger.warning("gateway %s: session %s lost its worker %s; re-pinning", self.id, h.id, old)
+            # A session moves only when its worker is dead; a lost record (Redis restarted) re-opens
+            # it on the same worker under a new epoch (that worker drops the old copy at once).
+            logger.warning("gateway %s: session %s %s; re-pinning", self.id, h.id,
+                           f"lost its record (worker {old} alive)" if alive else f"lost its worker {old}")
             try:
-                moved = self._pin(h, exclude={old} if len(self.workers) > 1 else set())
+                moved = self._pin(h, exclude={old} if len(self.workers) > 1 else set(),
+                                  prefer=old if alive else None)
             except ValidationError as exc:
                 logger.error("session %s cannot be re-opened: %s", h.id, exc.message)
                 continue
             if moved:
                 self.counters["sessions_repinned"] += 1
                 self._resolve_controls(h)
+                self._resend_unanswered(h)
             else:  # _pin recorded the new worker before it failed to open: drop it so the next pass retries
                 self.r.delete(self.keys.session(h.id))
 

@@ -196,13 +196,18 @@ class FrameHeader(Msg):
     ts: float
     image: ImageMeta | None = None
     sent: float = Field(default_factory=time.time)
+    #: The session epoch the gateway sent it under: a worker drops an older one, and closes its copy of
+    #: the session on a newer one (the session moved elsewhere: stop reading and answering at once).
+    epoch: int = 0
 
 
 class OutputHeader(Msg):
     """Worker → gateway, one output frame on ``out:<session>``.
 
     A frame whose model call failed carries ``error`` and no image; the gateway hands it to the
-    client as the in-band error for that ``seq``, and the session goes on.
+    client as the in-band error for that ``seq``, and the session goes on. ``worker`` and ``epoch``
+    say who answered under which pin: the gateway drops an output of any other (a worker the
+    session moved away from), so no frame reaches a client twice or out of order.
     """
 
     seq: int
@@ -212,6 +217,7 @@ class OutputHeader(Msg):
     timings: dict[str, float] = Field(default_factory=dict)
     worker: str = ""
     error: ErrorInfo | None = None
+    epoch: int = 0
 
     def dump(self) -> bytes:
         # ``error`` only when set: an image output is the same bytes an older gateway reads.

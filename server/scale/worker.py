@@ -89,7 +89,7 @@ class Worker(WorkerJobs, WorkerSessions):
         self._claim_cursor = "0-0"
         self.counters: dict[str, float] = {k: 0 for k in (
             "jobs_done", "jobs_failed", "jobs_expired", "jobs_duplicate", "jobs_claimed", "jobs_dead_lettered",
-            "jobs_retried", "frames_in", "frames_out", "sessions_opened", "inference_s")}
+            "jobs_retried", "frames_in", "frames_out", "frames_stale", "sessions_opened", "inference_s")}
         self.error: BaseException | None = None
     def start(self) -> Worker:
         self.runner.start()

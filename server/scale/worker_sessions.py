@@ -110,8 +110,11 @@ class WorkerSessions:
         logger.info("worker %s: session %s opened (epoch %d)", self.id, msg.session, msg.epoch)
         self._send_reply(msg, handle.config, None)
 
-    def _close_session(self, sid: str) -> None:
+    def _close_session(self, sid: str, only: WorkerSession | None = None) -> None:
+        """Close ``sid`` (only if it is still ``only``, when given: a newer open may have replaced it)."""
         with self._sessions_lock:
+            if only is not None and self._sessions.get(sid) is not only:
+                return
             s = self._sessions.pop(sid, None)
         if s is not None:
             with contextlib.suppress(DitstreamError):
@@ -127,6 +130,14 @@ class WorkerSessions:
         s.last_in = sid_str(entry_id)
         try:
             head = FrameHeader.load(fields_get(fields, "m") or b"")
+            if head.epoch > s.epoch:  # the gateway moved the session away: stop answering it now
+                logger.info("worker %s: session %s moved on (epoch %d > %d); closing it", self.id, sid,
+                            head.epoch, s.epoch)
+                self._close_session(sid, s)
+                return
+            if head.epoch < s.epoch:  # sent before this pin (another worker answered it, or it is re-sent)
+                self.counters["frames_stale"] += 1
+                return
             image = decode_image(head.image, fields_get(fields, "img") or b"",
                                  max_pixels=self.max_pixels) if head.image else None
             s.handle.submit(image, head.seq, head.ts)
@@ -166,7 +177,7 @@ class WorkerSessions:
                     else:
                         meta, data = encode_image(out.image, codec, quality)
                     head = OutputHeader(seq=out.seq, ts=out.ts, image=meta, skipped=out.skipped,
-                                        timings=dict(out.timings), worker=self.id,
+                                        timings=dict(out.timings), worker=self.id, epoch=s.epoch,
                                         error=ErrorInfo.of(out.error) if out.error is not None else None)
                     pipe.xadd(self.keys.frames_out(s.sid), {"m": head.dump(), "img": data},
                               maxlen=self.cfg.frames_out_len, approximate=False)

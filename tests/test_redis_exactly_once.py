@@ -1,0 +1,117 @@
+"""Issue 17 over a real ``redis-server``, worker and gateway in-process (null engines):
+
+- exactly once, in order: a session moved while its old worker is still alive never hands the
+  client a frame twice, out of order or from another session;
+- nobody computes for the dead: a job whose gateway is gone is dropped unrun;
+- bounded Redis: replies are deleted once read.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import redis
+from ditstream.engine.config import EngineConfig, StreamConfig
+from ditstream.server.scale.config import ScaleConfig
+from ditstream.server.scale.gateway import RedisGatewayRunner
+from ditstream.server.scale.worker import Worker
+
+from ditstream.bench.scale_harness import RedisServer, redis_server_binary, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+if redis_server_binary() is None:
+    pytest.fail("redis-server is required (apt-get install -y redis-server)", pytrace=False)
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory):
+    with RedisServer(log_dir=tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture
+def scfg(redis_url: str) -> ScaleConfig:
+    # Slow janitor checks (drop_foreign_sessions every 2 beats = 4 s): only the frame epoch can stop
+    # the old worker in time.
+    return ScaleConfig(redis_url=redis_url, prefix=f"t{uuid.uuid4().hex[:8]}", heartbeat_s=2.0, worker_ttl_s=10.0,
+                       claim_idle_s=5.0, max_jobs=2, supervise_s=0.1)
+
+
+@pytest.fixture
+def r(redis_url: str):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def _null_worker(scfg: ScaleConfig, wid: str, delay_s: float = 0.02) -> Worker:
+    from ditstream.engine.null import null_runner
+
+    return Worker(null_runner(EngineConfig(), delay_s=delay_s), scfg, worker_id=wid)
+
+
+def _shade(seq: int) -> int:
+    return 20 + (seq * 7) % 200
+
+
+def test_a_session_moved_while_its_worker_lives_never_repeats_or_reorders_a_frame(scfg: ScaleConfig):
+    workers = {wid: _null_worker(scfg, wid).start() for wid in ("wa", "wb")}
+    gw = RedisGatewayRunner(scfg, EngineConfig(output_queue_size=64), job_timeout_s=30).start()
+    got: list[tuple[int, int]] = []  # (seq, shade error)
+    stop = threading.Event()
+    try:
+        wait_for(lambda: len(gw.workers) == 2, 20, what="gateway sees both workers")
+        h = gw.add_stream(StreamConfig(prompt="p", width=SIZE, height=SIZE), notify=None)
+
+        def feed() -> None:  # free-running: several frames in flight at every moment
+            seq = 0
+            while not stop.is_set():
+                h.submit(np.full((SIZE, SIZE, 3), _shade(seq), np.uint8), seq, float(seq))
+                seq += 1
+                time.sleep(0.005)
+
+        def drain() -> None:
+            while not stop.is_set():
+                out = h.outputs.get(timeout=0.2)
+                if out is not None:
+                    got.append((out.seq, int(np.abs(out.image.astype(int) - _shade(out.seq)).max())))
+
+        threads = [threading.Thread(target=feed), threading.Thread(target=drain)]
+        for t in threads:
+            t.start()
+        for _move in range(4):  # force a re-pin while the old worker is alive and busy with the session
+            wait_for(lambda n=len(got): len(got) >= n + 10, 20, what="outputs flowing")
+            old = h.worker
+            h.pinning = True  # as the supervisor would see it: a move in progress
+            try:
+                assert gw._pin(h, exclude={old})
+                gw._resend_unanswered(h)
+            finally:
+                h.pinning = False
+            assert h.worker != old
+            # The old worker stops answering at the new epoch's first frame, long before its janitor.
+            wait_for(lambda o=old: h.id not in workers[o]._sessions, 2.0, interval=0.02,
+                     what=f"old worker {old} dropped the moved session")
+        wait_for(lambda n=len(got): len(got) >= n + 10, 20, what="outputs flowing after the last move")
+        stop.set()
+        for t in threads:
+            t.join(5)
+        seqs = [s for s, _ in got]
+        assert len(seqs) > 40
+        assert len(set(seqs)) == len(seqs), f"a frame reached the client twice: {seqs}"
+        assert seqs == sorted(seqs), f"frames out of order: {seqs}"
+        assert all(err <= 4 for _, err in got), "an output is not the image of its own frame"
+        assert sum(w.counters["sessions_opened"] for w in workers.values()) == 5
+        h.close()
+    finally:
+        stop.set()
+        gw.stop()
+        for w in workers.values():
+            w.stop()
