@@ -115,3 +115,91 @@ def test_a_session_moved_while_its_worker_lives_never_repeats_or_reorders_a_fram
         gw.stop()
         for w in workers.values():
             w.stop()
+
+
+# ------------------------------------------------------------------------------------ nobody computes for the dead
+def _fake_heartbeat(r: redis.Redis, scfg: ScaleConfig, wid: str = "ghost") -> None:
+    from ditstream.server.scale.messages import Heartbeat
+
+    r.set(scfg.keys.worker(wid), Heartbeat(worker=wid, info={"size_multiple": 8}).dump(), px=60_000)
+    r.sadd(scfg.keys.workers, wid)
+
+
+def test_jobs_of_a_dead_gateway_are_dropped_unrun(scfg: ScaleConfig, r: redis.Redis):
+    import dataclasses
+
+    scfg = dataclasses.replace(scfg, gateway_ttl_s=1.0, heartbeat_s=0.2)
+    _fake_heartbeat(r, scfg)  # lets the gateway accept jobs while no real worker runs
+    gw = RedisGatewayRunner(scfg, job_timeout_s=60).start()
+    wait_for(lambda: gw.alive, 5, what="gateway alive")
+    for seed in range(5):
+        gw.submit_job(StreamConfig(mode="txt2img", prompt="p", width=SIZE, height=SIZE, seed=seed))
+    wait_for(lambda: r.xlen(scfg.keys.jobs) == 5, 5, what="jobs queued")
+    assert r.exists(scfg.keys.gateway(gw.id))
+    gw._stop.set()  # the gateway dies (as by SIGKILL: no clean-up, its liveness key just expires)
+    gw._publish_wake.set()
+    for t in gw._threads:
+        t.join(5)
+    wait_for(lambda: not r.exists(scfg.keys.gateway(gw.id)), 5, what="the dead gateway's key expired")
+    w = _null_worker(scfg, "w1").start()
+    try:
+        wait_for(lambda: w.counters["jobs_orphaned"] == 5, 10, what="orphaned jobs dropped")
+        assert w.counters["jobs_done"] == 0 and r.xlen(scfg.keys.jobs) == 0
+        assert not r.exists(scfg.keys.replies(gw.id)), "nothing answered for nobody"
+    finally:
+        w.stop()
+
+
+def test_a_held_job_whose_gateway_died_is_cancelled(scfg: ScaleConfig, r: redis.Redis):
+    import dataclasses
+
+    scfg = dataclasses.replace(scfg, gateway_ttl_s=0.6, heartbeat_s=0.2, max_jobs=4)
+    w = _null_worker(scfg, "w1", delay_s=0.0)
+    gate = threading.Event()
+    denoise = w.runner.core._denoise_all  # the engine blocks on its first tick until the gateway is dead
+
+    def blocked_denoise() -> None:
+        gate.wait(10)
+        denoise()
+
+    w.runner.core._denoise_all = blocked_denoise
+    w.start()
+    gw = RedisGatewayRunner(scfg, job_timeout_s=60).start()
+    try:
+        wait_for(lambda: gw.alive, 10, what="gateway alive")
+        for seed in range(3):
+            gw.submit_job(StreamConfig(mode="txt2img", prompt="p", width=SIZE, height=SIZE, seed=seed))
+        wait_for(lambda: len(w._jobs) == 3, 10, what="worker holds the jobs")
+        gw._stop.set()
+        gw._publish_wake.set()
+        for t in gw._threads:
+            t.join(5)
+        wait_for(lambda: w.counters["jobs_orphaned"] == 3, 10, what="held jobs cancelled")
+        gate.set()
+        wait_for(lambda: not w._jobs and r.xlen(scfg.keys.jobs) == 0, 10, what="entries acknowledged")
+        assert w.counters["jobs_done"] == 0 and not r.exists(scfg.keys.replies(gw.id))
+    finally:
+        gate.set()
+        w.stop()
+
+
+def test_the_gateway_process_does_not_import_torch(redis_url: str):
+    """A gateway holds no model: building and serving its app (lifespan, /health) imports no torch."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import json, sys, httpx
+from ditstream.server.api.app import create_app
+from ditstream.server.settings import Settings
+from ditstream.bench.harness import ServerThread
+with ServerThread(create_app(Settings(redis_url={redis_url!r}, redis_prefix="noimport"))) as srv:
+    health = httpx.get(srv.url + "/health").status_code
+    mode = srv.app.state.ditstream.runner.info["mode"]
+print(json.dumps({{"torch": "torch" in sys.modules, "health": health, "mode": mode}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"torch": False, "health": 200, "mode": "gateway"}, got

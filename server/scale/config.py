@@ -51,6 +51,8 @@ class ScaleConfig:
     done_ttl_s: int = 3600
     #: Gateway: how often it checks workers, sessions and deadlines.
     supervise_s: float = 0.25
+    #: A gateway's liveness key lives this long unrefreshed: then workers drop its jobs and sessions.
+    gateway_ttl_s: float = 10.0
 
     @property
     def keys(self) -> Keys:

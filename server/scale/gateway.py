@@ -142,7 +142,7 @@ class RedisGatewayRunner(GatewayThreads, GatewaySessions):
                     job.future.set_exception(err)
             self._jobs.clear()
         with contextlib.suppress(Exception):
-            self.r.delete(self.replies)
+            self.r.delete(self.replies, self.keys.gateway(self.id))  # workers drop what is left for us
             self.r.close()
         self._started = False
 
@@ -207,7 +207,7 @@ class RedisGatewayRunner(GatewayThreads, GatewaySessions):
         if image is None and cfg.mode == "img2img":
             raise ValidationError("img2img needs an input image", field="image")
         meta, data = encode_image(image, "raw") if image is not None else (None, b"")
-        msg = JobMessage(reply_to=self.replies, config=config_to_wire(cfg), image=meta,
+        msg = JobMessage(reply_to=self.replies, gateway=self.id, config=config_to_wire(cfg), image=meta,
                          deadline=time.time() + self.job_timeout_s)
         future: Future = Future()
         with self._lock:

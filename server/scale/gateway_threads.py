@@ -51,6 +51,9 @@ class GatewayThreads:
     def _flush_outbox(self) -> None:
         """Send queued jobs/controls/cancels; an item that fails to send is put back first."""
         pipe = self.r.pipeline(transaction=False)
+        # First: our liveness key exists before any job of ours is in the stream (after a Redis
+        # restart, too), so no worker takes a job of ours for an orphan. Sent only with items.
+        pipe.set(self.keys.gateway(self.id), b"1", px=int(self.cfg.gateway_ttl_s * 1e3))
         items: list[tuple[str, Any]] = []
         while True:
             try:
@@ -187,6 +190,7 @@ class GatewayThreads:
             if not self._started or self._stop.is_set():
                 return
             raise
+        self.r.set(self.keys.gateway(self.id), b"1", px=int(self.cfg.gateway_ttl_s * 1e3))
         restarted = self._run_id is not None and run_id != self._run_id
         self._run_id = run_id
         if restarted:  # every heartbeat vanished with the data: wait a TTL before calling a worker dead

@@ -146,6 +146,8 @@ class JobMessage(Msg):
     kind: Literal["job"] = "job"
     job: str = Field(default_factory=lambda: uuid.uuid4().hex)
     reply_to: str
+    #: The gateway waiting for it: once its ``gw:<id>`` key is gone, workers drop the job unrun.
+    gateway: str = ""
     config: dict[str, Any]
     image: ImageMeta | None = None
     deadline: float
@@ -284,6 +286,10 @@ class Keys:
     def done(self, job: str) -> str:
         """Set NX by whoever answers ``job`` first: the guard against answering twice."""
         return self._k("done", job)
+
+    def gateway(self, gid: str) -> str:
+        """A gateway's liveness key (TTL ``gateway_ttl_s``, refreshed every supervisor pass)."""
+        return self._k("gw", gid)
 
     def replies(self, gateway: str) -> str:
         return self._k("replies", gateway)
