@@ -203,3 +203,35 @@ print(json.dumps({{"torch": "torch" in sys.modules, "health": health, "mode": mo
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"torch": False, "health": 200, "mode": "gateway"}, got
+
+
+# ------------------------------------------------------------------------------------ bounded Redis
+def test_replies_are_deleted_once_read_and_a_dead_gateways_keys_expire(scfg: ScaleConfig, r: redis.Redis):
+    import dataclasses
+
+    scfg = dataclasses.replace(scfg, heartbeat_s=0.2, max_jobs=4, replies_ttl_s=1, gateway_ttl_s=1.0)
+    w = _null_worker(scfg, "w1", delay_s=0.0).start()
+    gw = RedisGatewayRunner(scfg, job_timeout_s=60).start()
+    try:
+        wait_for(lambda: gw.alive, 10, what="gateway alive")
+        side = 256  # a raw 256² result is 196 KB: 30 kept would be ~6 MB
+        rng = np.random.default_rng(0)
+        imgs = [rng.integers(0, 255, (side, side, 3), dtype=np.uint8) for _ in range(30)]
+        futs = [gw.submit_job(StreamConfig(prompt="p", width=side, height=side, seed=i), img)
+                for i, img in enumerate(imgs)]
+        for img, f in zip(imgs, futs):
+            assert np.array_equal(f.result(30).image, img)
+        wait_for(lambda: r.xlen(gw.replies) == 0, 5, what="replies deleted once read")
+        usage = r.memory_usage(gw.replies) or 0
+        assert usage < 16_384, f"the empty reply stream still holds {usage} bytes"
+        assert 0 < r.pttl(gw.replies) <= 1000, "a reply stream nobody writes to expires"
+        assert r.xlen(scfg.keys.jobs) == 0
+        gw._stop.set()  # the gateway dies without cleaning up
+        gw._publish_wake.set()
+        for t in gw._threads:
+            t.join(5)
+        wait_for(lambda: not r.exists(gw.replies, scfg.keys.gateway(gw.id)), 5,
+                 what="the dead gateway's keys expired")
+    finally:
+        gw.stop()
+        w.stop()

@@ -18,14 +18,15 @@ from ditstream.engine.errors import (
 from ditstream.engine.queues import LatestSlot, OutputQueue
 from ditstream.engine.types import StreamOutput, StreamStats
 from ditstream.server.scale.messages import (
+    SESSION_TTL_S,
     JobMessage,
 )
+
+__all__ = ["RECENT_RESULTS", "SESSION_TTL_S", "GatewayCore", "GatewayStreamHandle", "PendingJob", "WorkerCollector"]
 
 if TYPE_CHECKING:
     from ditstream.server.scale.gateway import RedisGatewayRunner
 
-#: Seconds a session record lives without the gateway refreshing it (a dead gateway's sessions expire).
-SESSION_TTL_S = 30
 #: Results kept after their future resolved, to recognise (and count) a second answer.
 RECENT_RESULTS = 4096
 

@@ -84,6 +84,7 @@ class GatewayThreads:
                 pipe.delete(self.keys.session(sid), self.keys.frames_in(sid), self.keys.frames_out(sid))
             elif kind == "wake-reader":
                 pipe.xadd(self.replies, {"m": b"{}"}, maxlen=self.cfg.replies_len, approximate=True)
+                pipe.expire(self.replies, self.cfg.replies_ttl_s)
         if not items:
             return
         try:
@@ -144,10 +145,12 @@ class GatewayThreads:
             except self._conn_errors() as exc:
                 backoff.failed(exc)
                 continue
+            read: dict[str, list[str]] = {}
             for key, entries in resp or ():
                 name = sid_str(key)
                 for entry_id, fields in entries:
                     eid = sid_str(entry_id)
+                    read.setdefault(name, []).append(eid)
                     try:
                         if name == self.replies:
                             last_reply = eid
@@ -157,6 +160,18 @@ class GatewayThreads:
                             self._on_output(handles[name], fields)
                     except Exception as exc:
                         logger.error("gateway %s: unreadable entry %s on %s: %s", self.id, eid, name, exc)
+            if read:
+                self._delete_read(read)
+
+    def _delete_read(self, read: dict[str, list[str]]) -> None:
+        """A reply or output is deleted once read: this gateway's streams hold only what is unread."""
+        pipe = self.r.pipeline(transaction=False)
+        for name, ids in read.items():
+            pipe.xdel(name, *ids)
+        try:
+            pipe.execute()
+        except self._conn_errors():
+            pass  # Redis went away: it took the entries with it
 
     def _on_reply(self, fields: dict[Any, Any]) -> None:
         raw = fields_get(fields, "m") or b"{}"

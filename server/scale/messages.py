@@ -253,6 +253,11 @@ class SessionRecord(Msg):
 
 
 # ------------------------------------------------------------------------------------ keys
+#: Seconds a session's record and frame streams live past their last refresh or write (a dead
+#: gateway's sessions, and their frames, go away).
+SESSION_TTL_S = 30
+
+
 class Keys:
     """Every Redis key ditstream uses, under one prefix (several deployments can share a Redis)."""
 

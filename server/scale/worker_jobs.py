@@ -176,7 +176,7 @@ class WorkerJobs:
                            skipped=bool(out.skipped) if out else False, timings=dict(out.timings) if out else {})
         first = self._answer(keys=[self.keys.done(msg.job), msg.reply_to, self.keys.jobs],
                              args=[self.id, self.cfg.done_ttl_s, eid, self.keys.group, self.cfg.replies_len,
-                                   result.dump(), data])
+                                   result.dump(), data, self.cfg.replies_ttl_s])
         if not first:
             self.counters["jobs_duplicate"] += 1
             logger.info("worker %s: job %s was already answered; result discarded", self.id, msg.job)

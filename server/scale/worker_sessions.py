@@ -15,6 +15,7 @@ from ditstream.server.scale.config import (
     sid_str,
 )
 from ditstream.server.scale.messages import (
+    SESSION_TTL_S,
     ErrorInfo,
     FrameHeader,
     OutputHeader,
@@ -150,7 +151,10 @@ class WorkerSessions:
                              config=config_to_wire(cfg) if cfg is not None else None,
                              error=ErrorInfo.of(exc) if exc is not None else None)
         if msg.reply_to:
-            self.r.xadd(msg.reply_to, {"m": reply.dump()}, maxlen=self.cfg.replies_len, approximate=True)
+            pipe = self.r.pipeline(transaction=False)
+            pipe.xadd(msg.reply_to, {"m": reply.dump()}, maxlen=self.cfg.replies_len, approximate=True)
+            pipe.expire(msg.reply_to, self.cfg.replies_ttl_s)
+            pipe.execute()
 
     def _queue_reply(self, msg: SessionControl, cfg: Any, exc: BaseException | None) -> None:
         reply = SessionReply(session=msg.session, request=msg.request, worker=self.id,
@@ -183,7 +187,7 @@ class WorkerSessions:
                               maxlen=self.cfg.frames_out_len, approximate=False)
                     n += 1
                 if n:
-                    pipe.expire(self.keys.frames_out(s.sid), 3600)
+                    pipe.expire(self.keys.frames_out(s.sid), SESSION_TTL_S)
             while True:
                 try:
                     reply_to, reply = self._replies.get_nowait()
@@ -191,6 +195,7 @@ class WorkerSessions:
                     break
                 if reply_to:
                     pipe.xadd(reply_to, {"m": reply.dump()}, maxlen=self.cfg.replies_len, approximate=True)
+                    pipe.expire(reply_to, self.cfg.replies_ttl_s)
                     n += 1
             if not n:
                 continue
