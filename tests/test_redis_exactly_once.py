@@ -235,3 +235,64 @@ def test_replies_are_deleted_once_read_and_a_dead_gateways_keys_expire(scfg: Sca
     finally:
         gw.stop()
         w.stop()
+
+
+# ------------------------------------------------------------------------------------ JPEG passed through
+def test_a_stream_frame_costs_two_codec_operations_through_the_gateway(scfg: ScaleConfig, monkeypatch):
+    """Client JPEG → gateway (header checked, bytes relayed) → worker decodes → engine → worker encodes
+    → gateway relays the worker's JPEG: one decode and one encode per frame, in all."""
+    import asyncio
+
+    import simplejpeg
+    import websockets
+    from ditstream.server.api.app import create_app
+    from ditstream.server.settings import Settings
+    from testkit import decode_output, frame_message, jpeg
+
+    from ditstream.bench.harness import ServerThread
+
+    settings = Settings(redis_url=scfg.redis_url, redis_prefix=scfg.prefix, model="null", default_width=SIZE,
+                        default_height=SIZE, worker_heartbeat_s=scfg.heartbeat_s, worker_ttl_s=scfg.worker_ttl_s)
+    w = _null_worker(scfg, "w1", delay_s=0.0).start()
+    gw = RedisGatewayRunner.from_settings(settings)
+    n = 8
+    frames = [jpeg(np.full((SIZE, SIZE, 3), _shade(i), np.uint8)) for i in range(n)]
+    calls = {"encode": 0, "decode": 0}
+    lock = threading.Lock()
+
+    def counted(name: str, fn):
+        def wrapper(*a, **kw):
+            with lock:
+                calls[name] += 1
+            return fn(*a, **kw)
+        return wrapper
+
+    try:
+        with ServerThread(create_app(settings, gw)) as srv:
+            wait_for(lambda: gw.alive, 10, what="gateway sees the worker")
+
+            async def main() -> list[bytes]:
+                async with websockets.connect(srv.ws_url, max_size=None) as ws:
+                    await asyncio.wait_for(ws.recv(), 30)  # ready
+                    monkeypatch.setattr(simplejpeg, "encode_jpeg", counted("encode", simplejpeg.encode_jpeg))
+                    monkeypatch.setattr(simplejpeg, "decode_jpeg", counted("decode", simplejpeg.decode_jpeg))
+                    got = []
+                    for i, data in enumerate(frames):
+                        await ws.send(frame_message(data, i))
+                        while True:
+                            msg = await asyncio.wait_for(ws.recv(), 30)
+                            if isinstance(msg, bytes):
+                                got.append(msg)
+                                break
+                    monkeypatch.undo()
+                    return got
+
+            outs = asyncio.run(main())
+        assert calls == {"encode": n, "decode": n}, f"codec operations for {n} frames: {calls}"
+        for i, msg in enumerate(outs):
+            header, img = decode_output(msg)
+            assert header["seq"] == i and (header["width"], header["height"]) == (SIZE, SIZE)
+            assert np.abs(img.astype(int) - _shade(i)).max() <= 4
+    finally:
+        gw.stop()
+        w.stop()

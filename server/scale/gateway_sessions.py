@@ -15,7 +15,8 @@ from ditstream.engine.errors import (
     OverloadedError,
     ValidationError,
 )
-from ditstream.engine.types import StreamOutput
+from ditstream.engine.imagefile import check_header
+from ditstream.engine.types import EncodedImage, StreamOutput
 from ditstream.server.scale.config import (
     fields_get,
 )
@@ -153,21 +154,27 @@ class GatewaySessions:
             return
         handle.last_epoch_out, handle.last_seq_out = head.epoch, head.seq
         error = head.error.to_exception() if head.error is not None else None
-        image = None
+        image = encoded = None
         if error is not None:  # the worker's model call failed: relayed as the in-band error for this seq
             handle.stats.failed += 1
         else:
             if head.image is None:
                 raise WireError(f"output {head.seq} has neither an image nor an error")
-            image = decode_image(head.image, fields_get(fields, "img") or b"",
-                                 max_pixels=self.engine_config.max_pixels)
+            data = fields_get(fields, "img") or b""
+            if handle.relay_encoded and head.image.codec == "jpeg":  # checked, never decoded: relayed
+                m = head.image
+                check_header(data, max_pixels=self.engine_config.max_pixels, size=(m.width, m.height))
+                encoded = EncodedImage(data, m.width, m.height, m.quality)
+            else:
+                image = decode_image(head.image, data, max_pixels=self.engine_config.max_pixels)
             if head.skipped:
                 handle.stats.skipped += 1
             else:
                 handle.stats.processed += 1
         before = handle.outputs.dropped
         handle.outputs.put(StreamOutput(stream_id=handle.id, seq=head.seq, ts=head.ts, image=image,
-                                        skipped=head.skipped, timings=dict(head.timings), error=error))
+                                        skipped=head.skipped, timings=dict(head.timings), error=error,
+                                        encoded=encoded))
         handle.stats.dropped_outputs += handle.outputs.dropped - before
         self.counters["frames_received"] += 1
 

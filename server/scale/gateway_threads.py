@@ -103,9 +103,13 @@ class GatewayThreads:
             item = h.slot.take()
             if item is None or not h.worker:
                 continue
-            image, seq, ts = item
-            meta, data = encode_image(image, self.cfg.frame_codec, self.cfg.jpeg_quality) if image is not None \
-                else (None, b"")
+            image, seq, ts, coded = item
+            if coded is not None:  # the client's bytes, relayed as they are
+                meta, data = coded
+            elif image is not None:
+                meta, data = encode_image(image, self.cfg.frame_codec, self.cfg.jpeg_quality)
+            else:
+                meta, data = None, b""
             h.sent.append((seq, ts, meta, data))
             self._xadd_frame(pipe, h, seq, ts, meta, data)
             n += 1
@@ -114,7 +118,7 @@ class GatewayThreads:
             self.counters["frames_sent"] += n
 
     def _xadd_frame(self, pipe: Any, h: GatewayStreamHandle, seq: int, ts: float, meta: Any, data: bytes) -> None:
-        head = FrameHeader(seq=seq, ts=ts, image=meta, epoch=h.epoch)
+        head = FrameHeader(seq=seq, ts=ts, image=meta, epoch=h.epoch, quality=h.output_quality)
         pipe.xadd(self.keys.frames_in(h.id), {"m": head.dump(), "img": data},
                   maxlen=self.cfg.frames_in_len, approximate=False)
         pipe.expire(self.keys.frames_in(h.id), SESSION_TTL_S)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 #: Version of every message below; bump on an incompatible change.
 WIRE_VERSION = 1
 
-Codec = Literal["raw", "jpeg", "png"]
+Codec = Literal["raw", "jpeg", "png", "webp"]
 
 
 class WireError(DitstreamError):
@@ -54,6 +54,9 @@ class ImageMeta(Msg):
     codec: Codec
     width: int
     height: int
+    #: JPEG quality it was coded at (0: unknown or not JPEG): the gateway relays a JPEG of the quality
+    #: its client asked for as it is.
+    quality: int = 0
 
 
 def encode_image(image: np.ndarray, codec: Codec = "raw", quality: int = 90) -> tuple[ImageMeta, bytes]:
@@ -65,7 +68,8 @@ def encode_image(image: np.ndarray, codec: Codec = "raw", quality: int = 90) -> 
     elif codec == "jpeg":
         import simplejpeg
 
-        data = simplejpeg.encode_jpeg(img, quality=quality, colorspace="RGB")
+        data = simplejpeg.encode_jpeg(img, quality=quality, colorspace="RGB", colorsubsampling="420")
+        return ImageMeta(codec=codec, width=w, height=h, quality=quality), data
     else:
         import io
 
@@ -201,6 +205,8 @@ class FrameHeader(Msg):
     #: The session epoch the gateway sent it under: a worker drops an older one, and closes its copy of
     #: the session on a newer one (the session moved elsewhere: stop reading and answering at once).
     epoch: int = 0
+    #: JPEG quality the client wants its outputs at (0: the worker's ``jpeg_quality``).
+    quality: int = 0
 
 
 class OutputHeader(Msg):

@@ -139,6 +139,7 @@ class WorkerSessions:
             if head.epoch < s.epoch:  # sent before this pin (another worker answered it, or it is re-sent)
                 self.counters["frames_stale"] += 1
                 return
+            s.quality = head.quality
             image = decode_image(head.image, fields_get(fields, "img") or b"",
                                  max_pixels=self.max_pixels) if head.image else None
             s.handle.submit(image, head.seq, head.ts)
@@ -179,7 +180,7 @@ class WorkerSessions:
                     if out.error is not None:  # its model call failed: the error travels in the frame's place
                         meta, data = None, b""
                     else:
-                        meta, data = encode_image(out.image, codec, quality)
+                        meta, data = encode_image(out.image, codec, s.quality or quality)
                     head = OutputHeader(seq=out.seq, ts=out.ts, image=meta, skipped=out.skipped,
                                         timings=dict(out.timings), worker=self.id, epoch=s.epoch,
                                         error=ErrorInfo.of(out.error) if out.error is not None else None)

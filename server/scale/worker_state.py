@@ -48,5 +48,7 @@ class WorkerSession:
     epoch: int
     reply_to: str
     last_in: str = "0-0"
+    #: JPEG quality of its outputs, as its client asked (0: ``jpeg_quality``).
+    quality: int = 0
     config: dict[str, Any] = field(default_factory=dict)
 
