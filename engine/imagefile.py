@@ -69,6 +69,34 @@ def pixel_limit(max_pixels: int) -> int:
     return max_pixels if pil is None else min(max_pixels, int(pil))
 
 
+def check_header(data: bytes | memoryview, *, max_pixels: int,
+                 size: tuple[int, int] | None = None) -> tuple[ImageFormat, int, int]:
+    """(format, width, height) from the header alone, with ``decode``'s checks and errors; no pixel is
+    decoded. For bytes that are relayed as they are (the gateway passes JPEG through untouched).
+
+    Checks what ``decode`` checks before decoding (magic bytes, header, pixel limit, ``size``); a
+    corrupt body behind a sound header is found by whoever decodes it.
+    """
+    limit = pixel_limit(max_pixels)
+    fmt = sniff(data)
+    if fmt is None:
+        raise ImageDecodeError("not a JPEG, PNG or WebP image (unrecognised magic bytes)", field="image")
+    try:
+        if fmt == "jpeg":
+            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        else:
+            with Image.open(io.BytesIO(bytes(data)), formats=[fmt.upper()]) as im:
+                w, h = im.width, im.height
+    except _BOMB_ERRORS as exc:
+        raise ImageTooLargeError(f"image has too many pixels (the limit is {limit}): {exc}",
+                                 field="image") from exc
+    except DECODER_ERRORS as exc:
+        raise ImageDecodeError(f"corrupt {fmt.upper()} image: {type(exc).__name__}: {exc}", field="image") from exc
+    check_pixels(w, h, limit)
+    _check_size(w, h, size)
+    return fmt, w, h
+
+
 def decode(data: bytes | memoryview, *, max_pixels: int, size: tuple[int, int] | None = None,
            fast: bool = False) -> np.ndarray:
     """Bytes → uint8 (H, W, 3) RGB.

@@ -36,6 +36,19 @@ class StreamOutput:
     #: A ``GenerationError`` when the model call(s) for this input failed; ``image`` is then ``None``
     #: and the stream goes on with its next input.
     error: Any = None
+    #: The output already JPEG-coded (it came so from a worker): sent to the client as it is, and
+    #: ``image`` may then be ``None`` (the gateway never decodes it).
+    encoded: EncodedImage | None = None
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """JPEG bytes of an image, with its size and the quality it was coded at (0: unknown)."""
+
+    data: bytes
+    width: int
+    height: int
+    quality: int = 0
 
 
 @dataclass

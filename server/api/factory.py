@@ -3,7 +3,6 @@ workers' engines (``EngineClient`` either way)."""
 
 from __future__ import annotations
 
-from ditstream.engine.runner import EngineRunner
 from ditstream.server.engine_client import EngineClient
 from ditstream.server.settings import Settings
 
@@ -13,6 +12,8 @@ def load_runner(settings: Settings) -> EngineClient:
     workers' engines when ``redis_url`` is set (blocking: called in a worker thread)."""
     from ditstream.engine.config import BatchConfig, EngineConfig, ModelConfig
 
+    # The gateway holds no model: it must not import torch (seconds of start-up, hundreds of MB), so
+    # the engine runner is imported only on the in-process path.
     if settings.redis_url:  # gateway mode: the engines are `ditstream worker` processes behind Redis
         from ditstream.server.scale.gateway import RedisGatewayRunner
 
@@ -24,6 +25,8 @@ def load_runner(settings: Settings) -> EngineClient:
         from ditstream.engine.null import null_runner
 
         return null_runner(ecfg, delay_s=settings.null_delay_s)
+    from ditstream.engine.runner import EngineRunner
+
     mcfg = ModelConfig(model=settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype,
                        backend_options=settings.backend_options())
     runner = EngineRunner.from_config(mcfg, ecfg)

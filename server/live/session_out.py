@@ -68,6 +68,12 @@ class SessionOutputs:
                     quality = self.quality
                     if out.error is not None:  # the model call failed: an in-band error, in the frame's place
                         data = None
+                    elif out.encoded is not None and out.encoded.quality == quality:
+                        data = out.encoded.data  # a worker's JPEG at the client's quality: relayed as it is
+                    elif out.encoded is not None:  # coded before a quality change: once more, at the new one
+                        image = out.image if out.image is not None else codec.decode(
+                            out.encoded.data, max_pixels=self.settings.max_pixels)
+                        data = codec.encode(image, "jpeg", quality)
                     elif out.image is self._last_image and quality == self._last_quality:
                         data = self._last_bytes  # a skipped frame re-sends the same array
                     else:
@@ -154,7 +160,8 @@ class SessionOutputs:
         server_s = (now - t_recv) if t_recv is not None else out.timings.get("total", 0.0) + encode_s
         inference_s = out.timings.get("inference", 0.0)
         header = {"seq": out.seq, "ts": out.ts, "skipped": out.skipped,
-                  "width": int(out.image.shape[1]), "height": int(out.image.shape[0]),
+                  "width": out.encoded.width if out.encoded else int(out.image.shape[1]),
+                  "height": out.encoded.height if out.encoded else int(out.image.shape[0]),
                   "timings": {"decode_ms": ms(decode_s), "queue_ms": ms(out.timings.get("queue", 0.0)),
                               "inference_ms": ms(inference_s), "encode_ms": ms(encode_s),
                               "server_ms": ms(server_s)}}

@@ -33,6 +33,7 @@ from ditstream.engine.errors import (
     PayloadTooLargeError,
     ValidationError,
 )
+from ditstream.engine.imagefile import check_header
 from ditstream.engine.types import StreamOutput
 from ditstream.server import codec
 from ditstream.server.api.auth import SUBPROTOCOL
@@ -98,6 +99,7 @@ class StreamSession(SessionOutputs):
         self.wake = asyncio.Event()
         self.control_out: deque[str] = deque()
         self.handle: EngineStream | None = None
+        self._relay: Any = None  # the handle's ``submit_encoded``, when it relays coded frames
         #: The latest config asked for (the engine's copy may lag by one control message).
         self.config: StreamConfig = StreamConfig()
         self.fps = self.settings.default_fps
@@ -144,6 +146,7 @@ class StreamSession(SessionOutputs):
                 adding.add_done_callback(close_if_added)
                 raise
             logger.debug("stream %s opened", self.handle.id)
+            self._relay_setup()
             self.send_json({"type": "ready", "session": self.handle.id, "protocol": PROTOCOL_VERSION,
                             "config": self._config_dict(self.config), "limits": self._limits(),
                             "model": self.state.model_card()})
@@ -267,10 +270,16 @@ class StreamSession(SessionOutputs):
             if self._ended:  # the client left while this frame waited: nothing to answer
                 continue
             try:
-                image = codec.decode(data, max_pixels=self.settings.max_pixels, size=size, fast=True)
-                self.decode_s[seq] = time.perf_counter() - t_recv
                 assert self.handle is not None
-                if self.handle.submit(image, seq, ts):
+                if self._relay is not None:  # gateway: header checked, the client's bytes relayed as they are
+                    fmt, w, h = check_header(data, max_pixels=self.settings.max_pixels, size=size)
+                    self.decode_s[seq] = time.perf_counter() - t_recv
+                    dropped = self._relay(bytes(data), seq, ts, fmt, w, h)
+                else:
+                    image = codec.decode(data, max_pixels=self.settings.max_pixels, size=size, fast=True)
+                    self.decode_s[seq] = time.perf_counter() - t_recv
+                    dropped = self.handle.submit(image, seq, ts)
+                if dropped:
                     self.metrics.frames.labels("dropped").inc()
                 self.errors_in_row = 0
             except DitstreamError as exc:  # bad input; or the stream closed meanwhile (nobody to tell)
@@ -279,6 +288,14 @@ class StreamSession(SessionOutputs):
             except Exception:  # a bug, not bad input: loud in the log, and the client gets 1011
                 logger.exception("unexpected error decoding a frame")
                 self._call_loop(self._on_frame_error, seq, DitstreamError("internal error while handling the message"))
+
+    def _relay_setup(self) -> None:
+        """A stream that takes coded frames (gateway mode) gets the client's bytes as they are and
+        hands back the workers' JPEG at the client's quality: no codec work here at all."""
+        self._relay = getattr(self.handle, "submit_encoded", None)
+        if self._relay is not None:
+            self.handle.relay_encoded = True  # type: ignore[union-attr]
+            self.handle.output_quality = self.quality  # type: ignore[union-attr]
 
     def _call_loop(self, fn: Any, *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
@@ -314,6 +331,7 @@ class StreamSession(SessionOutputs):
             self.fps = msg.fps
         if msg.quality is not None:
             self.quality = msg.quality
+            self._relay_setup()
         assert self.handle is not None
         changed = wanted != self.config
         reshapes = (wanted.width, wanted.height, wanted.mode) != (self.config.width, self.config.height,

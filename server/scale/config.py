@@ -45,12 +45,18 @@ class ScaleConfig:
     #: Input frames kept per session (latest wins) and outputs kept per session (oldest dropped).
     frames_in_len: int = 2
     frames_out_len: int = 4
-    #: Reply entries kept per gateway, dead-letter entries kept, and how long "answered" marks live.
-    replies_len: int = 1000
+    #: A gateway deletes each reply (and each output) once read, so its streams stay about empty;
+    #: ``replies_len`` only caps a gateway that stopped reading, and a reply stream nobody writes to
+    #: for ``replies_ttl_s`` expires (a dead gateway's replies go away). Session keys live
+    #: ``SESSION_TTL_S`` past their last write. Dead-letter entries kept; how long "answered" marks live.
+    replies_len: int = 256
+    replies_ttl_s: int = 60
     dead_letter_len: int = 1000
     done_ttl_s: int = 3600
     #: Gateway: how often it checks workers, sessions and deadlines.
     supervise_s: float = 0.25
+    #: A gateway's liveness key lives this long unrefreshed: then workers drop its jobs and sessions.
+    gateway_ttl_s: float = 10.0
 
     @property
     def keys(self) -> Keys:

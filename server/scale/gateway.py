@@ -92,6 +92,7 @@ class RedisGatewayRunner(GatewayThreads, GatewaySessions):
         self.redis_ok = False
         self.workers: dict[str, Heartbeat] = {}
         self._run_id: str | None = None
+        self._restart_grace_until = 0.0
         self._lock = threading.Lock()
         self._sessions: dict[str, GatewayStreamHandle] = {}
         self._jobs: dict[str, PendingJob] = {}
@@ -102,7 +103,8 @@ class RedisGatewayRunner(GatewayThreads, GatewaySessions):
         self._repin_now = threading.Event()
         self.counters: dict[str, int] = {k: 0 for k in (
             "jobs_sent", "jobs_answered", "jobs_failed", "jobs_expired", "jobs_resent", "duplicate_answers",
-            "sessions_pinned", "sessions_repinned", "frames_sent", "frames_received")}
+            "sessions_pinned", "sessions_repinned", "frames_sent", "frames_received", "frames_resent",
+            "outputs_stale")}
 
     # ------------------------------------------------------------------------------ lifecycle
     @classmethod
@@ -140,7 +142,7 @@ class RedisGatewayRunner(GatewayThreads, GatewaySessions):
                     job.future.set_exception(err)
             self._jobs.clear()
         with contextlib.suppress(Exception):
-            self.r.delete(self.replies)
+            self.r.delete(self.replies, self.keys.gateway(self.id))  # workers drop what is left for us
             self.r.close()
         self._started = False
 
@@ -205,7 +207,7 @@ class RedisGatewayRunner(GatewayThreads, GatewaySessions):
         if image is None and cfg.mode == "img2img":
             raise ValidationError("img2img needs an input image", field="image")
         meta, data = encode_image(image, "raw") if image is not None else (None, b"")
-        msg = JobMessage(reply_to=self.replies, config=config_to_wire(cfg), image=meta,
+        msg = JobMessage(reply_to=self.replies, gateway=self.id, config=config_to_wire(cfg), image=meta,
                          deadline=time.time() + self.job_timeout_s)
         future: Future = Future()
         with self._lock:

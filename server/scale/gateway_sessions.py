@@ -15,7 +15,8 @@ from ditstream.engine.errors import (
     OverloadedError,
     ValidationError,
 )
-from ditstream.engine.types import StreamOutput
+from ditstream.engine.imagefile import check_header
+from ditstream.engine.types import EncodedImage, StreamOutput
 from ditstream.server.scale.config import (
     fields_get,
 )
@@ -72,9 +73,11 @@ class GatewaySessions:
                 mine[h.worker] = mine.get(h.worker, 0) + 1
         return min(live, key=lambda hb: (max(hb.sessions, mine.get(hb.worker, 0)), hb.jobs_inflight)).worker
 
-    def _pin(self, handle: GatewayStreamHandle, exclude: set[str]) -> bool:
-        """Open ``handle`` on a live worker and record where; raises the worker's validation errors."""
-        wid = self._pick_worker(exclude)
+    def _pin(self, handle: GatewayStreamHandle, exclude: set[str], prefer: str | None = None) -> bool:
+        """Open ``handle`` on a live worker (``prefer`` when it is live) and record where; raises the
+        worker's validation errors."""
+        live = self.workers.get(prefer or "")
+        wid = prefer if live is not None and live.engine_alive else self._pick_worker(exclude)
         if wid is None:
             return False
         handle.epoch += 1
@@ -143,22 +146,35 @@ class GatewaySessions:
 
     def _on_output(self, handle: GatewayStreamHandle, fields: dict[Any, Any]) -> None:
         head = OutputHeader.load(fields_get(fields, "m") or b"")
+        if (head.epoch != handle.epoch or (head.worker and head.worker != handle.worker)
+                or head.seq < handle.last_seq_out
+                or (head.seq == handle.last_seq_out and head.epoch != handle.last_epoch_out)):
+            # From a worker the session moved away from, or a frame answered before the move.
+            self.counters["outputs_stale"] += 1
+            return
+        handle.last_epoch_out, handle.last_seq_out = head.epoch, head.seq
         error = head.error.to_exception() if head.error is not None else None
-        image = None
+        image = encoded = None
         if error is not None:  # the worker's model call failed: relayed as the in-band error for this seq
             handle.stats.failed += 1
         else:
             if head.image is None:
                 raise WireError(f"output {head.seq} has neither an image nor an error")
-            image = decode_image(head.image, fields_get(fields, "img") or b"",
-                                 max_pixels=self.engine_config.max_pixels)
+            data = fields_get(fields, "img") or b""
+            if handle.relay_encoded and head.image.codec == "jpeg":  # checked, never decoded: relayed
+                m = head.image
+                check_header(data, max_pixels=self.engine_config.max_pixels, size=(m.width, m.height))
+                encoded = EncodedImage(data, m.width, m.height, m.quality)
+            else:
+                image = decode_image(head.image, data, max_pixels=self.engine_config.max_pixels)
             if head.skipped:
                 handle.stats.skipped += 1
             else:
                 handle.stats.processed += 1
         before = handle.outputs.dropped
         handle.outputs.put(StreamOutput(stream_id=handle.id, seq=head.seq, ts=head.ts, image=image,
-                                        skipped=head.skipped, timings=dict(head.timings), error=error))
+                                        skipped=head.skipped, timings=dict(head.timings), error=error,
+                                        encoded=encoded))
         handle.stats.dropped_outputs += handle.outputs.dropped - before
         self.counters["frames_received"] += 1
 

@@ -3,6 +3,7 @@ job, and the Prometheus collector of the workers' heartbeats."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -17,14 +18,16 @@ from ditstream.engine.errors import (
 from ditstream.engine.queues import LatestSlot, OutputQueue
 from ditstream.engine.types import StreamOutput, StreamStats
 from ditstream.server.scale.messages import (
+    SESSION_TTL_S,
+    ImageMeta,
     JobMessage,
 )
+
+__all__ = ["RECENT_RESULTS", "SESSION_TTL_S", "GatewayCore", "GatewayStreamHandle", "PendingJob", "WorkerCollector"]
 
 if TYPE_CHECKING:
     from ditstream.server.scale.gateway import RedisGatewayRunner
 
-#: Seconds a session record lives without the gateway refreshing it (a dead gateway's sessions expire).
-SESSION_TTL_S = 30
 #: Results kept after their future resolved, to recognise (and count) a second answer.
 RECENT_RESULTS = 4096
 
@@ -53,10 +56,21 @@ class GatewayStreamHandle:
         self._config = cfg
         self.outputs: OutputQueue[StreamOutput] = OutputQueue(runner.engine_config.output_queue_size, notify)
         self.stats = StreamStats()
-        self.slot: LatestSlot[tuple[np.ndarray | None, int, float]] = LatestSlot()
+        #: (image, seq, ts, (meta, bytes) when the client's coded bytes are relayed as they are)
+        self.slot: LatestSlot[tuple[np.ndarray | None, int, float, tuple[ImageMeta, bytes] | None]] = LatestSlot()
+        #: Set by the WebSocket session: outputs stay JPEG (``StreamOutput.encoded``), never decoded here.
+        self.relay_encoded = False
+        #: JPEG quality the client wants (0: the worker's); sent with every frame.
+        self.output_quality = 0
         self.worker = ""
         self.epoch = 0
         self.last_out = "0-0"
+        #: The last output handed to the client: (epoch, seq). Outputs of another worker or epoch, and
+        #: repeats of an answered ``seq`` after a re-pin, are dropped (exactly once, in order).
+        self.last_epoch_out = 0
+        self.last_seq_out = -1
+        #: The newest frames sent as (seq, ts, meta, bytes): those unanswered are sent again after a re-pin.
+        self.sent: deque[tuple[int, float, Any, bytes]] = deque(maxlen=2)
         self.closed = False
         self.refreshed = 0.0
         #: True while ``add_stream`` is pinning it: the supervisor leaves it alone (it would otherwise
@@ -77,7 +91,18 @@ class GatewayStreamHandle:
             raise EngineDeadError("the gateway is not running")
         if image is None and self._config.mode == "img2img":
             raise ValidationError("img2img streams need an image in every frame", field="image")
-        replaced = self.slot.put((image, seq, ts))
+        return self._offer((image, seq, ts, None))
+
+    def submit_encoded(self, data: bytes, seq: int, ts: float, fmt: str, width: int, height: int) -> bool:
+        """Offer a frame as the client coded it (its header already checked): relayed to the worker
+        byte for byte, decoded there once. Same contract as ``submit``."""
+        if self.closed or not self._runner.running:
+            raise EngineDeadError("the gateway is not running")
+        meta = ImageMeta(codec=fmt, width=width, height=height)  # type: ignore[arg-type]
+        return self._offer((None, seq, ts, (meta, data)))
+
+    def _offer(self, item: tuple[np.ndarray | None, int, float, tuple[ImageMeta, bytes] | None]) -> bool:
+        replaced = self.slot.put(item)
         if replaced:
             self.stats.dropped_inputs += 1
         self._runner.wake_publisher()

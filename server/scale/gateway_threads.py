@@ -51,6 +51,9 @@ class GatewayThreads:
     def _flush_outbox(self) -> None:
         """Send queued jobs/controls/cancels; an item that fails to send is put back first."""
         pipe = self.r.pipeline(transaction=False)
+        # First: our liveness key exists before any job of ours is in the stream (after a Redis
+        # restart, too), so no worker takes a job of ours for an orphan. Sent only with items.
+        pipe.set(self.keys.gateway(self.id), b"1", px=int(self.cfg.gateway_ttl_s * 1e3))
         items: list[tuple[str, Any]] = []
         while True:
             try:
@@ -81,6 +84,7 @@ class GatewayThreads:
                 pipe.delete(self.keys.session(sid), self.keys.frames_in(sid), self.keys.frames_out(sid))
             elif kind == "wake-reader":
                 pipe.xadd(self.replies, {"m": b"{}"}, maxlen=self.cfg.replies_len, approximate=True)
+                pipe.expire(self.replies, self.cfg.replies_ttl_s)
         if not items:
             return
         try:
@@ -99,17 +103,38 @@ class GatewayThreads:
             item = h.slot.take()
             if item is None or not h.worker:
                 continue
-            image, seq, ts = item
-            meta, data = encode_image(image, self.cfg.frame_codec, self.cfg.jpeg_quality) if image is not None \
-                else (None, b"")
-            head = FrameHeader(seq=seq, ts=ts, image=meta)
-            pipe.xadd(self.keys.frames_in(h.id), {"m": head.dump(), "img": data},
-                      maxlen=self.cfg.frames_in_len, approximate=False)
-            pipe.expire(self.keys.frames_in(h.id), 3600)
+            image, seq, ts, coded = item
+            if coded is not None:  # the client's bytes, relayed as they are
+                meta, data = coded
+            elif image is not None:
+                meta, data = encode_image(image, self.cfg.frame_codec, self.cfg.jpeg_quality)
+            else:
+                meta, data = None, b""
+            h.sent.append((seq, ts, meta, data))
+            self._xadd_frame(pipe, h, seq, ts, meta, data)
             n += 1
         if n:
             pipe.execute()
             self.counters["frames_sent"] += n
+
+    def _xadd_frame(self, pipe: Any, h: GatewayStreamHandle, seq: int, ts: float, meta: Any, data: bytes) -> None:
+        head = FrameHeader(seq=seq, ts=ts, image=meta, epoch=h.epoch, quality=h.output_quality)
+        pipe.xadd(self.keys.frames_in(h.id), {"m": head.dump(), "img": data},
+                  maxlen=self.cfg.frames_in_len, approximate=False)
+        pipe.expire(self.keys.frames_in(h.id), SESSION_TTL_S)
+
+    def _resend_unanswered(self, h: GatewayStreamHandle) -> None:
+        """After a re-pin: the frames sent to the old worker and not answered go to the new one (oldest
+        first, under the new epoch), unless the client has sent a newer frame since."""
+        if h.slot:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        items = [it for it in list(h.sent) if it[0] > h.last_seq_out]
+        for seq, ts, meta, data in items:
+            self._xadd_frame(pipe, h, seq, ts, meta, data)
+        if items:
+            pipe.execute()
+            self.counters["frames_resent"] += len(items)
 
     def _reader_loop(self) -> None:
         backoff = Backoff(f"gateway {self.id} reader", self._stop)
@@ -124,10 +149,12 @@ class GatewayThreads:
             except self._conn_errors() as exc:
                 backoff.failed(exc)
                 continue
+            read: dict[str, list[str]] = {}
             for key, entries in resp or ():
                 name = sid_str(key)
                 for entry_id, fields in entries:
                     eid = sid_str(entry_id)
+                    read.setdefault(name, []).append(eid)
                     try:
                         if name == self.replies:
                             last_reply = eid
@@ -137,6 +164,18 @@ class GatewayThreads:
                             self._on_output(handles[name], fields)
                     except Exception as exc:
                         logger.error("gateway %s: unreadable entry %s on %s: %s", self.id, eid, name, exc)
+            if read:
+                self._delete_read(read)
+
+    def _delete_read(self, read: dict[str, list[str]]) -> None:
+        """A reply or output is deleted once read: this gateway's streams hold only what is unread."""
+        pipe = self.r.pipeline(transaction=False)
+        for name, ids in read.items():
+            pipe.xdel(name, *ids)
+        try:
+            pipe.execute()
+        except self._conn_errors():
+            pass  # Redis went away: it took the entries with it
 
     def _on_reply(self, fields: dict[Any, Any]) -> None:
         raw = fields_get(fields, "m") or b"{}"
@@ -170,8 +209,11 @@ class GatewayThreads:
             if not self._started or self._stop.is_set():
                 return
             raise
+        self.r.set(self.keys.gateway(self.id), b"1", px=int(self.cfg.gateway_ttl_s * 1e3))
         restarted = self._run_id is not None and run_id != self._run_id
         self._run_id = run_id
+        if restarted:  # every heartbeat vanished with the data: wait a TTL before calling a worker dead
+            self._restart_grace_until = time.monotonic() + self.cfg.worker_ttl_s
         self.redis_ok = True
         self._refresh_workers()
         if restarted:
@@ -217,26 +259,35 @@ class GatewayThreads:
             exists.exists(self.keys.session(h.id))
         present = exists.execute()
         now = time.monotonic()
+        grace = time.monotonic() < self._restart_grace_until
         for h, ok in zip(handles, present):
             if h.closed or h.pinning:
                 continue
-            if h.worker in self.workers and ok:
+            alive = h.worker in self.workers
+            if alive and ok:
                 if now - h.refreshed > SESSION_TTL_S / 3:
                     self.r.expire(self.keys.session(h.id), SESSION_TTL_S)
                     h.refreshed = now
                 continue
+            if not alive and grace:
+                continue  # Redis restarted: its worker may be alive but not have beaten again yet
             old = h.worker
             if not self.workers:
                 continue  # nobody to move it to yet; try again next pass
-            logger.warning("gateway %s: session %s lost its worker %s; re-pinning", self.id, h.id, old)
+            # A session moves only when its worker is dead; a lost record (Redis restarted) re-opens
+            # it on the same worker under a new epoch (that worker drops the old copy at once).
+            logger.warning("gateway %s: session %s %s; re-pinning", self.id, h.id,
+                           f"lost its record (worker {old} alive)" if alive else f"lost its worker {old}")
             try:
-                moved = self._pin(h, exclude={old} if len(self.workers) > 1 else set())
+                moved = self._pin(h, exclude={old} if len(self.workers) > 1 else set(),
+                                  prefer=old if alive else None)
             except ValidationError as exc:
                 logger.error("session %s cannot be re-opened: %s", h.id, exc.message)
                 continue
             if moved:
                 self.counters["sessions_repinned"] += 1
                 self._resolve_controls(h)
+                self._resend_unanswered(h)
             else:  # _pin recorded the new worker before it failed to open: drop it so the next pass retries
                 self.r.delete(self.keys.session(h.id))
 

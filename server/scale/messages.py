@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 #: Version of every message below; bump on an incompatible change.
 WIRE_VERSION = 1
 
-Codec = Literal["raw", "jpeg", "png"]
+Codec = Literal["raw", "jpeg", "png", "webp"]
 
 
 class WireError(DitstreamError):
@@ -54,6 +54,9 @@ class ImageMeta(Msg):
     codec: Codec
     width: int
     height: int
+    #: JPEG quality it was coded at (0: unknown or not JPEG): the gateway relays a JPEG of the quality
+    #: its client asked for as it is.
+    quality: int = 0
 
 
 def encode_image(image: np.ndarray, codec: Codec = "raw", quality: int = 90) -> tuple[ImageMeta, bytes]:
@@ -65,7 +68,8 @@ def encode_image(image: np.ndarray, codec: Codec = "raw", quality: int = 90) -> 
     elif codec == "jpeg":
         import simplejpeg
 
-        data = simplejpeg.encode_jpeg(img, quality=quality, colorspace="RGB")
+        data = simplejpeg.encode_jpeg(img, quality=quality, colorspace="RGB", colorsubsampling="420")
+        return ImageMeta(codec=codec, width=w, height=h, quality=quality), data
     else:
         import io
 
@@ -146,6 +150,8 @@ class JobMessage(Msg):
     kind: Literal["job"] = "job"
     job: str = Field(default_factory=lambda: uuid.uuid4().hex)
     reply_to: str
+    #: The gateway waiting for it: once its ``gw:<id>`` key is gone, workers drop the job unrun.
+    gateway: str = ""
     config: dict[str, Any]
     image: ImageMeta | None = None
     deadline: float
@@ -196,13 +202,20 @@ class FrameHeader(Msg):
     ts: float
     image: ImageMeta | None = None
     sent: float = Field(default_factory=time.time)
+    #: The session epoch the gateway sent it under: a worker drops an older one, and closes its copy of
+    #: the session on a newer one (the session moved elsewhere: stop reading and answering at once).
+    epoch: int = 0
+    #: JPEG quality the client wants its outputs at (0: the worker's ``jpeg_quality``).
+    quality: int = 0
 
 
 class OutputHeader(Msg):
     """Worker → gateway, one output frame on ``out:<session>``.
 
     A frame whose model call failed carries ``error`` and no image; the gateway hands it to the
-    client as the in-band error for that ``seq``, and the session goes on.
+    client as the in-band error for that ``seq``, and the session goes on. ``worker`` and ``epoch``
+    say who answered under which pin: the gateway drops an output of any other (a worker the
+    session moved away from), so no frame reaches a client twice or out of order.
     """
 
     seq: int
@@ -212,6 +225,7 @@ class OutputHeader(Msg):
     timings: dict[str, float] = Field(default_factory=dict)
     worker: str = ""
     error: ErrorInfo | None = None
+    epoch: int = 0
 
     def dump(self) -> bytes:
         # ``error`` only when set: an image output is the same bytes an older gateway reads.
@@ -245,6 +259,11 @@ class SessionRecord(Msg):
 
 
 # ------------------------------------------------------------------------------------ keys
+#: Seconds a session's record and frame streams live past their last refresh or write (a dead
+#: gateway's sessions, and their frames, go away).
+SESSION_TTL_S = 30
+
+
 class Keys:
     """Every Redis key ditstream uses, under one prefix (several deployments can share a Redis)."""
 
@@ -278,6 +297,10 @@ class Keys:
     def done(self, job: str) -> str:
         """Set NX by whoever answers ``job`` first: the guard against answering twice."""
         return self._k("done", job)
+
+    def gateway(self, gid: str) -> str:
+        """A gateway's liveness key (TTL ``gateway_ttl_s``, refreshed every supervisor pass)."""
+        return self._k("gw", gid)
 
     def replies(self, gateway: str) -> str:
         return self._k("replies", gateway)

@@ -87,9 +87,10 @@ class Worker(WorkerJobs, WorkerSessions):
         self._answer = self.r.register_script(ANSWER_LUA)
         self._ctl_last = "0-0"
         self._claim_cursor = "0-0"
+        self._gateways_missing: set[str] = set()
         self.counters: dict[str, float] = {k: 0 for k in (
             "jobs_done", "jobs_failed", "jobs_expired", "jobs_duplicate", "jobs_claimed", "jobs_dead_lettered",
-            "jobs_retried", "frames_in", "frames_out", "sessions_opened", "inference_s")}
+            "jobs_retried", "jobs_orphaned", "frames_in", "frames_out", "frames_stale", "sessions_opened", "inference_s")}
         self.error: BaseException | None = None
     def start(self) -> Worker:
         self.runner.start()
@@ -206,6 +207,7 @@ class Worker(WorkerJobs, WorkerSessions):
                 pipe.sadd(self.keys.workers, self.id)
                 pipe.execute()
                 self._touch_jobs()
+                self._reap_orphans()
                 self._janitor()
                 if time.monotonic() - last_check > self.cfg.heartbeat_s * 2:
                     self._drop_foreign_sessions()
@@ -268,12 +270,18 @@ class Worker(WorkerJobs, WorkerSessions):
         if not sessions:
             return
         raws = self.r.mget([self.keys.session(s.sid) for s in sessions])
-        for s, raw in zip(sessions, raws):
-            keep = False
-            if raw is not None:
-                with contextlib.suppress(Exception):
-                    rec = SessionRecord.load(raw)
-                    keep = rec.worker == self.id and rec.epoch <= s.epoch
+        recs: list[SessionRecord | None] = []
+        for raw in raws:
+            rec = None
+            with contextlib.suppress(Exception):
+                rec = SessionRecord.load(raw) if raw is not None else None
+            recs.append(rec)
+        gws = sorted({rec.gateway for rec in recs if rec is not None and rec.gateway})
+        up = dict(zip(gws, self.r.mget([self.keys.gateway(g) for g in gws]))) if gws else {}
+        for s, rec in zip(sessions, recs):
+            # Ours, of our epoch or older, and its gateway alive (a dead gateway's sessions end now).
+            keep = (rec is not None and rec.worker == self.id and rec.epoch <= s.epoch
+                    and up.get(rec.gateway) is not None)
             if not keep:
                 logger.info("worker %s: session %s is no longer pinned here; closing it", self.id, s.sid)
                 self._close_session(s.sid)

@@ -82,8 +82,18 @@ class WorkerJobs:
             logger.info("worker %s: job %s expired before it ran; dropped", self.id, msg.job)
             self._ack(eid)
             return
-        if self.r.exists(self.keys.done(msg.job)):
+        pipe = self.r.pipeline(transaction=False)
+        pipe.exists(self.keys.done(msg.job))
+        pipe.exists(self.keys.gateway(msg.gateway) if msg.gateway else self.keys.done(msg.job))
+        answered, gateway_up = pipe.execute()
+        if answered:
             self.counters["jobs_duplicate"] += 1
+            self._ack(eid)
+            return
+        if msg.gateway and not gateway_up:  # nobody waits for it: drop it unrun
+            self.counters["jobs_orphaned"] += 1
+            logger.info("worker %s: job %s belongs to gateway %s, which is gone; dropped", self.id, msg.job,
+                        msg.gateway)
             self._ack(eid)
             return
         if attempts > self.cfg.max_attempts:
@@ -130,6 +140,9 @@ class WorkerJobs:
             self._room.set()
 
     def _finish(self, job: WorkerJob) -> None:
+        if job.future.cancelled():  # reaped: nobody waits for it (see ``_reap_orphans``)
+            self._ack(job.entry)
+            return
         exc = job.future.exception()
         if exc is None:
             out: StreamOutput = job.future.result()
@@ -163,11 +176,35 @@ class WorkerJobs:
                            skipped=bool(out.skipped) if out else False, timings=dict(out.timings) if out else {})
         first = self._answer(keys=[self.keys.done(msg.job), msg.reply_to, self.keys.jobs],
                              args=[self.id, self.cfg.done_ttl_s, eid, self.keys.group, self.cfg.replies_len,
-                                   result.dump(), data])
+                                   result.dump(), data, self.cfg.replies_ttl_s])
         if not first:
             self.counters["jobs_duplicate"] += 1
             logger.info("worker %s: job %s was already answered; result discarded", self.id, msg.job)
         return bool(first)
+
+    def _reap_orphans(self) -> None:
+        """Cancel held jobs nobody waits for: past their deadline, answered or cancelled elsewhere, or
+        whose gateway's liveness key has been gone for two beats running (one miss may be a Redis
+        restart the gateway has not yet noticed). The engine drops a cancelled job, run or not."""
+        with self._jobs_lock:
+            jobs = [j for j in self._jobs.values() if not j.future.done()]
+        if not jobs:
+            self._gateways_missing = set()
+            return
+        gws = sorted({j.msg.gateway for j in jobs if j.msg.gateway})
+        pipe = self.r.pipeline(transaction=False)
+        pipe.mget([self.keys.done(j.msg.job) for j in jobs])
+        pipe.mget([self.keys.gateway(g) for g in gws] or [self.keys.gateway("-")])
+        done, up = pipe.execute()
+        gone = {g for g, v in zip(gws, up) if v is None}
+        dead, self._gateways_missing = gone & self._gateways_missing, gone
+        now = time.time()
+        for j, mark in zip(jobs, done):
+            why = ("its deadline passed" if now > j.msg.deadline else "it was answered or cancelled"
+                   if mark is not None else "its gateway is gone" if j.msg.gateway in dead else "")
+            if why and j.future.cancel():
+                self.counters["jobs_orphaned"] += 1
+                logger.info("worker %s: job %s cancelled: %s", self.id, j.msg.job, why)
 
     def _ack(self, eid: str) -> None:
         pipe = self.r.pipeline(transaction=True)

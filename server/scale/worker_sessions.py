@@ -15,6 +15,7 @@ from ditstream.server.scale.config import (
     sid_str,
 )
 from ditstream.server.scale.messages import (
+    SESSION_TTL_S,
     ErrorInfo,
     FrameHeader,
     OutputHeader,
@@ -110,8 +111,11 @@ class WorkerSessions:
         logger.info("worker %s: session %s opened (epoch %d)", self.id, msg.session, msg.epoch)
         self._send_reply(msg, handle.config, None)
 
-    def _close_session(self, sid: str) -> None:
+    def _close_session(self, sid: str, only: WorkerSession | None = None) -> None:
+        """Close ``sid`` (only if it is still ``only``, when given: a newer open may have replaced it)."""
         with self._sessions_lock:
+            if only is not None and self._sessions.get(sid) is not only:
+                return
             s = self._sessions.pop(sid, None)
         if s is not None:
             with contextlib.suppress(DitstreamError):
@@ -127,6 +131,15 @@ class WorkerSessions:
         s.last_in = sid_str(entry_id)
         try:
             head = FrameHeader.load(fields_get(fields, "m") or b"")
+            if head.epoch > s.epoch:  # the gateway moved the session away: stop answering it now
+                logger.info("worker %s: session %s moved on (epoch %d > %d); closing it", self.id, sid,
+                            head.epoch, s.epoch)
+                self._close_session(sid, s)
+                return
+            if head.epoch < s.epoch:  # sent before this pin (another worker answered it, or it is re-sent)
+                self.counters["frames_stale"] += 1
+                return
+            s.quality = head.quality
             image = decode_image(head.image, fields_get(fields, "img") or b"",
                                  max_pixels=self.max_pixels) if head.image else None
             s.handle.submit(image, head.seq, head.ts)
@@ -139,7 +152,10 @@ class WorkerSessions:
                              config=config_to_wire(cfg) if cfg is not None else None,
                              error=ErrorInfo.of(exc) if exc is not None else None)
         if msg.reply_to:
-            self.r.xadd(msg.reply_to, {"m": reply.dump()}, maxlen=self.cfg.replies_len, approximate=True)
+            pipe = self.r.pipeline(transaction=False)
+            pipe.xadd(msg.reply_to, {"m": reply.dump()}, maxlen=self.cfg.replies_len, approximate=True)
+            pipe.expire(msg.reply_to, self.cfg.replies_ttl_s)
+            pipe.execute()
 
     def _queue_reply(self, msg: SessionControl, cfg: Any, exc: BaseException | None) -> None:
         reply = SessionReply(session=msg.session, request=msg.request, worker=self.id,
@@ -164,15 +180,15 @@ class WorkerSessions:
                     if out.error is not None:  # its model call failed: the error travels in the frame's place
                         meta, data = None, b""
                     else:
-                        meta, data = encode_image(out.image, codec, quality)
+                        meta, data = encode_image(out.image, codec, s.quality or quality)
                     head = OutputHeader(seq=out.seq, ts=out.ts, image=meta, skipped=out.skipped,
-                                        timings=dict(out.timings), worker=self.id,
+                                        timings=dict(out.timings), worker=self.id, epoch=s.epoch,
                                         error=ErrorInfo.of(out.error) if out.error is not None else None)
                     pipe.xadd(self.keys.frames_out(s.sid), {"m": head.dump(), "img": data},
                               maxlen=self.cfg.frames_out_len, approximate=False)
                     n += 1
                 if n:
-                    pipe.expire(self.keys.frames_out(s.sid), 3600)
+                    pipe.expire(self.keys.frames_out(s.sid), SESSION_TTL_S)
             while True:
                 try:
                     reply_to, reply = self._replies.get_nowait()
@@ -180,6 +196,7 @@ class WorkerSessions:
                     break
                 if reply_to:
                     pipe.xadd(reply_to, {"m": reply.dump()}, maxlen=self.cfg.replies_len, approximate=True)
+                    pipe.expire(reply_to, self.cfg.replies_ttl_s)
                     n += 1
             if not n:
                 continue

@@ -12,13 +12,13 @@ from ditstream.server.scale.messages import (
     JobMessage,
 )
 
-# KEYS: done, reply stream, jobs stream. ARGV: worker, done ttl, entry id, group, reply maxlen, m, img.
-# Answer at most once (SET NX), then acknowledge and delete the entry whatever happened.
+# KEYS: done, reply stream, jobs stream. ARGV: worker, done ttl, entry id, group, reply maxlen, m, img,
+# reply ttl. Answer at most once (SET NX), then acknowledge and delete the entry whatever happened.
 ANSWER_LUA = """
 local first = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[2]))
 if first and KEYS[2] ~= '' then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', tonumber(ARGV[5]), '*', 'm', ARGV[6], 'img', ARGV[7])
-  redis.call('EXPIRE', KEYS[2], 3600)
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[8]))
 end
 if ARGV[3] ~= '' then
   pcall(redis.call, 'XACK', KEYS[3], ARGV[4], ARGV[3])
@@ -48,5 +48,7 @@ class WorkerSession:
     epoch: int
     reply_to: str
     last_in: str = "0-0"
+    #: JPEG quality of its outputs, as its client asked (0: ``jpeg_quality``).
+    quality: int = 0
     config: dict[str, Any] = field(default_factory=dict)
 

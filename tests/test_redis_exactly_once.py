@@ -1,0 +1,298 @@
+"""Issue 17 over a real ``redis-server``, worker and gateway in-process (null engines):
+
+- exactly once, in order: a session moved while its old worker is still alive never hands the
+  client a frame twice, out of order or from another session;
+- nobody computes for the dead: a job whose gateway is gone is dropped unrun;
+- bounded Redis: replies are deleted once read.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import redis
+from ditstream.engine.config import EngineConfig, StreamConfig
+from ditstream.server.scale.config import ScaleConfig
+from ditstream.server.scale.gateway import RedisGatewayRunner
+from ditstream.server.scale.worker import Worker
+
+from ditstream.bench.scale_harness import RedisServer, redis_server_binary, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+if redis_server_binary() is None:
+    pytest.fail("redis-server is required (apt-get install -y redis-server)", pytrace=False)
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory):
+    with RedisServer(log_dir=tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture
+def scfg(redis_url: str) -> ScaleConfig:
+    # Slow janitor checks (drop_foreign_sessions every 2 beats = 4 s): only the frame epoch can stop
+    # the old worker in time.
+    return ScaleConfig(redis_url=redis_url, prefix=f"t{uuid.uuid4().hex[:8]}", heartbeat_s=2.0, worker_ttl_s=10.0,
+                       claim_idle_s=5.0, max_jobs=2, supervise_s=0.1)
+
+
+@pytest.fixture
+def r(redis_url: str):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def _null_worker(scfg: ScaleConfig, wid: str, delay_s: float = 0.02) -> Worker:
+    from ditstream.engine.null import null_runner
+
+    return Worker(null_runner(EngineConfig(), delay_s=delay_s), scfg, worker_id=wid)
+
+
+def _shade(seq: int) -> int:
+    return 20 + (seq * 7) % 200
+
+
+def test_a_session_moved_while_its_worker_lives_never_repeats_or_reorders_a_frame(scfg: ScaleConfig):
+    workers = {wid: _null_worker(scfg, wid).start() for wid in ("wa", "wb")}
+    gw = RedisGatewayRunner(scfg, EngineConfig(output_queue_size=64), job_timeout_s=30).start()
+    got: list[tuple[int, int]] = []  # (seq, shade error)
+    stop = threading.Event()
+    try:
+        wait_for(lambda: len(gw.workers) == 2, 20, what="gateway sees both workers")
+        h = gw.add_stream(StreamConfig(prompt="p", width=SIZE, height=SIZE), notify=None)
+
+        def feed() -> None:  # free-running: several frames in flight at every moment
+            seq = 0
+            while not stop.is_set():
+                h.submit(np.full((SIZE, SIZE, 3), _shade(seq), np.uint8), seq, float(seq))
+                seq += 1
+                time.sleep(0.005)
+
+        def drain() -> None:
+            while not stop.is_set():
+                out = h.outputs.get(timeout=0.2)
+                if out is not None:
+                    got.append((out.seq, int(np.abs(out.image.astype(int) - _shade(out.seq)).max())))
+
+        threads = [threading.Thread(target=feed), threading.Thread(target=drain)]
+        for t in threads:
+            t.start()
+        for _move in range(4):  # force a re-pin while the old worker is alive and busy with the session
+            wait_for(lambda n=len(got): len(got) >= n + 10, 20, what="outputs flowing")
+            old = h.worker
+            h.pinning = True  # as the supervisor would see it: a move in progress
+            try:
+                assert gw._pin(h, exclude={old})
+                gw._resend_unanswered(h)
+            finally:
+                h.pinning = False
+            assert h.worker != old
+            # The old worker stops answering at the new epoch's first frame, long before its janitor.
+            wait_for(lambda o=old: h.id not in workers[o]._sessions, 2.0, interval=0.02,
+                     what=f"old worker {old} dropped the moved session")
+        wait_for(lambda n=len(got): len(got) >= n + 10, 20, what="outputs flowing after the last move")
+        stop.set()
+        for t in threads:
+            t.join(5)
+        seqs = [s for s, _ in got]
+        assert len(seqs) > 40
+        assert len(set(seqs)) == len(seqs), f"a frame reached the client twice: {seqs}"
+        assert seqs == sorted(seqs), f"frames out of order: {seqs}"
+        assert all(err <= 4 for _, err in got), "an output is not the image of its own frame"
+        assert sum(w.counters["sessions_opened"] for w in workers.values()) == 5
+        h.close()
+    finally:
+        stop.set()
+        gw.stop()
+        for w in workers.values():
+            w.stop()
+
+
+# ------------------------------------------------------------------------------------ nobody computes for the dead
+def _fake_heartbeat(r: redis.Redis, scfg: ScaleConfig, wid: str = "ghost") -> None:
+    from ditstream.server.scale.messages import Heartbeat
+
+    r.set(scfg.keys.worker(wid), Heartbeat(worker=wid, info={"size_multiple": 8}).dump(), px=60_000)
+    r.sadd(scfg.keys.workers, wid)
+
+
+def test_jobs_of_a_dead_gateway_are_dropped_unrun(scfg: ScaleConfig, r: redis.Redis):
+    import dataclasses
+
+    scfg = dataclasses.replace(scfg, gateway_ttl_s=1.0, heartbeat_s=0.2)
+    _fake_heartbeat(r, scfg)  # lets the gateway accept jobs while no real worker runs
+    gw = RedisGatewayRunner(scfg, job_timeout_s=60).start()
+    wait_for(lambda: gw.alive, 5, what="gateway alive")
+    for seed in range(5):
+        gw.submit_job(StreamConfig(mode="txt2img", prompt="p", width=SIZE, height=SIZE, seed=seed))
+    wait_for(lambda: r.xlen(scfg.keys.jobs) == 5, 5, what="jobs queued")
+    assert r.exists(scfg.keys.gateway(gw.id))
+    gw._stop.set()  # the gateway dies (as by SIGKILL: no clean-up, its liveness key just expires)
+    gw._publish_wake.set()
+    for t in gw._threads:
+        t.join(5)
+    wait_for(lambda: not r.exists(scfg.keys.gateway(gw.id)), 5, what="the dead gateway's key expired")
+    w = _null_worker(scfg, "w1").start()
+    try:
+        wait_for(lambda: w.counters["jobs_orphaned"] == 5, 10, what="orphaned jobs dropped")
+        assert w.counters["jobs_done"] == 0 and r.xlen(scfg.keys.jobs) == 0
+        assert not r.exists(scfg.keys.replies(gw.id)), "nothing answered for nobody"
+    finally:
+        w.stop()
+
+
+def test_a_held_job_whose_gateway_died_is_cancelled(scfg: ScaleConfig, r: redis.Redis):
+    import dataclasses
+
+    scfg = dataclasses.replace(scfg, gateway_ttl_s=0.6, heartbeat_s=0.2, max_jobs=4)
+    w = _null_worker(scfg, "w1", delay_s=0.0)
+    gate = threading.Event()
+    denoise = w.runner.core._denoise_all  # the engine blocks on its first tick until the gateway is dead
+
+    def blocked_denoise() -> None:
+        gate.wait(10)
+        denoise()
+
+    w.runner.core._denoise_all = blocked_denoise
+    w.start()
+    gw = RedisGatewayRunner(scfg, job_timeout_s=60).start()
+    try:
+        wait_for(lambda: gw.alive, 10, what="gateway alive")
+        for seed in range(3):
+            gw.submit_job(StreamConfig(mode="txt2img", prompt="p", width=SIZE, height=SIZE, seed=seed))
+        wait_for(lambda: len(w._jobs) == 3, 10, what="worker holds the jobs")
+        gw._stop.set()
+        gw._publish_wake.set()
+        for t in gw._threads:
+            t.join(5)
+        wait_for(lambda: w.counters["jobs_orphaned"] == 3, 10, what="held jobs cancelled")
+        gate.set()
+        wait_for(lambda: not w._jobs and r.xlen(scfg.keys.jobs) == 0, 10, what="entries acknowledged")
+        assert w.counters["jobs_done"] == 0 and not r.exists(scfg.keys.replies(gw.id))
+    finally:
+        gate.set()
+        w.stop()
+
+
+def test_the_gateway_process_does_not_import_torch(redis_url: str):
+    """A gateway holds no model: building and serving its app (lifespan, /health) imports no torch."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import json, sys, httpx
+from ditstream.server.api.app import create_app
+from ditstream.server.settings import Settings
+from ditstream.bench.harness import ServerThread
+with ServerThread(create_app(Settings(redis_url={redis_url!r}, redis_prefix="noimport"))) as srv:
+    health = httpx.get(srv.url + "/health").status_code
+    mode = srv.app.state.ditstream.runner.info["mode"]
+print(json.dumps({{"torch": "torch" in sys.modules, "health": health, "mode": mode}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"torch": False, "health": 200, "mode": "gateway"}, got
+
+
+# ------------------------------------------------------------------------------------ bounded Redis
+def test_replies_are_deleted_once_read_and_a_dead_gateways_keys_expire(scfg: ScaleConfig, r: redis.Redis):
+    import dataclasses
+
+    scfg = dataclasses.replace(scfg, heartbeat_s=0.2, max_jobs=4, replies_ttl_s=1, gateway_ttl_s=1.0)
+    w = _null_worker(scfg, "w1", delay_s=0.0).start()
+    gw = RedisGatewayRunner(scfg, job_timeout_s=60).start()
+    try:
+        wait_for(lambda: gw.alive, 10, what="gateway alive")
+        side = 256  # a raw 256² result is 196 KB: 30 kept would be ~6 MB
+        rng = np.random.default_rng(0)
+        imgs = [rng.integers(0, 255, (side, side, 3), dtype=np.uint8) for _ in range(30)]
+        futs = [gw.submit_job(StreamConfig(prompt="p", width=side, height=side, seed=i), img)
+                for i, img in enumerate(imgs)]
+        for img, f in zip(imgs, futs):
+            assert np.array_equal(f.result(30).image, img)
+        wait_for(lambda: r.xlen(gw.replies) == 0, 5, what="replies deleted once read")
+        usage = r.memory_usage(gw.replies) or 0
+        assert usage < 16_384, f"the empty reply stream still holds {usage} bytes"
+        assert 0 < r.pttl(gw.replies) <= 1000, "a reply stream nobody writes to expires"
+        assert r.xlen(scfg.keys.jobs) == 0
+        gw._stop.set()  # the gateway dies without cleaning up
+        gw._publish_wake.set()
+        for t in gw._threads:
+            t.join(5)
+        wait_for(lambda: not r.exists(gw.replies, scfg.keys.gateway(gw.id)), 5,
+                 what="the dead gateway's keys expired")
+    finally:
+        gw.stop()
+        w.stop()
+
+
+# ------------------------------------------------------------------------------------ JPEG passed through
+def test_a_stream_frame_costs_two_codec_operations_through_the_gateway(scfg: ScaleConfig, monkeypatch):
+    """Client JPEG → gateway (header checked, bytes relayed) → worker decodes → engine → worker encodes
+    → gateway relays the worker's JPEG: one decode and one encode per frame, in all."""
+    import asyncio
+
+    import simplejpeg
+    import websockets
+    from ditstream.server.api.app import create_app
+    from ditstream.server.settings import Settings
+    from testkit import decode_output, frame_message, jpeg
+
+    from ditstream.bench.harness import ServerThread
+
+    settings = Settings(redis_url=scfg.redis_url, redis_prefix=scfg.prefix, model="null", default_width=SIZE,
+                        default_height=SIZE, worker_heartbeat_s=scfg.heartbeat_s, worker_ttl_s=scfg.worker_ttl_s)
+    w = _null_worker(scfg, "w1", delay_s=0.0).start()
+    gw = RedisGatewayRunner.from_settings(settings)
+    n = 8
+    frames = [jpeg(np.full((SIZE, SIZE, 3), _shade(i), np.uint8)) for i in range(n)]
+    calls = {"encode": 0, "decode": 0}
+    lock = threading.Lock()
+
+    def counted(name: str, fn):
+        def wrapper(*a, **kw):
+            with lock:
+                calls[name] += 1
+            return fn(*a, **kw)
+        return wrapper
+
+    try:
+        with ServerThread(create_app(settings, gw)) as srv:
+            wait_for(lambda: gw.alive, 10, what="gateway sees the worker")
+
+            async def main() -> list[bytes]:
+                async with websockets.connect(srv.ws_url, max_size=None) as ws:
+                    await asyncio.wait_for(ws.recv(), 30)  # ready
+                    monkeypatch.setattr(simplejpeg, "encode_jpeg", counted("encode", simplejpeg.encode_jpeg))
+                    monkeypatch.setattr(simplejpeg, "decode_jpeg", counted("decode", simplejpeg.decode_jpeg))
+                    got = []
+                    for i, data in enumerate(frames):
+                        await ws.send(frame_message(data, i))
+                        while True:
+                            msg = await asyncio.wait_for(ws.recv(), 30)
+                            if isinstance(msg, bytes):
+                                got.append(msg)
+                                break
+                    monkeypatch.undo()
+                    return got
+
+            outs = asyncio.run(main())
+        assert calls == {"encode": n, "decode": n}, f"codec operations for {n} frames: {calls}"
+        for i, msg in enumerate(outs):
+            header, img = decode_output(msg)
+            assert header["seq"] == i and (header["width"], header["height"]) == (SIZE, SIZE)
+            assert np.abs(img.astype(int) - _shade(i)).max() <= 4
+    finally:
+        gw.stop()
+        w.stop()
