@@ -50,6 +50,7 @@ from ditstream.engine.errors import (
     is_fatal_device_error,
 )
 from ditstream.engine.loader import ModelComponents
+from ditstream.engine.lora import resolve_set
 from ditstream.engine.plan import Plan, Transition, decode_clean, encode_clean, make_plan, predict_x0
 from ditstream.engine.prompt_cache import PromptCache
 from ditstream.engine.queues import FrameInbox, OutputQueue
@@ -110,6 +111,7 @@ class EngineCore:
         cfg = cfg.validate(max_prompt_chars=self.config.max_prompt_chars, max_pixels=self.config.max_pixels,
                            size_multiple=self.size_multiple)
         self.limits.check_size(cfg.width, cfg.height)
+        resolve_set(cfg.lora_scales, getattr(self.components, "loras", {}))  # unknown adapter names
         return cfg
 
     def add(self, cfg: StreamConfig, *, stream_id: str | None = None, one_shot: bool = False,
