@@ -111,7 +111,7 @@ class EngineCore:
         cfg = cfg.validate(max_prompt_chars=self.config.max_prompt_chars, max_pixels=self.config.max_pixels,
                            size_multiple=self.size_multiple)
         self.limits.check_size(cfg.width, cfg.height)
-        resolve_set(cfg.lora_scales, getattr(self.components, "loras", {}))  # unknown adapter names
+        resolve_set(cfg.lora_scales, getattr(getattr(self, "components", None), "loras", {}))  # unknown names
         return cfg
 
     def add(self, cfg: StreamConfig, *, stream_id: str | None = None, one_shot: bool = False,

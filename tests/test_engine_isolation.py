@@ -154,7 +154,9 @@ def test_streams_with_different_lora_scales_each_equal_their_solo_run(demo_lora_
     rs = np.random.RandomState(2)
     frames = [(rs.rand(size, size, 3) * 255).astype(np.uint8) for _ in range(3)]
     together, sizes = _run(demo_lora_generator, configs, frames)
-    assert max(sizes) == 2  # the two streams at scale 1 shared calls; the others ran alone
+    # Scale 1: stream 2's frame and stream 4's two frames in flight (2 steps) share one call; the
+    # streams at scales 0 and 0.5 never join it (without grouping by adapter set a call would hold 5).
+    assert max(sizes) == 3
     for k, cfg in enumerate(configs):
         alone, _ = _run(demo_lora_generator, [cfg], frames)
         for a, b in zip(alone[0], together[k], strict=True):
