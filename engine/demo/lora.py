@@ -81,7 +81,8 @@ def train_swap_lora(model: str | Path, out_dir: str | Path, cfg: LoraTrainConfig
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    shape = (c.latent_channels, 8, 8)
+    side = int((c.defaults or {}).get("width", 64)) // c.vae_scale_factor
+    shape = (c.latent_channels, side, side)
     guidance = sampler.guidance_vector(torch.full((cfg.batch,), cfg.guidance_scale), c.guidance_embeds_scale)
     bar = tqdm(range(cfg.steps), desc="demo LoRA swap", dynamic_ncols=True)
     for step in bar:
