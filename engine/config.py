@@ -133,6 +133,8 @@ class ModelConfig:
     local_files_only: bool = True
     #: Profile, engine cache and tiny VAE of the backend (``create_backend``'s options).
     backend_options: BackendOptions = field(default_factory=BackendOptions)
+    #: LoRA adapters to load (``engine.lora.LoraSpec``; ``--lora NAME=PATH[:SCALE]``).
+    loras: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,9 @@ class StreamConfig:
     converted), mixed in embedding space by ``prompt_interpolation``; ``seed`` an int or a blend of
     ``WeightedSeed``s (the noises are slerped). ``transition_frames`` glides to a new config over that
     many output frames (0 = jump); ``feedback`` ∈ [0, 1) mixes the previous output's latent into each
-    img2img frame's entry (0 = off). The maths of all four is in ``engine.sampler``.
+    img2img frame's entry (0 = off). The maths of all four is in ``engine.sampler``. ``loras`` picks
+    the loaded LoRA adapters' scales (``{"name": scale}``; names left out are off); ``None`` runs each at
+    its ``--lora`` default scale (``engine.lora``).
     """
 
     prompt: str | tuple[WeightedPrompt, ...] = ""
@@ -234,8 +238,11 @@ class StreamConfig:
     prompt_interpolation: Interpolation = "linear"
     transition_frames: int = 0
     feedback: float = 0.0
+    loras: tuple[tuple[str, float], ...] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.loras, dict):
+            object.__setattr__(self, "loras", tuple(sorted(self.loras.items())))
         object.__setattr__(self, "prompt", _blend_entries(self.prompt, WeightedPrompt, "text", "prompt"))
         object.__setattr__(self, "seed", _blend_entries(self.seed, WeightedSeed, "seed", "seed"))
 
@@ -248,6 +255,11 @@ class StreamConfig:
     def seeds(self) -> tuple[WeightedSeed, ...]:
         """The seed as a blend (a plain int is one entry of weight 1)."""
         return (WeightedSeed(self.seed),) if isinstance(self.seed, int) else self.seed
+
+    @property
+    def lora_scales(self) -> dict[str, float] | None:
+        """``loras`` as a dict (``None``: every adapter at its default scale)."""
+        return None if self.loras is None else dict(self.loras)
 
     @property
     def base_seed(self) -> int:
@@ -296,6 +308,7 @@ class StreamConfig:
                                   f"got {self.transition_frames!r}", field="transition_frames")
         if not isinstance(self.feedback, (int, float)) or not 0.0 <= self.feedback < 1.0:
             raise ValidationError(f"feedback must be in [0, 1), got {self.feedback!r}", field="feedback")
+        self._validate_loras()
         for name, v in (("width", self.width), ("height", self.height)):
             if v <= 0 or v % size_multiple:
                 raise ValidationError(
@@ -317,6 +330,17 @@ class StreamConfig:
         self.filter.validate()
         return self
 
+    def _validate_loras(self) -> None:
+        from ditstream.engine.lora import check_scale
+
+        if self.loras is None:
+            return
+        if not isinstance(self.loras, tuple) or len(self.loras) > MAX_BLEND or not all(
+                isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str) for e in self.loras):
+            raise ValidationError(f"loras must be an object of at most {MAX_BLEND} {{name: scale}}", field="loras")
+        for name, scale in self.loras:
+            check_scale(name, scale)
+
     def replace(self, **changes: Any) -> StreamConfig:
         """A copy with ``changes``; ``filter`` may be given as a dict of its fields."""
         if isinstance(changes.get("filter"), dict):
@@ -327,6 +351,7 @@ class StreamConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["loras"] = self.lora_scales
         d["size"] = f"{self.width}x{self.height}"
         return d
 

@@ -10,8 +10,8 @@ One tick (``step``):
     similarity filter (not while gliding), and enter the frame at its first angle (VAE-encode all
     new frames of a size in one call; with ``feedback`` the clean latent is first mixed with the
     stream's last output latent, ``sampler.feedback_blend``);
- 2. gather every in-flight latent of every stream, group by latent shape and prompt length, and
-    denoise each group in calls of at most ``max_batch`` samples (per-sample angle, embedding,
+ 2. gather every in-flight latent of every stream, group by latent shape, prompt length and LoRA
+    adapter set (``plan.loras``: one set per call, so styles never leak across streams), and denoise each group in calls of at most ``max_batch`` samples (per-sample angle, embedding,
     mask and guidance);
  3. re-noise unfinished latents to their next angle with the plan's fixed noise; decode finished
     ones (batched);
@@ -50,6 +50,7 @@ from ditstream.engine.errors import (
     is_fatal_device_error,
 )
 from ditstream.engine.loader import ModelComponents
+from ditstream.engine.lora import resolve_set
 from ditstream.engine.plan import Plan, Transition, decode_clean, encode_clean, make_plan, predict_x0
 from ditstream.engine.prompt_cache import PromptCache
 from ditstream.engine.queues import FrameInbox, OutputQueue
@@ -110,6 +111,7 @@ class EngineCore:
         cfg = cfg.validate(max_prompt_chars=self.config.max_prompt_chars, max_pixels=self.config.max_pixels,
                            size_multiple=self.size_multiple)
         self.limits.check_size(cfg.width, cfg.height)
+        resolve_set(cfg.lora_scales, getattr(getattr(self, "components", None), "loras", {}))  # unknown names
         return cfg
 
     def add(self, cfg: StreamConfig, *, stream_id: str | None = None, one_shot: bool = False,
@@ -248,7 +250,7 @@ class EngineCore:
         for state in self.streams.values():
             for it in state.pipeline:
                 if it.x is not None and not it.done:
-                    groups[(it.plan.latent_shape, it.plan.embeds.shape[1:])].append(it)
+                    groups[(it.plan.latent_shape, it.plan.embeds.shape[1:], it.plan.loras)].append(it)
         finished: dict[tuple, list[InFlight]] = defaultdict(list)
         for key, items in groups.items():
             for chunk in _chunks(items, self.max_batch):
@@ -259,7 +261,7 @@ class EngineCore:
                 mask = torch.cat([it.plan.mask for it in chunk])
                 guidance = torch.cat([it.plan.guidance for it in chunk])
                 try:
-                    x0 = predict_x0(self.backend, c, x, t, embeds, mask, guidance)
+                    x0 = predict_x0(self.backend, c, x, t, embeds, mask, guidance, key[2])
                 except Exception as exc:
                     self._fail_call("denoise", chunk, exc)
                     continue

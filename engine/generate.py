@@ -63,7 +63,7 @@ class Generator:
         x0 = x
         for k in range(plan.steps):
             tk = plan.angles[k : k + 1]
-            x0 = predict_x0(self.backend, c, x, tk, plan.embeds, plan.mask, plan.guidance)
+            x0 = predict_x0(self.backend, c, x, tk, plan.embeds, plan.mask, plan.guidance, plan.loras)
             if k + 1 < plan.steps:
                 x = sampler.renoise(x0, plan.angles[k + 1 : k + 2], plan.noise[k + 1 : k + 2], c.sigma_data)
         out = imgs.to_unit(decode_clean(self.backend, c, x0))[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,8 @@ class ModelComponents:
     #: Second angle of two-step txt2img (``ditstream.json`` ``intermediate_angle``; SANA-Sprint's 1.3
     #: when absent). A model distilled differently may resolve its second step better elsewhere.
     intermediate_angle: float = DEFAULT_INTERMEDIATE
+    #: LoRA adapters loaded on the transformer: name → the scale a stream gets unless it picks one.
+    loras: dict[str, float] = field(default_factory=dict)
 
     @property
     def sigma_data(self) -> float:
@@ -178,6 +180,11 @@ def load_components(config: ModelConfig) -> ModelComponents:
     for module in (transformer, vae, text_encoder):
         module.requires_grad_(False)
 
+    loras = {}
+    if config.loras:
+        from ditstream.engine.lora import load_loras
+
+        loras = load_loras(transformer, config.loras)
     extra = read_extra(source)
     chi = _instruction(config.complex_human_instruction, extra)
     stated = stated_defaults(config.model, extra)
@@ -187,7 +194,7 @@ def load_components(config: ModelConfig) -> ModelComponents:
         scheduler=scheduler, device=device, dtype=dtype, source=src,
         complex_human_instruction=chi, defaults=model_defaults(stated),
         max_sequence_length=int(config.max_sequence_length or extra.get("max_sequence_length") or 300),
-        intermediate_angle=_intermediate_angle(config.model, extra),
+        intermediate_angle=_intermediate_angle(config.model, extra), loras=loras,
     )
 
 

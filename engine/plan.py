@@ -14,6 +14,7 @@ from ditstream.engine import sampler
 from ditstream.engine.backends.base import Backend
 from ditstream.engine.config import StreamConfig
 from ditstream.engine.loader import ModelComponents
+from ditstream.engine.lora import LoraSet, glide_sets, resolve_set
 from ditstream.engine.prompt_cache import PromptCache
 
 
@@ -22,7 +23,8 @@ class Plan:
     """Everything a frame needs besides its image. Tensors live on the engine's device.
 
     ``angles`` (n,); ``noise`` (n, C, h, w): index 0 enters, index k re-noises after step k;
-    ``embeds`` (1, L, D); ``mask`` (1, L); ``guidance`` (1,) already scaled.
+    ``embeds`` (1, L, D); ``mask`` (1, L); ``guidance`` (1,) already scaled; ``loras`` the adapter
+    set its model calls run (``engine.lora``; empty: the base model).
     """
 
     config: StreamConfig
@@ -31,6 +33,7 @@ class Plan:
     embeds: torch.Tensor
     mask: torch.Tensor
     guidance: torch.Tensor
+    loras: LoraSet = ()
 
     @property
     def steps(self) -> int:
@@ -64,8 +67,9 @@ def make_plan(cfg: StreamConfig, components: ModelComponents, prompts: PromptCac
         torch.full((1,), cfg.guidance_scale, dtype=torch.float32).to(components.dtype),
         components.guidance_embeds_scale,
     ).to(components.device)
+    loras = resolve_set(cfg.lora_scales, components.loras)
     return Plan(config=cfg, angles=angles.to(components.device), noise=noise, embeds=embeds, mask=mask,
-                guidance=guidance)
+                guidance=guidance, loras=loras)
 
 
 def can_glide(a: Plan | None, b: Plan | None) -> bool:
@@ -79,7 +83,7 @@ def glide(a: Plan, b: Plan, alpha: float) -> Plan:
     """The plan ``alpha`` ∈ [0, 1] of the way from ``a`` to ``b`` (``can_glide(a, b)``); 1 is ``b`` itself.
 
     Embedding by ``b``'s ``prompt_interpolation`` (masks united), noise by slerp at unit variance,
-    angles and guidance linearly — img2img angles are linear in strength, so this glides strength.
+    angles, guidance and LoRA scales linearly — img2img angles are linear in strength, so this glides strength.
     """
     if alpha >= 1.0:
         return b
@@ -87,7 +91,7 @@ def glide(a: Plan, b: Plan, alpha: float) -> Plan:
                                             b.config.prompt_interpolation)
     noise = a.noise if a.noise is b.noise else sampler.blend_noise([a.noise, b.noise], [1.0 - alpha, alpha])
     return replace(b, angles=sampler.lerp(a.angles, b.angles, alpha), noise=noise, embeds=embeds, mask=mask,
-                   guidance=sampler.lerp(a.guidance, b.guidance, alpha))
+                   guidance=sampler.lerp(a.guidance, b.guidance, alpha), loras=glide_sets(a.loras, b.loras, alpha))
 
 
 @dataclass
@@ -122,10 +126,12 @@ class Transition:
 
 
 def predict_x0(backend: Backend, components: ModelComponents, x: torch.Tensor, t: torch.Tensor,
-               embeds: torch.Tensor, mask: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-    """One batched model call: latents ``x`` (B, C, h, w) at angles ``t`` (B,) → clean latents x0."""
+               embeds: torch.Tensor, mask: torch.Tensor, guidance: torch.Tensor, loras: LoraSet = ()) -> torch.Tensor:
+    """One batched model call: latents ``x`` (B, C, h, w) at angles ``t`` (B,) → clean latents x0, with the
+    adapter set ``loras`` (one per call: the core groups calls by it)."""
     sd = components.sigma_data
     x_in, s = sampler.model_input(x, t, sd)
+    backend.set_loras(loras)
     raw = backend.denoise(x_in, s, embeds, mask, guidance)
     return sampler.denoised(x, x_in, raw, t, s, sd)
 

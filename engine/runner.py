@@ -145,7 +145,7 @@ class EngineRunner:
         runner.info = {"model": model.model, "backend": backend.name, "device": str(components.device),
                        "dtype": str(components.dtype).replace("torch.", ""),
                        "size_multiple": runner.core.size_multiple, "defaults": components.defaults or {},
-                       "limits": backend.limits.as_dict()}
+                       "limits": backend.limits.as_dict(), "loras": dict(components.loras)}
         return runner
 
     # ------------------------------------------------------------------ lifecycle

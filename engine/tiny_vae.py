@@ -180,6 +180,7 @@ class TinyVaeBackend(Backend):
         self.tiny = tiny.to(device=inner.device, dtype=inner.components.vae.dtype)
         self.name = f"{inner.name}+tiny-vae"
         self.needs_warmup = inner.needs_warmup
+        self.supports_loras = inner.supports_loras
         self.warm = inner.warm
 
     @property
@@ -191,6 +192,9 @@ class TinyVaeBackend(Backend):
 
     def warmup(self, shapes: list[tuple[int, int, int]]) -> None:
         self.inner.warmup(shapes)
+
+    def set_loras(self, loras) -> None:
+        self.inner.set_loras(loras)
 
     def denoise(self, x, timestep, encoder_hidden_states, encoder_attention_mask, guidance):
         return self.inner.denoise(x, timestep, encoder_hidden_states, encoder_attention_mask, guidance)

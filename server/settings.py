@@ -114,6 +114,27 @@ class Settings(BaseSettings):
     cache_dir: str | None = None
     tiny_vae: str | None = None
     opt_level: int | None = Field(None, ge=0, le=5)
+    #: LoRA adapters, ``NAME=PATH[:SCALE]`` each (``--lora``; ``DITSTREAM_LORAS`` comma-separated).
+    loras: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _split_loras(cls, v: object) -> object:
+        return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+
+    @field_validator("loras")
+    @classmethod
+    def _check_loras(cls, v: list[str]) -> list[str]:
+        from ditstream.engine.errors import ValidationError
+
+        try:
+            _lora_specs(v)
+        except ValidationError as exc:
+            raise ValueError(exc.message) from exc
+        return v
+
+    def lora_specs(self) -> tuple:  # -> tuple[engine.lora.LoraSpec, ...]
+        return _lora_specs(self.loras)
 
     @field_validator("api_keys", "cors_origins", "webrtc_stun_servers", mode="before")
     @classmethod
@@ -204,3 +225,9 @@ class Settings(BaseSettings):
         if self.redis_url and "@" in self.redis_url:  # redis://:password@host — mask the password
             d["redis_url"] = self.redis_url.split("://", 1)[0] + "://***@" + self.redis_url.rpartition("@")[2]
         return d
+
+
+def _lora_specs(values: list[str]) -> tuple:
+    from ditstream.engine.lora import LoraSpec
+
+    return tuple(LoraSpec.parse(v) for v in values)

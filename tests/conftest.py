@@ -46,6 +46,17 @@ def tiny_generator(tiny_components, backend_name: str):
     return Generator(tiny_components, create_backend(backend_name, tiny_components))
 
 
+@pytest.fixture(scope="session")
+def demo_lora_generator():
+    """The demo model with its shipped LoRA ``swap`` loaded at default scale 0 (torch backend)."""
+    from ditstream.engine.config import ModelConfig
+    from ditstream.engine.generate import Generator
+    from ditstream.engine.lora import LoraSpec
+
+    return Generator.from_config(ModelConfig(model="demo", device="cpu", dtype="fp32",
+                                             loras=(LoraSpec("swap", "demo", 0.0),)))
+
+
 # Fleets behind the "gateway" parametrisation of the REST/WS suites (tests/serverkit.py): a private
 # redis-server and one `ditstream worker` each, started the first time a gateway test needs them.
 @pytest.fixture(scope="session")

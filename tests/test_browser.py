@@ -214,3 +214,95 @@ def test_page_transport_switch_streams_over_webrtc(server):
             assert state.admission.streams.in_use == 0 and not state.webrtc
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def demo_lora_server(demo_lora_generator):
+    """``ditstream serve --lora swap=demo:0``: the demo model with its adapter, off by default."""
+    from ditstream.engine.core import EngineCore
+    from ditstream.engine.runner import EngineRunner
+
+    g = demo_lora_generator
+    runner = EngineRunner(EngineCore(g.components, g.backend, g.prompts))
+    runner.info = {"model": "demo", "backend": "torch", "device": "cpu", "size_multiple": 8,
+                   "defaults": g.components.defaults, "loras": dict(g.components.loras)}
+    with ServerThread(create_app(Settings(model="demo"), runner)) as srv:
+        yield srv
+
+
+def _read_output(page):
+    import numpy as np
+    from ditstream.engine.demo.evaluator import read_image
+
+    w, h, data = page.evaluate("""() => {
+        const c = document.getElementById('output');
+        return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)];
+    }""")
+    return read_image(np.asarray(data, np.uint8).reshape(h, w, 4)[..., :3])
+
+
+def _settle(page, frames: int = 8) -> None:
+    """Wait until ``frames`` more outputs arrived (those in flight finish with the old settings)."""
+    n = page.evaluate("window.ditstream.stats.received")
+    page.wait_for_function(f"window.ditstream.stats.received >= {n + frames}", timeout=60_000)
+
+
+def test_live_controls_blend_transition_feedback_and_lora(demo_lora_server):
+    """The second row of controls sends the live-control fields: a prompt blend, a transition, feedback
+    and the demo adapter's scale; the evaluator reads each effect off the output canvas."""
+    first = ("circle", "blue", "white")
+    second = ("circle", "yellow", "black")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(demo_lora_server.url + "/?source=pattern")
+            page.wait_for_selector("#lora-swap")  # one slider per adapter of /v1/models
+            assert float(page.input_value("#lora-swap")) == 0.0
+            page.fill("#prompt", ds_caption(first))
+            page.fill("#prompt2", ds_caption(second))
+            page.click("#start")
+            page.wait_for_function("window.ditstream.stats.received >= 3", timeout=60_000)
+            # A blend: half of each prompt, mixed in embedding space.
+            page.fill("#blend", "0.5")
+            page.wait_for_function("Array.isArray(window.ditstream.config.prompt)")
+            assert page.evaluate("window.ditstream.config.prompt") == [
+                {"text": ds_caption(first), "weight": 0.5}, {"text": ds_caption(second), "weight": 0.5}]
+            page.fill("#blend", "1")
+            page.wait_for_function("window.ditstream.config.prompt.length === 1")
+            _settle(page)
+            r = _read_output(page)
+            assert (r.colour, r.background) == second[1:], r
+            # A transition: the next change glides over 6 frames, then the output is the first prompt's.
+            page.fill("#transition", "6")
+            page.dispatch_event("#transition", "change")
+            page.wait_for_function("window.ditstream.config.transition_frames === 6")
+            page.fill("#blend", "0")
+            page.wait_for_function("typeof window.ditstream.config.prompt === 'string'")
+            _settle(page, 14)
+            r = _read_output(page)
+            assert (r.colour, r.background) == first[1:], r
+            # The adapter's scale (the slider /v1/models made): the demo adapter swaps the colours.
+            page.fill("#transition", "0")
+            page.dispatch_event("#transition", "change")
+            page.wait_for_function("window.ditstream.config.transition_frames === 0")
+            page.fill("#lora-swap", "1")
+            page.wait_for_function("window.ditstream.config.loras && window.ditstream.config.loras.swap === 1")
+            _settle(page)
+            r = _read_output(page)
+            assert (r.colour, r.background) == (first[2], first[1]), r
+            # Feedback reaches the stream's config.
+            page.fill("#feedback", "0.3")
+            page.wait_for_function("window.ditstream.config.feedback === 0.3")
+            _settle(page, 3)
+            assert page.evaluate("window.ditstream.stats.errors") == []
+            page.click("#start")
+            page.wait_for_function("!window.ditstream.running")
+        finally:
+            browser.close()
+
+
+def ds_caption(c: tuple[str, str, str]) -> str:
+    from ditstream.engine.demo import dataset as ds
+
+    return ds.caption_for(*c)

@@ -186,8 +186,9 @@ def test_a_tiny_training_run_writes_a_model_the_engine_serves(tmp_path) -> None:
     cfg = TC.TrainConfig(n_images=64, ae_steps=2, ae_batch=4, decoder_steps=2, teacher_steps=3, teacher_batch=4, pairs=8, second_step_share=1.0,
                         teacher_sample_steps=2, student_steps=2, student_batch=4, vae_channels=(8, 16, 32),
                         patch_size=2, transformer=dict(hidden=32, layers=1, heads=2))
-    out = T.train_demo(tmp_path / "model", cfg, workdir=tmp_path / "wd")
+    out = T.train_demo(tmp_path / "model", cfg, workdir=tmp_path / "wd", lora_steps=2)
     assert (tmp_path / "wd" / "teacher.pt").is_file() and (tmp_path / "wd" / "decoder.pt").is_file()
+    assert (out / "loras" / "swap.safetensors").is_file()  # the demo LoRA stage ran on the new model
     comps = load_components(ModelConfig(model=str(out), device="cpu", dtype="fp32"))
     assert comps.vae_scale_factor == 4 and comps.transformer.config.patch_size == 2
     assert comps.max_sequence_length == TC.SERVE_TOKENS  # the retrained demo once lost it (300 tokens served)
@@ -197,7 +198,7 @@ def test_a_tiny_training_run_writes_a_model_the_engine_serves(tmp_path) -> None:
     # A rerun with the same workdir resumes both checkpointed stages and says so in ditstream.json.
     import json
 
-    again = T.train_demo(tmp_path / "again", cfg, workdir=tmp_path / "wd")
+    again = T.train_demo(tmp_path / "again", cfg, workdir=tmp_path / "wd", lora_steps=0)
     timings = json.loads((again / "ditstream.json").read_text())["training"]["timings"]
     assert timings["resumed"] == ["autoencoder", "decoder", "teacher"]
     first = json.loads((out / "ditstream.json").read_text())["training"]["timings"]

@@ -94,10 +94,50 @@ function ping() {
 }
 
 function currentSettings() {
-  return {
-    prompt: $("prompt").value, strength: parseFloat($("strength").value), steps: parseInt($("steps").value, 10),
+  const out = {
+    prompt: promptValue(), strength: parseFloat($("strength").value), steps: parseInt($("steps").value, 10),
     seed: Math.max(0, parseInt($("seed").value || "0", 10)), mode: $("mode").value,
+    transition_frames: transitionFrames(), feedback: parseFloat($("feedback").value),
   };
+  const loras = loraScales();
+  if (loras) out.loras = loras;
+  return out;
+}
+
+// The prompt as sent: the first prompt, or a blend with the second (`prompt: [{text, weight}, ...]`).
+function promptValue() {
+  const first = $("prompt").value, second = $("prompt2").value.trim(), b = parseFloat($("blend").value);
+  if (!second || !(b > 0)) return first;
+  if (b >= 1) return [{ text: second, weight: 1 }];
+  return [{ text: first, weight: 1 - b }, { text: second, weight: b }];
+}
+function transitionFrames() { return Math.min(1000, Math.max(0, parseInt($("transition").value || "0", 10))); }
+
+// One slider per LoRA adapter the model card lists (`/v1/models` or `ready`); null when there are none.
+function loraScales() {
+  const inputs = document.querySelectorAll("#loras input");
+  if (!inputs.length) return null;
+  return Object.fromEntries(Array.from(inputs, (el) => [el.dataset.lora, parseFloat(el.value)]));
+}
+function showLoras(loras) {
+  const box = $("loras");
+  if (!Array.isArray(loras) || box.dataset.names === loras.map((l) => l.name).join(",")) return;
+  box.dataset.names = loras.map((l) => l.name).join(",");
+  box.replaceChildren(...loras.map((l) => {
+    const label = document.createElement("label"), out = document.createElement("output");
+    const input = document.createElement("input");
+    Object.assign(input, { type: "range", min: "0", max: "1.5", step: "0.05", value: String(l.default_scale ?? 0),
+                           id: `lora-${l.name}` });
+    input.dataset.lora = l.name;
+    out.textContent = parseFloat(input.value).toFixed(2);
+    input.addEventListener("input", () => {
+      out.textContent = parseFloat(input.value).toFixed(2);
+      sendConfig({ loras: loraScales() });
+    });
+    label.title = "LoRA adapter scale (0 = the base model)";
+    label.append(`LoRA ${l.name} `, out, input);
+    return label;
+  }));
 }
 
 // The model's defaults (from `ready` or GET /v1/models) fill every control the user did not change.
@@ -127,6 +167,7 @@ async function loadModelCard() {
     if (!r.ok) return;
     const card = (await r.json()).data[0];
     if (card && !state.running) { showModel({ ...card, model: card.id }); applyDefaults(card.defaults); }
+    if (card) showLoras(card.loras);
   } catch (err) { /* offline or refused: `ready` will do */ }
 }
 
@@ -236,6 +277,7 @@ function onControl(msg) {
   if (msg.type === "ready") {
     state.config = msg.config; state.limits = msg.limits;
     showModel(msg.model, msg.session);
+    if (msg.model && msg.model.loras) showLoras(Object.entries(msg.model.loras).map(([name, v]) => ({ name, default_scale: v })));
     applyDefaults(msg.config);  // what this stream starts with: the model's defaults
     setStatus("live", "live");
     resizeCanvases(msg.config.width, msg.config.height);
@@ -334,7 +376,18 @@ function debounce(fn, ms) { let t; return (...a) => { clearTimeout(t); t = setTi
 
 $("start").addEventListener("click", () => (state.running ? stop() : start()));
 for (const id of ["prompt", "strength", "steps"]) $(id).addEventListener("input", () => state.edited.add(id));
-$("prompt").addEventListener("input", debounce(() => sendConfig({ prompt: $("prompt").value }), 120));
+const sendPrompt = debounce(() => sendConfig({ prompt: promptValue() }), 120);
+$("prompt").addEventListener("input", sendPrompt);
+$("prompt2").addEventListener("input", sendPrompt);
+$("blend").addEventListener("input", () => {
+  $("blend-value").textContent = parseFloat($("blend").value).toFixed(2);
+  sendConfig({ prompt: promptValue() });
+});
+$("transition").addEventListener("change", () => sendConfig({ transition_frames: transitionFrames() }));
+$("feedback").addEventListener("input", () => {
+  $("feedback-value").textContent = parseFloat($("feedback").value).toFixed(2);
+  sendConfig({ feedback: parseFloat($("feedback").value) });
+});
 $("strength").addEventListener("input", () => {
   $("strength-value").textContent = parseFloat($("strength").value).toFixed(2);
   sendConfig({ strength: parseFloat($("strength").value) });

@@ -60,6 +60,24 @@ OptLevel = Annotated[int | None, typer.Option(
     help="TensorRT builder optimisation level (default 3; part of the engine's cache key; serve/worker: env "
          "DITSTREAM_OPT_LEVEL).")]
 
+Loras = Annotated[list[str] | None, typer.Option(
+    "--lora", metavar="NAME=PATH[:SCALE]",
+    help="Load a LoRA adapter (diffusers/PEFT format; repeatable). PATH 'demo' = the demo model's shipped "
+         "adapter NAME (e.g. swap=demo:0). SCALE (default 1) is what streams get unless they pick scales "
+         "in 'loras'. Needs the torch backend (serve/worker: env DITSTREAM_LORAS=a=x.safetensors,b=demo:0).")]
+
+
+def lora_specs(values: list[str] | None) -> tuple:  # -> tuple[engine.lora.LoraSpec, ...]
+    """``--lora`` values → ``LoraSpec``s, checked now: a malformed one is a usage error (exit 2)."""
+    from ditstream.engine.errors import ValidationError
+    from ditstream.engine.lora import LoraSpec
+
+    try:
+        return tuple(LoraSpec.parse(v) for v in values or ())
+    except ValidationError as exc:
+        raise typer.BadParameter(exc.message, param_hint="--lora") from exc
+
+
 #: ``BackendOptions`` field → the option that sets it (for usage errors).
 _HINTS = {"resolution": "--resolution", "batch": "--batch", "cache_dir": "--cache-dir", "tiny_vae": "--tiny-vae",
           "opt_level": "--opt-level", "seq_len": "--seq-len"}

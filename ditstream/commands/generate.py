@@ -10,10 +10,12 @@ import typer
 from ditstream.commands._args import (
     Batches,
     CacheDir,
+    Loras,
     OptLevel,
     Resolutions,
     TinyVae,
     backend_options,
+    lora_specs,
     size_arg,
 )
 
@@ -65,11 +67,13 @@ def generate(
     cache_dir: CacheDir = None,
     tiny_vae: TinyVae = None,
     opt_level: OptLevel = None,
+    lora: Loras = None,
 ) -> None:
     """Make one image (txt2img, or img2img with --image)."""
     fmt = _check_out(out)
     wh_arg = size_arg(size)
     options = backend_options(resolution, batch, cache_dir, tiny_vae, opt_level)
+    loras = lora_specs(lora)
     pixels = _read_image(image) if image is not None else None
 
     import numpy as np
@@ -83,7 +87,7 @@ def generate(
     set_torch_threads(threads)
     try:
         gen = Generator.from_config(ModelConfig(model=model, backend=backend, device=device, dtype=dtype,
-                                                backend_options=options))
+                                                backend_options=options, loras=loras))
         d = gen.components.defaults or {}
         wh = wh_arg or (int(d.get("width", 512)), int(d.get("height", 512)))
         cfg = StreamConfig(

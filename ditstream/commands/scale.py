@@ -13,6 +13,7 @@ from ditstream.commands._args import (
     CacheDir,
     Device,
     Dtype,
+    Loras,
     Model,
     NullDelayMs,
     OptLevel,
@@ -20,6 +21,7 @@ from ditstream.commands._args import (
     Threads,
     TinyVae,
     backend_overrides,
+    lora_specs,
     settings_or_exit,
 )
 
@@ -40,6 +42,7 @@ def worker(
     cache_dir: CacheDir = None,
     tiny_vae: TinyVae = None,
     opt_level: OptLevel = None,
+    lora: Loras = None,
     max_batch: int = typer.Option(None, help="Largest batched model call."),
     max_jobs: int = typer.Option(None, help="REST jobs this worker holds at once (env DITSTREAM_WORKER_MAX_JOBS)."),
     worker_id: str = typer.Option(None, help="Stable name (default host-pid-random)."),
@@ -59,6 +62,9 @@ def worker(
     import signal
 
     backend_args = backend_overrides(resolution, batch, cache_dir, tiny_vae, opt_level)
+    if lora:
+        lora_specs(lora)  # a malformed --lora is a usage error before anything loads
+        backend_args["loras"] = list(lora)
     overrides = {k: v for k, v in dict(
         redis_url=redis, model=model, backend=backend, device=device, dtype=dtype, max_batch=max_batch,
         worker_max_jobs=max_jobs, worker_heartbeat_s=heartbeat_s, worker_ttl_s=ttl_s, job_claim_idle_s=claim_idle_s,

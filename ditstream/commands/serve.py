@@ -14,6 +14,7 @@ from ditstream.commands._args import (
     CacheDir,
     Device,
     Dtype,
+    Loras,
     Model,
     NullDelayMs,
     OptLevel,
@@ -21,6 +22,7 @@ from ditstream.commands._args import (
     Threads,
     TinyVae,
     backend_overrides,
+    lora_specs,
     settings_or_exit,
     size_arg,
 )
@@ -43,6 +45,7 @@ def serve(
     cache_dir: CacheDir = None,
     tiny_vae: TinyVae = None,
     opt_level: OptLevel = None,
+    lora: Loras = None,
     max_streams: int = typer.Option(None, help="Live WebSocket streams at once (more are refused with 1013)."),
     max_batch: int = typer.Option(None, help="Largest batched model call (env DITSTREAM_MAX_BATCH, default 16); "
                                   "never above what the backend takes (its profile's largest batch)."),
@@ -72,6 +75,9 @@ def serve(
     from ditstream.server.api.app import create_app
 
     backend_args = backend_overrides(resolution, batch, cache_dir, tiny_vae, opt_level)
+    if lora:
+        lora_specs(lora)  # a malformed --lora is a usage error before anything loads
+        backend_args["loras"] = list(lora)
     overrides = {k: v for k, v in dict(
         host=host, port=port, model=model, backend=backend, device=device, dtype=dtype, max_streams=max_streams, max_batch=max_batch,
         max_queued_jobs=max_queued_jobs, api_keys=api_key or None, cors_origins=cors_origin or None,

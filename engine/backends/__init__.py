@@ -69,14 +69,26 @@ def create_backend(name: str, components: ModelComponents, options: BackendOptio
     return backend
 
 
+def check_loras(name: str, cls: type[Backend], components: ModelComponents) -> None:
+    """Refuse a backend that cannot switch LoRA adapters per call when adapters are loaded."""
+    if components.loras and not cls.supports_loras:
+        raise BackendUnavailableError(
+            f"backend {name!r} cannot switch LoRA adapters per call (its weights are fixed in a compiled graph "
+            f"or engine); LoRAs ({', '.join(components.loras)}) need --backend torch")
+
+
 def _create(name: str, components: ModelComponents, options: BackendOptions) -> Backend:
     if name != "auto":
-        return backend_class(name)(components, options)
+        cls = backend_class(name)
+        check_loras(name, cls, components)
+        return cls(components, options)
     order = AUTO_ORDER_CUDA if components.device.type == "cuda" else AUTO_ORDER_CPU
     reasons: list[str] = []
     for candidate in order:
         try:
-            backend = backend_class(candidate)(components, options)
+            cls = backend_class(candidate)
+            check_loras(candidate, cls, components)
+            backend = cls(components, options)
         except BackendUnavailableError as exc:
             reasons.append(f"{candidate}: {exc}")
             continue

@@ -77,6 +77,9 @@ class Backend(ABC):
     name: str = "base"
     #: Whether the first call at a shape is slow (compile, graph capture) and must happen in warm-up.
     needs_warmup: bool = False
+    #: Whether each call may run another set of LoRA adapters (``set_loras``); a backend that bakes
+    #: the weights into a graph or an engine cannot, and ``create_backend`` refuses it with adapters.
+    supports_loras: bool = False
 
     def __init__(self, components: ModelComponents, options: BackendOptions | None = None) -> None:
         from ditstream.engine.config import BackendOptions
@@ -106,6 +109,12 @@ class Backend(ABC):
 
     def warmup(self, shapes: list[tuple[int, int, int]]) -> None:  # noqa: B027 - optional hook
         """Prepare for ``(batch, height, width)`` shapes (compile, build graphs); default: nothing."""
+
+    def set_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """Run the next ``denoise`` calls with this adapter set (``engine.lora.LoraSet``; empty = base)."""
+        if loras:
+            raise ValidationError(f"the {self.name} backend cannot switch LoRA adapters per call; "
+                                  "serve LoRAs with --backend torch", field="loras")
 
     @abstractmethod
     def denoise(

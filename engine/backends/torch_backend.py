@@ -8,6 +8,12 @@ from ditstream.engine.backends.base import Backend
 
 class TorchBackend(Backend):
     name = "torch"
+    supports_loras = True
+
+    def set_loras(self, loras):
+        from ditstream.engine.lora import activate
+
+        activate(self.components.transformer, loras)
 
     @torch.inference_mode()
     def denoise(self, x, timestep, encoder_hidden_states, encoder_attention_mask, guidance):

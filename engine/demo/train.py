@@ -27,7 +27,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -247,8 +247,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def train_demo(out: str | Path, cfg: TrainConfig | None = None, *, default_strength: float = 0.5,
-               workdir: str | Path | None = None) -> Path:
-    """Run the whole recipe and save a diffusers-layout folder at ``out``.
+               workdir: str | Path | None = None, lora_steps: int | None = None) -> Path:
+    """Run the whole recipe and save a diffusers-layout folder at ``out``, then train the demo LoRA
+    (``engine.demo.lora``; ``lora_steps`` 0 skips it, ``None`` is its default) into ``out/loras``.
 
     With ``workdir``, each finished stage leaves a checkpoint there and a rerun with the same
     config resumes after the last finished stage (a 45-minute CPU run should not restart from zero).
@@ -358,6 +359,11 @@ def train_demo(out: str | Path, cfg: TrainConfig | None = None, *, default_stren
              "training": {"config": _jsonable(asdict(cfg)), "timings": timings}}
     path = save_pipeline(comps, out, extra=extra)
     logger.info("saved demo model to %s (%s)", path, timings)
+    if lora_steps != 0:
+        from ditstream.engine.demo.lora import LoraTrainConfig, train_swap_lora
+
+        lcfg = LoraTrainConfig(seed=cfg.seed, threads=cfg.threads)
+        train_swap_lora(path, Path(path) / "loras", replace(lcfg, steps=lora_steps) if lora_steps else lcfg)
     return path
 
 

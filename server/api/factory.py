@@ -28,7 +28,7 @@ def load_runner(settings: Settings) -> EngineClient:
     from ditstream.engine.runner import EngineRunner
 
     mcfg = ModelConfig(model=settings.model, backend=settings.backend, device=settings.device, dtype=settings.dtype,
-                       backend_options=settings.backend_options())
+                       backend_options=settings.backend_options(), loras=settings.lora_specs())
     runner = EngineRunner.from_config(mcfg, ecfg)
     if settings.default_width is not None and settings.default_height is not None:
         # A backend without a size profile warms the size streams start at (a worker has no lifespan).

@@ -64,6 +64,9 @@ class GenerationRequest(BaseModel):
         None, min_length=1, max_length=MAX_BLEND, description="A prompt blend mixed in embedding space; replaces `prompt` for the model "
                           "(`prompt` is still required by the OpenAI shape and is echoed as revised_prompt).")
     prompt_interpolation: Literal["linear", "slerp"] | None = Field(None, description="How `prompts` are mixed.")
+    loras: dict[str, float] | None = Field(
+        None, description="LoRA adapter scales {name: scale} (names left out are off; omitted: each adapter at "
+                          "its default scale); the adapters are listed by /v1/models.")
 
 
 class ImageData(BaseModel):
@@ -89,6 +92,11 @@ class ModelDefaults(BaseModel):
     guidance_scale: float
 
 
+class LoraCard(BaseModel):
+    name: str
+    default_scale: float = Field(description="The scale a stream or request gets unless it picks one.")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -98,6 +106,7 @@ class ModelCard(BaseModel):
     native_size: str | None = Field(None, description="'WxH' the model was made for (null if it states none).")
     size_multiple: int | None = Field(None, description="Sizes must be multiples of this.")
     defaults: ModelDefaults | None = None
+    loras: list[LoraCard] = Field(default_factory=list, description="LoRA adapters loaded (pick with `loras`).")
 
 
 class ModelList(BaseModel):
@@ -123,7 +132,8 @@ async def list_models(request: Request) -> ModelList:
     card = state.model_card()
     return ModelList(data=[ModelCard(id=str(card["model"]), created=int(state.started_at), backend=card["backend"],
                                      native_size=card["native_size"], size_multiple=card["size_multiple"],
-                                     defaults=ModelDefaults(**card["defaults"]))])
+                                     defaults=ModelDefaults(**card["defaults"]),
+                                     loras=[LoraCard(name=n, default_scale=v) for n, v in card["loras"].items()])])
 
 
 @router.post("/images/generations", response_model=ImagesResponse, responses=_ERRORS,
@@ -136,7 +146,7 @@ async def generations(body: GenerationRequest, request: Request) -> ImagesRespon
     if body.prompts is not None:
         prompt = [p.model_dump() for p in body.prompts]
     base = _base_config(state, "txt2img", prompt, width, height, body.seed, body.steps, body.guidance_scale,
-                        interpolation=body.prompt_interpolation)
+                        interpolation=body.prompt_interpolation, loras=body.loras)
     cfgs = [base.replace(seed=base.seed + i) for i in range(body.n)]
     outputs = await _run_jobs(state, request, cfgs, [None] * body.n)
     return await _respond(state, outputs, body.output_format or "png", body.prompt)
@@ -205,11 +215,13 @@ def _size(state: AppState, size: str | None) -> tuple[int, int]:
 
 def _base_config(state: AppState, mode: str, prompt: str | list[dict[str, Any]], width: int, height: int,
                  seed: int | None, steps: int | None, guidance: float | None, strength: float | None = None, *,
-                 interpolation: str | None = None) -> StreamConfig:
+                 interpolation: str | None = None, loras: dict[str, float] | None = None) -> StreamConfig:
     d = state.stream_defaults()
     d.update(mode=mode, prompt=prompt, width=width, height=height)
     if interpolation is not None:
         d["prompt_interpolation"] = interpolation
+    if loras is not None:
+        d["loras"] = loras
     for k, v in (("seed", seed), ("steps", steps), ("guidance_scale", guidance), ("strength", strength)):
         if v is not None:
             d[k] = v

@@ -100,7 +100,7 @@ class AppState:
         native = f"{own['width']}x{own['height']}" if "width" in own and "height" in own else None
         return {"model": info.get("model") or self.settings.model, "backend": info.get("backend"),
                 "device": info.get("device"), "dtype": info.get("dtype"), "native_size": native,
-                "size_multiple": info.get("size_multiple"),
+                "size_multiple": info.get("size_multiple"), "loras": dict(info.get("loras") or {}),
                 "defaults": {k: start.get(k, getattr(_STREAM_CONFIG_DEFAULTS, k))
                              for k in ("prompt", "width", "height", "steps", "strength", "guidance_scale")}}
 

@@ -94,6 +94,8 @@ class ConfigMessage(BaseModel):
     transition_frames: int | None = None
     #: Latent feedback f ∈ [0, 1): steadier img2img frames, slower motion response.
     feedback: float | None = None
+    #: LoRA adapter scales ``{"name": scale}`` (names left out are off); see ``/v1/models``.
+    loras: dict[str, float] | None = None
     size: str | None = None
     width: int | None = None
     height: int | None = None
