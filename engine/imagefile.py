@@ -107,24 +107,13 @@ def decode(data: bytes | memoryview, *, max_pixels: int, size: tuple[int, int] |
     claims more than ``pixel_limit(max_pixels)`` (nothing decoded), ``ImageDecodeError`` for non-images and
     corrupt data (whatever the decoder raised), ``ValidationError`` for a size other than ``size``.
     """
-    limit = pixel_limit(max_pixels)
-    fmt = sniff(data)
-    if fmt is None:
-        raise ImageDecodeError("not a JPEG, PNG or WebP image (unrecognised magic bytes)", field="image")
+    fmt, _, _ = check_header(data, max_pixels=max_pixels, size=size)  # nothing decoded before this passes
     try:
         if fmt == "jpeg":
-            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
-            check_pixels(w, h, limit)
-            _check_size(w, h, size)
             return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=fast, fastupsample=fast)
         with Image.open(io.BytesIO(bytes(data)), formats=[fmt.upper()]) as im:
-            check_pixels(im.width, im.height, limit)
-            _check_size(im.width, im.height, size)
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except ValidationError:
-        raise
-    except _BOMB_ERRORS as exc:  # Pillow's own limit, met while reading the header
-        raise ImageTooLargeError(f"image has too many pixels (the limit is {limit}): {exc}",
-                                 field="image") from exc
+    except _BOMB_ERRORS as exc:  # Pillow's own limit (cannot happen past check_header; kept as a guard)
+        raise ImageTooLargeError(f"image has too many pixels: {exc}", field="image") from exc
     except DECODER_ERRORS as exc:
         raise ImageDecodeError(f"corrupt {fmt.upper()} image: {type(exc).__name__}: {exc}", field="image") from exc

@@ -82,3 +82,14 @@ def slow_null_fleet(tmp_path_factory: pytest.TempPathFactory):
     with fleet_of(tmp_path_factory.mktemp("slow-fleet"), "--model", "null", "--null-delay-ms",
                   str(SLOW_DELAY_S * 1e3), name="slow") as fleet:
         yield fleet
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory):
+    """A real loopback ``redis-server`` per test module (tests isolate themselves by key prefix)."""
+    from ditstream.bench.scale_harness import RedisServer, redis_server_binary
+
+    if redis_server_binary() is None:  # the CI installs it: say so rather than skip silently
+        pytest.fail("redis-server is required (apt-get install -y redis-server)", pytrace=False)
+    with RedisServer(log_dir=tmp_path_factory.mktemp("redis")) as server:
+        yield server.url

@@ -20,20 +20,13 @@ from ditstream.server.scale.config import ScaleConfig
 from ditstream.server.scale.gateway import RedisGatewayRunner
 from ditstream.server.scale.worker import Worker
 
-from ditstream.bench.scale_harness import RedisServer, redis_server_binary, wait_for
+from ditstream.bench.scale_harness import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
-if redis_server_binary() is None:
-    pytest.fail("redis-server is required (apt-get install -y redis-server)", pytrace=False)
 
 SIZE = 64
 
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory):
-    with RedisServer(log_dir=tmp_path_factory.mktemp("redis")) as server:
-        yield server.url
 
 
 @pytest.fixture

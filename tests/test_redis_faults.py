@@ -20,20 +20,13 @@ from ditstream.server.scale.messages import JobMessage
 from ditstream.server.scale.worker import Worker
 from faults import faulty_runner, width_is
 
-from ditstream.bench.scale_harness import RedisServer, redis_server_binary, wait_for
+from ditstream.bench.scale_harness import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
-if redis_server_binary() is None:
-    pytest.fail("redis-server is required (apt-get install -y redis-server)", pytrace=False)
 
 GOOD, POISON = 32, 64
 
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory):
-    with RedisServer(log_dir=tmp_path_factory.mktemp("redis")) as server:
-        yield server.url
 
 
 def test_poison_job_is_dead_lettered_after_max_attempts_and_no_worker_dies(redis_url, tiny_model_dir,

@@ -31,18 +31,11 @@ from ditstream.server.scale.messages import (
 )
 from ditstream.server.scale.worker import Worker
 
-from ditstream.bench.scale_harness import RedisServer, redis_server_binary, wait_for
+from ditstream.bench.scale_harness import RedisServer, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
-if redis_server_binary() is None:
-    pytest.fail("redis-server is required (apt-get install -y redis-server)", pytrace=False)
 
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory):
-    with RedisServer(log_dir=tmp_path_factory.mktemp("redis")) as server:
-        yield server.url
 
 
 @pytest.fixture
