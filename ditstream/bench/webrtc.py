@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from fractions import Fraction
 from typing import Any
@@ -196,6 +197,8 @@ async def measure_webrtc(http_url: str, spec: BenchSpec, pid: int | None = None,
 
 def run_transports(spec: BenchSpec, transports: list[str], repeats: int = 1) -> dict[str, list[dict[str, Any]]]:
     """Each transport against a fresh null server, interleaved ``repeats`` times (as ``run_arms``)."""
+    for name in ("httpx", "aioice", "aiortc"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     runs: dict[str, list[dict[str, Any]]] = {t: [] for t in transports}
     for _ in range(repeats):
         for t in transports:
