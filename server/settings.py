@@ -82,12 +82,15 @@ class Settings(BaseSettings):
     #: binds, ``"50000-50100"`` (empty = any free port); the address announced in ICE candidates in
     #: place of the interfaces' own (a public IP or the Docker host's; empty = the interfaces'); STUN
     #: servers (``stun:host:port``, comma-separated; none by default: nothing is asked of the outside);
-    #: seconds a peer has to connect before its session is dropped; WHEP viewers per session.
+    #: seconds a peer has to connect before its session is dropped; WHEP viewers per session; seconds
+    #: a connected peer may go unheard (ICE consent checks unanswered) before it counts as gone and
+    #: its session is freed (at most 1.2× this plus a second: 20 → under 25 s).
     webrtc_port_range: str | None = None
     webrtc_public_host: str | None = None
     webrtc_stun_servers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webrtc_connect_timeout_s: float = Field(20.0, gt=0)
     webrtc_max_viewers: int = Field(8, ge=1)
+    webrtc_peer_timeout_s: float = Field(20.0, gt=0, le=60)
 
     #: Scale-out (docs/deploy.md): with a Redis URL ``serve`` is a gateway and ``worker`` runs engines.
     redis_url: str | None = None

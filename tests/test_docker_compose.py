@@ -233,3 +233,15 @@ def test_the_import_check_imports_the_install_not_the_source_folder(dockerfile: 
         if words[:1] == ["RUN"] and 'python -c "import ditstream' in line:
             before = line.split('python -c "import ditstream')[0]
             assert workdir != "/app" or "cd /" in before, f"{dockerfile}: {line.strip()[:120]}"
+
+
+def test_gateways_publish_the_webrtc_udp_range_and_announce_the_public_host(compose):
+    """ICE binds DITSTREAM_WEBRTC_PORT_RANGE inside and announces that port: published one to one."""
+    for name in ("gateway", "gateway-cpu"):
+        svc = compose["services"][name]
+        env = svc["environment"]
+        assert env["DITSTREAM_WEBRTC_PORT_RANGE"] == "${DITSTREAM_WEBRTC_PORT_RANGE:-50000-50100}"
+        assert env["DITSTREAM_WEBRTC_PUBLIC_HOST"].startswith("${DITSTREAM_WEBRTC_PUBLIC_HOST")
+        udp = [str(p) for p in svc["ports"] if str(p).endswith("/udp")]
+        assert udp == ["${DITSTREAM_WEBRTC_PORT_RANGE:-50000-50100}:${DITSTREAM_WEBRTC_PORT_RANGE:-50000-50100}/udp"]
+    assert Settings(webrtc_port_range="50000-50100", webrtc_public_host="").webrtc_ports() == (50000, 50100)

@@ -97,9 +97,8 @@ def _folder_frames(folder: str, width: int, height: int, quality: int, subsampli
     return out
 
 
-def _pattern(width: int, height: int, n: int, quality: int, subsampling: str = "420") -> list[bytes]:
-    from ditstream.clients.stream_client import encode_jpeg
-
+def pattern_images(width: int, height: int, n: int) -> list[np.ndarray]:
+    """The bench's clip: ``n`` frames of a moving gradient with a white square, uint8 RGB."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     out = []
     for t in range(n):
@@ -108,8 +107,14 @@ def _pattern(width: int, height: int, n: int, quality: int, subsampling: str = "
         s = min(width, height) // 5
         cx, cy = int((width - s) * (0.5 + 0.45 * np.sin(t / 4))), int((height - s) * (0.5 + 0.45 * np.cos(t / 3)))
         img[cy : cy + s, cx : cx + s] = 255
-        out.append(encode_jpeg(img, quality, subsampling))
+        out.append(img)
     return out
+
+
+def _pattern(width: int, height: int, n: int, quality: int, subsampling: str = "420") -> list[bytes]:
+    from ditstream.clients.stream_client import encode_jpeg
+
+    return [encode_jpeg(img, quality, subsampling) for img in pattern_images(width, height, n)]
 
 
 def _pack(seq: int, ts: float, image: bytes) -> bytes:

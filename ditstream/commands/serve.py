@@ -155,6 +155,8 @@ def bench_server(
     api_key: str = typer.Option(None, envvar="DITSTREAM_API_KEY", help="API key for --url."),
     null: bool = typer.Option(True, "--null/--no-null", help="Also run the same load against a null-engine "
                               "server started for the purpose (isolates server overhead)."),
+    transport: str = typer.Option("ws", "--transport", help="ws: WebSocket streams; webrtc: WHIP publishers "
+                                  "with WHEP viewers (the webrtc extra); both: side by side on fresh null servers."),
     json_out: str = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
 ) -> None:
     """N concurrent streams, open or closed loop: fps and its spread, glass-to-glass p50/p99, drops, batch sizes."""
@@ -170,11 +172,20 @@ def bench_server(
     spec = BenchSpec(streams=streams, fps=fps, seconds=seconds, width=w, height=h, prompt=prompt,
                      subsampling=subsampling, inflight=inflight, frames_dir=frames, null_delay_ms=null_delay_ms)
     waits = [float(v) for v in batch_wait.split(",")] if batch_wait else [None]
-    if baseline_streams is None and len(waits) == 1 and repeats == 1:
+    if transport not in ("ws", "webrtc", "both"):
+        raise typer.BadParameter("--transport must be ws, webrtc or both")
+    if transport != "ws":  # against fresh null servers (a --url is measured over the WebSocket only)
+        from ditstream.bench.webrtc import format_transports, run_transports
+
+        spec = dataclasses.replace(spec, batch_wait=waits[0])
+        runs = run_transports(spec, ["ws", "webrtc"] if transport == "both" else ["webrtc"], repeats)
+        typer.echo(format_transports(spec, runs))
+        out: dict = {"spec": spec.__dict__, "runs": runs}
+    elif baseline_streams is None and len(waits) == 1 and repeats == 1:
         spec = dataclasses.replace(spec, batch_wait=waits[0])
         results = run_bench(spec, url=url, api_key=api_key, null=null)
         typer.echo(format_report(spec, results))
-        out: dict = {"spec": spec.__dict__, "results": results}
+        out = {"spec": spec.__dict__, "results": results}
     else:  # arms against fresh null servers, interleaved
         counts = [n for n in (baseline_streams, streams) if n is not None]
         arms = {f"{n} stream(s)" + ("" if wait is None else f", batch_wait {wait:g}"):

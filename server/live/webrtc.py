@@ -63,9 +63,10 @@ def _error(exc: DitstreamError, status: int) -> JSONResponse:
 def _prepare(state: AppState) -> Any:
     ice, session = _session_module()
     s = state.settings
-    if _ICE_INSTALLED != [(s.webrtc_ports(), s.webrtc_public_host)]:
-        ice.install(s.webrtc_ports(), s.webrtc_public_host)
-        _ICE_INSTALLED[:] = [(s.webrtc_ports(), s.webrtc_public_host)]
+    wanted = (s.webrtc_ports(), s.webrtc_public_host, s.webrtc_peer_timeout_s)
+    if _ICE_INSTALLED != [wanted]:
+        ice.install(*wanted)
+        _ICE_INSTALLED[:] = [wanted]
     return session
 
 

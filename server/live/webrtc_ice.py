@@ -6,6 +6,9 @@ a container whose address the client cannot reach. ``install(ports, public_host)
 ``Connection`` aiortc builds its ICE transports from (process-wide; a server has one ICE setting) by
 one that binds its host candidates within ``ports`` and announces ``public_host`` in their place
 (the 1:1 NAT mapping other media servers call ``nat1to1``). With neither set it changes nothing.
+It also expires a peer's consent (RFC 7675: no answer to the checks) after ``consent_timeout``
+seconds instead of aioice's fixed six misses at ~5 s each (30–36 s), so a peer that vanishes without
+a goodbye (a closed laptop, a lost network) frees its session in well under 30 s.
 Imported only when the ``webrtc`` extra is installed.
 """
 
@@ -15,10 +18,13 @@ import asyncio
 import ipaddress
 import itertools
 import logging
+import random
 import socket
+import time
 
 import aioice
 import aiortc.rtcicetransport
+from aioice import stun
 from aioice.candidate import Candidate, candidate_foundation, candidate_priority
 from aioice.ice import StunProtocol
 
@@ -33,7 +39,30 @@ class RangedConnection(aioice.Connection):
 
     ports: tuple[int, int] | None = None
     public_host: str | None = None
+    consent_timeout: float = 20.0
     _next = itertools.count()
+
+    async def query_consent(self) -> None:
+        """Consent freshness (RFC 7675): a check every ~timeout/6 s; none answered for ``consent_timeout``
+        → the connection closes (aiortc then reports the peer ``failed`` and the session ends).
+        Expiry comes at most ``consent_timeout`` × 1.2 + one check's timeout after the last answer."""
+        assert self.remote_password is not None
+        interval, last_ok = self.consent_timeout / 6, time.monotonic()
+        while True:
+            await asyncio.sleep(interval * (0.8 + 0.4 * random.random()))
+            for pair in self._nominated.values():
+                try:
+                    await pair.protocol.request(self.build_request(pair, nominate=False), pair.remote_addr,
+                                                integrity_key=self.remote_password.encode("utf8"),
+                                                retransmissions=0)
+                    last_ok = time.monotonic()
+                except stun.TransactionError:
+                    pass
+            if time.monotonic() - last_ok >= self.consent_timeout:
+                logger.info("ICE consent expired: no answer for %.1f s", time.monotonic() - last_ok)
+                self._query_consent_task = None  # close() must not cancel this task, which runs it
+                await self.close()
+                return
 
     async def get_component_candidates(self, component: int, addresses: list[str],
                                        timeout: int = 5) -> list[Candidate]:
@@ -85,8 +114,9 @@ def _version(host: str) -> int | None:
         return None
 
 
-def install(ports: tuple[int, int] | None, public_host: str | None) -> None:
+def install(ports: tuple[int, int] | None, public_host: str | None, consent_timeout: float = 20.0) -> None:
     """Make every ICE transport aiortc builds from now on use these settings."""
     RangedConnection.ports = ports
     RangedConnection.public_host = public_host
+    RangedConnection.consent_timeout = consent_timeout
     aiortc.rtcicetransport.Connection = RangedConnection  # type: ignore[attr-defined, misc]
