@@ -42,6 +42,16 @@ SDP = "application/sdp"
 CONFIG_HEADER = "x-ditstream-config"
 _SDP_BODY = {"requestBody": {"required": True, "content": {SDP: {"schema": {"type": "string"}}}}}
 _ICE_INSTALLED: list[Any] = []
+#: What every WebRTC route may answer besides success (the server's error table: server/errors.py).
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "bad SDP, Content-Type or JSON (the message names it)"},
+    401: {"description": "missing or invalid API key"},
+    404: {"description": "no such session or viewer (it ended, or never was)"},
+    413: {"description": "request body over the size limit"},
+    422: {"description": "invalid config field (the message names it)"},
+    501: {"description": "the webrtc extra is not installed (pip install 'ditstream[webrtc]')"},
+    503: {"description": "at --max-streams or viewers, or the engine is not running (Retry-After)"},
+}
 
 
 def _session_module() -> Any:
@@ -107,9 +117,7 @@ def _session(state: AppState, session: str) -> Any:
 
 @router.post("/v1/whip", status_code=201, response_class=Response, openapi_extra=_SDP_BODY,
              summary="WHIP: publish a video track into a new live stream; the answer is the SDP.",
-             responses={201: {"content": {SDP: {}}, "description": "session created (Location)"},
-                        400: {"description": "bad SDP"}, 501: {"description": "webrtc extra missing"},
-                        503: {"description": "at --max-streams (Retry-After)"}})
+             responses={**_ERRORS, 201: {"content": {SDP: {}}, "description": "session created (Location)"}})
 async def whip(request: Request) -> Response:
     state = state_of(request.app)
     module = _prepare(state)  # 501 without the extra
@@ -128,15 +136,12 @@ async def whip(request: Request) -> Response:
                     headers={"Location": f"/v1/whip/{session.id}", "X-Ditstream-Session": session.id})
 
 
-@router.delete("/v1/whip/{session}", summary="WHIP: end the session (its stream and viewers).")
+@router.delete("/v1/whip/{session}", summary="WHIP: end the session (its stream and viewers).", responses=_ERRORS)
 async def whip_delete(request: Request, session: str) -> Response:
     await _session(state_of(request.app), session).close("DELETE")
     return Response(status_code=200)
 
 
-@router.patch("/v1/whip/{session}", summary="Trickle ICE is not supported: the answer has every candidate.",
-              responses={405: {"description": "always"}})
-@router.patch("/v1/whep/{session}/{viewer}", include_in_schema=False)
 async def trickle(request: Request) -> Response:
     return JSONResponse({"error": {"message": "trickle ICE is not supported: the SDP answer already holds "
                                               "every server candidate", "type": "invalid_request_error",
@@ -146,8 +151,7 @@ async def trickle(request: Request) -> Response:
 
 @router.post("/v1/whep/{session}", status_code=201, response_class=Response, openapi_extra=_SDP_BODY,
              summary="WHEP: watch a session's output frames as a video track.",
-             responses={201: {"content": {SDP: {}}, "description": "viewer created (Location)"},
-                        400: {"description": "bad SDP"}, 404: {"description": "no such session"}})
+             responses={**_ERRORS, 201: {"content": {SDP: {}}, "description": "viewer created (Location)"}})
 async def whep(request: Request, session: str) -> Response:
     state = state_of(request.app)
     _prepare(state)  # 501 without the extra
@@ -159,14 +163,14 @@ async def whep(request: Request, session: str) -> Response:
     return Response(sdp, status_code=201, media_type=SDP, headers={"Location": f"/v1/whep/{session}/{viewer}"})
 
 
-@router.delete("/v1/whep/{session}/{viewer}", summary="WHEP: hang a viewer up.")
+@router.delete("/v1/whep/{session}/{viewer}", summary="WHEP: hang a viewer up.", responses=_ERRORS)
 async def whep_delete(request: Request, session: str, viewer: str) -> Response:
     if not await _session(state_of(request.app), session).remove_viewer(viewer):
         raise NotFoundError(f"no viewer {viewer!r} of session {session!r}", field="viewer")
     return Response(status_code=200)
 
 
-@router.post("/v1/sessions/{session}/config",
+@router.post("/v1/sessions/{session}/config", responses=_ERRORS,
              summary="Change a WebRTC session's config (the WebSocket config message's fields).")
 async def session_config(request: Request, session: str) -> JSONResponse:
     state = state_of(request.app)
@@ -182,3 +186,10 @@ async def session_config(request: Request, session: str) -> JSONResponse:
     assert isinstance(msg, ConfigMessage)
     applied = await found.apply_config(msg)
     return JSONResponse({"type": "config", "session": session, "applied": found.config_dict(applied)})
+
+
+# Trickle ICE is not supported (RFC 9725 allows 405): the answer holds every candidate. Left out of
+# the schema, where it would document a method whose only answer is "not allowed"; added after the
+# DELETE routes so that another method's 405 names DELETE (the first route of a path answers it).
+router.add_api_route("/v1/whip/{session}", trickle, methods=["PATCH"], include_in_schema=False)
+router.add_api_route("/v1/whep/{session}/{viewer}", trickle, methods=["PATCH"], include_in_schema=False)
