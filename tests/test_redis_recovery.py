@@ -71,3 +71,50 @@ def test_a_dead_workers_jobs_are_claimed_within_the_bound_while_survivors_are_bu
         for w in survivors:
             w.stop()
         r.close()
+
+
+def test_a_new_gateway_is_ready_within_5_s_of_start_while_two_workers_are_busy(redis_url: str):
+    """Gateway restart bound: a fresh gateway process (imports included) answers ``/ready`` 200 within
+    5 s while both workers are saturated (their heartbeats have their own thread)."""
+    import json
+    import subprocess
+    import sys
+
+    scfg = ScaleConfig(redis_url=redis_url, prefix=f"t{uuid.uuid4().hex[:8]}", heartbeat_s=0.5, max_jobs=2)
+    r = redis.Redis.from_url(redis_url)
+    reply_to = f"{scfg.prefix}:test-replies"
+    ensure_group(r, scfg.keys)
+    for seed in range(80):
+        _add_job(r, scfg, reply_to, seed)
+    workers = [_null_worker(scfg, wid, delay_s=0.25).start() for wid in ("b1", "b2")]
+    code = f"""
+import time
+t0 = time.monotonic()
+import json, httpx
+from ditstream.server.api.app import create_app
+from ditstream.server.settings import Settings
+from ditstream.bench.harness import ServerThread
+with ServerThread(create_app(Settings(redis_url={redis_url!r}, redis_prefix={scfg.prefix!r}))) as srv:
+    while True:
+        resp = httpx.get(srv.url + "/ready")
+        if resp.status_code == 200 or time.monotonic() - t0 > 30:
+            break
+        time.sleep(0.02)
+    print(json.dumps({{"status": resp.status_code, "body": resp.json(), "ready_after_s": time.monotonic() - t0}}))
+"""
+    try:
+        wait_for(lambda: all(len(w._jobs) >= scfg.max_jobs for w in workers), 10, interval=0.02,
+                 what="both workers busy")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-3000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        busy = [len(w._jobs) for w in workers]
+        queued = r.xlen(scfg.keys.jobs) - r.xpending(scfg.keys.jobs, scfg.keys.group)["pending"]
+        print(f"new gateway ready after {got['ready_after_s']:.2f} s; workers holding {busy}, {queued} queued")
+        assert got["status"] == 200 and got["body"]["workers"] == 2, got
+        assert queued > 0, "the workers were not busy throughout: the test proves nothing"
+        assert got["ready_after_s"] < 5.0, got
+    finally:
+        for w in workers:
+            w.stop(drain_s=0.5)
+        r.close()
