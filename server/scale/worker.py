@@ -17,8 +17,8 @@ Four threads around one ``EngineRunner`` (the same runner and core as the all-in
 - **heartbeat**: ``SET worker:<id> <Heartbeat> PX ttl``; re-claims its own in-flight jobs (so
   their idle time never reaches the claim threshold); runs the janitor, which ``XAUTOCLAIM``\\ s
   jobs idle past ``claim_idle_s`` (their worker died) even when busy (up to ``max_jobs`` extra)
-  and sends jobs delivered ``max_attempts``
-  times to the dead-letter stream; drops sessions that were re-pinned elsewhere.
+  and sends jobs delivered ``max_attempts`` times to the dead-letter stream; drops sessions that
+  were re-pinned elsewhere.
 """
 
 from __future__ import annotations
