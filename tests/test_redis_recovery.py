@@ -58,9 +58,11 @@ def test_a_dead_workers_jobs_are_claimed_within_the_bound_while_survivors_are_bu
         pending = r.xpending(scfg.keys.jobs, scfg.keys.group)["pending"]
         undelivered = r.xlen(scfg.keys.jobs) - pending
         assert undelivered > 0, "the survivors were not busy: the test proves nothing"
-        assert claimed_after <= bound + 0.3, f"claimed after {claimed_after:.2f} s (bound {bound:.1f} s)"
+        # + 0.5 s: a beat is heartbeat_s plus the beat's own Redis calls, on a loaded 2-core runner.
+        assert claimed_after <= bound + 0.5, f"claimed after {claimed_after:.2f} s (bound {bound:.1f} s)"
         assert sum(w.counters["jobs_claimed"] for w in survivors) == 4
-        assert all(len(w._jobs) <= 2 * scfg.max_jobs for w in survivors)
+        held = [len(w._jobs) for w in survivors]
+        assert max(held) <= 2 * scfg.max_jobs, f"held {held}: over 2 * max_jobs"
 
         wait_for(lambda: r.xlen(reply_to) >= len(jobs), 30, what="every job answered")
         answered = [JobResult.load(fields_get(f, "m") or b"").job for _id, f in r.xrange(reply_to)]

@@ -81,6 +81,8 @@ class Worker(WorkerJobs, WorkerSessions):
         self._jobs_lock = threading.Lock()
         self._finished: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._room = threading.Event()
+        #: Jobs the jobs loop is reading right now (counted against the janitor's room, see ``_janitor``).
+        self._reading = 0
         self._sessions: dict[str, WorkerSession] = {}
         self._sessions_lock = threading.Lock()
         self._out_wake = threading.Event()
@@ -248,7 +250,7 @@ class Worker(WorkerJobs, WorkerSessions):
         import redis
 
         with self._jobs_lock:
-            room = 2 * self.cfg.max_jobs - len(self._jobs)
+            room = 2 * self.cfg.max_jobs - len(self._jobs) - self._reading
         if room <= 0:
             return
         try:
