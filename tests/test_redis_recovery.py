@@ -120,3 +120,52 @@ with ServerThread(create_app(Settings(redis_url={redis_url!r}, redis_prefix={scf
         for w in workers:
             w.stop(drain_s=0.5)
         r.close()
+
+
+def test_a_dead_workers_sessions_reopen_together_not_one_after_another(redis_url: str):
+    """4 sessions of a dead worker move to a survivor whose engine is busy (0.5 s ticks with its own
+    stream): opened one after another they would take about 4 ticks; together they take one."""
+    import threading
+
+    import numpy as np
+    from ditstream.server.scale.gateway import RedisGatewayRunner
+
+    tick = 0.5
+    scfg = ScaleConfig(redis_url=redis_url, prefix=f"t{uuid.uuid4().hex[:8]}", heartbeat_s=0.2, worker_ttl_s=1.0,
+                       supervise_s=0.05)
+    a = _null_worker(scfg, "a", delay_s=0.0).start()
+    gw = RedisGatewayRunner(scfg, job_timeout_s=30).start()
+    b = None
+    stop = threading.Event()
+    try:
+        wait_for(lambda: set(gw.workers) == {"a"}, 10, what="gateway sees worker a")
+        moving = [gw.add_stream(StreamConfig(prompt="p", width=SIZE, height=SIZE)) for _ in range(4)]
+        assert {h.worker for h in moving} == {"a"}
+        b = _null_worker(scfg, "b", delay_s=tick).start()
+        wait_for(lambda: set(gw.workers) == {"a", "b"}, 10, what="gateway sees worker b")
+        busy = gw.add_stream(StreamConfig(prompt="p", width=SIZE, height=SIZE))
+        assert busy.worker == "b"
+
+        def feed() -> None:  # keeps b's engine ticking
+            seq = 0
+            while not stop.is_set():
+                busy.submit(np.zeros((SIZE, SIZE, 3), np.uint8), seq, float(seq))
+                seq += 1
+                stop.wait(0.02)
+
+        threading.Thread(target=feed, daemon=True).start()
+        wait_for(lambda: b.runner.core.batch_sizes, 10, what="b's engine ticking")
+        a.stop(drain_s=0.0)  # its heartbeat goes at once: the next gateway pass re-pins its sessions
+        wait_for(lambda: "a" not in gw.workers, 5, interval=0.005, what="gateway noticed a gone")
+        t_lost = time.monotonic()
+        wait_for(lambda: gw.counters["sessions_repinned"] >= 4, 10, interval=0.005, what="4 sessions re-pinned")
+        took = time.monotonic() - t_lost
+        print(f"4 sessions re-pinned in {took:.2f} s (engine tick {tick} s)")
+        assert {h.worker for h in moving} == {"b"}
+        assert took < 2 * tick, f"re-pinning took {took:.2f} s: one after another, not together"
+    finally:
+        stop.set()
+        gw.stop()
+        for w in (a, b):
+            if w is not None:
+                w.stop(drain_s=0.0)
