@@ -8,6 +8,7 @@ import contextlib
 import logging
 import queue
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ditstream.engine.errors import (
@@ -260,6 +261,7 @@ class GatewayThreads:
         present = exists.execute()
         now = time.monotonic()
         grace = time.monotonic() < self._restart_grace_until
+        moves: list[tuple[GatewayStreamHandle, bool]] = []
         for h, ok in zip(handles, present):
             if h.closed or h.pinning:
                 continue
@@ -271,25 +273,36 @@ class GatewayThreads:
                 continue
             if not alive and grace:
                 continue  # Redis restarted: its worker may be alive but not have beaten again yet
-            old = h.worker
             if not self.workers:
                 continue  # nobody to move it to yet; try again next pass
-            # A session moves only when its worker is dead; a lost record (Redis restarted) re-opens
-            # it on the same worker under a new epoch (that worker drops the old copy at once).
-            logger.warning("gateway %s: session %s %s; re-pinning", self.id, h.id,
-                           f"lost its record (worker {old} alive)" if alive else f"lost its worker {old}")
-            try:
-                moved = self._pin(h, exclude={old} if len(self.workers) > 1 else set(),
-                                  prefer=old if alive else None)
-            except ValidationError as exc:
-                logger.error("session %s cannot be re-opened: %s", h.id, exc.message)
-                continue
-            if moved:
-                self.counters["sessions_repinned"] += 1
-                self._resolve_controls(h)
-                self._resend_unanswered(h)
-            else:  # _pin recorded the new worker before it failed to open: drop it so the next pass retries
-                self.r.delete(self.keys.session(h.id))
+            moves.append((h, alive))
+        if len(moves) == 1:
+            self._repin(*moves[0])
+        elif moves:  # concurrently: a dead worker's sessions all move within one open, not one after another
+            with ThreadPoolExecutor(min(len(moves), 16), thread_name_prefix="ditstream-gateway-repin") as pool:
+                for f in [pool.submit(self._repin, h, alive) for h, alive in moves]:
+                    f.result()
+
+    def _repin(self, h: GatewayStreamHandle, alive: bool) -> None:
+        """Move one session. A session moves only when its worker is dead; a lost record (Redis
+        restarted) re-opens it on the same worker under a new epoch (that worker drops the old copy)."""
+        old = h.worker
+        logger.warning("gateway %s: session %s %s; re-pinning", self.id, h.id,
+                       f"lost its record (worker {old} alive)" if alive else f"lost its worker {old}")
+        h.pinning = True
+        try:
+            moved = self._pin(h, exclude={old} if len(self.workers) > 1 else set(), prefer=old if alive else None)
+        except ValidationError as exc:
+            logger.error("session %s cannot be re-opened: %s", h.id, exc.message)
+            return
+        finally:
+            h.pinning = False
+        if moved:
+            self.counters["sessions_repinned"] += 1
+            self._resolve_controls(h)
+            self._resend_unanswered(h)
+        else:  # _pin recorded the new worker before it failed to open: drop it so the next pass retries
+            self.r.delete(self.keys.session(h.id))
 
     def _resolve_controls(self, handle: GatewayStreamHandle) -> None:
         """A re-pinned session was opened with its newest config: settle its pending reconfigures."""

@@ -16,8 +16,9 @@ Four threads around one ``EngineRunner`` (the same runner and core as the all-in
   Outputs go back on the session's bounded output stream.
 - **heartbeat**: ``SET worker:<id> <Heartbeat> PX ttl``; re-claims its own in-flight jobs (so
   their idle time never reaches the claim threshold); runs the janitor, which ``XAUTOCLAIM``\\ s
-  jobs idle past ``claim_idle_s`` (their worker died) and sends jobs delivered ``max_attempts``
-  times to the dead-letter stream; drops sessions that were re-pinned elsewhere.
+  jobs idle past ``claim_idle_s`` (their worker died) even when busy (up to ``max_jobs`` extra)
+  and sends jobs delivered ``max_attempts`` times to the dead-letter stream; drops sessions that
+  were re-pinned elsewhere.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class Worker(WorkerJobs, WorkerSessions):
         self._jobs_lock = threading.Lock()
         self._finished: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._room = threading.Event()
+        #: Jobs the jobs loop is reading right now (counted against the janitor's room, see ``_janitor``).
+        self._reading = 0
         self._sessions: dict[str, WorkerSession] = {}
         self._sessions_lock = threading.Lock()
         self._out_wake = threading.Event()
@@ -236,10 +239,18 @@ class Worker(WorkerJobs, WorkerSessions):
                     raise
 
     def _janitor(self) -> None:
-        """XAUTOCLAIM jobs of dead workers, as many as we have room for."""
+        """XAUTOCLAIM jobs of dead workers, even when busy: up to ``max_jobs`` beyond our own ``max_jobs``.
+
+        So a dead worker's jobs are taken within ``claim_idle_s`` plus one beat however busy the
+        survivors are. It cannot overload: a worker holds at most ``2 * max_jobs`` (the jobs loop
+        reads new jobs only below ``max_jobs``, so the extra ones are a one-off that drains), the
+        engine batches them with the rest, and what one survivor cannot take the next beat's (or
+        another survivor's) janitor does.
+        """
         import redis
 
-        room = self.cfg.max_jobs - len(self._jobs)
+        with self._jobs_lock:
+            room = 2 * self.cfg.max_jobs - len(self._jobs) - self._reading
         if room <= 0:
             return
         try:

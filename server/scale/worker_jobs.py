@@ -48,15 +48,20 @@ class WorkerJobs:
                 busy = self._leaving.is_set() or not self.warm
                 with self._jobs_lock:
                     room = 0 if busy else self.cfg.max_jobs - len(self._jobs)
+                    self._reading = max(room, 0)  # the janitor leaves room for these
                 if room <= 0:
                     self._room.wait(0.2)
                     self._room.clear()
                     continue
-                resp = self.r.xreadgroup(self.keys.group, self.id, {self.keys.jobs: ">"}, count=room, block=500)
-                backoff.ok()
-                for _stream, entries in resp or ():
-                    for entry_id, fields in entries:
-                        self._take_job(sid_str(entry_id), fields, 1)
+                try:
+                    resp = self.r.xreadgroup(self.keys.group, self.id, {self.keys.jobs: ">"}, count=room, block=500)
+                    backoff.ok()
+                    for _stream, entries in resp or ():
+                        for entry_id, fields in entries:
+                            self._take_job(sid_str(entry_id), fields, 1)
+                finally:
+                    with self._jobs_lock:
+                        self._reading = 0
             except redis.ResponseError as exc:
                 if is_nogroup(exc):
                     need_group = True

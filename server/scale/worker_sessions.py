@@ -9,6 +9,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ditstream.engine.errors import DitstreamError, ValidationError
+from ditstream.engine.runner import Control, Op, StreamHandle
 from ditstream.server.scale.config import (
     Backoff,
     fields_get,
@@ -53,13 +54,18 @@ class WorkerSessions:
             for key, entries in resp or ():
                 name = sid_str(key)
                 if name == ctl:
+                    opening: list[tuple[SessionControl, Future]] = []
                     for entry_id, fields in entries:
                         self._ctl_last = sid_str(entry_id)
-                        self._on_control(fields)
+                        self._on_control(fields, opening)
+                    self._finish_opens(opening)
                 else:
                     self._on_frames(name.rsplit(":", 1)[1], entries)
 
-    def _on_control(self, fields: dict[Any, Any]) -> None:
+    def _on_control(self, fields: dict[Any, Any], opening: list[tuple[SessionControl, Future]]) -> None:
+        """Handle one control. Opens are only started (``opening``): a batch of them (a dead worker's
+        sessions moving here) reaches the engine at once, so they all open within one engine tick;
+        they are finished before any other control, so a later close or reconfigure sees them."""
         try:
             msg = SessionControl.load(fields_get(fields, "m") or b"")
         except Exception as exc:
@@ -67,11 +73,12 @@ class WorkerSessions:
             return
         if msg.kind == "wake":
             return
+        if msg.kind == "open":
+            self._start_open(msg, opening)
+            return
+        self._finish_opens(opening)
         if msg.kind == "close":
             self._close_session(msg.session)
-            return
-        if msg.kind == "open":
-            self._open_session(msg)
             return
         with self._sessions_lock:
             s = self._sessions.get(msg.session)
@@ -92,24 +99,33 @@ class WorkerSessions:
 
         fut.add_done_callback(done)
 
-    def _open_session(self, msg: SessionControl) -> None:
-        old = None
+    def _start_open(self, msg: SessionControl, opening: list[tuple[SessionControl, Future]]) -> None:
+        if any(m.session == msg.session for m, _f in opening):  # re-opened in the same batch: open the first
+            self._finish_opens(opening)
         with self._sessions_lock:
             old = self._sessions.pop(msg.session, None)
         if old is not None:
             old.handle.close()
         try:
-            cfg = config_from_wire(msg.config or {})
-            handle = self.runner.add_stream(cfg, notify=self._out_wake.set, timeout=30.0)
+            cfg = self.runner.validate(config_from_wire(msg.config or {}))
+            opening.append((msg, self.runner.send(Control(Op.ADD, config=cfg, notify=self._out_wake.set))))
         except (DitstreamError, TypeError, ValueError) as exc:
             self._send_reply(msg, None, exc if isinstance(exc, DitstreamError) else ValidationError(str(exc)))
-            return
-        with self._sessions_lock:
-            self._sessions[msg.session] = WorkerSession(msg.session, handle, msg.epoch, msg.reply_to,
-                                                   config=config_to_wire(handle.config))
-        self.counters["sessions_opened"] += 1
-        logger.info("worker %s: session %s opened (epoch %d)", self.id, msg.session, msg.epoch)
-        self._send_reply(msg, handle.config, None)
+
+    def _finish_opens(self, opening: list[tuple[SessionControl, Future]]) -> None:
+        while opening:
+            msg, fut = opening.pop(0)
+            try:
+                handle = StreamHandle(self.runner, fut.result(30.0))
+            except (DitstreamError, TypeError, ValueError) as exc:
+                self._send_reply(msg, None, exc if isinstance(exc, DitstreamError) else ValidationError(str(exc)))
+                continue
+            with self._sessions_lock:
+                self._sessions[msg.session] = WorkerSession(msg.session, handle, msg.epoch, msg.reply_to,
+                                                            config=config_to_wire(handle.config))
+            self.counters["sessions_opened"] += 1
+            logger.info("worker %s: session %s opened (epoch %d)", self.id, msg.session, msg.epoch)
+            self._send_reply(msg, handle.config, None)
 
     def _close_session(self, sid: str, only: WorkerSession | None = None) -> None:
         """Close ``sid`` (only if it is still ``only``, when given: a newer open may have replaced it)."""
