@@ -147,9 +147,10 @@ class GatewaySessions:
     def _on_output(self, handle: GatewayStreamHandle, fields: dict[Any, Any]) -> None:
         head = OutputHeader.load(fields_get(fields, "m") or b"")
         if (head.epoch != handle.epoch or (head.worker and head.worker != handle.worker)
-                or head.seq < handle.last_seq_out
-                or (head.seq == handle.last_seq_out and head.epoch != handle.last_epoch_out)):
-            # From a worker the session moved away from, or a frame answered before the move.
+                or head.seq <= handle.last_seq_out):
+            # From a worker the session moved away from, or a frame already answered: outputs leave in
+            # seq order, so a seq at or below the last delivered one is a repeat — e.g. a frame re-sent
+            # after a Redis restart and answered again by the same worker under the same epoch.
             self.counters["outputs_stale"] += 1
             return
         handle.last_epoch_out, handle.last_seq_out = head.epoch, head.seq
