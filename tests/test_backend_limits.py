@@ -224,10 +224,7 @@ def test_compile_warms_one_batch_per_bucket(tiny_components):
     pytest.importorskip("torch._dynamo")
     from ditstream.engine.backends.compile_backend import CompileBackend
 
-    try:
-        backend = CompileBackend(tiny_components, pad_to_buckets=True)
-    except Exception as exc:  # pragma: no cover - no C++ compiler
-        pytest.skip(f"compile backend unavailable: {exc}")
+    backend = CompileBackend(tiny_components, pad_to_buckets=True)  # builds nothing yet: no compiler needed
     assert backend.needs_warmup and not backend.warm
     assert backend.limits.max_batch == 32
     assert backend.warmup_batches(16) == [1, 2, 4, 8, 16]
