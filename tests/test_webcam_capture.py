@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 from ditstream.clients import media
@@ -18,8 +19,6 @@ from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
 
 from ditstream.bench.harness import ServerThread
-
-cv2 = pytest.importorskip("cv2", reason="opencv-python-headless is a test dependency (pyproject [test])")
 
 N = 9
 

@@ -12,20 +12,20 @@ import json
 import sys
 import time
 
+import aiortc
+import av
 import httpx
 import numpy as np
 import pytest
 import websockets
+from aiortc import RTCPeerConnection, RTCSessionDescription
 from ditstream.engine.null import null_runner
 from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
+from rtckit import Source
 from testkit import frame_message, jpeg
 
 from ditstream.bench.harness import ServerThread
-
-av = pytest.importorskip("av")
-aiortc = pytest.importorskip("aiortc")
-from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack  # noqa: E402
 
 SIZE = 64
 TIMEOUT = 30.0
@@ -44,20 +44,6 @@ def _diff(a: np.ndarray, b: np.ndarray) -> float:
 def _resized(image: np.ndarray, size: int) -> np.ndarray:
     frame = av.VideoFrame.from_ndarray(image, format="rgb24")
     return frame.reformat(width=size, height=size, format="rgb24").to_ndarray()
-
-
-class Source(VideoStreamTrack):
-    """A synthetic camera at aiortc's own pace (30 fps) showing ``image`` (switchable)."""
-
-    def __init__(self, image: np.ndarray) -> None:
-        super().__init__()
-        self.image = image
-
-    async def recv(self) -> av.VideoFrame:
-        pts, time_base = await self.next_timestamp()
-        frame = av.VideoFrame.from_ndarray(self.image, format="rgb24")
-        frame.pts, frame.time_base = pts, time_base
-        return frame
 
 
 async def _negotiate(client: httpx.AsyncClient, pc: RTCPeerConnection, url: str,

@@ -12,13 +12,10 @@ import time
 
 import httpx
 import numpy as np
-import pytest
 
 from ditstream.bench import marks
 from ditstream.bench.server import BenchSpec, null_server, pattern_images
 from ditstream.bench.webrtc import ClipSession
-
-pytest.importorskip("aiortc")
 
 FPS, SECONDS, SIZE = 30, 3, 512
 

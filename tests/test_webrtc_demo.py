@@ -12,33 +12,20 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiortc
 import httpx
 import numpy as np
 import pytest
+from aiortc import RTCPeerConnection
 from ditstream.engine.demo import dataset as ds
 from ditstream.engine.demo.evaluator import read_image
+from rtckit import Source
 
 from ditstream.bench.harness import ServerThread
 from ditstream.bench.webrtc import negotiate
 
-av = pytest.importorskip("av")
-aiortc = pytest.importorskip("aiortc")
-from aiortc import RTCPeerConnection, VideoStreamTrack  # noqa: E402
-
 TIMEOUT = 60.0
 BLUE, GREEN = ds.caption_for("circle", "blue", "white"), ds.caption_for("circle", "green", "white")
-
-
-class Still(VideoStreamTrack):
-    def __init__(self, image: np.ndarray) -> None:
-        super().__init__()
-        self.image = image
-
-    async def recv(self) -> av.VideoFrame:
-        pts, time_base = await self.next_timestamp()
-        frame = av.VideoFrame.from_ndarray(self.image, format="rgb24")
-        frame.pts, frame.time_base = pts, time_base
-        return frame
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +55,7 @@ def test_whep_output_follows_the_prompt_and_a_config_change_shows_within_3_frame
     async def main() -> tuple[int, list[str]]:
         async with httpx.AsyncClient(base_url=demo_server.url, timeout=TIMEOUT) as client:
             pub, view = RTCPeerConnection(), RTCPeerConnection()
-            pub.addTrack(Still(red))
+            pub.addTrack(Source(red))
             view.addTransceiver("video", direction="recvonly")
             frames: asyncio.Queue[np.ndarray] = asyncio.Queue()
             readers: list[asyncio.Task] = []
