@@ -18,6 +18,7 @@ from ditstream.engine.errors import GenerationError, OverloadedError, Validation
 from ditstream.server.scale.config import ScaleConfig
 from ditstream.server.scale.gateway import RedisGatewayRunner
 from ditstream.server.scale.messages import (
+    WIRE_VERSION,
     ErrorInfo,
     Heartbeat,
     JobMessage,
@@ -74,8 +75,9 @@ def test_messages_round_trip_and_refuse_other_versions():
     msg = JobMessage(reply_to="x", config=config_to_wire(cfg), deadline=1.0)
     back = JobMessage.load(msg.dump())
     assert back.dump() == msg.dump() and config_from_wire(back.config) == cfg
-    raw = msg.dump().replace(b'"v":1', b'"v":2')
-    with pytest.raises(WireError):
+    assert f'"v":{WIRE_VERSION}'.encode() in msg.dump()
+    raw = msg.dump().replace(f'"v":{WIRE_VERSION}'.encode(), f'"v":{WIRE_VERSION - 1}'.encode())
+    with pytest.raises(WireError, match=f"version {WIRE_VERSION - 1}; this build speaks {WIRE_VERSION}"):
         JobMessage.load(raw)
     with pytest.raises(Exception, match="extra"):
         JobMessage.load(msg.dump()[:-1] + b',"pickle":"no"}')
@@ -90,6 +92,16 @@ def test_messages_round_trip_and_refuse_other_versions():
     assert isinstance(err, ValidationError) and err.field == "steps"
     assert isinstance(ErrorInfo.of(OverloadedError("full")).to_exception(), OverloadedError)
     assert isinstance(ErrorInfo.of(RuntimeError("boom")).to_exception(), GenerationError)
+
+
+def test_each_wire_version_has_its_own_keys():
+    """A rolling upgrade: old and new builds on one Redis never read each other's streams."""
+    new, old = Keys("ditstream"), Keys("ditstream", version=WIRE_VERSION - 1)
+    assert new.jobs == f"ditstream:v{WIRE_VERSION}:jobs"
+    for name in ("jobs", "dead_letter", "workers"):
+        assert getattr(new, name) != getattr(old, name)
+    assert new.worker("w1") != old.worker("w1") and new.replies("g") != old.replies("g")
+    assert Keys("ditstream:").jobs == new.jobs
 
 
 # ------------------------------------------------------------------------------------ jobs

@@ -4,7 +4,8 @@ Messages are pydantic models serialised as JSON in the ``m`` field of a stream e
 ride beside them as raw bytes in an ``img`` field (never base64, never pickle), described by an
 ``ImageMeta``. A reader refuses a message whose ``v`` it does not know, so a mixed fleet during a
 rolling upgrade fails loudly instead of misreading. Redis key names live here too (``Keys``), so
-the gateway, the workers, the janitor and the tests agree on one layout.
+the gateway, the workers, the janitor and the tests agree on one layout. The wire version is in
+every key name, so builds that cannot read each other's messages do not share a job stream.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from ditstream.engine.config import FilterConfig, StreamConfig
 from ditstream.engine.errors import ALL_ERRORS, DitstreamError
 from pydantic import BaseModel, ConfigDict, Field
 
-#: Version of every message below; bump on an incompatible change.
-WIRE_VERSION = 1
+#: Version of every message below; bump on an incompatible change. It is also part of every Redis
+#: key (``Keys``): a gateway and a worker of different versions never see each other's streams, so a
+#: rolling upgrade runs the new fleet beside the old one on the same Redis and drains the old.
+#: 2: session epochs and workers on frames and outputs, encoded stream outputs, gateway liveness.
+WIRE_VERSION = 2
 
 Codec = Literal["raw", "jpeg", "png", "webp"]
 
@@ -265,10 +269,11 @@ SESSION_TTL_S = 30
 
 
 class Keys:
-    """Every Redis key ditstream uses, under one prefix (several deployments can share a Redis)."""
+    """Every Redis key ditstream uses, under ``<prefix>:v<WIRE_VERSION>`` (several deployments can
+    share a Redis; so can two versions of one deployment during a rolling upgrade)."""
 
-    def __init__(self, prefix: str = "ditstream") -> None:
-        self.prefix = prefix.rstrip(":")
+    def __init__(self, prefix: str = "ditstream", version: int = WIRE_VERSION) -> None:
+        self.prefix = f"{prefix.rstrip(':')}:v{version}"
 
     def _k(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
