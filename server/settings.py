@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
-    from ditstream.engine.config import BackendOptions
+    from ditstream.engine.config import BackendOptions, EngineConfig
 
 
 class Settings(BaseSettings):
@@ -216,6 +216,15 @@ class Settings(BaseSettings):
         return BackendOptions(resolutions=tuple(parse_size(r) for r in self.resolutions),
                               batches=tuple(self.batches), cache_dir=self.cache_dir, tiny_vae=self.tiny_vae,
                               opt_level=self.opt_level).validate()
+
+    def engine_config(self) -> EngineConfig:
+        """The engine limits these settings describe: one source for the in-process engine and the
+        gateway, which checks requests against the same limits before they reach a worker."""
+        from ditstream.engine.config import BatchConfig, EngineConfig
+
+        return EngineConfig(max_batch=self.max_batch, output_queue_size=self.output_queue_size,
+                            max_pixels=self.max_pixels, max_prompt_chars=self.max_prompt_chars,
+                            batching=BatchConfig(max_wait=self.batch_wait))
 
     @property
     def auth_enabled(self) -> bool:

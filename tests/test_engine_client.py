@@ -71,3 +71,18 @@ def test_server_code_never_probes_the_engine():
                 if "runner" in target or "engine" in target:
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
     assert not found, "\n".join(found)
+
+
+def test_both_engines_take_their_limits_from_one_place():
+    """The gateway refuses what the engine would (pixels, prompt length) because both read
+    ``Settings.engine_config()``; two hand-built copies drifted once (the gateway's lacked batching)."""
+    from ditstream.server.api.factory import load_runner
+    from ditstream.server.settings import Settings
+
+    s = Settings(model="null", max_pixels=128 * 128, max_prompt_chars=77, max_batch=3, output_queue_size=5,
+                 batch_wait=0.004)
+    engine = load_runner(s)
+    gateway = load_runner(s.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))  # connects lazily
+    assert isinstance(gateway, RedisGatewayRunner)
+    assert engine.engine_config == gateway.engine_config == s.engine_config()
+    assert s.engine_config().batching.max_wait == 0.004 and s.engine_config().max_pixels == 128 * 128

@@ -22,7 +22,7 @@ import redis
 import websockets
 from ditstream.server.api.app import create_app
 from ditstream.server.scale.gateway import RedisGatewayRunner
-from ditstream.server.scale.messages import JobResult, SessionRecord
+from ditstream.server.scale.messages import JobResult, Keys, SessionRecord
 from ditstream.server.settings import Settings
 from PIL import Image
 from testkit import frame_message, jpeg, recv_frame, recv_json
@@ -187,7 +187,7 @@ def _answers_since(c: Cluster, before: dict[str, str]) -> list[JobResult]:
 
 
 def _record(c: Cluster, sid: str) -> SessionRecord:
-    raw = c.r.get(c.settings.redis_prefix + ":sess:" + sid)
+    raw = c.r.get(Keys(c.settings.redis_prefix).session(sid))
     assert raw is not None, f"no record for session {sid}"
     return SessionRecord.load(raw)
 
@@ -240,7 +240,7 @@ def test_two_workers_serve_50_jobs_and_4_streams(cluster: Cluster):
 def test_sigkill_mid_job_jobs_finish_once_and_streams_move(cluster: Cluster):
     live = cluster.ensure_workers(2)
     before = dict(cluster.gateway._recent)
-    jobs_key = cluster.settings.redis_prefix + ":jobs"
+    jobs_key = Keys(cluster.settings.redis_prefix).jobs
 
     async def main():
         streams = [StreamClient(cluster.server.ws_url, 200 + k) for k in range(4)]

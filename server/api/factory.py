@@ -10,7 +10,7 @@ from ditstream.server.settings import Settings
 def load_runner(settings: Settings) -> EngineClient:
     """The one factory: the engine named in the settings, in process, or the Redis gateway to the
     workers' engines when ``redis_url`` is set (blocking: called in a worker thread)."""
-    from ditstream.engine.config import BatchConfig, EngineConfig, ModelConfig
+    from ditstream.engine.config import ModelConfig
 
     # The gateway holds no model: it must not import torch (seconds of start-up, hundreds of MB), so
     # the engine runner is imported only on the in-process path.
@@ -18,9 +18,7 @@ def load_runner(settings: Settings) -> EngineClient:
         from ditstream.server.scale.gateway import RedisGatewayRunner
 
         return RedisGatewayRunner.from_settings(settings)
-    ecfg = EngineConfig(max_batch=settings.max_batch, output_queue_size=settings.output_queue_size,
-                        max_pixels=settings.max_pixels, max_prompt_chars=settings.max_prompt_chars,
-                        batching=BatchConfig(max_wait=settings.batch_wait))
+    ecfg = settings.engine_config()
     if settings.model == "null":
         from ditstream.engine.null import null_runner
 

@@ -27,7 +27,7 @@ import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ditstream.engine.config import DEFAULT_SIZE_MULTIPLE, EngineConfig, StreamConfig
@@ -60,6 +60,9 @@ from ditstream.server.scale.messages import (
     decode_image,
     encode_image,
 )
+
+if TYPE_CHECKING:
+    from ditstream.server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +111,9 @@ class RedisGatewayRunner(GatewayThreads, GatewaySessions):
 
     # ------------------------------------------------------------------------------ lifecycle
     @classmethod
-    def from_settings(cls, settings: Any, **overrides: Any) -> RedisGatewayRunner:
-        ecfg = EngineConfig(max_batch=settings.max_batch, output_queue_size=settings.output_queue_size,
-                            max_pixels=settings.max_pixels, max_prompt_chars=settings.max_prompt_chars)
-        return cls(ScaleConfig.from_settings(settings, **overrides), ecfg, job_timeout_s=settings.job_timeout_s)
+    def from_settings(cls, settings: Settings, **overrides: Any) -> RedisGatewayRunner:
+        return cls(ScaleConfig.from_settings(settings, **overrides), settings.engine_config(),
+                   job_timeout_s=settings.job_timeout_s)
 
     def start(self) -> RedisGatewayRunner:
         if self._started:
