@@ -238,11 +238,9 @@ class EngineCore:
                 noise = torch.cat([it.plan.noise[:1] for it in chunk])
                 x = sampler.entry_latent(t1, noise, c.sigma_data, clean)
                 dt = time.perf_counter() - t0
-                bad = self._fail_nonfinite("encode", chunk, clean)
-                for i, it in enumerate(chunk):
+                for i, it in enumerate(chunk):  # a non-finite latent is caught at decode (see there)
                     it.inference_s += dt
-                    if i not in bad:
-                        it.x = x[i : i + 1]
+                    it.x = x[i : i + 1]
 
     def _denoise_all(self) -> None:
         c = self.components
@@ -265,10 +263,10 @@ class EngineCore:
                 except Exception as exc:
                     self._fail_call("denoise", chunk, exc)
                     continue
-                bad = self._fail_nonfinite("denoise", chunk, x0)
+                # No finiteness check here: it would wait for the device once per call. A NaN/inf
+                # sample stays in its own row (every layer is per-sample) through renoise and decode,
+                # where the image is read back anyway and the check costs no extra wait.
                 for i, it in enumerate(chunk):
-                    if i in bad:
-                        continue
                     it.stage += 1
                     if it.done:
                         it.x = x0[i : i + 1]
@@ -290,7 +288,7 @@ class EngineCore:
                 except Exception as exc:
                     self._fail_call("decode", chunk, exc)
                     continue
-                bad = self._fail_nonfinite("decode", chunk, decoded)
+                bad = self._fail_nonfinite(chunk, decoded)
                 unit = imgs.to_unit(decoded)
                 arr = unit.numpy() if self.config.output_float else imgs.to_uint8(unit)
                 dt = time.perf_counter() - t0
@@ -350,15 +348,17 @@ class EngineCore:
             it.fail(error)
         self._count_failure(stage, len(chunk))
 
-    def _fail_nonfinite(self, stage: str, chunk: list[InFlight], out: torch.Tensor) -> set[int]:
-        """Fail the samples of ``out`` (B, ...) holding NaN/inf; returns their indices in ``chunk``."""
+    def _fail_nonfinite(self, chunk: list[InFlight], out: torch.Tensor) -> set[int]:
+        """Fail the samples of ``out`` (B, ...) holding NaN/inf; returns their indices in ``chunk``.
+
+        Run on decoded images only, which also catches a non-finite denoise output."""
         finite = torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
         if bool(finite.all()):
             return set()
         bad = {i for i, ok in enumerate(finite.tolist()) if not ok}
-        logger.warning("%s call produced non-finite values for %d of %d sample(s)", stage, len(bad), len(chunk))
+        logger.warning("decode produced non-finite values for %d of %d sample(s)", len(bad), len(chunk))
         for i in bad:
-            chunk[i].fail(GenerationError(f"the model produced non-finite values (NaN/inf) in {stage}"))
+            chunk[i].fail(GenerationError("the model produced non-finite values (NaN/inf)"))
         self._count_failure("nonfinite", len(bad))
         return bad
 

@@ -74,6 +74,31 @@ def test_nan_fails_only_the_non_finite_samples_of_a_shared_call(tiny_components)
     assert list(core.streams.values())[1].stats.failed == 1
 
 
+def test_a_nan_latent_carried_through_stream_batch_fails_only_its_frame_checked_once_per_decode(
+        tiny_components, monkeypatch):
+    """Two steps: the NaN of one sample rides through renoise into the next stage's shared call and is
+    caught at decode. Finiteness is checked on decoded images only (one device wait per decode call,
+    none per denoise call); the other samples of both shared calls are untouched."""
+    cfgs = [_cfg(1, steps=2), _cfg(2, steps=2)]
+    frames = [_frames(5, seed=k) for k in range(2)]
+    ref, _ = _drive(tiny_components, cfgs, frames)
+    checks = []
+    real_isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: checks.append(t.shape) or real_isfinite(t))
+    got, core = _drive(tiny_components, cfgs, frames, {2: lambda b, _s: b.inject("denoise", nan_samples=(0,))})
+    decodes = core.backend.calls["decode"]
+    assert decodes > 0 and len(checks) == decodes, (len(checks), decodes)
+    errors = [o.error for k in range(2) for o in got[k] if o.error is not None]
+    failed = [(k, o.seq) for k in range(2) for o in got[k] if o.error is not None]
+    assert len(failed) == 1 and core.failed_calls["nonfinite"] == 1, failed
+    assert "non-finite" in errors[0].message
+    for k in range(2):
+        assert [o.seq for o in got[k]] == list(range(5))
+        for o, r in zip(got[k], ref[k], strict=True):
+            if (k, o.seq) not in failed:
+                _same(o, r)
+
+
 @pytest.mark.parametrize("stage", ["encode", "denoise", "decode"])
 def test_a_raising_call_fails_only_its_frames_and_the_other_stream_goes_on(tiny_components, stage):
     """Stream A (32 px) and B (64 px) never share a call; A's call raises on tick 2, B never notices."""
