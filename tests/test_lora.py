@@ -118,3 +118,40 @@ def test_models_lists_adapters_and_rest_and_ws_pick_scales(demo_lora_generator):
             ws.send_json({"type": "config", "loras": {"nope": 1}})
             err = ws.receive_json()
             assert err["type"] == "error" and "unknown LoRA 'nope'" in err["message"], err
+
+
+def test_adapters_through_the_gateway(tmp_path):
+    """Scale-out: a worker loaded with ``--lora swap=demo:0`` advertises it through its heartbeat, the
+    gateway's ``/v1/models`` lists it, a REST request's ``loras`` reaches the worker's engine (scale 1
+    gives another image than scale 0, same seed), and an unknown name is refused as on one server."""
+    import base64
+    import json
+
+    import httpx
+    from serverkit import fleet_of
+    from websockets.sync.client import connect
+
+    with fleet_of(tmp_path, "--model", "demo", "--lora", "swap=demo:0", name="lora") as fleet, \
+            fleet.gateway(model="demo") as srv:
+        card = httpx.get(srv.url + "/v1/models").json()["data"][0]
+        assert card["loras"] == [{"name": "swap", "default_scale": 0.0}], card
+
+        def image(scale: float) -> bytes:
+            r = httpx.post(srv.url + "/v1/images/generations", timeout=60,
+                           json={"prompt": "a red circle on a blue background", "seed": 3, "loras": {"swap": scale}})
+            assert r.status_code == 200, r.text
+            return base64.b64decode(r.json()["data"][0]["b64_json"])
+
+        assert image(0.0) != image(1.0)
+        assert image(0.0) == image(0.0)  # same seed, same adapter scale: the same image
+        bad = httpx.post(srv.url + "/v1/images/generations", timeout=60,
+                         json={"prompt": "a red circle", "loras": {"nope": 1.0}})
+        assert bad.status_code == 422 and "unknown LoRA 'nope'" in bad.text, bad.text
+        with connect(srv.ws_url, subprotocols=["ditstream"]) as ws:
+            assert json.loads(ws.recv())["type"] == "ready"
+            ws.send(json.dumps({"type": "config", "loras": {"swap": 0.5}}))
+            ack = json.loads(ws.recv())
+            assert ack["type"] == "config" and ack["applied"]["loras"] == {"swap": 0.5}, ack
+            ws.send(json.dumps({"type": "config", "loras": {"nope": 1}}))
+            err = json.loads(ws.recv())
+            assert err["type"] == "error" and "unknown LoRA 'nope'" in err["message"], err

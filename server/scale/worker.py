@@ -180,7 +180,7 @@ class Worker(WorkerJobs, WorkerSessions):
         with self._jobs_lock:
             inflight = len(self._jobs)
         info = {k: v for k, v in self.runner.info.items() if k in (
-            "model", "backend", "device", "dtype", "size_multiple", "defaults")}
+            "model", "backend", "device", "dtype", "size_multiple", "defaults", "loras")}
         return Heartbeat(worker=self.id, host=socket.gethostname(), pid=os.getpid(), started=self.started,
                          engine_alive=self.runner.alive, info=info, sessions=len(self._sessions),
                          jobs_inflight=inflight, max_jobs=self.cfg.max_jobs, counters=dict(self.counters))
