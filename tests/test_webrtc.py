@@ -23,6 +23,7 @@ from ditstream.engine.null import null_runner
 from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
 from rtckit import Source
+from serverkit import KINDS, serve
 from testkit import frame_message, jpeg
 
 from ditstream.bench.harness import ServerThread
@@ -108,15 +109,21 @@ class Viewer:
 
         self.readers.append(asyncio.ensure_future(read()))
 
-    async def until(self, want: np.ndarray, tol: float = 12.0) -> np.ndarray:
-        """The first frame of ``want``'s size within ``tol`` of it (mean abs difference)."""
+    async def until(self, want: np.ndarray, tol: float = 22.0) -> np.ndarray:
+        """The first frame of ``want``'s size within ``tol`` of it (mean abs difference). Two test
+        images differ by > 40; VP8 both ways costs up to ~9 and, through the gateway, the frame's JPEG
+        q90 hop to the worker (4:2:0, sharp 8-pixel blocks) up to another ~9 at 32×32 (17.5 seen)."""
         deadline = time.monotonic() + TIMEOUT
+        last = "none"
         while True:
             left = deadline - time.monotonic()
-            assert left > 0, f"no frame like the one sent within {TIMEOUT}s"
-            got = await asyncio.wait_for(self.frames.get(), left)
+            try:
+                got = await asyncio.wait_for(self.frames.get(), max(left, 0.0))
+            except TimeoutError:
+                raise AssertionError(f"no frame like the one sent within {TIMEOUT}s (last: {last})") from None
             if got.shape == want.shape and _diff(got, want) < tol:
                 return got
+            last = f"{got.shape}, {_diff(got, want) if got.shape == want.shape else '-'} from the one sent"
 
 
 def _server(**settings):
@@ -133,7 +140,18 @@ def _transport_gauge(srv, transport: str) -> float:
     return _state(srv).metrics.streams_by_transport.labels(transport)._value.get()
 
 
-def test_whip_whep_round_trip_config_and_delete():
+@pytest.fixture(params=KINDS)
+def rtc_server(request):
+    """The WHIP/WHEP round trip against the in-process engine and through the Redis gateway."""
+    def runner():
+        return null_runner()
+
+    with serve(request, "null_fleet", runner, model="null", default_width=SIZE, default_height=SIZE,
+               max_streams=2) as srv:
+        yield srv
+
+
+def test_whip_whep_round_trip_config_and_delete(rtc_server):
     a, b = _image(1), _image(2)
     assert _diff(a, b) > 40  # the images are told apart by far more than the codec's loss
 
@@ -187,8 +205,7 @@ def test_whip_whep_round_trip_config_and_delete():
             for pc in (pub.pc, viewer.pc, second.pc):
                 await pc.close()
 
-    with _server() as srv:
-        asyncio.run(main(srv))
+    asyncio.run(main(rtc_server))
 
 
 def test_a_peer_that_goes_away_frees_its_stream():
