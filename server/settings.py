@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     #: A worker silent this long is dead: its sessions are re-pinned, its jobs re-claimed.
     worker_ttl_s: float = Field(5.0, gt=0)
     job_claim_idle_s: float = Field(5.0, gt=0)
+    #: A gateway's liveness key lives this long unrefreshed (it is refreshed every 0.25 s): once it
+    #: has expired, workers drop that gateway's queued jobs unrun and cancel the ones they hold.
+    gateway_ttl_s: float = Field(10.0, gt=0)
     #: Deliveries of one job before it goes to the dead-letter stream.
     job_max_attempts: int = Field(3, ge=1)
     #: REST jobs one worker holds at once.

@@ -1,6 +1,6 @@
-"""Real processes for scale-out tests and benches: a loopback ``redis-server`` and worker processes.
+"""Real processes for scale-out tests and benches: a loopback ``redis-server``, worker and gateway processes.
 
-Workers run as separate processes (``python -m ditstream worker``) so that killing one is a real
+Workers and gateways run as separate processes (``python -m ditstream worker|serve``) so that killing one is a real
 ``SIGKILL``: no ``finally`` runs, the heartbeat just stops, jobs stay pending in Redis.
 """
 
@@ -102,19 +102,16 @@ class RedisServer:
         self.stop()
 
 
-class WorkerProcess:
-    """``python -m ditstream worker --redis URL ...`` as a child process (logs to ``log``)."""
+class ChildProcess:
+    """``python -m ditstream ARGS`` as a child process logging to ``log``; ``kill()`` is a real SIGKILL."""
 
-    def __init__(self, redis_url: str, *args: str, worker_id: str, log: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.worker_id = worker_id
-        self.cmd = [sys.executable, "-m", "ditstream", "worker", "--redis", redis_url, "--worker-id", worker_id,
-                    *args]
+    def __init__(self, cmd: list[str], log: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.cmd = [sys.executable, "-m", "ditstream", *cmd]
         self.log = log
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> WorkerProcess:
+    def start(self) -> Any:
         out: Any = open(self.log, "ab") if self.log else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                      preexec_fn=_preexec())
@@ -147,6 +144,61 @@ class WorkerProcess:
         if self.log is None or not self.log.exists():
             return ""
         return self.log.read_text(errors="replace")[-n:]
+
+
+class WorkerProcess(ChildProcess):
+    """``python -m ditstream worker --redis URL ...`` as a child process (logs to ``log``)."""
+
+    def __init__(self, redis_url: str, *args: str, worker_id: str, log: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__(["worker", "--redis", redis_url, "--worker-id", worker_id, *args], log, env)
+        self.worker_id = worker_id
+
+    def start(self) -> WorkerProcess:
+        return super().start()
+
+
+class GatewayProcess(ChildProcess):
+    """``python -m ditstream serve --redis URL`` on 127.0.0.1:``port`` (a free one unless given).
+
+    A real process, so that killing it is a real ``SIGKILL``: its sockets close, its liveness key
+    in Redis just stops being refreshed. ``wait_ready()`` polls ``/ready`` until 200.
+    """
+
+    def __init__(self, redis_url: str, *args: str, port: int | None = None, log: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = port or free_port()
+        super().__init__(["serve", "--redis", redis_url, "--host", "127.0.0.1", "--port", str(self.port),
+                          "--log-level", "warning", *args], log, env)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/stream"
+
+    def start(self) -> GatewayProcess:
+        return super().start()
+
+    def wait_ready(self, timeout: float = 60.0) -> GatewayProcess:
+        """Until ``/ready`` is 200 (Redis answers, a worker beats); raises with the log if it exits first."""
+        import httpx
+
+        def ready() -> bool:
+            if not self.running:
+                raise RuntimeError(f"gateway exited ({self.proc and self.proc.returncode}): {self.log_tail(2000)}")
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(self.url + "/ready", timeout=1).status_code == 200
+            return False
+
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gateway not ready after {timeout:.0f} s: {self.log_tail(2000)}")
+            time.sleep(0.05)
+        return self
 
 
 def wait_for(predicate: Any, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:

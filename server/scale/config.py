@@ -72,6 +72,7 @@ class ScaleConfig:
             "worker_ttl_s": settings.worker_ttl_s, "claim_idle_s": settings.job_claim_idle_s,
             "max_attempts": settings.job_max_attempts, "max_jobs": settings.worker_max_jobs,
             "frame_codec": settings.frame_codec, "frames_out_len": settings.output_queue_size,
+            "gateway_ttl_s": settings.gateway_ttl_s,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(redis_url=url, **values)
