@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     #: A gateway's liveness key lives this long unrefreshed (it is refreshed every 0.25 s): once it
     #: has expired, workers drop that gateway's queued jobs unrun and cancel the ones they hold.
     gateway_ttl_s: float = Field(10.0, gt=0)
+    #: Gateway: at most one of its sessions moves from the busiest live worker to the idlest this
+    #: often, while they differ by two or more sessions (a returning worker takes its share). 0 = never.
+    session_rebalance_s: float = Field(2.0, ge=0)
     #: Deliveries of one job before it goes to the dead-letter stream.
     job_max_attempts: int = Field(3, ge=1)
     #: REST jobs one worker holds at once.

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -289,3 +290,72 @@ def test_a_stream_frame_costs_two_codec_operations_through_the_gateway(scfg: Sca
     finally:
         gw.stop()
         w.stop()
+
+
+# ------------------------------------------------------------------------------------ rebalancing
+class _Feed:
+    """One session fed free-running in a thread, its outputs drained in another: (seq, shade error)."""
+
+    def __init__(self, h) -> None:
+        self.h, self.got, self.stop = h, [], threading.Event()
+        self.threads = [threading.Thread(target=self._feed), threading.Thread(target=self._drain)]
+        for t in self.threads:
+            t.start()
+
+    def _feed(self) -> None:
+        seq = 0
+        while not self.stop.is_set():
+            self.h.submit(np.full((SIZE, SIZE, 3), _shade(seq), np.uint8), seq, float(seq))
+            seq += 1
+            time.sleep(0.01)  # the client's frame rate, not a synchronisation
+
+    def _drain(self) -> None:
+        while not self.stop.is_set():
+            out = self.h.outputs.get(timeout=0.2)
+            if out is not None:
+                self.got.append((out.seq, int(np.abs(out.image.astype(int) - _shade(out.seq)).max())))
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(5)
+
+
+def test_sessions_spread_again_when_a_worker_joins_each_frame_once_in_order(scfg: ScaleConfig):
+    """Four sessions on the only worker; a second worker joins: two of them move to it, one at a
+    time, and then nothing moves any more. Every stream keeps its frames exactly once, in order."""
+    scfg = dataclasses.replace(scfg, heartbeat_s=0.2, worker_ttl_s=1.0, rebalance_s=0.3)
+    workers = {"wa": _null_worker(scfg, "wa").start()}
+    gw = RedisGatewayRunner(scfg, EngineConfig(output_queue_size=64), job_timeout_s=30).start()
+    feeds: list[_Feed] = []
+    try:
+        wait_for(lambda: len(gw.workers) == 1, 20, what="gateway sees wa")
+        handles = [gw.add_stream(StreamConfig(prompt="p", width=SIZE, height=SIZE), notify=None) for _ in range(4)]
+        assert {h.worker for h in handles} == {"wa"}
+        feeds = [_Feed(h) for h in handles]
+        wait_for(lambda: all(len(f.got) >= 5 for f in feeds), 20, what="outputs flowing on wa")
+        workers["wb"] = _null_worker(scfg, "wb").start()
+        wait_for(lambda: sorted(h.worker for h in handles) == ["wa", "wa", "wb", "wb"], 15, interval=0.05,
+                 what="two sessions moved to wb")
+        wait_for(lambda: len(workers["wa"]._sessions) == 2 and len(workers["wb"]._sessions) == 2, 10, interval=0.05,
+                 what="each worker holds two sessions")
+        # Stable: outputs advance well past several rebalance intervals and nothing else moves.
+        marks = [len(f.got) for f in feeds]
+        wait_for(lambda: all(len(f.got) >= m + 60 for f, m in zip(feeds, marks, strict=True)), 20,
+                 what="outputs flowing after the moves")
+        assert gw.counters["sessions_rebalanced"] == 2 and gw.counters["sessions_repinned"] == 0
+        for f in feeds:
+            f.close()
+        for f in feeds:
+            seqs = [s for s, _ in f.got]
+            assert len(set(seqs)) == len(seqs), f"a frame reached the client twice: {seqs}"
+            assert seqs == sorted(seqs), f"frames out of order: {seqs}"
+            assert all(err <= 4 for _, err in f.got), "an output is not the image of its own frame"
+        for h in handles:
+            h.close()
+    finally:
+        for f in feeds:
+            f.close()
+        gw.stop()
+        for w in workers.values():
+            w.stop()

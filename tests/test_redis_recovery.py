@@ -135,7 +135,7 @@ def test_a_dead_workers_sessions_reopen_together_not_one_after_another(redis_url
 
     tick = 0.5
     scfg = ScaleConfig(redis_url=redis_url, prefix=f"t{uuid.uuid4().hex[:8]}", heartbeat_s=0.2, worker_ttl_s=1.0,
-                       supervise_s=0.05)
+                       supervise_s=0.05, rebalance_s=0.0)  # re-pins only
     a = _null_worker(scfg, "a", delay_s=0.0).start()
     gw = RedisGatewayRunner(scfg, job_timeout_s=30).start()
     b = None

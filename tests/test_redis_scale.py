@@ -255,6 +255,8 @@ def test_sigkill_mid_job_jobs_finish_once_and_streams_move(cluster: Cluster):
         # Kill a worker that holds both streams and unfinished jobs, while it holds them.
         victim = None
         for _ in range(400):
+            # Where the streams are now (a session may have been rebalanced since it opened).
+            pins = {s.session: _record(cluster, s.session).worker for s in streams}
             pending = cluster.r.xpending(jobs_key, "workers")
             held = {c["name"].decode(): c["pending"] for c in pending.get("consumers", [])}
             candidates = [w for w in live if held.get(w, 0) > 0 and w in pins.values()]

@@ -57,6 +57,11 @@ class ScaleConfig:
     supervise_s: float = 0.25
     #: A gateway's liveness key lives this long unrefreshed: then workers drop its jobs and sessions.
     gateway_ttl_s: float = 10.0
+    #: Gateway: sessions spread again when workers return or join — at most one of this gateway's
+    #: sessions moves per interval, from the live worker with the most sessions to the one with the
+    #: fewest, while they differ by two or more (counts from the heartbeats). 0 = never move a
+    #: session off a live worker.
+    rebalance_s: float = 2.0
 
     @property
     def keys(self) -> Keys:
@@ -72,7 +77,7 @@ class ScaleConfig:
             "worker_ttl_s": settings.worker_ttl_s, "claim_idle_s": settings.job_claim_idle_s,
             "max_attempts": settings.job_max_attempts, "max_jobs": settings.worker_max_jobs,
             "frame_codec": settings.frame_codec, "frames_out_len": settings.output_queue_size,
-            "gateway_ttl_s": settings.gateway_ttl_s,
+            "gateway_ttl_s": settings.gateway_ttl_s, "rebalance_s": settings.session_rebalance_s,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(redis_url=url, **values)

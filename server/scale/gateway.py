@@ -96,6 +96,7 @@ class RedisGatewayRunner(GatewayThreads, GatewaySessions):
         self.workers: dict[str, Heartbeat] = {}
         self._run_id: str | None = None
         self._restart_grace_until = 0.0
+        self._rebalance_after = 0.0
         self._lock = threading.Lock()
         self._sessions: dict[str, GatewayStreamHandle] = {}
         self._jobs: dict[str, PendingJob] = {}
@@ -106,7 +107,7 @@ class RedisGatewayRunner(GatewayThreads, GatewaySessions):
         self._repin_now = threading.Event()
         self.counters: dict[str, int] = {k: 0 for k in (
             "jobs_sent", "jobs_answered", "jobs_failed", "jobs_expired", "jobs_resent", "duplicate_answers",
-            "sessions_pinned", "sessions_repinned", "frames_sent", "frames_received", "frames_resent",
+            "sessions_pinned", "sessions_repinned", "sessions_rebalanced", "frames_sent", "frames_received", "frames_resent",
             "outputs_stale")}
 
     # ------------------------------------------------------------------------------ lifecycle

@@ -63,15 +63,58 @@ class GatewaySessions:
         finally:
             handle.pinning = False
 
-    def _pick_worker(self, exclude: set[str]) -> str | None:
-        live = [hb for wid, hb in self.workers.items() if wid not in exclude and hb.engine_alive]
-        if not live:
-            return None
+    def _loads(self) -> dict[str, int]:
+        """Sessions per live worker: its heartbeat's count (every gateway's sessions, one beat old) or
+        this gateway's own count, whichever is higher (ours is current)."""
         with self._lock:
             mine: dict[str, int] = {}
             for h in self._sessions.values():
                 mine[h.worker] = mine.get(h.worker, 0) + 1
-        return min(live, key=lambda hb: (max(hb.sessions, mine.get(hb.worker, 0)), hb.jobs_inflight)).worker
+        return {wid: max(hb.sessions, mine.get(wid, 0)) for wid, hb in self.workers.items() if hb.engine_alive}
+
+    def _pick_worker(self, exclude: set[str]) -> str | None:
+        loads = self._loads()
+        live = [self.workers[wid] for wid in loads if wid not in exclude]
+        if not live:
+            return None
+        return min(live, key=lambda hb: (loads[hb.worker], hb.jobs_inflight)).worker
+
+    def _rebalance(self) -> None:
+        """Move one of this gateway's sessions from the busiest live worker to the idlest while they
+        differ by two or more sessions: a worker that returns (or joins) takes its share instead of
+        idling while the survivors carry every stream. The move is the re-pin's clean handover: a
+        new epoch, the old worker closes the session at its first frame of that epoch, unanswered
+        frames are re-sent and the client sees each frame once, in order. One move per
+        ``rebalance_s``, so heartbeat counts catch up before the next decision."""
+        self._rebalance_after = time.monotonic() + self.cfg.rebalance_s
+        loads = self._loads()
+        if len(loads) < 2:
+            return
+        busiest = max(loads, key=lambda w: loads[w])
+        idlest = min(loads, key=lambda w: loads[w])
+        if loads[busiest] - loads[idlest] < 2:
+            return
+        with self._lock:
+            h = next((h for h in self._sessions.values()
+                      if h.worker == busiest and not h.pinning and not h.closed), None)
+        if h is None:
+            return  # the busiest worker's sessions are other gateways'; they rebalance their own
+        logger.info("gateway %s: moving session %s from %s (%d sessions) to %s (%d)", self.id, h.id, busiest,
+                    loads[busiest], idlest, loads[idlest])
+        h.pinning = True
+        try:
+            moved = self._pin(h, exclude=set(), prefer=idlest)
+        except ValidationError as exc:
+            logger.error("session %s cannot be moved: %s", h.id, exc.message)
+            moved = False
+        finally:
+            h.pinning = False
+        if moved:
+            self.counters["sessions_rebalanced"] += 1
+            self._resolve_controls(h)
+            self._resend_unanswered(h)
+        else:  # as a failed re-pin: the next pass re-opens it wherever the record points
+            self.r.delete(self.keys.session(h.id))
 
     def _pin(self, handle: GatewayStreamHandle, exclude: set[str], prefer: str | None = None) -> bool:
         """Open ``handle`` on a live worker (``prefer`` when it is live) and record where; raises the

@@ -282,6 +282,10 @@ class GatewayThreads:
             with ThreadPoolExecutor(min(len(moves), 16), thread_name_prefix="ditstream-gateway-repin") as pool:
                 for f in [pool.submit(self._repin, h, alive) for h, alive in moves]:
                     f.result()
+        if moves:  # let the heartbeats count the moved sessions before spreading them again
+            self._rebalance_after = time.monotonic() + self.cfg.rebalance_s
+        elif not grace and self.cfg.rebalance_s > 0 and time.monotonic() >= self._rebalance_after:
+            self._rebalance()
 
     def _repin(self, h: GatewayStreamHandle, alive: bool) -> None:
         """Move one session. A session moves only when its worker is dead; a lost record (Redis
