@@ -77,7 +77,7 @@ def test_arm_order_alternates():
 def test_bench_gateway_runs_both_arms_end_to_end(tmp_path: Path):
     if redis_server_binary() is None:  # the CI installs it; say so rather than pass silently
         pytest.fail("redis-server is required (apt-get install -y redis-server)", pytrace=False)
-    spec = GatewayBenchSpec(fps=15, seconds=1.0, rounds=1, width=64, height=64, warmup_s=0.3)
+    spec = GatewayBenchSpec(fps=15, seconds=1.0, rounds=1, width=64, height=64, warmup_s=0.3, idle_s=0.3)
     results = run_gateway_bench(spec, log_dir=tmp_path)
     for arm in (GATEWAY, ALL_IN_ONE):
         (run,) = results["runs"][arm]
@@ -85,7 +85,9 @@ def test_bench_gateway_runs_both_arms_end_to_end(tmp_path: Path):
         assert run["g2g_ms_p50"] > 0
     assert set(results["runs"][GATEWAY][0]["cpu_s"]) == {"server", "worker", "redis"}
     assert set(results["runs"][ALL_IN_ONE][0]["cpu_s"]) == {"server"}
+    assert set(results["idle_cpu_ms_per_s"]) == {"gateway server", "worker", "redis", "all-in-one server"}
     summary = results["summary"]
     assert set(summary["arms"]) == {GATEWAY, ALL_IN_ONE} and len(summary["extra_ms_p50_per_round"]) == 1
     report = format_report(spec, results)
     assert "gateway − all-in-one, p50" in report and "CPU ms/frame: worker" in report
+    assert "with no stream" in report

@@ -50,6 +50,9 @@ class GatewayBenchSpec:
     #: 0: open loop at ``fps`` (a camera); N ≥ 1: closed loop, N frames unanswered at any time.
     inflight: int = 0
     warmup_s: float = 1.0
+    #: Seconds with no stream before the rounds, to measure each process's background CPU (its
+    #: supervisor, heartbeats, loop-lag monitor): part of every per-frame figure, whatever the fps.
+    idle_s: float = 3.0
     start_timeout_s: float = 60.0
 
     def stream_spec(self) -> BenchSpec:
@@ -119,6 +122,21 @@ def _loadavg() -> str | None:
     return None
 
 
+def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    """CPU milliseconds per second each process spends with no stream, over ``seconds`` (a window, not a wait)."""
+    import time
+
+    from ditstream.bench.server_report import cpu_seconds
+
+    if seconds <= 0:
+        return {}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    time.sleep(seconds)
+    after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    return {name: round((b - a) * 1e3 / seconds, 2) for name in pids
+            if (a := before[name]) is not None and (b := after[name]) is not None}
+
+
 def run_gateway_bench(spec: GatewayBenchSpec, log_dir: Path | None = None) -> dict[str, Any]:
     """Start Redis, a null worker, a gateway and an all-in-one server; run the rounds; summarise."""
     from ditstream.bench.harness import serve_subprocess
@@ -145,6 +163,9 @@ def run_gateway_bench(spec: GatewayBenchSpec, log_dir: Path | None = None) -> di
             raise RuntimeError(f"{exc}\nworker log:\n{worker.log_tail(2000)}") from None
         aio_url, aio_pid = stack.enter_context(null_server(stream, spec.start_timeout_s))
         assert worker.proc is not None and redis.proc is not None
+        pids = {f"{GATEWAY} server": gw_pid, "worker": worker.proc.pid, "redis": redis.proc.pid,
+                f"{ALL_IN_ONE} server": aio_pid}
+        idle = idle_cpu(pids, spec.idle_s)
         targets = {
             GATEWAY: (f"ws://127.0.0.1:{gw_port}", gw_pid, {"worker": worker.proc.pid, "redis": redis.proc.pid}),
             ALL_IN_ONE: (aio_url, aio_pid, {}),
@@ -158,6 +179,7 @@ def run_gateway_bench(spec: GatewayBenchSpec, log_dir: Path | None = None) -> di
                 logger.info("round %d %s: g2g p50 %.2f ms, %d/%d frames", i, arm, r["g2g_ms_p50"],
                             r["received"], r["sent"])
     return {"spec": asdict(spec), "runs": runs, "summary": summarise(runs, spec.seconds),
+            "idle_cpu_ms_per_s": idle,
             "loadavg_before": load_before, "loadavg_after": _loadavg(), "log_dir": str(log_dir)}
 
 
@@ -197,6 +219,10 @@ def format_report(spec: GatewayBenchSpec, results: dict[str, Any]) -> str:
                   f"extra p50 ≤ {BOUNDS['extra_p50_ms']:g} ms: {'met' if ok['extra_p50_ms'] else 'NOT met'}; "
                   f"gateway CPU {_ms(s['gateway_cpu_ms_per_frame'])} ms/frame ≤ "
                   f"{BOUNDS['gateway_cpu_ms_per_frame']:g}: {'met' if ok['gateway_cpu_ms_per_frame'] else 'NOT met'}"]
+    idle = results.get("idle_cpu_ms_per_s")
+    if idle:
+        lines.append(f"with no stream (background, in every per-frame figure): "
+                     f"{', '.join(f'{p} {v:.1f}' for p, v in idle.items())} ms CPU per s")
     for n in names:
         if n in arms and arms[n]["errors"]:
             lines.append(f"{n}: errors: {arms[n]['errors']}")
