@@ -186,6 +186,8 @@ def bench_gateway(
     rounds: int = typer.Option(3, "--rounds", min=1, help="Rounds; the arm order alternates between rounds."),
     size: str = typer.Option("512x512", help="Frame size WxH."),
     null_delay_ms: float = typer.Option(0.0, "--null-delay-ms", help="Simulated inference per tick (both arms)."),
+    idle_s: float = typer.Option(3.0, "--idle-s", help="Seconds with no stream first: each process's background "
+                                 "CPU (0: skip)."),
     json_out: str = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
 ) -> None:
     """One live stream through the Redis gateway vs the all-in-one server, side by side in one run."""
@@ -195,7 +197,7 @@ def bench_gateway(
 
     width, height = size_arg(size) or (512, 512)
     spec = GatewayBenchSpec(fps=fps, inflight=inflight, seconds=seconds, rounds=rounds, width=width, height=height,
-                            null_delay_ms=null_delay_ms)
+                            null_delay_ms=null_delay_ms, idle_s=idle_s)
     results = run_gateway_bench(spec)
     typer.echo(format_report(spec, results))
     if json_out:
