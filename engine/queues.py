@@ -136,6 +136,11 @@ class OutputQueue(Generic[T]):
             self._items.clear()
             return items
 
+    def peek(self) -> list[T]:
+        """The queued items, oldest first, left in place."""
+        with self._cond:
+            return list(self._items)
+
     def close(self) -> None:
         with self._cond:
             self.closed = True

@@ -239,11 +239,14 @@ async def _client_lag(stop: asyncio.Event, out: list[float], interval: float = 0
 
 
 
-async def measure(url: str, spec: BenchSpec, api_key: str | None = None, pid: int | None = None) -> dict[str, Any]:
+async def measure(url: str, spec: BenchSpec, api_key: str | None = None, pid: int | None = None,
+                  other_pids: dict[str, int] | None = None) -> dict[str, Any]:
     """One run of ``spec`` against the server at ``url`` (ws:// or http:// base).
 
     ``pid``: the server's process id when it runs on this machine, to report its CPU time per frame
     (a load-independent view of the overhead: wall-clock figures grow when the cores are shared).
+    ``other_pids``: more local processes on the frames' path (a worker, Redis), by name; with ``pid``
+    (as "server") their CPU seconds over the measured window land in ``cpu_s``.
     """
     base = url.rstrip("/").replace("/v1/stream", "")
     http_url = base.replace("ws://", "http://").replace("wss://", "https://")
@@ -260,11 +263,12 @@ async def measure(url: str, spec: BenchSpec, api_key: str | None = None, pid: in
     lag_task = asyncio.create_task(_client_lag(stop, client_lag))
     t_start = time.perf_counter() + spec.warmup_s + 0.5
     t_end = t_start + spec.seconds
-    cpu: list[float | None] = []
+    pids = {**({"server": pid} if pid is not None else {}), **(other_pids or {})}
+    cpu: list[dict[str, float | None]] = []
 
     async def mark_cpu(at: float) -> None:
         await asyncio.sleep(max(0.0, at - time.perf_counter()))
-        cpu.append(cpu_seconds(pid))
+        cpu.append({name: cpu_seconds(p) for name, p in pids.items()})
 
     marks = [asyncio.create_task(mark_cpu(t_start)), asyncio.create_task(mark_cpu(t_end))]
     streams = await asyncio.gather(*[_one_stream(ws_url, headers, spec, frames, t_start, t_end, i)
@@ -275,8 +279,12 @@ async def measure(url: str, spec: BenchSpec, api_key: str | None = None, pid: in
     after = await asyncio.to_thread(scrape_metrics, http_url, headers)
     out = _summarise(spec, list(streams), before["lag"], after["lag"], client_lag)
     out["batch_sizes"] = batch_histogram(before["batch"], after["batch"])
-    if len(cpu) == 2 and cpu[0] is not None and cpu[1] is not None and out["received"]:
-        out["server_cpu_ms_per_frame"] = round((cpu[1] - cpu[0]) * 1e3 / out["received"], 3)
+    spent = {name: round(b - a, 3) for name in pids
+             if (a := cpu[0][name]) is not None and (b := cpu[1][name]) is not None}
+    if pids:
+        out["cpu_s"] = spent
+    if "server" in spent and out["received"]:
+        out["server_cpu_ms_per_frame"] = round(spent["server"] * 1e3 / out["received"], 3)
     return out
 
 
@@ -301,7 +309,7 @@ def _summarise(spec: BenchSpec, streams: list[_Stream], before: dict[float, floa
         "fps_per_stream_mean": round(mean_fps, 2),
         "fps_total": round(received / spec.seconds, 2),
         "fps_spread_pct": round(100.0 * (max(fps) - min(fps)) / mean_fps, 1) if mean_fps else float("nan"),
-        "g2g_ms_p50": percentile(lat, 50), "g2g_ms_p99": percentile(lat, 99),
+        "g2g_ms_p50": percentile(lat, 50), "g2g_ms_p90": percentile(lat, 90), "g2g_ms_p99": percentile(lat, 99),
         "server_overhead_ms_p50": percentile(over, 50), "server_overhead_ms_p99": percentile(over, 99),
         "decode_ms_p50": percentile([v for s in streams for v in s.decode_ms], 50),
         "encode_ms_p50": percentile([v for s in streams for v in s.encode_ms], 50),

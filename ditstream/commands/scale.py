@@ -23,12 +23,14 @@ from ditstream.commands._args import (
     backend_overrides,
     lora_specs,
     settings_or_exit,
+    size_arg,
 )
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.command("worker")(worker)
     bench.command("scale")(bench_scale)
+    bench.command("gateway")(bench_gateway)
 
 
 def worker(
@@ -175,3 +177,29 @@ def bench_scale(
     if json_out:
         with open(json_out, "w") as f:
             json.dump({"spec": spec.__dict__, "results": results}, f, indent=2)
+
+
+def bench_gateway(
+    fps: float = typer.Option(30.0, help="Input frames per second (open loop, as a camera sends)."),
+    inflight: int = typer.Option(0, "--inflight", min=0, help="Closed loop instead: keep N frames unanswered."),
+    seconds: float = typer.Option(10.0, "--seconds", "-t", help="Measured seconds per arm per round."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Rounds; the arm order alternates between rounds."),
+    size: str = typer.Option("512x512", help="Frame size WxH."),
+    null_delay_ms: float = typer.Option(0.0, "--null-delay-ms", help="Simulated inference per tick (both arms)."),
+    idle_s: float = typer.Option(3.0, "--idle-s", help="Seconds with no stream first: each process's background "
+                                 "CPU (0: skip)."),
+    json_out: str = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
+) -> None:
+    """One live stream through the Redis gateway vs the all-in-one server, side by side in one run."""
+    import json
+
+    from ditstream.bench.gateway import GatewayBenchSpec, format_report, run_gateway_bench
+
+    width, height = size_arg(size) or (512, 512)
+    spec = GatewayBenchSpec(fps=fps, inflight=inflight, seconds=seconds, rounds=rounds, width=width, height=height,
+                            null_delay_ms=null_delay_ms, idle_s=idle_s)
+    results = run_gateway_bench(spec)
+    typer.echo(format_report(spec, results))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(results, f, indent=2)

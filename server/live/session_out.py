@@ -39,7 +39,9 @@ class SessionOutputs:
 
         Encoding straight from here, instead of waking the event loop first, takes one thread hop
         off every frame's path. At most one encoder runs per stream, so outputs stay in order.
-        Must never raise: it runs on the engine thread.
+        When every queued output is already the JPEG the client wants (a gateway relaying its
+        worker's bytes), the "encoder" only hands them on: it runs right here, on the notifying
+        thread, saving the pool hop too. Must never raise: it runs on the engine (or reader) thread.
         """
         try:
             with self._encode_lock:
@@ -47,12 +49,22 @@ class SessionOutputs:
                     self._encode_again = True
                     return
                 self._encode_scheduled = True
-            self.state.codec.pool.submit(self._encode_pending)
+            if self._relay is not None and self._all_relayed():
+                self._encode_pending()
+            else:
+                self.state.codec.pool.submit(self._encode_pending)
         except Exception:  # pool shut down at exit
             logger.debug("encoder not scheduled", exc_info=True)
             with self._encode_lock:
                 self._encode_scheduled = False
             self._wake_loop()
+
+    def _all_relayed(self) -> bool:
+        """Every queued output needs no codec work: coded at the client's quality, or an in-band error."""
+        handle, quality = self.handle, self.quality
+        return handle is not None and all(
+            out.error is not None or (out.encoded is not None and out.encoded.quality == quality)
+            for out in handle.outputs.peek())
 
     def _wake_loop(self) -> None:
         self._call_loop(self.wake.set)

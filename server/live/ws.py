@@ -244,6 +244,9 @@ class StreamSession(SessionOutputs):
             ts = time.time() * 1e3
         cfg = self.config
         self._track(seq, t_recv)
+        if self._relay is not None:
+            self._relay_frame(image_bytes, seq, ts, (cfg.width, cfg.height), t_recv)
+            return
         with self._decode_lock:
             replaced, self._decode_slot = self._decode_slot, (image_bytes, seq, ts, (cfg.width, cfg.height), t_recv)
             start, self._decode_scheduled = not self._decode_scheduled, True
@@ -252,6 +255,25 @@ class StreamSession(SessionOutputs):
             self.metrics.frames.labels("dropped").inc()
         if start:
             self.state.codec.pool.submit(self._decode_pending)
+
+    def _relay_frame(self, data: memoryview, seq: int, ts: float, size: tuple[int, int], t_recv: float) -> None:
+        """Gateway: check the frame's header and hand the client's bytes to the handle, here on the loop.
+
+        There is nothing to decode: the header check takes microseconds, less than the codec-pool
+        hop (a submit, a thread wake-up, the GIL handed over and back) it replaces, and the handle's
+        latest-wins slot drops a superseded frame as the decode slot would. A bad frame raises for
+        the reader's error path, no longer tracked.
+        """
+        try:
+            fmt, w, h = check_header(data, max_pixels=self.settings.max_pixels, size=size)
+            self.decode_s[seq] = time.perf_counter() - t_recv
+            dropped = self._relay(bytes(data), seq, ts, fmt, w, h)
+        except DitstreamError:
+            self._untrack(seq)
+            raise
+        if dropped:
+            self.metrics.frames.labels("dropped").inc()
+        self.errors_in_row = 0
 
     def _decode_pending(self) -> None:
         """Codec thread: decode the stream's newest frame and offer it to the engine directly.
@@ -271,14 +293,9 @@ class StreamSession(SessionOutputs):
                 continue
             try:
                 assert self.handle is not None
-                if self._relay is not None:  # gateway: header checked, the client's bytes relayed as they are
-                    fmt, w, h = check_header(data, max_pixels=self.settings.max_pixels, size=size)
-                    self.decode_s[seq] = time.perf_counter() - t_recv
-                    dropped = self._relay(bytes(data), seq, ts, fmt, w, h)
-                else:
-                    image = codec.decode(data, max_pixels=self.settings.max_pixels, size=size, fast=True)
-                    self.decode_s[seq] = time.perf_counter() - t_recv
-                    dropped = self.handle.submit(image, seq, ts)
+                image = codec.decode(data, max_pixels=self.settings.max_pixels, size=size, fast=True)
+                self.decode_s[seq] = time.perf_counter() - t_recv
+                dropped = self.handle.submit(image, seq, ts)
                 if dropped:
                     self.metrics.frames.labels("dropped").inc()
                 self.errors_in_row = 0

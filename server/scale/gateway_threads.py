@@ -51,6 +51,8 @@ class GatewayThreads:
 
     def _flush_outbox(self) -> None:
         """Send queued jobs/controls/cancels; an item that fails to send is put back first."""
+        if self._outbox.empty():  # the common case, once per frame: no pipeline built for nothing
+            return
         pipe = self.r.pipeline(transaction=False)
         # First: our liveness key exists before any job of ours is in the stream (after a Redis
         # restart, too), so no worker takes a job of ours for an orphan. Sent only with items.
@@ -98,12 +100,14 @@ class GatewayThreads:
     def _send_frames(self) -> None:
         with self._lock:
             handles = list(self._sessions.values())
-        pipe = self.r.pipeline(transaction=False)
+        pipe = None
         n = 0
         for h in handles:
             item = h.slot.take()
             if item is None or not h.worker:
                 continue
+            if pipe is None:  # built only when a frame is there (the loop also wakes for outbox items)
+                pipe = self.r.pipeline(transaction=False)
             image, seq, ts, coded = item
             if coded is not None:  # the client's bytes, relayed as they are
                 meta, data = coded
@@ -114,7 +118,7 @@ class GatewayThreads:
             h.sent.append((seq, ts, meta, data))
             self._xadd_frame(pipe, h, seq, ts, meta, data)
             n += 1
-        if n:
+        if pipe is not None:
             pipe.execute()
             self.counters["frames_sent"] += n
 
