@@ -42,3 +42,10 @@ def test_bench_commands_are_registered():
     result = CliRunner().invoke(app, ["bench", "--help"])
     assert result.exit_code == 0
     assert "load" in result.output and "soak" in result.output
+
+
+@pytest.mark.parametrize("command", ["load", "soak"])
+def test_bench_mode_is_checked_before_anything_starts(command: str) -> None:
+    result = CliRunner().invoke(app, ["bench", command, "--mode", "cluster"])
+    assert result.exit_code == 2, result.output
+    assert "--mode must be one of engine, gateway" in result.output

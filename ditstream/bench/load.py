@@ -334,7 +334,8 @@ def format_levels(report: dict[str, Any]) -> str:
         ("unclean answers", lambda r: f"{r['unclean']}"),
     ]
     width = max(len(r[0]) for r in rows) + 2
-    lines = [f"ditstream bench load: null engine {cfg['delay_ms']:g} ms/tick, max_streams {cfg['max_streams']}, "
+    via = " behind a gateway (Redis)" if cfg.get("mode") == "gateway" else ""
+    lines = [f"ditstream bench load: null engine{via} {cfg['delay_ms']:g} ms/tick, max_streams {cfg['max_streams']}, "
              f"max_queued_jobs {cfg['max_queued_jobs']} → capacity {cfg['rest_capacity']:g} images/s + "
              f"{cfg['max_streams']} streams", "", "".ljust(width) + "".join(k.rjust(22) for k in runs)]
     lines += [label.ljust(width) + "".join(fn(r).rjust(22) for r in runs.values()) for label, fn in rows]
