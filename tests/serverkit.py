@@ -49,18 +49,27 @@ class Fleet:
     def logs(self) -> str:
         return "\n".join(f"--- {w.worker_id} (running={w.running})\n{w.log_tail(3000)}" for w in self.workers)
 
+    def settings(self, **settings: Any) -> Settings:
+        """Gateway settings on this fleet's Redis with the short timings above; ``settings`` override them."""
+        return Settings(**{"redis_url": self.redis.url, "job_timeout_s": JOB_TIMEOUT_S,
+                           "worker_heartbeat_s": HEARTBEAT_S, "worker_ttl_s": TTL_S,
+                           "job_claim_idle_s": CLAIM_IDLE_S, **settings})
+
+    def await_workers(self, runner: Any, ready: Callable[[], bool] = lambda: True) -> None:
+        """Wait until the started gateway ``runner`` sees every worker beat and ``ready()`` holds;
+        a timeout fails with the workers' logs."""
+        ids = {w.worker_id for w in self.workers}
+        try:
+            wait_for(lambda: ids <= set(runner.workers), 120, what=f"workers {sorted(ids)} beating")
+            wait_for(ready, 30, what="the gateway ready")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; worker logs:\n{self.logs()}") from None
+
     @contextlib.contextmanager
     def gateway(self, **settings: Any) -> Iterator[ServerThread]:
         """A gateway app on this fleet, with these settings; yields once it is ready."""
-        s = Settings(redis_url=self.redis.url, job_timeout_s=JOB_TIMEOUT_S, worker_heartbeat_s=HEARTBEAT_S,
-                     worker_ttl_s=TTL_S, job_claim_idle_s=CLAIM_IDLE_S, **settings)
-        with ServerThread(create_app(s)) as srv:
-            ids = {w.worker_id for w in self.workers}
-            try:
-                wait_for(lambda: ids <= set(runner_of(srv).workers), 120, what=f"workers {sorted(ids)} beating")
-                wait_for(lambda: httpx.get(srv.url + "/ready").status_code == 200, 30, what="/ready 200")
-            except TimeoutError as exc:
-                raise AssertionError(f"{exc}; worker logs:\n{self.logs()}") from None
+        with ServerThread(create_app(self.settings(**settings))) as srv:
+            self.await_workers(runner_of(srv), lambda: httpx.get(srv.url + "/ready").status_code == 200)
             yield srv
 
     def close(self) -> None:

@@ -2,7 +2,10 @@
 memory stays bounded.
 
 The server is ``ditstream serve --model null`` in a subprocess, so a crash is a dead process, and its
-resident memory is its own. A *witness* stream sends frames in lock-step through every phase and
+resident memory is its own. Every test runs twice (``ditstream.bench.load.MODES``): against that
+all-in-one server ("engine") and against a gateway (``ditstream serve --redis URL``) in front of one
+``ditstream worker --model null`` ("gateway"), where the memory measured is the gateway's and every
+frame the witness gets back has crossed Redis twice. A *witness* stream sends frames in lock-step through every phase and
 must get each one back, in order, unchanged (the null engine echoes). The phases:
 
 * seeded random hostile messages: garbage bytes, lying frame headers, decompression bombs (a valid
@@ -42,7 +45,7 @@ import pytest
 import websockets
 from testkit import decode_output, frame_message, jpeg, jpeg_bomb, png_bomb
 
-from ditstream.bench.load import NullServerConfig, null_server, rss_bytes
+from ditstream.bench.load import MODES, NullServerConfig, null_server, rss_bytes
 
 SIZE = 64
 MAX_FRAME = 256 * 1024
@@ -52,12 +55,13 @@ MAX_CONTROL = 16 * 1024
 ALLOWED_CLOSES = {1000, 1002, 1003, 1007, 1008, 1009}
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, int]]:
+@pytest.fixture(scope="module", params=MODES)
+def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
+    """One server process per mode for the whole module: (base URL, pid of the process serving HTTP)."""
     cfg = NullServerConfig(delay_ms=5.0, max_streams=16, max_queued_jobs=8, width=SIZE, height=SIZE,
                            extra_env=(("DITSTREAM_MAX_FRAME_BYTES", str(MAX_FRAME)),
                                       ("DITSTREAM_MAX_CONTROL_BYTES", str(MAX_CONTROL)),
-                                      ("DITSTREAM_MAX_CONSECUTIVE_ERRORS", "20")))
+                                      ("DITSTREAM_MAX_CONSECUTIVE_ERRORS", "20")), mode=request.param)
     with null_server(cfg) as (base, pid):
         yield base, pid
 

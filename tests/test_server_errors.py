@@ -1,11 +1,13 @@
 """The error table, and the bad-input table: each bad input gets its documented error while another
-live stream on the same server keeps receiving frames."""
+live stream on the same server keeps receiving frames. The server tests run twice
+(``tests/serverkit.py``): with the engine in process and as a gateway in front of a null worker."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -13,9 +15,8 @@ import pytest
 import websockets
 from ditstream.engine.errors import ALL_ERRORS
 from ditstream.engine.null import null_runner
-from ditstream.server.api.app import create_app
 from ditstream.server.errors import ERROR_TABLE, SERVER_ERRORS, mapping_for
-from ditstream.server.settings import Settings
+from serverkit import KINDS, serve
 from testkit import frame_message, jpeg, recv_frame, recv_json
 
 from ditstream.bench.harness import ServerThread
@@ -34,12 +35,12 @@ def test_every_error_class_has_a_mapping():
         assert row.ws_close is None or 1000 <= row.ws_close < 5000
 
 
-@pytest.fixture(scope="module")
-def server():
-    settings = Settings(model="null", api_keys=[KEY], default_width=SIZE, default_height=SIZE,
-                        max_frame_bytes=MAX_FRAME, max_upload_bytes=MAX_FRAME, max_prompt_chars=100,
-                        max_pixels=128 * 128)
-    with ServerThread(create_app(settings, null_runner())) as srv:
+@pytest.fixture(scope="module", params=KINDS)
+def server(request: pytest.FixtureRequest) -> Iterator[ServerThread]:
+    """The same settings in process and as a gateway on the null fleet (``tests/serverkit.py``)."""
+    with serve(request, "null_fleet", null_runner, model="null", api_keys=[KEY], default_width=SIZE,
+               default_height=SIZE, max_frame_bytes=MAX_FRAME, max_upload_bytes=MAX_FRAME, max_prompt_chars=100,
+               max_pixels=128 * 128) as srv:
         yield srv
 
 
@@ -206,6 +207,7 @@ REST_ROWS = [
 @pytest.mark.parametrize(("name", "request_", "status", "code"), REST_ROWS, ids=[r[0] for r in REST_ROWS])
 def test_rest_bad_input(server, name, request_, status, code):
     route, kwargs = request_
+    kwargs = dict(kwargs)  # the row is shared by both server kinds: take the headers from a copy
     headers = {**AUTH, **kwargs.pop("headers", {})}
 
     async def main():

@@ -1,12 +1,16 @@
 """Backend limits and warm-up seen from outside: a size outside the engine's profile is refused when a
-WS stream is configured or a REST job opens (naming the profile); ``/ready`` and a worker's health say
-"warming" (503) until every shape is warm, then turn ready."""
+WS stream is configured or a REST job opens (naming the profile), in process and through a gateway
+(where the worker's engine refuses it); ``/ready`` and a worker's health say "warming" (503) until
+every shape is warm, then turn ready."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
+import uuid
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -18,6 +22,7 @@ from ditstream.engine.prompt_cache import PromptCache
 from ditstream.engine.runner import EngineRunner
 from ditstream.server.api.app import create_app
 from ditstream.server.settings import Settings
+from serverkit import KINDS
 from test_backend_limits import PROFILE, SIZE, LimitedBackend
 from testkit import recv_json
 
@@ -43,10 +48,38 @@ def _app(runner: EngineRunner):
     return create_app(Settings(model="tiny", default_width=SIZE, default_height=SIZE), runner)
 
 
-def test_sizes_outside_the_profile_are_refused_on_ws_and_rest(tiny_components, torch_backend):
+@contextlib.contextmanager
+def _limited_server(request: pytest.FixtureRequest, kind: str, runner: EngineRunner) -> Iterator[ServerThread]:
+    """``runner`` served in process ("engine"), or by an in-process ``Worker`` behind a gateway app on
+    the module's ``redis_url`` ("gateway"): the gateway never sees the backend's profile (a heartbeat does not
+    carry it), so there the worker's engine is what refuses a size, and its error must come back."""
+    if kind == "engine":
+        with ServerThread(_app(runner)) as srv:
+            assert runner.wait_ready(30)
+            yield srv
+        return
+    from ditstream.server.scale.config import ScaleConfig
+    from ditstream.server.scale.worker import Worker
+
+    from ditstream.bench.scale_harness import wait_for
+
+    settings = Settings(model="tiny", default_width=SIZE, default_height=SIZE,
+                        redis_url=request.getfixturevalue("redis_url"),
+                        redis_prefix=f"lim{uuid.uuid4().hex[:8]}", worker_heartbeat_s=0.2, worker_ttl_s=2.0)
+    worker = Worker(runner, ScaleConfig.from_settings(settings), worker_id="w-limited").start()
+    try:
+        with ServerThread(create_app(settings)) as srv:
+            wait_for(lambda: httpx.get(srv.url + "/ready").status_code == 200, 60, what="the gateway ready")
+            assert srv.app.state.ditstream.runner.info["mode"] == "gateway"
+            yield srv
+    finally:
+        worker.stop(drain_s=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sizes_outside_the_profile_are_refused_on_ws_and_rest(request, tiny_components, torch_backend, kind):
     runner = _runner(tiny_components, torch_backend)
-    with ServerThread(_app(runner)) as srv:
-        assert runner.wait_ready(30)
+    with _limited_server(request, kind, runner) as srv:
 
         async def ws_flow():
             async with websockets.connect(srv.ws_url, max_size=None) as ws:

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -83,19 +84,26 @@ def serve_subprocess(args: list[str], env: dict[str, str] | None = None,
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "ditstream", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    # stderr goes to a file, not a pipe: nobody reads a pipe while the server runs, and a server that
+    # logs more than a pipe holds (64 KiB) would block on its next log line.
+    err_file = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=err_file)
+
+    def tail() -> str:
+        err_file.seek(0)
+        return err_file.read().decode(errors="replace")[-2000:]
+
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-                raise RuntimeError(f"server exited ({proc.returncode}): {err}")
+                raise RuntimeError(f"server exited ({proc.returncode}): {tail()}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError("server did not become ready")
+                raise RuntimeError(f"server did not become ready within {timeout:.0f} s: {tail()}")
             time.sleep(0.2)
         yield port, proc.pid
     finally:
@@ -105,3 +113,4 @@ def serve_subprocess(args: list[str], env: dict[str, str] | None = None,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+        err_file.close()

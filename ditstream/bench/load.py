@@ -25,9 +25,11 @@ import json
 import logging
 import random
 import struct
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,9 +43,15 @@ WS_TRY_AGAIN_LATER = 1013
 
 
 # ------------------------------------------------------------------------------------ null server
+#: How a null server is run: ``engine`` is ``ditstream serve --model null`` (the engine in process);
+#: ``gateway`` is ``ditstream serve --redis URL`` in front of one ``ditstream worker --model null``
+#: on a private ``redis-server`` — the same app, its engine reached through Redis.
+MODES = ("engine", "gateway")
+
+
 @dataclass(frozen=True)
 class NullServerConfig:
-    """A ``ditstream serve --model null`` subprocess: the engine costs a fixed ``delay_ms`` per tick."""
+    """A null-engine server: the engine costs a fixed ``delay_ms`` per tick; ``mode`` is one of ``MODES``."""
 
     delay_ms: float = 100.0
     max_streams: int = 4
@@ -51,6 +59,11 @@ class NullServerConfig:
     width: int = 64
     height: int = 64
     extra_env: tuple[tuple[str, str], ...] = ()
+    mode: str = "engine"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
 
     @property
     def rest_capacity(self) -> float:
@@ -60,12 +73,46 @@ class NullServerConfig:
 
 @contextlib.contextmanager
 def null_server(cfg: NullServerConfig, timeout: float = 120.0) -> Iterator[tuple[str, int]]:
-    """Start the server on a free loopback port; yields (http:// base URL, pid). Stopped on exit."""
-    args = ["--model", "null", "--max-streams", str(cfg.max_streams), "--max-queued-jobs", str(cfg.max_queued_jobs),
-            "--width", str(cfg.width), "--height", str(cfg.height), "--null-delay-ms", str(cfg.delay_ms),
-            "--log-level", "warning"]
-    with serve_subprocess(args, {"DITSTREAM_API_KEYS": "", **dict(cfg.extra_env)}, timeout) as (port, pid):
-        yield f"http://127.0.0.1:{port}", pid
+    """Start the server on a free loopback port; yields (http:// base URL, pid of the process serving
+    HTTP — the gateway in gateway mode, so the memory measured is its own). Stopped on exit."""
+    args = ["--max-streams", str(cfg.max_streams), "--max-queued-jobs", str(cfg.max_queued_jobs),
+            "--width", str(cfg.width), "--height", str(cfg.height), "--log-level", "warning"]
+    env = {"DITSTREAM_API_KEYS": "", **dict(cfg.extra_env)}
+    with contextlib.ExitStack() as stack:
+        if cfg.mode == "gateway":
+            args += ["--redis", stack.enter_context(_null_worker(cfg, env, timeout))]
+        else:
+            args += ["--model", "null", "--null-delay-ms", str(cfg.delay_ms)]
+        port, pid = stack.enter_context(serve_subprocess(args, env, timeout))
+        base = f"http://127.0.0.1:{port}"
+        served = httpx.get(base + "/ready", timeout=10).json().get("mode")
+        if served != cfg.mode:  # a figure measured on the wrong kind of server would be a lie
+            raise RuntimeError(f"asked for a {cfg.mode} server, /ready says mode {served!r}")
+        yield base, pid
+
+
+@contextlib.contextmanager
+def _null_worker(cfg: NullServerConfig, env: dict[str, str], timeout: float) -> Iterator[str]:
+    """A private ``redis-server`` and one ``ditstream worker --model null`` on it; yields the Redis URL.
+
+    The worker takes the same environment (frame, pixel and prompt limits apply on both sides) and
+    holds ``max_queued_jobs`` REST jobs at once, so the gateway's admission limit, not the worker,
+    decides what is refused. The gateway's ``/ready`` turns 200 only once it sees this worker beat.
+    A worker that exits early fails with the tail of its log.
+    """
+    from ditstream.bench.scale_harness import RedisServer, WorkerProcess
+
+    with tempfile.TemporaryDirectory(prefix="ditstream-null-gateway-") as tmp, \
+            RedisServer(log_dir=Path(tmp)) as redis:
+        worker = WorkerProcess(redis.url, "--model", "null", "--null-delay-ms", str(cfg.delay_ms),
+                               "--max-jobs", str(cfg.max_queued_jobs), "--threads", "1",
+                               worker_id="null-worker", log=Path(tmp) / "worker.log", env=env).start()
+        try:
+            yield redis.url
+        except RuntimeError as exc:  # the gateway never became ready: say what the worker said
+            raise RuntimeError(f"{exc}; worker log:\n{worker.log_tail(2000)}") from exc
+        finally:
+            worker.stop()
 
 
 def rss_bytes(pid: int) -> int:
@@ -287,7 +334,8 @@ def format_levels(report: dict[str, Any]) -> str:
         ("unclean answers", lambda r: f"{r['unclean']}"),
     ]
     width = max(len(r[0]) for r in rows) + 2
-    lines = [f"ditstream bench load: null engine {cfg['delay_ms']:g} ms/tick, max_streams {cfg['max_streams']}, "
+    via = " behind a gateway (Redis)" if cfg.get("mode") == "gateway" else ""
+    lines = [f"ditstream bench load: null engine{via} {cfg['delay_ms']:g} ms/tick, max_streams {cfg['max_streams']}, "
              f"max_queued_jobs {cfg['max_queued_jobs']} → capacity {cfg['rest_capacity']:g} images/s + "
              f"{cfg['max_streams']} streams", "", "".ljust(width) + "".join(k.rjust(22) for k in runs)]
     lines += [label.ljust(width) + "".join(fn(r).rjust(22) for r in runs.values()) for label, fn in rows]

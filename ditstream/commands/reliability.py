@@ -27,6 +27,9 @@ def bench_load(
     max_streams: int = typer.Option(4, help="Null engine server: streams admitted (capacity)."),
     max_queued_jobs: int = typer.Option(4, help="Null engine server: REST images admitted at once."),
     size: str = typer.Option("64x64", help="Image size WxH."),
+    mode: str = typer.Option("engine", "--mode", help="Null server started here: engine (all in one process) or "
+                             "gateway (ditstream serve --redis in front of one null worker on a private "
+                             "redis-server; needs redis-server installed)."),
     api_key: str = typer.Option(None, envvar="DITSTREAM_API_KEY", help="API key for --url."),
     json_out: str = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
     check: bool = typer.Option(True, "--check/--no-check", help="Exit 1 unless rejections were clean and the "
@@ -47,7 +50,7 @@ def bench_load(
         ok = out["unclean"] == 0
     else:
         cfg = NullServerConfig(delay_ms=delay_ms, max_streams=max_streams, max_queued_jobs=max_queued_jobs,
-                               width=w, height=h)
+                               width=w, height=h, mode=_mode(mode))
         out = run_levels(cfg, [float(x) for x in levels.split(",")], seconds, fps, url=url)
         typer.echo(format_levels(out))
         ok = all(r["unclean"] == 0 for r in out["runs"].values()) and out["p99_ratio"] <= 2.0
@@ -62,20 +65,32 @@ def bench_soak(
     cycles: int = typer.Option(1000, help="WebSocket connect/config/frame/disconnect cycles."),
     requests: int = typer.Option(1000, help="REST image requests."),
     warmup: int = typer.Option(50, help="Cycles and requests before the first memory reading."),
+    mode: str = typer.Option("engine", "--mode", help="Null server started here: engine (all in one process) or "
+                             "gateway (ditstream serve --redis in front of one null worker on a private "
+                             "redis-server; needs redis-server installed)."),
     max_growth_pct: float = typer.Option(5.0, help="Exit 1 above this resident-memory growth."),
     json_out: str = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
 ) -> None:
-    """Leak check: a fresh null-engine server, RSS after warm-up vs after the soak."""
+    """Leak check: a fresh null-engine server, RSS after warm-up vs after the soak (the gateway's own RSS
+    with --mode gateway)."""
     import json
 
     from ditstream.bench.load import NullServerConfig, null_server, soak
 
-    cfg = NullServerConfig(delay_ms=0.0, max_streams=4, max_queued_jobs=16)
+    cfg = NullServerConfig(delay_ms=0.0, max_streams=4, max_queued_jobs=16, mode=_mode(mode))
     with null_server(cfg) as (base, pid):
-        out = soak(base, pid, cycles, requests, cfg.width, cfg.height, warmup=warmup)
+        out = {"mode": cfg.mode, **soak(base, pid, cycles, requests, cfg.width, cfg.height, warmup=warmup)}
     typer.echo(json.dumps(out, indent=2))
     if json_out:
         with open(json_out, "w") as f:
             json.dump(out, f, indent=2)
     if out["ws_bad"] or out["rest_bad"] or out["rss_growth_pct"] > max_growth_pct:
         raise typer.Exit(1)
+
+
+def _mode(mode: str) -> str:
+    from ditstream.bench.load import MODES
+
+    if mode not in MODES:
+        raise typer.BadParameter(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+    return mode
