@@ -21,8 +21,10 @@ from typing import Any
 
 import uvicorn
 
+from ditstream.bench.scale_harness import Loopback
 
-class ServerThread:
+
+class ServerThread(Loopback):
     """``with ServerThread(app) as srv: srv.url, srv.ws_url`` — uvicorn on 127.0.0.1:<free port>."""
 
     def __init__(self, app: Any, *, ws_max_size: int = 16 * 1024 * 1024, startup_timeout: float = 120.0) -> None:
@@ -38,14 +40,6 @@ class ServerThread:
         self.thread = threading.Thread(target=self._run, name="uvicorn-test", daemon=True)
         self.startup_timeout = startup_timeout
         self.error: BaseException | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/stream"
 
     def _run(self) -> None:
         try:

@@ -37,6 +37,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Loopback:
+    """The addresses of a server listening on 127.0.0.1:``port``."""
+
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/stream"
+
+
 def redis_server_binary() -> str | None:
     return shutil.which("redis-server") or (
         "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
@@ -158,7 +172,7 @@ class WorkerProcess(ChildProcess):
         return super().start()
 
 
-class GatewayProcess(ChildProcess):
+class GatewayProcess(ChildProcess, Loopback):
     """``python -m ditstream serve --redis URL`` on 127.0.0.1:``port`` (a free one unless given).
 
     A real process, so that killing it is a real ``SIGKILL``: its sockets close, its liveness key
@@ -170,14 +184,6 @@ class GatewayProcess(ChildProcess):
         self.port = port or free_port()
         super().__init__(["serve", "--redis", redis_url, "--host", "127.0.0.1", "--port", str(self.port),
                           "--log-level", "warning", *args], log, env)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/stream"
 
     def start(self) -> GatewayProcess:
         return super().start()
