@@ -303,3 +303,43 @@ def test_similarity_filter_switched_on_live(null_server):
         await ws.close()
 
     asyncio.run(main())
+
+
+def test_frames_waiting_for_the_decoder_are_kept_as_deep_as_the_engine_inbox(monkeypatch):
+    """Three frames in flight while the decoder is busy with the first: the two behind it wait (the
+    engine's inbox would keep both too) and all three come back; only a fourth would drop the
+    oldest waiting one. In-process engine only: through the gateway frames are relayed, not decoded."""
+    import threading
+
+    from ditstream.server import codec
+    from ditstream.server.live import ws as ws_module
+
+    entered, release = threading.Event(), threading.Event()
+    real_decode = codec.decode
+
+    def held_decode(*a, **kw):
+        if not entered.is_set():
+            entered.set()
+            release.wait(30)
+        return real_decode(*a, **kw)
+
+    monkeypatch.setattr(codec, "decode", held_decode)
+    app = create_app(Settings(model="null", default_width=64, default_height=64), null_runner())
+    with ServerThread(app) as srv:
+        async def main() -> list[int]:
+            ws = await _open(srv.ws_url)
+            data = jpeg(_image(8, 64))
+            for seq in range(3):
+                await ws.send(frame_message(data, seq))
+            (session,) = app.state.ditstream.sessions
+            deadline = time.monotonic() + 30
+            while not (entered.is_set() and len(session._decode_queue) == 2):
+                assert time.monotonic() < deadline, "frames 1 and 2 never queued behind the held decode"
+                await asyncio.sleep(0.01)
+            assert len(session._decode_queue) == ws_module.DECODE_DEPTH
+            release.set()
+            seqs = [(await recv_frame(ws))[0]["seq"] for _ in range(3)]
+            await ws.close()
+            return seqs
+
+        assert asyncio.run(main()) == [0, 1, 2]

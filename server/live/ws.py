@@ -4,9 +4,9 @@ This module holds the session and its input half; ``session_out.py`` its output 
 sender).
 
 Per connection: the receive loop parses control messages and frames; one codec job at a time per
-stream decodes the newest received frame (latest wins already before decoding) and offers it to the
-engine itself, so neither the frame nor its result wakes the event loop again (errors do). The engine thread's
-``notify`` starts a per-stream encoder in the codec pool that drains the bounded drop-oldest output
+stream decodes the received frames in order (at most two wait, as in the engine's inbox) and offers
+them to the engine itself, so neither the frame nor its result wakes the event loop again (errors
+do). The engine thread's ``notify`` starts a per-stream encoder in the codec pool that drains the bounded drop-oldest output
 queue in order and wakes the event loop; one sender task is the only writer to the socket
 (uvicorn's ``send`` can block on a slow client, so nothing else may wait on it). A frame thus
 crosses threads only loop → codec → engine → codec → loop. In txt2img mode a ticker task offers
@@ -59,6 +59,10 @@ from ditstream.server.live.session_util import MAX_TRACKED_FRAMES, close_if_adde
 from fastapi import APIRouter, WebSocket
 
 logger = logging.getLogger(__name__)
+
+#: Frames a stream may hold undecoded: the engine inbox's depth (``FrameInbox``), so the decode step
+#: drops nothing the engine would keep (a client with two frames in flight loses none).
+DECODE_DEPTH = 2
 router = APIRouter()
 
 
@@ -124,10 +128,11 @@ class StreamSession(SessionOutputs):
         self._encode_lock = threading.Lock()
         self._encode_scheduled = False
         self._encode_again = False
-        #: The newest received frame not yet decoded (latest wins before decoding, too) and whether a
-        #: codec thread is draining it: frames are decoded one at a time per stream, in order.
+        #: Received frames not yet decoded, as deep as the engine's inbox (``DECODE_DEPTH``: a client
+        #: with two frames in flight keeps both; a third drops the oldest), and whether a codec thread
+        #: is draining them: frames are decoded one at a time per stream, in order.
         self._decode_lock = threading.Lock()
-        self._decode_slot: tuple[memoryview, int, float, tuple[int, int], float] | None = None
+        self._decode_queue: deque[tuple[memoryview, int, float, tuple[int, int], float]] = deque()
         self._decode_scheduled = False
         self._ended = False
 
@@ -168,7 +173,7 @@ class StreamSession(SessionOutputs):
             with contextlib.suppress(BaseException):
                 await sender
         with self._decode_lock:
-            self._decode_slot = None  # a frame not decoded yet is not worth decoding now
+            self._decode_queue.clear()  # a frame not decoded yet is not worth decoding now
             self._ended = True
         if self.handle is not None:
             with contextlib.suppress(DitstreamError):
@@ -248,9 +253,10 @@ class StreamSession(SessionOutputs):
             self._relay_frame(image_bytes, seq, ts, (cfg.width, cfg.height), t_recv)
             return
         with self._decode_lock:
-            replaced, self._decode_slot = self._decode_slot, (image_bytes, seq, ts, (cfg.width, cfg.height), t_recv)
+            replaced = self._decode_queue.popleft() if len(self._decode_queue) >= DECODE_DEPTH else None
+            self._decode_queue.append((image_bytes, seq, ts, (cfg.width, cfg.height), t_recv))
             start, self._decode_scheduled = not self._decode_scheduled, True
-        if replaced is not None:  # not decoded yet and already superseded: dropped like a late frame
+        if replaced is not None:  # not decoded yet and already superseded twice: dropped like a late frame
             self._untrack(replaced[1])
             self.metrics.frames.labels("dropped").inc()
         if start:
@@ -284,7 +290,7 @@ class StreamSession(SessionOutputs):
         """
         while True:
             with self._decode_lock:
-                job, self._decode_slot = self._decode_slot, None
+                job = self._decode_queue.popleft() if self._decode_queue else None
                 if job is None:
                     self._decode_scheduled = False
                     return
