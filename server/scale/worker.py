@@ -81,8 +81,10 @@ class Worker(WorkerJobs, WorkerSessions):
         self._jobs_lock = threading.Lock()
         self._finished: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._room = threading.Event()
-        #: Jobs the jobs loop is reading right now (counted against the janitor's room, see ``_janitor``).
+        #: Jobs reserved by the jobs loop's read and by the janitor's claim while they run (under
+        #: ``_jobs_lock``): each leaves room for the other's, so together they never exceed the bound.
         self._reading = 0
+        self._claiming = 0
         self._sessions: dict[str, WorkerSession] = {}
         self._sessions_lock = threading.Lock()
         self._out_wake = threading.Event()
@@ -251,28 +253,34 @@ class Worker(WorkerJobs, WorkerSessions):
 
         with self._jobs_lock:
             room = 2 * self.cfg.max_jobs - len(self._jobs) - self._reading
-        if room <= 0:
-            return
-        try:
-            res = self.r.xautoclaim(self.keys.jobs, self.keys.group, self.id,
-                                    min_idle_time=int(self.cfg.claim_idle_s * 1e3), start_id=self._claim_cursor,
-                                    count=room)
-        except redis.ResponseError as exc:
-            if is_nogroup(exc):
-                self._claim_cursor = "0-0"
+            if room <= 0:
                 return
-            raise
-        # XAUTOCLAIM scans a bounded slice of the pending list per call: resume where it stopped.
-        self._claim_cursor = sid_str(res[0]) if res and res[0] else "0-0"
-        for entry_id, fields in res[1]:
-            if not fields:  # deleted under us
-                continue
-            eid = sid_str(entry_id)
-            pend = self.r.xpending_range(self.keys.jobs, self.keys.group, min=eid, max=eid, count=1)
-            deliveries = int(pend[0]["times_delivered"]) if pend else 2
-            self.counters["jobs_claimed"] += 1
-            logger.info("worker %s claimed job entry %s (delivery %d) from a dead worker", self.id, eid, deliveries)
-            self._take_job(eid, fields, deliveries)
+            self._claiming = room  # the jobs loop leaves room for these until they are taken
+        try:
+            try:
+                res = self.r.xautoclaim(self.keys.jobs, self.keys.group, self.id,
+                                        min_idle_time=int(self.cfg.claim_idle_s * 1e3), start_id=self._claim_cursor,
+                                        count=room)
+            except redis.ResponseError as exc:
+                if is_nogroup(exc):
+                    self._claim_cursor = "0-0"
+                    return
+                raise
+            # XAUTOCLAIM scans a bounded slice of the pending list per call: resume where it stopped.
+            self._claim_cursor = sid_str(res[0]) if res and res[0] else "0-0"
+            for entry_id, fields in res[1]:
+                if not fields:  # deleted under us
+                    continue
+                eid = sid_str(entry_id)
+                pend = self.r.xpending_range(self.keys.jobs, self.keys.group, min=eid, max=eid, count=1)
+                deliveries = int(pend[0]["times_delivered"]) if pend else 2
+                self.counters["jobs_claimed"] += 1
+                logger.info("worker %s claimed job entry %s (delivery %d) from a dead worker", self.id, eid,
+                            deliveries)
+                self._take_job(eid, fields, deliveries)
+        finally:
+            with self._jobs_lock:
+                self._claiming = 0
 
     def _drop_foreign_sessions(self) -> None:
         """Close sessions whose record moved to another worker (we were taken for dead) or vanished."""

@@ -47,7 +47,7 @@ class WorkerJobs:
                 # Warming: claim nothing (another worker, or this one once warm, takes the job).
                 busy = self._leaving.is_set() or not self.warm
                 with self._jobs_lock:
-                    room = 0 if busy else self.cfg.max_jobs - len(self._jobs)
+                    room = 0 if busy else self.cfg.max_jobs - len(self._jobs) - self._claiming
                     self._reading = max(room, 0)  # the janitor leaves room for these
                 if room <= 0:
                     self._room.wait(0.2)
