@@ -45,7 +45,8 @@ class ScaleConfig:
     #: Input frames kept per session (latest wins) and outputs kept per session (oldest dropped).
     frames_in_len: int = 2
     frames_out_len: int = 4
-    #: A gateway deletes each reply (and each output) once read, so its streams stay about empty;
+    #: A gateway deletes each reply once read, so its reply stream stays about empty (an output
+    #: stream is left to its ``frames_out_len`` cap: deleting each output cost a round trip per frame);
     #: ``replies_len`` only caps a gateway that stopped reading, and a reply stream nobody writes to
     #: for ``replies_ttl_s`` expires (a dead gateway's replies go away). Session keys live
     #: ``SESSION_TTL_S`` past their last write. Dead-letter entries kept; how long "answered" marks live.

@@ -159,9 +159,9 @@ class GatewayThreads:
                 name = sid_str(key)
                 for entry_id, fields in entries:
                     eid = sid_str(entry_id)
-                    read.setdefault(name, []).append(eid)
                     try:
                         if name == self.replies:
+                            read.setdefault(name, []).append(eid)
                             last_reply = eid
                             self._on_reply(fields)
                         elif name in handles:
@@ -173,7 +173,10 @@ class GatewayThreads:
                 self._delete_read(read)
 
     def _delete_read(self, read: dict[str, list[str]]) -> None:
-        """A reply or output is deleted once read: this gateway's streams hold only what is unread."""
+        """A reply (a raw result, up to megabytes) is deleted once read: the reply stream holds only what
+        is unread. Outputs are not: a session's output stream is capped at ``frames_out_len`` coded
+        frames by the worker's XADD and expires with the session, and an XDEL per frame cost the
+        gateway ~0.1 ms of CPU per frame (``bench gateway``, docs/benchmarks.md)."""
         pipe = self.r.pipeline(transaction=False)
         for name, ids in read.items():
             pipe.xdel(name, *ids)
