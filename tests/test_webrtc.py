@@ -19,8 +19,11 @@ import numpy as np
 import pytest
 import websockets
 from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.jitterbuffer import JitterBuffer
+from aiortc.rtp import RtpPacket
 from ditstream.engine.null import null_runner
 from ditstream.server.api.app import create_app
+from ditstream.server.live.webrtc_jitter import FrameEndJitterBuffer
 from ditstream.server.settings import Settings
 from rtckit import Source
 from serverkit import KINDS, serve
@@ -163,6 +166,9 @@ def test_whip_whep_round_trip_config_and_delete(rtc_server):
             assert pub.location.startswith("/v1/whip/")
             session = _state(srv).webrtc[pub.session]
             assert session.config.prompt == "hello" and session.config.steps == 2
+            video = [t.receiver for t in session.pc.getTransceivers() if t.kind == "video"]
+            assert video and all(isinstance(r._RTCRtpReceiver__jitter_buffer, FrameEndJitterBuffer)
+                                 for r in video), "the published video completes frames at their last packet"
             assert _state(srv).admission.streams.in_use == 1 and _transport_gauge(srv, "webrtc") == 1
 
             viewer, second = Viewer(), Viewer()
@@ -349,3 +355,34 @@ def test_ice_port_range_and_public_host_shape_the_answer():
         asyncio.run(main(srv))
     with pytest.raises(ValueError, match="LOW-HIGH"):
         Settings(webrtc_port_range="41020-41000")
+
+
+def _rtp(seq: int, ts: int, marker: bool = False) -> RtpPacket:
+    packet = RtpPacket(sequence_number=seq, timestamp=ts, marker=int(marker))
+    packet._data = bytes([seq])
+    return packet
+
+
+def test_a_video_frame_is_complete_at_its_marked_last_packet_not_a_frame_later():
+    """aiortc's own buffer hands a frame on at the next frame's first packet (one frame interval
+    late); ours at the frame's marked last packet, and the old way when that packet was lost."""
+    plain, ours = JitterBuffer(capacity=128, is_video=True), FrameEndJitterBuffer()
+    frame = [_rtp(10, 900), _rtp(11, 900), _rtp(12, 900, marker=True)]
+    assert [plain.add(p)[1] for p in frame] == [None, None, None]  # waits for the next frame
+    got = [ours.add(p)[1] for p in frame]
+    assert got[:2] == [None, None] and got[2] is not None
+    assert (got[2].data, got[2].timestamp) == (bytes([10, 11, 12]), 900)
+    assert plain.add(_rtp(13, 1800))[1].data == bytes([10, 11, 12])
+    # Out of order: the marked packet first, then the missing middle one completes the frame.
+    assert ours.add(_rtp(13, 1800))[1] is None
+    assert ours.add(_rtp(15, 1800, marker=True))[1] is None
+    late = ours.add(_rtp(14, 1800))[1]
+    assert late is not None and late.data == bytes([13, 14, 15])
+    # A sender that marks nothing: a frame completes when the next one starts, as before.
+    assert ours.add(_rtp(16, 2700))[1] is None
+    assert ours.add(_rtp(17, 2700))[1] is None
+    fallback = ours.add(_rtp(18, 3600))[1]
+    assert fallback is not None and (fallback.data, fallback.timestamp) == (bytes([16, 17]), 2700)
+    # A gap before the marked packet (a lost packet, NACKed): nothing until it is retransmitted.
+    assert ours.add(_rtp(20, 3600, marker=True))[1] is None
+    assert ours.add(_rtp(19, 3600))[1].data == bytes([18, 19, 20])

@@ -114,10 +114,13 @@ async def negotiate(client: httpx.AsyncClient, pc: Any, url: str) -> httpx.Respo
     """POST ``pc``'s offer (WHIP or WHEP) and apply the answer; the response, whatever its status."""
     from aiortc import RTCSessionDescription
 
+    from ditstream.server.live.webrtc_jitter import use_frame_end_marker
+
     await pc.setLocalDescription(await pc.createOffer())
     r = await client.post(url, content=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"})
     if r.status_code == 201:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
+        use_frame_end_marker(pc)  # a viewer completes frames at their last packet, as browsers do
     return r
 
 

@@ -40,6 +40,7 @@ from ditstream.server.engine_client import EngineStream
 from ditstream.server.errors import MalformedMessageError, ws_error
 from ditstream.server.live.protocol import PROTOCOL_VERSION, ConfigMessage, PingMessage, parse_control
 from ditstream.server.live.session_util import close_if_added, wanted_config
+from ditstream.server.live.webrtc_jitter import use_frame_end_marker
 from ditstream.server.live.webrtc_media import InputPump, OutputTrack
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class WebRTCSession:
         pc.on("datachannel", self._on_channel)
         pc.on("connectionstatechange", lambda: self._on_publisher_state(pc.connectionState))
         await accept_offer(pc, offer)
+        use_frame_end_marker(pc)  # a published frame reaches the decoder at its last packet
         if not tracks:
             raise MalformedMessageError("the SDP offer sends no video (WHIP needs an m=video section the "
                                         "client sends on)", field="sdp")
