@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -91,6 +91,15 @@ class Settings(BaseSettings):
     webrtc_connect_timeout_s: float = Field(20.0, gt=0)
     webrtc_max_viewers: int = Field(8, ge=1)
     webrtc_peer_timeout_s: float = Field(20.0, gt=0, le=60)
+    #: TURN for clients behind NATs that block direct UDP (docs/deploy.md, "WebRTC"): the URLs handed
+    #: to clients (``turn:host:3478?transport=udp``, ``turns:host:443?transport=tcp``; comma-separated)
+    #: and the TURN server's shared secret (coturn ``use-auth-secret`` + ``static-auth-secret``). Each
+    #: client gets a username and password valid ``webrtc_turn_ttl_s`` (the TURN REST API scheme),
+    #: never the secret: at ``GET /v1/webrtc/ice-servers`` and in the WHIP/WHEP answers' ``Link``
+    #: headers (RFC 9725).
+    webrtc_turn_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webrtc_turn_secret: SecretStr | None = None
+    webrtc_turn_ttl_s: int = Field(3600, ge=60, le=7 * 86400)
 
     #: Scale-out (docs/deploy.md): with a Redis URL ``serve`` is a gateway and ``worker`` runs engines.
     redis_url: str | None = None
@@ -145,7 +154,7 @@ class Settings(BaseSettings):
     def lora_specs(self) -> tuple:  # -> tuple[engine.lora.LoraSpec, ...]
         return _lora_specs(self.loras)
 
-    @field_validator("api_keys", "cors_origins", "webrtc_stun_servers", mode="before")
+    @field_validator("api_keys", "cors_origins", "webrtc_stun_servers", "webrtc_turn_urls", mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
         """Accept a comma-separated string as well as a JSON list (friendlier for env files)."""
@@ -200,6 +209,21 @@ class Settings(BaseSettings):
                 and 1024 <= int(lo) <= int(hi) <= 65535):
             raise ValueError(f"a UDP port range 'LOW-HIGH' within 1024-65535, got {v!r}")
         return f"{int(lo)}-{int(hi)}"
+
+    @field_validator("webrtc_turn_urls")
+    @classmethod
+    def _check_turn_urls(cls, v: list[str]) -> list[str]:
+        bad = [u for u in v if not u.startswith(("turn:", "turns:"))]
+        if bad:
+            raise ValueError(f"TURN URLs start with 'turn:' or 'turns:', got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _turn_needs_its_secret(self) -> Settings:
+        if self.webrtc_turn_urls and self.webrtc_turn_secret is None:
+            raise ValueError("webrtc_turn_urls needs webrtc_turn_secret (the TURN server's static-auth-secret): "
+                             "clients get credentials minted from it")
+        return self
 
     def webrtc_ports(self) -> tuple[int, int] | None:
         """``webrtc_port_range`` as (low, high), both included; None = any port."""

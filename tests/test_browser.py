@@ -34,7 +34,9 @@ if not Path(CHROMIUM).exists():
 
 @pytest.fixture(scope="module")
 def server():
-    settings = Settings(model="null", api_keys=[KEY], default_width=256, default_height=256)
+    # A TURN URL the page must pick up (nothing listens there: on loopback the host candidates connect).
+    settings = Settings(model="null", api_keys=[KEY], default_width=256, default_height=256,
+                        webrtc_turn_urls=["turn:127.0.0.1:3478?transport=udp"], webrtc_turn_secret="turn-secret")
     with ServerThread(create_app(settings, null_runner())) as srv:
         yield srv
 
@@ -193,6 +195,9 @@ def test_page_transport_switch_streams_over_webrtc(server):
             page.wait_for_function("window.ditstream.stats.received >= 20", timeout=60_000)
             assert page.inner_text("#status") == "live", (page.inner_text("#message"), console)
             assert page.evaluate("window.ditstream.ws") is None  # no WebSocket involved
+            ice = page.evaluate("window.ditstream.rtc.pub.getConfiguration().iceServers")
+            assert ice[0]["urls"] == ["turn:127.0.0.1:3478?transport=udp"], ice  # from /v1/webrtc/ice-servers
+            assert ice[0]["username"].endswith(":ditstream") and ice[0]["credential"], ice
             assert len(state.webrtc) == 1 and state.metrics.streams_by_transport.labels("webrtc")._value.get() == 1
             page.select_option("#steps", "3")  # over the data channel; the reply updates the page's config
             page.wait_for_function("window.ditstream.config && window.ditstream.config.steps === 3", timeout=30_000)

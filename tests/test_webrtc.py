@@ -386,3 +386,55 @@ def test_a_video_frame_is_complete_at_its_marked_last_packet_not_a_frame_later()
     # A gap before the marked packet (a lost packet, NACKed): nothing until it is retransmitted.
     assert ours.add(_rtp(20, 3600, marker=True))[1] is None
     assert ours.add(_rtp(19, 3600))[1].data == bytes([18, 19, 20])
+
+
+# ------------------------------------------------------------------------------------ STUN/TURN for clients
+TURN = {"webrtc_turn_urls": ["turn:turn.example.com:3478?transport=udp", "turns:turn.example.com:443?transport=tcp"],
+        "webrtc_turn_secret": "coturn-static-auth-secret", "webrtc_stun_servers": ["stun:stun.example.com:3478"]}
+
+
+def test_turn_credentials_are_minted_per_client_never_the_secret():
+    import base64
+    import hashlib
+    import hmac
+
+    from ditstream.server.live.ice_servers import client_ice_servers, link_header
+
+    servers, expires = client_ice_servers(Settings(model="null", webrtc_turn_ttl_s=600, **TURN), now=1_000_000)
+    assert expires == 1_000_600
+    stun, turn = servers
+    assert stun.urls == ("stun:stun.example.com:3478",) and stun.username is None
+    assert turn.urls == tuple(TURN["webrtc_turn_urls"]) and turn.username == "1000600:ditstream"
+    # What coturn (use-auth-secret) recomputes from the username and its copy of the secret:
+    want = base64.b64encode(hmac.new(b"coturn-static-auth-secret", b"1000600:ditstream", hashlib.sha1).digest())
+    assert turn.credential == want.decode() and "coturn-static-auth-secret" not in str(servers)
+    link = link_header(servers)
+    assert link.count('rel="ice-server"') == 3 and '<turns:turn.example.com:443?transport=tcp>' in link
+    assert f'username="1000600:ditstream"; credential="{turn.credential}"; credential-type="password"' in link
+    assert client_ice_servers(Settings(model="null")) == ([], None) and link_header([]) is None
+    with pytest.raises(ValueError, match="needs webrtc_turn_secret"):
+        Settings(model="null", webrtc_turn_urls=["turn:t:3478"])
+    with pytest.raises(ValueError, match="start with 'turn:' or 'turns:'"):
+        Settings(model="null", webrtc_turn_urls=["stun:t:3478"], webrtc_turn_secret="s")
+
+
+def test_clients_get_ice_servers_as_json_and_in_the_whip_whep_answers():
+    async def main(srv):
+        async with httpx.AsyncClient(base_url=srv.url, timeout=TIMEOUT) as client:
+            assert (await client.get("/v1/webrtc/ice-servers")).status_code == 401  # keys protect it
+            auth = {"Authorization": "Bearer k-0123456789"}
+            body = (await client.get("/v1/webrtc/ice-servers", headers=auth)).json()
+            assert [s["urls"] for s in body["ice_servers"]] == [TURN["webrtc_stun_servers"], TURN["webrtc_turn_urls"]]
+            assert body["expires_at"] > time.time() + 3500 and body["ice_servers"][1]["username"].endswith(":ditstream")
+            client.headers.update(auth)
+            pub, viewer = Publisher(_image(4)), Viewer()
+            r = await pub.publish(client)
+            assert r.status_code == 201 and r.headers["link"].count('rel="ice-server"') == 3, r.headers
+            r = await _negotiate(client, viewer.pc, f"/v1/whep/{pub.session}")
+            assert r.status_code == 201 and 'credential-type="password"' in r.headers["link"]
+            await client.delete(pub.location)
+            for pc in (pub.pc, viewer.pc):
+                await pc.close()
+
+    with _server(api_keys=["k-0123456789"], **TURN) as srv:
+        asyncio.run(main(srv))

@@ -28,6 +28,16 @@ async function negotiate(pc, url, key) {
   return r.headers.get("Location");
 }
 
+// The STUN/TURN servers the server hands out (TURN credentials minted for this page, never the
+// secret): none unless the operator configured them (docs/deploy.md, "WebRTC").
+async function iceServers(key) {
+  const headers = key ? { Authorization: `Bearer ${key}` } : {};
+  const r = await fetch("/v1/webrtc/ice-servers", { headers });
+  if (!r.ok) throw new Error(`/v1/webrtc/ice-servers: ${r.status}`);
+  return (await r.json()).ice_servers.map((s) => (
+    s.username ? { urls: s.urls, username: s.username, credential: s.credential } : { urls: s.urls }));
+}
+
 class RtcLink {
   // new RtcLink(key, onClose): onClose(reason) fires once, when either peer fails or closes.
   constructor(key, onClose) { this.key = key; this.onClose = onClose; this.closed = false; this.decoded = 0; }
@@ -35,14 +45,15 @@ class RtcLink {
   // Publish `canvas` (WHIP), watch the session into `video` (WHEP); `onControl(msg)` gets the
   // control channel's messages (the first: `ready`, possibly before this resolves).
   async connect({ canvas, video, fps, onControl }) {
-    const pub = this.pub = new RTCPeerConnection({ iceServers: [] });
+    const servers = await iceServers(this.key);
+    const pub = this.pub = new RTCPeerConnection({ iceServers: servers });
     for (const track of canvas.captureStream(fps).getVideoTracks()) pub.addTrack(track);
     this.channel = pub.createDataChannel("control");
     this.channel.onmessage = (ev) => onControl(JSON.parse(ev.data));
     pub.onconnectionstatechange = () => this.watch(pub);
     this.location = await negotiate(pub, "/v1/whip", this.key);
     if (this.closed) return;
-    const view = this.view = new RTCPeerConnection({ iceServers: [] });
+    const view = this.view = new RTCPeerConnection({ iceServers: servers });
     view.addTransceiver("video", { direction: "recvonly" });
     view.ontrack = (ev) => { video.srcObject = new MediaStream([ev.track]); video.play().catch(() => {}); };
     view.onconnectionstatechange = () => this.watch(view);

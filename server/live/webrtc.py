@@ -8,6 +8,8 @@
   /v1/whep/{session}/{viewer}``; ``DELETE`` on it hangs that viewer up.
 * ``POST /v1/sessions/{session}/config``: the WebSocket ``config`` message's fields, same validation
   and errors; answers once the engine applied it.
+* ``GET /v1/webrtc/ice-servers``: the STUN/TURN servers a client should use, TURN credentials minted
+  for it (``ice_servers.py``); the WHIP/WHEP answers carry the same as ``Link`` headers (RFC 9725).
 
 A session holds an admission permit like a WebSocket stream; over ``--max-streams`` the WHIP POST is
 refused with ``503`` + ``Retry-After`` (RFC 9725 §4.6). Without the ``webrtc`` extra every endpoint
@@ -30,9 +32,11 @@ from ditstream.server.errors import (
     rest_error_body,
     rest_headers,
 )
+from ditstream.server.live.ice_servers import client_ice_servers, link_header
 from ditstream.server.live.protocol import ConfigMessage, parse_control
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["webrtc"])
@@ -108,6 +112,30 @@ def _initial_config(request: Request) -> ConfigMessage:
     return msg
 
 
+def _links(state: AppState) -> dict[str, str]:
+    """RFC 9725: the ICE servers (TURN credentials minted now) as ``Link`` headers of an answer."""
+    link = link_header(client_ice_servers(state.settings)[0])
+    return {"Link": link} if link else {}
+
+
+class IceServerModel(BaseModel):
+    urls: list[str] = Field(description="stun:, turn: or turns: URLs of one server.")
+    username: str | None = Field(None, description="TURN only: minted for this client, valid until expires_at.")
+    credential: str | None = Field(None, description="TURN only: the password for username.")
+
+
+class IceServers(BaseModel):
+    ice_servers: list[IceServerModel] = Field(description="RTCConfiguration.iceServers, as the browser takes it.")
+    expires_at: int | None = Field(None, description="Unix time the TURN credentials expire (null: no TURN).")
+
+
+@router.get("/v1/webrtc/ice-servers", response_model=IceServers, responses={401: _ERRORS[401]},
+            summary="The STUN/TURN servers a WebRTC client should use (TURN credentials minted per call).")
+async def ice_servers(request: Request) -> IceServers:
+    servers, expires_at = client_ice_servers(state_of(request.app).settings)
+    return IceServers(ice_servers=[IceServerModel(**s.as_dict()) for s in servers], expires_at=expires_at)
+
+
 def _session(state: AppState, session: str) -> Any:
     found = state.webrtc.get(session)
     if found is None:
@@ -133,7 +161,8 @@ async def whip(request: Request) -> Response:
         return _error(exc, 503)
     session, sdp = await module.WebRTCSession.publish(state, permit, offer, msg)
     return Response(sdp, status_code=201, media_type=SDP,
-                    headers={"Location": f"/v1/whip/{session.id}", "X-Ditstream-Session": session.id})
+                    headers={"Location": f"/v1/whip/{session.id}", "X-Ditstream-Session": session.id,
+                             **_links(state)})
 
 
 @router.delete("/v1/whip/{session}", summary="WHIP: end the session (its stream and viewers).", responses=_ERRORS)
@@ -160,7 +189,8 @@ async def whep(request: Request, session: str) -> Response:
         viewer, sdp = await _session(state, session).add_viewer(offer)
     except OverloadedError as exc:
         return _error(exc, 503)
-    return Response(sdp, status_code=201, media_type=SDP, headers={"Location": f"/v1/whep/{session}/{viewer}"})
+    return Response(sdp, status_code=201, media_type=SDP,
+                    headers={"Location": f"/v1/whep/{session}/{viewer}", **_links(state)})
 
 
 @router.delete("/v1/whep/{session}/{viewer}", summary="WHEP: hang a viewer up.", responses=_ERRORS)
