@@ -232,7 +232,7 @@ class Settings(BaseSettings):
         lo, _, hi = self.webrtc_port_range.partition("-")
         return int(lo), int(hi)
 
-    @field_validator("cache_dir", "tiny_vae", "opt_level", "webrtc_public_host", mode="before")
+    @field_validator("cache_dir", "tiny_vae", "opt_level", "webrtc_public_host", "webrtc_turn_secret", mode="before")
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         """An empty value (``DITSTREAM_TINY_VAE=`` from a compose file) means unset."""
