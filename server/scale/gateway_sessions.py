@@ -109,12 +109,7 @@ class GatewaySessions:
             moved = False
         finally:
             h.pinning = False
-        if moved:
-            self.counters["sessions_rebalanced"] += 1
-            self._resolve_controls(h)
-            self._resend_unanswered(h)
-        else:  # as a failed re-pin: the next pass re-opens it wherever the record points
-            self.r.delete(self.keys.session(h.id))
+        self._settle_move(h, moved, "sessions_rebalanced")
 
     def _pin(self, handle: GatewayStreamHandle, exclude: set[str], prefer: str | None = None) -> bool:
         """Open ``handle`` on a live worker (``prefer`` when it is live) and record where; raises the

@@ -308,11 +308,17 @@ class GatewayThreads:
             return
         finally:
             h.pinning = False
+        self._settle_move(h, moved, "sessions_repinned")
+
+    def _settle_move(self, h: GatewayStreamHandle, moved: bool, counter: str) -> None:
+        """After a re-pin or a rebalancing move: count it, settle the session's pending reconfigures
+        and re-send its unanswered frames; a failed open drops the record (``_pin`` wrote the new
+        worker before it failed), so the next pass re-opens the session."""
         if moved:
-            self.counters["sessions_repinned"] += 1
+            self.counters[counter] += 1
             self._resolve_controls(h)
             self._resend_unanswered(h)
-        else:  # _pin recorded the new worker before it failed to open: drop it so the next pass retries
+        else:
             self.r.delete(self.keys.session(h.id))
 
     def _resolve_controls(self, handle: GatewayStreamHandle) -> None:
