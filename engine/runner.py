@@ -249,10 +249,12 @@ class EngineRunner:
         state = self.send(Control(Op.ADD, config=cfg, notify=notify)).result(timeout)
         return StreamHandle(self, state)
 
-    def submit_job(self, cfg: StreamConfig, image: np.ndarray | None = None) -> Future:
+    def submit_job(self, cfg: StreamConfig, image: np.ndarray | None = None,
+                   encode: tuple[str, int] | None = None) -> Future:
         """A one-shot generation batched with the live streams; the future yields a ``StreamOutput``.
 
-        Cancelling the future removes the job from the engine before its next tick.
+        Cancelling the future removes the job from the engine before its next tick. ``encode`` is not
+        used: in process the output stays pixels and the caller codes it in its own pool.
         """
         cfg = self.validate(cfg)
         frame = Frame(image=image, received_at=time.perf_counter())

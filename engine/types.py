@@ -36,19 +36,21 @@ class StreamOutput:
     #: A ``GenerationError`` when the model call(s) for this input failed; ``image`` is then ``None``
     #: and the stream goes on with its next input.
     error: Any = None
-    #: The output already JPEG-coded (it came so from a worker): sent to the client as it is, and
-    #: ``image`` may then be ``None`` (the gateway never decodes it).
+    #: The output already coded (it came so from a worker: a stream frame's JPEG, or a REST image in
+    #: the format the request asked for): sent to the client as it is, and ``image`` may then be
+    #: ``None`` (the gateway never decodes it).
     encoded: EncodedImage | None = None
 
 
 @dataclass(frozen=True)
 class EncodedImage:
-    """JPEG bytes of an image, with its size and the quality it was coded at (0: unknown)."""
+    """Coded bytes of an image, with its size, format and the quality it was coded at (0: unknown)."""
 
     data: bytes
     width: int
     height: int
     quality: int = 0
+    format: str = "jpeg"
 
 
 @dataclass

@@ -86,8 +86,12 @@ class EngineClient(Protocol):
                    timeout: float | None = ...) -> EngineStream:
         """Open a stream (may wait on the engine: call it from a worker thread)."""
 
-    def submit_job(self, cfg: StreamConfig, image: np.ndarray | None = None) -> Future:
-        """One image; the future yields a ``StreamOutput`` or raises the engine's error."""
+    def submit_job(self, cfg: StreamConfig, image: np.ndarray | None = None,
+                   encode: tuple[str, int] | None = None) -> Future:
+        """One image; the future yields a ``StreamOutput`` or raises the engine's error. ``encode``
+        (format, quality) is how the caller will code it: an engine that can hand the image over
+        already coded (the gateway: coded by the worker, never decoded in between) sets
+        ``StreamOutput.encoded``; the in-process engine returns pixels."""
 
     def health(self) -> dict[str, Any]:
         """Extra fields for ``/health`` and ``/ready`` (e.g. Redis and workers in gateway mode)."""

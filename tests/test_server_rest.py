@@ -71,6 +71,24 @@ def test_openai_client_generate_and_edit(tiny_server, tmp_path):
     assert [m.id for m in models.data] == [str(tiny_server.app.state.ditstream.settings.model)]
 
 
+def test_the_gateway_relays_the_image_its_worker_coded(tiny_server, monkeypatch):
+    """Through a gateway the worker codes the result in the requested format and the gateway sends
+    those bytes as they are (no decode and re-encode, a coded image on the reply stream instead of
+    raw pixels); in process the server codes it. Same images either way (PNG is lossless)."""
+    from ditstream.server.api import rest
+
+    coded: list[str] = []
+    real = rest.codec.encode
+    monkeypatch.setattr(rest.codec, "encode", lambda image, fmt, q: coded.append(fmt) or real(image, fmt, q))
+    client = openai.OpenAI(base_url=tiny_server.url + "/v1", api_key=KEY, max_retries=0)
+    for fmt in ("png", "webp", "jpeg"):
+        res = client.images.generate(prompt="a red circle", size="32x32", n=2, output_format=fmt,
+                                     extra_body={"seed": 5})
+        assert [_png(d.b64_json).format for d in res.data] == [fmt.upper()] * 2 and res.size == "32x32"
+    gateway = runner_of(tiny_server).info.get("mode") == "gateway"
+    assert coded == ([] if gateway else ["png"] * 2 + ["webp"] * 2 + ["jpeg"] * 2), coded
+
+
 def test_openai_client_sees_typed_errors(tiny_server):
     bad = openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["images"])
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+#: Quality of JPEG and WebP responses (PNG is lossless).
+OUTPUT_QUALITY = 95
 
 
 class PromptWeight(BaseModel):
@@ -148,8 +150,9 @@ async def generations(body: GenerationRequest, request: Request) -> ImagesRespon
     base = _base_config(state, "txt2img", prompt, width, height, body.seed, body.steps, body.guidance_scale,
                         interpolation=body.prompt_interpolation, loras=body.loras)
     cfgs = [base.replace(seed=base.seed + i) for i in range(body.n)]
-    outputs = await _run_jobs(state, request, cfgs, [None] * body.n)
-    return await _respond(state, outputs, body.output_format or "png", body.prompt)
+    fmt = body.output_format or "png"
+    outputs = await _run_jobs(state, request, cfgs, [None] * body.n, fmt)
+    return await _respond(state, outputs, fmt, body.prompt)
 
 
 @router.post("/images/edits", response_model=ImagesResponse, responses=_ERRORS,
@@ -193,8 +196,9 @@ async def edits(
     base = _base_config(state, "img2img", prompt, width, height, seed, steps, guidance_scale, strength)
     fitted = await loop.run_in_executor(state.codec.pool, codec.resize, pixels, width, height)
     cfgs = [base.replace(seed=base.seed + i) for i in range(n)]
-    outputs = await _run_jobs(state, request, cfgs, [fitted] * n)
-    return await _respond(state, outputs, output_format or "png", prompt)
+    fmt = output_format or "png"
+    outputs = await _run_jobs(state, request, cfgs, [fitted] * n, fmt)
+    return await _respond(state, outputs, fmt, prompt)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -231,15 +235,16 @@ def _base_config(state: AppState, mode: str, prompt: str | list[dict[str, Any]],
 
 
 async def _run_jobs(state: AppState, request: Request, cfgs: list[StreamConfig],
-                    images: list[np.ndarray | None]) -> list[StreamOutput]:
-    """Submit one engine job per image; cancel them all if the client leaves or time runs out."""
+                    images: list[np.ndarray | None], fmt: OutputFormat) -> list[StreamOutput]:
+    """Submit one engine job per image (to be coded as ``fmt``: a gateway's workers code it so);
+    cancel them all if the client leaves or time runs out."""
     runner = state.require_engine()
     t0 = time.perf_counter()
     with state.admission.jobs.acquire(len(cfgs)):
         futures: list[Future] = []
         try:
             for cfg, img in zip(cfgs, images, strict=True):
-                futures.append(runner.submit_job(cfg, img))
+                futures.append(runner.submit_job(cfg, img, encode=(fmt, OUTPUT_QUALITY)))
             results = asyncio.ensure_future(asyncio.gather(*[asyncio.wrap_future(f) for f in futures]))
             gone = asyncio.ensure_future(_disconnected(request))
             done, _ = await asyncio.wait({results, gone}, timeout=state.settings.job_timeout_s,
@@ -275,10 +280,23 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _respond(state: AppState, outputs: list[StreamOutput], fmt: OutputFormat, prompt: str) -> ImagesResponse:
+    """Code the images (in the codec pool), or send what a worker already coded as ``fmt`` as it is."""
     loop = asyncio.get_running_loop()
-    blobs = await asyncio.gather(*[loop.run_in_executor(state.codec.pool, codec.encode, o.image, fmt, 95)
-                                   for o in outputs])
-    h, w = outputs[0].image.shape[:2]
+
+    async def blob(o: StreamOutput) -> bytes:
+        if o.encoded is not None and o.encoded.format == fmt:
+            return o.encoded.data
+
+        def recode() -> bytes:
+            image = o.image if o.image is not None else codec.decode(o.encoded.data,  # type: ignore[union-attr]
+                                                                     max_pixels=state.settings.max_pixels)
+            return codec.encode(image, fmt, OUTPUT_QUALITY)
+
+        return await loop.run_in_executor(state.codec.pool, recode)
+
+    blobs = await asyncio.gather(*[blob(o) for o in outputs])
+    first = outputs[0]
+    w, h = (first.encoded.width, first.encoded.height) if first.encoded is not None else first.image.shape[1::-1]
     return ImagesResponse(created=int(time.time()), output_format=fmt, size=f"{w}x{h}",
                           data=[ImageData(b64_json=base64.b64encode(b).decode("ascii"), revised_prompt=prompt)
                                 for b in blobs])

@@ -37,7 +37,8 @@ from ditstream.engine.errors import (
     GenerationError,
     ValidationError,
 )
-from ditstream.engine.types import MetricsSink, StreamOutput
+from ditstream.engine.imagefile import check_header
+from ditstream.engine.types import EncodedImage, MetricsSink, StreamOutput
 from ditstream.server.scale.config import (
     ScaleConfig,
     connect,
@@ -203,15 +204,18 @@ class RedisGatewayRunner(GatewayThreads, GatewaySessions):
         mult = int(self.info.get("size_multiple") or DEFAULT_SIZE_MULTIPLE)
         return cfg.validate(max_prompt_chars=self.engine_config.max_prompt_chars,
                             max_pixels=self.engine_config.max_pixels, size_multiple=mult)
-    def submit_job(self, cfg: StreamConfig, image: np.ndarray | None = None) -> Future:
-        """Queue one image on the jobs stream; the future yields a ``StreamOutput`` (never blocks)."""
+    def submit_job(self, cfg: StreamConfig, image: np.ndarray | None = None,
+                   encode: tuple[str, int] | None = None) -> Future:
+        """Queue one image on the jobs stream; the future yields a ``StreamOutput`` (never blocks),
+        with ``encoded`` set when ``encode`` asked the worker to code the result."""
         self.check_alive()
         cfg = self.validate(cfg)
         if image is None and cfg.mode == "img2img":
             raise ValidationError("img2img needs an input image", field="image")
         meta, data = encode_image(image, "raw") if image is not None else (None, b"")
+        fmt, quality = encode if encode is not None else (None, 95)
         msg = JobMessage(reply_to=self.replies, gateway=self.id, config=config_to_wire(cfg), image=meta,
-                         deadline=time.time() + self.job_timeout_s)
+                         deadline=time.time() + self.job_timeout_s, output_format=fmt, output_quality=quality)
         future: Future = Future()
         with self._lock:
             self._jobs[msg.job] = PendingJob(msg, data, future)
@@ -245,14 +249,20 @@ class RedisGatewayRunner(GatewayThreads, GatewaySessions):
             self.counters["jobs_failed"] += 1
             fut.set_exception(res.error.to_exception())
             return
+        image, encoded = None, None
         try:
-            image = decode_image(res.image, img, max_pixels=self.engine_config.max_pixels) if res.image else None
+            if res.image is not None and res.image.codec != "raw":  # coded by the worker: relayed as it is
+                fmt, w, h = check_header(img, max_pixels=self.engine_config.max_pixels,
+                                         size=(res.image.width, res.image.height))
+                encoded = EncodedImage(img, w, h, res.image.quality, format=fmt)
+            elif res.image is not None:
+                image = decode_image(res.image, img, max_pixels=self.engine_config.max_pixels)
         except Exception as exc:
             fut.set_exception(GenerationError(f"unreadable result from {res.worker}: {exc}"))
             return
         self.counters["jobs_answered"] += 1
         fut.set_result(StreamOutput(stream_id=res.job, seq=0, ts=0.0, image=image, skipped=res.skipped,
-                                    timings=dict(res.timings)))
+                                    timings=dict(res.timings), encoded=encoded))
 
 
     def bind_metrics(self, metrics: MetricsSink) -> None:

@@ -161,6 +161,11 @@ class JobMessage(Msg):
     deadline: float
     attempt: int = 1
     created: float = Field(default_factory=time.time)
+    #: How the REST response will code the result (None: raw pixels): the worker codes it so, the
+    #: gateway relays the bytes — no decode and re-encode in the gateway, and a few hundred kB less
+    #: than raw pixels on the reply stream.
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_quality: int = Field(95, ge=1, le=100)
 
 
 class JobResult(Msg):
