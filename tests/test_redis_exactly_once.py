@@ -359,3 +359,36 @@ def test_sessions_spread_again_when_a_worker_joins_each_frame_once_in_order(scfg
         gw.stop()
         for w in workers.values():
             w.stop()
+
+
+def test_a_session_no_live_worker_will_reopen_is_failed_not_stalled(scfg: ScaleConfig):
+    """Its worker leaves and the only other one refuses the stream's config (here: over its pixel
+    limit): the gateway cannot re-pin it, so the client's next frame is refused with an overload
+    error (WebSocket 1013: reconnect, and the new open names the real reason) instead of frames
+    going to a worker that never opened the session."""
+    from ditstream.engine.errors import OverloadedError
+    from ditstream.engine.null import null_runner
+
+    scfg = dataclasses.replace(scfg, heartbeat_s=0.2, worker_ttl_s=1.0)
+    wa = _null_worker(scfg, "wa").start()
+    gw = RedisGatewayRunner(scfg, EngineConfig(), job_timeout_s=30).start()
+    wb = None
+    try:
+        wait_for(lambda: set(gw.workers) == {"wa"}, 20, what="gateway sees wa")
+        h = gw.add_stream(StreamConfig(prompt="p", width=SIZE, height=SIZE), notify=None)
+        frame = np.zeros((SIZE, SIZE, 3), np.uint8)
+        h.submit(frame, 0, 0.0)
+        assert h.outputs.get(timeout=20) is not None
+        wb = Worker(null_runner(EngineConfig(max_pixels=(SIZE // 2) ** 2)), scfg, worker_id="wb").start()
+        wait_for(lambda: set(gw.workers) == {"wa", "wb"}, 20, what="gateway sees wb")
+        wa.stop(drain_s=0.0)
+        wait_for(lambda: h.failed is not None, 10, interval=0.02, what="the re-pin to wb refused")
+        with pytest.raises(OverloadedError, match="could not be re-opened on another") as info:
+            h.submit(frame, 1, 1.0)
+        assert info.value.reason == "no_worker" and "pixel" in info.value.message, info.value.message
+        h.close()
+    finally:
+        gw.stop()
+        wa.stop()
+        if wb is not None:
+            wb.stop()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from ditstream.engine.config import EngineConfig, StreamConfig
 from ditstream.engine.errors import (
+    DitstreamError,
     EngineDeadError,
     ValidationError,
 )
@@ -72,6 +73,9 @@ class GatewayStreamHandle:
         #: The newest frames sent as (seq, ts, meta, bytes): those unanswered are sent again after a re-pin.
         self.sent: deque[tuple[int, float, Any, bytes]] = deque(maxlen=2)
         self.closed = False
+        #: Set when the session lost its worker and no live worker would re-open it: every later
+        #: frame is answered with this error (the client is told and closed, 1013), not with silence.
+        self.failed: DitstreamError | None = None
         self.refreshed = 0.0
         #: True while ``add_stream`` is pinning it: the supervisor leaves it alone (it would otherwise
         #: see a worker set but no record yet, "re-pin" it concurrently and split the session).
@@ -87,8 +91,7 @@ class GatewayStreamHandle:
         Not refused while Redis or the worker is briefly gone: the slot keeps the newest frame and
         the session resumes when the supervisor has re-pinned it — a stream outlives an outage.
         """
-        if self.closed or not self._runner.running:
-            raise EngineDeadError("the gateway is not running")
+        self._check_open()
         if image is None and self._config.mode == "img2img":
             raise ValidationError("img2img streams need an image in every frame", field="image")
         return self._offer((image, seq, ts, None))
@@ -96,10 +99,15 @@ class GatewayStreamHandle:
     def submit_encoded(self, data: bytes, seq: int, ts: float, fmt: str, width: int, height: int) -> bool:
         """Offer a frame as the client coded it (its header already checked): relayed to the worker
         byte for byte, decoded there once. Same contract as ``submit``."""
-        if self.closed or not self._runner.running:
-            raise EngineDeadError("the gateway is not running")
+        self._check_open()
         meta = ImageMeta(codec=fmt, width=width, height=height)  # type: ignore[arg-type]
         return self._offer((None, seq, ts, (meta, data)))
+
+    def _check_open(self) -> None:
+        if self.failed is not None:
+            raise self.failed
+        if self.closed or not self._runner.running:
+            raise EngineDeadError("the gateway is not running")
 
     def _offer(self, item: tuple[np.ndarray | None, int, float, tuple[ImageMeta, bytes] | None]) -> bool:
         replaced = self.slot.put(item)

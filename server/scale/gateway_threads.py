@@ -13,6 +13,7 @@ from typing import Any
 
 from ditstream.engine.errors import (
     GenerationError,
+    OverloadedError,
     ValidationError,
 )
 from ditstream.server.scale.config import (
@@ -303,8 +304,10 @@ class GatewayThreads:
         h.pinning = True
         try:
             moved = self._pin(h, exclude={old} if len(self.workers) > 1 else set(), prefer=old if alive else None)
-        except ValidationError as exc:
+        except ValidationError as exc:  # no live worker takes it: tell its client instead of stalling it
             logger.error("session %s cannot be re-opened: %s", h.id, exc.message)
+            h.failed = OverloadedError(f"the stream lost its worker and could not be re-opened on another: "
+                                       f"{exc.message}", reason="no_worker")
             return
         finally:
             h.pinning = False
