@@ -213,9 +213,9 @@ class RedisGatewayRunner(GatewayThreads, GatewaySessions):
         if image is None and cfg.mode == "img2img":
             raise ValidationError("img2img needs an input image", field="image")
         meta, data = encode_image(image, "raw") if image is not None else (None, b"")
-        fmt, quality = encode if encode is not None else (None, 95)
+        coding = {"output_format": encode[0], "output_quality": encode[1]} if encode is not None else {}
         msg = JobMessage(reply_to=self.replies, gateway=self.id, config=config_to_wire(cfg), image=meta,
-                         deadline=time.time() + self.job_timeout_s, output_format=fmt, output_quality=quality)
+                         deadline=time.time() + self.job_timeout_s, **coding)
         future: Future = Future()
         with self._lock:
             self._jobs[msg.job] = PendingJob(msg, data, future)

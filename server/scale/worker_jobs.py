@@ -6,11 +6,10 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ditstream.engine.errors import DitstreamError, GenerationError, ValidationError
 from ditstream.engine.types import StreamOutput
-from ditstream.server import codec
 from ditstream.server.scale.config import (
     Backoff,
     ensure_group,
@@ -20,7 +19,6 @@ from ditstream.server.scale.config import (
 )
 from ditstream.server.scale.messages import (
     ErrorInfo,
-    ImageMeta,
     JobMessage,
     JobResult,
     WireError,
@@ -29,9 +27,6 @@ from ditstream.server.scale.messages import (
     encode_image,
 )
 from ditstream.server.scale.worker_state import RETRYABLE, WorkerJob
-
-if TYPE_CHECKING:
-    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +176,9 @@ class WorkerJobs:
                 self._reply(job.entry, job.msg, None, exc)
 
     def _reply(self, eid: str, msg: JobMessage, out: StreamOutput | None, exc: BaseException | None) -> bool:
-        meta, data = (self._result_image(out.image, msg) if out is not None else (None, b""))
+        # Coded as the REST response will send it (the gateway relays these bytes), else raw.
+        meta, data = (encode_image(out.image, msg.output_format or "raw", msg.output_quality)
+                      if out is not None else (None, b""))
         result = JobResult(job=msg.job, worker=self.id, image=meta, error=ErrorInfo.of(exc) if exc else None,
                            skipped=bool(out.skipped) if out else False, timings=dict(out.timings) if out else {})
         first = self._answer(keys=[self.keys.done(msg.job), msg.reply_to, self.keys.jobs],
@@ -191,15 +188,6 @@ class WorkerJobs:
             self.counters["jobs_duplicate"] += 1
             logger.info("worker %s: job %s was already answered; result discarded", self.id, msg.job)
         return bool(first)
-
-    @staticmethod
-    def _result_image(image: np.ndarray, msg: JobMessage) -> tuple[ImageMeta, bytes]:
-        """The result as the REST response will send it (the gateway relays these bytes), else raw."""
-        if msg.output_format is None:
-            return encode_image(image, "raw")
-        h, w = image.shape[:2]
-        data = codec.encode(image, msg.output_format, msg.output_quality)
-        return ImageMeta(codec=msg.output_format, width=w, height=h, quality=msg.output_quality), data
 
     def _reap_orphans(self) -> None:
         """Cancel held jobs nobody waits for: past their deadline, answered or cancelled elsewhere, or
