@@ -101,8 +101,7 @@ class LiveSession:
     """One live stream (see the module docstring). Event loop only, except ``arrivals``."""
 
     def __init__(self, state: AppState, permit: Permit, transport: str, owner: Closable,
-                 notify: Callable[[], None], on_mode: Callable[[bool], None] | None = None,
-                 numbered_ticks: bool = True) -> None:
+                 notify: Callable[[], None], on_mode: Callable[[bool], None] | None = None) -> None:
         self.state = state
         self.settings = state.settings
         self.metrics = state.metrics
@@ -120,7 +119,6 @@ class LiveSession:
         #: Arrival times by seq, and the seq the next server-made (or unnumbered) frame gets.
         self.arrivals = Arrivals()
         self._ticker: asyncio.Task | None = None
-        self._numbered_ticks = numbered_ticks  # False: every tick is seq 0 (WebRTC, as before)
         self._out_dropped = 0
         self._registered = False
         self.closed = False
@@ -214,14 +212,6 @@ class LiveSession:
             if next_t < now - period:  # fell far behind (a stall): restart the schedule
                 next_t = now
             await asyncio.sleep(max(0.0, next_t - now))
-            if not self._numbered_ticks:
-                try:
-                    self.handle.submit(None, 0, 0.0)
-                except ValidationError:
-                    continue
-                except DitstreamError:
-                    return
-                continue
             seq = self.arrivals.arrive(None, timing.clock())
             try:
                 if self.handle.submit(None, seq, time.time() * 1e3):

@@ -70,8 +70,7 @@ class WebRTCSession:
     def __init__(self, state: AppState, permit: Permit) -> None:
         self.state = state
         self.settings = state.settings
-        self.live = LiveSession(state, permit, "webrtc", self, notify=self._notify, on_mode=self._on_mode,
-                                numbered_ticks=False)
+        self.live = LiveSession(state, permit, "webrtc", self, notify=self._notify, on_mode=self._on_mode)
         self.loop = self.live.loop
         self.id = ""
         self.pc: RTCPeerConnection | None = None
@@ -237,18 +236,11 @@ class WebRTCSession:
         if handle is None or self.closed:
             return
         latest = None
-        metrics = self.state.metrics
         for out in handle.outputs.drain():
             if out.error is not None:
-                metrics.frames.labels("failed").inc()
-                err = out.error if isinstance(out.error, DitstreamError) else DitstreamError(str(out.error))
-                self.send_control({**ws_error(err), "seq": out.seq})
+                self.send_control(self.live.failed(out))
                 continue
-            metrics.frames.labels("skipped" if out.skipped else "processed").inc()
-            metrics.queue_seconds.observe(out.timings.get("queue", 0.0))
-            if not out.skipped:
-                metrics.inference_seconds.observe(out.timings.get("inference", 0.0))
-            metrics.e2e_seconds.observe(out.timings.get("total", 0.0))
+            self.live.leaving(out)
             latest = out.image
         self.live.count_drops()
         if latest is not None:
