@@ -54,7 +54,7 @@ class GenerationRequest(BaseModel):
     """
 
     model_config = ConfigDict(extra="ignore", strict=True)
-    prompt: str = Field(..., description="What to draw.")
+    prompt: str | None = Field(None, description="What to draw (required unless `prompts` is given).")
     model: str | None = Field(None, description="Accepted for compatibility; the server's model is used.")
     n: int = Field(1, ge=1, description="Images to make (each a different seed).")
     size: str | None = Field(None, description="'WxH' (multiples of the model's size multiple) or 'auto'.")
@@ -65,7 +65,7 @@ class GenerationRequest(BaseModel):
     guidance_scale: float | None = None
     prompts: list[PromptWeight] | None = Field(
         None, min_length=1, max_length=MAX_BLEND, description="A prompt blend mixed in embedding space; replaces `prompt` for the model "
-                          "(`prompt` is still required by the OpenAI shape and is echoed as revised_prompt).")
+                          "(`prompt` may then be left out; when given it is echoed as revised_prompt).")
     prompt_interpolation: Literal["linear", "slerp"] | None = Field(None, description="How `prompts` are mixed.")
     loras: dict[str, float] | None = Field(
         None, description="LoRA adapter scales {name: scale} (names left out are off; omitted: each adapter at "
@@ -146,9 +146,13 @@ async def generations(body: GenerationRequest, request: Request) -> ImagesRespon
     state = state_of(request.app)
     _check_common(state, body.n, body.response_format)
     width, height = _size(state, body.size)
-    prompt: str | list[dict[str, Any]] = body.prompt
+    prompt: str | list[dict[str, Any]]
     if body.prompts is not None:
         prompt = [p.model_dump() for p in body.prompts]
+    elif body.prompt is not None:
+        prompt = body.prompt
+    else:  # the openai client always sends prompt; a curl user with a blend need not
+        raise ValidationError("prompt is required (or prompts, a blend of prompts)", field="prompt")
     base = _base_config(state, "txt2img", prompt, width, height, body.seed, body.steps, body.guidance_scale,
                         interpolation=body.prompt_interpolation, loras=body.loras)
     cfgs = [base.replace(seed=base.seed + i) for i in range(body.n)]
@@ -276,7 +280,7 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def _respond(state: AppState, outputs: list[StreamOutput], fmt: OutputFormat, prompt: str,
+async def _respond(state: AppState, outputs: list[StreamOutput], fmt: OutputFormat, prompt: str | None,
                    received_at: float) -> ImagesResponse:
     """Code the images (in the codec pool), or send what a worker already coded as ``fmt`` as it is;
     the request's timings go to the metrics as a stream frame's do (glass-to-glass: ``timing.py``)."""
