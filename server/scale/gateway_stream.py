@@ -50,6 +50,9 @@ class GatewayCore:
 class GatewayStreamHandle:
     """A session as the app sees it; its engine lives on whichever worker it is pinned to."""
 
+    #: ``EngineStream``: frames are relayed as the client coded them; the worker decodes and encodes.
+    takes_encoded = True
+
     def __init__(self, runner: RedisGatewayRunner, sid: str, cfg: StreamConfig,
                  notify: Callable[[], None] | None) -> None:
         self._runner = runner
@@ -59,7 +62,7 @@ class GatewayStreamHandle:
         self.stats = StreamStats()
         #: (image, seq, ts, (meta, bytes) when the client's coded bytes are relayed as they are)
         self.slot: LatestSlot[tuple[np.ndarray | None, int, float, tuple[ImageMeta, bytes] | None]] = LatestSlot()
-        #: Set by the WebSocket session: outputs stay JPEG (``StreamOutput.encoded``), never decoded here.
+        #: Set by ``code_outputs``: outputs stay JPEG (``StreamOutput.encoded``), never decoded here.
         self.relay_encoded = False
         #: JPEG quality the client wants (0: the worker's); sent with every frame.
         self.output_quality = 0
@@ -102,6 +105,10 @@ class GatewayStreamHandle:
         self._check_open()
         meta = ImageMeta(codec=fmt, width=width, height=height)  # type: ignore[arg-type]
         return self._offer((None, seq, ts, (meta, data)))
+
+    def code_outputs(self, quality: int) -> None:
+        """``EngineStream``: outputs stay the worker's JPEG, coded at ``quality``."""
+        self.relay_encoded, self.output_quality = True, quality
 
     def _check_open(self) -> None:
         if self.failed is not None:
