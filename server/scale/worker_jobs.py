@@ -187,6 +187,8 @@ class WorkerJobs:
         if not first:
             self.counters["jobs_duplicate"] += 1
             logger.info("worker %s: job %s was already answered; result discarded", self.id, msg.job)
+        else:  # one line per answer written: the chaos test counts answers per job from these
+            logger.debug("worker %s: job %s answered", self.id, msg.job)
         return bool(first)
 
     def _reap_orphans(self) -> None:
