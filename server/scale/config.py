@@ -147,6 +147,13 @@ class Backoff:
         self.delay = 0.0
 
 
+def conn_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "Redis is unreachable now": every loop backs off on these and retries."""
+    import redis
+
+    return (redis.ConnectionError, redis.TimeoutError)
+
+
 def is_nogroup(exc: BaseException) -> bool:
     return "NOGROUP" in str(exc)
 

@@ -1,12 +1,11 @@
-"""What the gateway hands out and keeps per request: a session's handle (an ``EngineStream``), a pending
-job, and the Prometheus collector of the workers' heartbeats."""
+"""What the gateway hands out: a session's handle (an ``EngineStream``), and the Prometheus collector
+of the workers' heartbeats."""
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,23 +20,13 @@ from ditstream.engine.types import StreamOutput, StreamStats
 from ditstream.server.scale.messages import (
     SESSION_TTL_S,
     ImageMeta,
-    JobMessage,
 )
 
-__all__ = ["RECENT_RESULTS", "SESSION_TTL_S", "GatewayCore", "GatewayStreamHandle", "PendingJob", "WorkerCollector"]
+__all__ = ["SESSION_TTL_S", "GatewayCore", "GatewayStreamHandle", "WorkerCollector"]
 
 if TYPE_CHECKING:
     from ditstream.server.scale.gateway import RedisGatewayRunner
-
-#: Results kept after their future resolved, to recognise (and count) a second answer.
-RECENT_RESULTS = 4096
-
-
-@dataclass
-class PendingJob:
-    msg: JobMessage
-    image: bytes
-    future: Future
+    from ditstream.server.scale.gateway_sessions import GatewaySessions
 
 
 class GatewayCore:
@@ -50,12 +39,12 @@ class GatewayCore:
 class GatewayStreamHandle:
     """A session as the app sees it; its engine lives on whichever worker it is pinned to."""
 
-    def __init__(self, runner: RedisGatewayRunner, sid: str, cfg: StreamConfig,
+    def __init__(self, sessions: GatewaySessions, sid: str, cfg: StreamConfig,
                  notify: Callable[[], None] | None) -> None:
-        self._runner = runner
+        self._sessions = sessions
         self.id = sid
         self._config = cfg
-        self.outputs: OutputQueue[StreamOutput] = OutputQueue(runner.engine_config.output_queue_size, notify)
+        self.outputs: OutputQueue[StreamOutput] = OutputQueue(sessions.engine_config.output_queue_size, notify)
         self.stats = StreamStats()
         #: (image, seq, ts, (meta, bytes) when the client's coded bytes are relayed as they are)
         self.slot: LatestSlot[tuple[np.ndarray | None, int, float, tuple[ImageMeta, bytes] | None]] = LatestSlot()
@@ -85,6 +74,10 @@ class GatewayStreamHandle:
     def config(self) -> StreamConfig:
         return self._config
 
+    def applied(self, cfg: StreamConfig) -> None:
+        """A worker opened the session with ``cfg`` (as it applied it)."""
+        self._config = cfg
+
     def submit(self, image: np.ndarray | None, seq: int = 0, ts: float = 0.0) -> bool:
         """Offer a frame; never blocks (the publisher thread sends it). True if one was replaced.
 
@@ -106,27 +99,27 @@ class GatewayStreamHandle:
     def _check_open(self) -> None:
         if self.failed is not None:
             raise self.failed
-        if self.closed or not self._runner.running:
+        if self.closed or not self._sessions.running():
             raise EngineDeadError("the gateway is not running")
 
     def _offer(self, item: tuple[np.ndarray | None, int, float, tuple[ImageMeta, bytes] | None]) -> bool:
         replaced = self.slot.put(item)
         if replaced:
             self.stats.dropped_inputs += 1
-        self._runner.wake_publisher()
+        self._sessions.outbox.wake()
         return replaced
 
     def reconfigure(self, **changes: Any) -> Future:
         """Validate now; the future resolves to the config the worker applied."""
         try:
-            cfg = self._runner.validate(self._config.replace(**changes))
+            cfg = self._sessions.validate(self._config.replace(**changes))
         except TypeError as exc:
             raise ValidationError(f"unknown config key: {exc}") from exc
         self._config = cfg  # a re-pin opens the session with the newest config
-        return self._runner.control(self, "reconfigure", cfg)
+        return self._sessions.control(self, "reconfigure", cfg)
 
     def close(self) -> None:
-        self._runner.close_session(self)
+        self._sessions.close_session(self)
 
 
 class WorkerCollector:
