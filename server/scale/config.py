@@ -39,7 +39,8 @@ class ScaleConfig:
     max_attempts: int = 3
     #: Jobs one worker holds at once (the rest stay in the stream for other workers).
     max_jobs: int = 4
-    #: Encoding of stream frames on the wire; jobs and their results always travel raw (lossless).
+    #: Encoding of stream frames on the wire. A job's input image travels raw (lossless); its result is
+    #: coded as its REST response will be (``JobMessage.output_format``), raw when none is asked.
     frame_codec: Codec = "jpeg"
     jpeg_quality: int = 90
     #: Input frames kept per session (latest wins) and outputs kept per session (oldest dropped).

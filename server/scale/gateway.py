@@ -39,7 +39,7 @@ from ditstream.server.scale.gateway_jobs import GatewayJobs
 from ditstream.server.scale.gateway_publisher import Outbox, Publisher
 from ditstream.server.scale.gateway_reader import Reader
 from ditstream.server.scale.gateway_sessions import GatewaySessions
-from ditstream.server.scale.gateway_stream import GatewayCore, GatewayStreamHandle, WorkerCollector
+from ditstream.server.scale.gateway_stream import GatewayStreamHandle, WorkerCollector
 from ditstream.server.scale.gateway_supervisor import Fleet, Supervisor
 from ditstream.server.scale.messages import Heartbeat
 
@@ -65,7 +65,6 @@ class RedisGatewayRunner:
         self.cfg = cfg
         self.keys = cfg.keys
         self.engine_config = engine or EngineConfig()
-        self.core = GatewayCore(self.engine_config)
         self.job_timeout_s = job_timeout_s
         self.open_timeout_s = open_timeout_s
         self.id = gateway_id or f"gw-{uuid.uuid4().hex[:10]}"

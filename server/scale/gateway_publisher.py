@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from ditstream.server.scale.config import Backoff, ScaleConfig, conn_errors
 from ditstream.server.scale.counters import Counters
-from ditstream.server.scale.gateway_stream import SESSION_TTL_S, GatewayStreamHandle
-from ditstream.server.scale.messages import FrameHeader, Keys, SessionControl, encode_image
+from ditstream.server.scale.gateway_stream import GatewayStreamHandle
+from ditstream.server.scale.messages import SESSION_TTL_S, FrameHeader, Keys, SessionControl, encode_image
 
 if TYPE_CHECKING:
     import redis

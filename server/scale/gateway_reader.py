@@ -109,7 +109,7 @@ class Reader:
             # after a Redis restart and answered again by the same worker under the same epoch.
             self.counters.add("outputs_stale")
             return
-        handle.last_epoch_out, handle.last_seq_out = head.epoch, head.seq
+        handle.last_seq_out = head.seq
         error = head.error.to_exception() if head.error is not None else None
         image = encoded = None
         if error is not None:  # the worker's model call failed: relayed as the in-band error for this seq

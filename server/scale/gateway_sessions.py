@@ -20,8 +20,9 @@ from ditstream.engine.errors import OverloadedError, ValidationError
 from ditstream.server.scale.config import ScaleConfig
 from ditstream.server.scale.counters import Counters
 from ditstream.server.scale.gateway_publisher import Outbox, xadd_frame
-from ditstream.server.scale.gateway_stream import SESSION_TTL_S, GatewayStreamHandle
+from ditstream.server.scale.gateway_stream import GatewayStreamHandle
 from ditstream.server.scale.messages import (
+    SESSION_TTL_S,
     SessionControl,
     SessionRecord,
     SessionReply,

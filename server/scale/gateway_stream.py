@@ -9,7 +9,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from ditstream.engine.config import EngineConfig, StreamConfig
+from ditstream.engine.config import StreamConfig
 from ditstream.engine.errors import (
     DitstreamError,
     EngineDeadError,
@@ -18,22 +18,14 @@ from ditstream.engine.errors import (
 from ditstream.engine.queues import LatestSlot, OutputQueue
 from ditstream.engine.types import StreamOutput, StreamStats
 from ditstream.server.scale.messages import (
-    SESSION_TTL_S,
     ImageMeta,
 )
 
-__all__ = ["SESSION_TTL_S", "GatewayCore", "GatewayStreamHandle", "WorkerCollector"]
+__all__ = ["GatewayStreamHandle", "WorkerCollector"]
 
 if TYPE_CHECKING:
     from ditstream.server.scale.gateway import RedisGatewayRunner
     from ditstream.server.scale.gateway_sessions import GatewaySessions
-
-
-class GatewayCore:
-    """What the app reads from ``runner.core``: the engine settings (queue sizes)."""
-
-    def __init__(self, config: EngineConfig) -> None:
-        self.config = config
 
 
 class GatewayStreamHandle:
@@ -52,12 +44,13 @@ class GatewayStreamHandle:
         self.relay_encoded = False
         #: JPEG quality the client wants (0: the worker's); sent with every frame.
         self.output_quality = 0
+        #: The worker it is pinned to, and the pin's epoch (bumped on every pin: stale outputs are dropped).
         self.worker = ""
         self.epoch = 0
+        #: The reader's position in the session's output stream.
         self.last_out = "0-0"
-        #: The last output handed to the client: (epoch, seq). Outputs of another worker or epoch, and
+        #: The ``seq`` of the last output handed to the client. Outputs of another worker or epoch, and
         #: repeats of an answered ``seq`` after a re-pin, are dropped (exactly once, in order).
-        self.last_epoch_out = 0
         self.last_seq_out = -1
         #: The newest frames sent as (seq, ts, meta, bytes): those unanswered are sent again after a re-pin.
         self.sent: deque[tuple[int, float, Any, bytes]] = deque(maxlen=2)
@@ -65,9 +58,11 @@ class GatewayStreamHandle:
         #: Set when the session lost its worker and no live worker would re-open it: every later
         #: frame is answered with this error (the client is told and closed, 1013), not with silence.
         self.failed: DitstreamError | None = None
+        #: When the supervisor last refreshed the session record's TTL (monotonic seconds).
         self.refreshed = 0.0
-        #: True while ``add_stream`` is pinning it: the supervisor leaves it alone (it would otherwise
-        #: see a worker set but no record yet, "re-pin" it concurrently and split the session).
+        #: True while it is being pinned (``add_stream``, a re-pin, a rebalancing move): the supervisor
+        #: leaves it alone (it would otherwise see a worker set but no record yet, "re-pin" it
+        #: concurrently and split the session).
         self.pinning = False
 
     @property

@@ -23,8 +23,8 @@ from ditstream.server.scale.config import Backoff, ScaleConfig, conn_errors, ens
 from ditstream.server.scale.counters import Counters
 from ditstream.server.scale.gateway_jobs import GatewayJobs
 from ditstream.server.scale.gateway_sessions import GatewaySessions
-from ditstream.server.scale.gateway_stream import SESSION_TTL_S, GatewayStreamHandle
-from ditstream.server.scale.messages import Heartbeat
+from ditstream.server.scale.gateway_stream import GatewayStreamHandle
+from ditstream.server.scale.messages import SESSION_TTL_S, Heartbeat
 
 if TYPE_CHECKING:
     import redis

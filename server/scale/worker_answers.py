@@ -10,17 +10,36 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ditstream.engine.errors import GenerationError
+from ditstream.engine.errors import EngineDeadError, GenerationError
 from ditstream.engine.types import StreamOutput
 from ditstream.server.scale.config import ScaleConfig, fields_get
 from ditstream.server.scale.counters import Counters
 from ditstream.server.scale.messages import ErrorInfo, JobMessage, JobResult, encode_image
-from ditstream.server.scale.worker_state import ANSWER_LUA, RETRYABLE, WorkerJob
 
 if TYPE_CHECKING:
     import redis
+    from ditstream.server.scale.worker_jobs import WorkerJob
 
 logger = logging.getLogger(__name__)
+
+# KEYS: done, reply stream, jobs stream. ARGV: worker, done ttl, entry id, group, reply maxlen, m, img,
+# reply ttl. Answer at most once (SET NX), then acknowledge and delete the entry whatever happened.
+ANSWER_LUA = """
+local first = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[2]))
+if first and KEYS[2] ~= '' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', tonumber(ARGV[5]), '*', 'm', ARGV[6], 'img', ARGV[7])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[8]))
+end
+if ARGV[3] ~= '' then
+  pcall(redis.call, 'XACK', KEYS[3], ARGV[4], ARGV[3])
+  redis.call('XDEL', KEYS[3], ARGV[3])
+end
+if first then return 1 else return 0 end
+"""
+
+
+#: Engine errors worth another attempt on another worker (anything else is the request's fault).
+RETRYABLE = (GenerationError, EngineDeadError)
 
 
 class JobAnswers:

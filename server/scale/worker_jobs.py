@@ -13,6 +13,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ditstream.engine.errors import DitstreamError, ValidationError
@@ -29,12 +31,21 @@ from ditstream.server.scale.config import (
 from ditstream.server.scale.counters import Counters
 from ditstream.server.scale.messages import JobMessage, WireError, config_from_wire, decode_image
 from ditstream.server.scale.worker_answers import JobAnswers
-from ditstream.server.scale.worker_state import WorkerJob
 
 if TYPE_CHECKING:
     import redis
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerJob:
+    """A job this worker holds: its stream entry, message, engine future and attempt number."""
+
+    entry: str
+    msg: JobMessage
+    future: Future
+    attempts: int
 
 
 class WorkerJobs:
@@ -154,7 +165,7 @@ class WorkerJobs:
             self.answers.reply(eid, msg, None, err)
             return
         with self._lock:
-            self._jobs[eid] = WorkerJob(eid, msg, future, time.perf_counter(), attempts)
+            self._jobs[eid] = WorkerJob(eid, msg, future, attempts)
         future.add_done_callback(lambda _f: self._finished.put(eid))
 
     def answers_loop(self) -> None:

@@ -17,7 +17,7 @@ from ditstream.server.scale.messages import SESSION_TTL_S, ErrorInfo, OutputHead
 
 if TYPE_CHECKING:
     import redis
-    from ditstream.server.scale.worker_state import WorkerSession
+    from ditstream.server.scale.worker_sessions import WorkerSession
 
 
 class WorkerOutputs:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import threading
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ditstream.engine.errors import DitstreamError, ValidationError
@@ -29,12 +30,23 @@ from ditstream.server.scale.messages import (
     decode_image,
 )
 from ditstream.server.scale.worker_outputs import WorkerOutputs
-from ditstream.server.scale.worker_state import WorkerSession
 
 if TYPE_CHECKING:
     import redis
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerSession:
+    """A session pinned here: its engine stream, its pin's epoch and where its input was read up to."""
+
+    sid: str
+    handle: StreamHandle
+    epoch: int
+    last_in: str = "0-0"
+    #: JPEG quality of its outputs, as its client asked (0: ``jpeg_quality``).
+    quality: int = 0
 
 
 class WorkerSessions:
@@ -123,8 +135,6 @@ class WorkerSessions:
 
         def done(f: Future) -> None:  # engine thread: only queue, never touch Redis here
             exc = f.exception()
-            if exc is None:
-                s.config = config_to_wire(f.result())
             self._queue_reply(msg, f.result() if exc is None else None, exc)
 
         fut.add_done_callback(done)
@@ -151,8 +161,7 @@ class WorkerSessions:
                 self._send_reply(msg, None, exc if isinstance(exc, DitstreamError) else ValidationError(str(exc)))
                 continue
             with self._lock:
-                self._sessions[msg.session] = WorkerSession(msg.session, handle, msg.epoch, msg.reply_to,
-                                                            config=config_to_wire(handle.config))
+                self._sessions[msg.session] = WorkerSession(msg.session, handle, msg.epoch)
             self.counters.add("sessions_opened")
             logger.info("worker %s: session %s opened (epoch %d)", self.id, msg.session, msg.epoch)
             self._send_reply(msg, handle.config, None)
