@@ -181,10 +181,15 @@ class RedisGatewayRunner:
 
     # ------------------------------------------------------------------------------ requests
     def validate(self, cfg: StreamConfig) -> StreamConfig:
-        """The same checks as an engine, with the workers' size multiple; the worker checks again."""
+        """The same checks as an engine, with the workers' size multiple, profile and adapters (from
+        their heartbeats): a config any live worker would refuse is refused here, before anything is
+        queued, since any of them may take a job or a re-pinned stream. The worker checks again."""
         mult = int(self.info.get("size_multiple") or DEFAULT_SIZE_MULTIPLE)
-        return cfg.validate(max_prompt_chars=self.engine_config.max_prompt_chars,
-                            max_pixels=self.engine_config.max_pixels, size_multiple=mult)
+        cfg = cfg.validate(max_prompt_chars=self.engine_config.max_prompt_chars,
+                           max_pixels=self.engine_config.max_pixels, size_multiple=mult)
+        for profile in self.fleet.profiles.values():
+            profile.check(cfg)
+        return cfg
 
     def add_stream(self, cfg: StreamConfig, notify: Callable[[], None] | None = None,
                    timeout: float | None = 60.0) -> GatewayStreamHandle:

@@ -25,6 +25,7 @@ from ditstream.server.scale.gateway_jobs import GatewayJobs
 from ditstream.server.scale.gateway_sessions import GatewaySessions
 from ditstream.server.scale.gateway_stream import GatewayStreamHandle
 from ditstream.server.scale.messages import SESSION_TTL_S, Heartbeat
+from ditstream.server.scale.profile import WorkerProfile
 
 if TYPE_CHECKING:
     import redis
@@ -33,11 +34,17 @@ logger = logging.getLogger(__name__)
 
 
 class Fleet:
-    """The supervisor's snapshot of the workers (live heartbeats) and of Redis (answered last pass)."""
+    """The supervisor's snapshot of the workers (live heartbeats and the profiles they advertise) and
+    of Redis (answered last pass)."""
 
     def __init__(self) -> None:
         self.workers: dict[str, Heartbeat] = {}
+        self.profiles: dict[str, WorkerProfile] = {}
         self.redis_ok = False
+
+    def set_workers(self, live: dict[str, tuple[Heartbeat, WorkerProfile]]) -> None:
+        self.profiles = {wid: profile for wid, (_hb, profile) in live.items()}
+        self.workers = {wid: hb for wid, (hb, _profile) in live.items()}
 
 
 class Supervisor:
@@ -79,7 +86,7 @@ class Supervisor:
             ensure_group(self.r, self.keys)
         except conn_errors():
             self.fleet.redis_ok = False
-            self.fleet.workers = {}
+            self.fleet.set_workers({})
             if not self.running():
                 return
             raise
@@ -100,7 +107,7 @@ class Supervisor:
     def _refresh_workers(self) -> None:
         ids = sorted(sid_str(w) for w in self.r.smembers(self.keys.workers))
         raws = self.r.mget([self.keys.worker(w) for w in ids]) if ids else []
-        live: dict[str, Heartbeat] = {}
+        live: dict[str, tuple[Heartbeat, WorkerProfile]] = {}
         gone = []
         for wid, raw in zip(ids, raws):
             if raw is None:
@@ -109,13 +116,13 @@ class Supervisor:
             with contextlib.suppress(Exception):
                 hb = Heartbeat.load(raw)
                 if hb.engine_alive:
-                    live[wid] = hb
+                    live[wid] = (hb, WorkerProfile.from_info(hb.info))
         if gone:
             self.r.srem(self.keys.workers, *gone)
         lost = set(self.fleet.workers) - set(live)
         if lost:
             logger.warning("gateway %s: worker(s) %s stopped beating", self.id, ", ".join(sorted(lost)))
-        self.fleet.workers = live
+        self.fleet.set_workers(live)
 
     def check_sessions(self) -> None:
         """Re-pin sessions whose worker is gone or whose record vanished; refresh the others' TTL."""
