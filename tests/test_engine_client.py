@@ -30,7 +30,7 @@ def _instances():
     cfg = StreamConfig(prompt="x", width=64, height=64)
     state = runner.core.add(cfg)
     return [(runner, EngineClient), (gateway, EngineClient), (StreamHandle(runner, state), EngineStream),
-            (GatewayStreamHandle(gateway, "s1", cfg, None), EngineStream)]
+            (GatewayStreamHandle(gateway.sessions, "s1", cfg, None), EngineStream)]
 
 
 def test_both_engines_implement_every_member():
