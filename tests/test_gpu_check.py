@@ -31,7 +31,12 @@ def test_gpu_check_dry_run_says_what_it_would_run(tmp_path):
     assert str(out) in text and not out.exists()  # says where, writes nothing
     assert "pytest" in text and "-m gpu" in text and "tests/test_tensorrt.py" in text
     assert "PYTHONSAFEPATH=1" in text  # python -m from the root must not put the source folder first
+    pytest_line = next(line for line in text.splitlines() if " -m pytest " in line)
     listed = dict(re.findall(r"^    (tests/\S+\.py): (.*)$", text, flags=re.M))
+    for name in ("test_gpu_engine.py", "test_gpu_compile.py", "test_gpu_batching.py", "test_gpu_memory.py"):
+        assert f"tests/{name}" in listed, f"{name} not among the gpu tests listed: {sorted(listed)}"
+        assert f"tests/{name}" in pytest_line  # and on the pytest command
+    assert "test_a_thousand_frames_leave_device_memory_flat" in listed["tests/test_gpu_memory.py"]
     assert "test_tensorrt_matches_torch" in listed["tests/test_tensorrt.py"]  # each file's tests, by name
     assert "bench gpu" in text and f"--json-out {out}/bench-gpu.json" in text
     assert "bench engine --device cuda" in text
