@@ -49,7 +49,9 @@ class NullBackend(Backend):
         return x * scale
 
     def encode(self, images):
-        return images
+        # Images arrive as a channels-last view (``images.to_tensor``); a real encoder returns dense
+        # latents, and the sampler's broadcasts over a strided view run several times slower.
+        return images.contiguous()
 
     def decode(self, latents):
         return latents
