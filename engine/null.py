@@ -7,8 +7,10 @@ their own latents (VAE scale factor 1, three channels, scaling 1), frames draw n
 (``engine.backends.null_backend``) predicts the clean latent exactly. So an img2img output is the
 input image itself and a txt2img output is a flat grey frame, while everything else (inbox, plans,
 batching policy, grouping into calls of at most ``max_batch``, similarity filter, failure handling,
-counters) is the code a real model runs, and ``ditstream bench server --null`` isolates the server.
-Each denoise call sleeps ``delay_s``: the inference time a real model would take.
+counters) is the code a real model runs. Each denoise call sleeps ``delay_s``: the inference time a
+real model would take. The core's float conversions and sampler arithmetic do run, on the CPU, for
+every pixel (about 15 ms of CPU per 512² frame on a small VM, 0.3 ms at 64²), and count as
+inference in each output's timings (docs/benchmarks.md).
 """
 
 from __future__ import annotations
