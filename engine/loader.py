@@ -74,6 +74,9 @@ class ModelComponents:
     intermediate_angle: float = DEFAULT_INTERMEDIATE
     #: LoRA adapters loaded on the transformer: name → the scale a stream gets unless it picks one.
     loras: dict[str, float] = field(default_factory=dict)
+    #: Whether frames are noised at all: a diffusion model's are; the null model (``engine.null``) has
+    #: nothing to denoise, so its plans hold zero noise and its outputs echo its inputs.
+    draws_noise: bool = True
 
     @property
     def sigma_data(self) -> float:

@@ -201,8 +201,8 @@ class EngineRunner:
     def warmup_shapes(self) -> list[tuple[int, int, int]]:
         """``(batch, height, width)`` to warm: the backend's profile sizes (else ``warmup_sizes``, else
         the model's own size) at every batch its calls will have; none when the backend is warm."""
-        backend = getattr(self.core, "backend", None)
-        if backend is None or backend.warm:
+        backend = self.core.backend
+        if backend.warm:
             return []
         limits = backend.limits
         sizes = list(limits.sizes) or self.warmup_sizes
