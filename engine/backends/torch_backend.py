@@ -15,6 +15,12 @@ class TorchBackend(Backend):
 
         activate(self.components.transformer, loras)
 
+    def temporal_attention(self):
+        """Eager torch runs the transformer's own modules: the memory processor goes on them (first use)."""
+        from ditstream.engine.temporal import TemporalAttention
+
+        return TemporalAttention.for_transformer(self.components.transformer)
+
     @torch.inference_mode()
     def denoise(self, x, timestep, encoder_hidden_states, encoder_attention_mask, guidance):
         transformer = self.components.transformer
