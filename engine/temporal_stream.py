@@ -14,8 +14,8 @@ picture owes nothing to the old one's attention), and when ``temporal`` goes to 
 and leave the memory as it is; a failed call updates nothing.
 
 Size: per stream, ``steps × blocks × heads × (d+1) × d`` fp32 values, whatever the image size (the
-state sums over tokens): for SANA 0.6B (28 blocks, 70 heads of d = 32) 28 × 70 × 33 × 32 × 4 B ≈
-8.3 MB per step slot, 296 kB per block and slot.
+state sums over tokens): for SANA(-Sprint) 0.6B (28 blocks, 36 heads of d = 32) 36 × 33 × 32 × 4 B =
+152 kB per block and slot, 4.3 MB per step slot (28 blocks), at 512² as at 1024².
 """
 
 from __future__ import annotations
