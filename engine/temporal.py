@@ -50,6 +50,11 @@ class _Call:
     memory: list[torch.Tensor] | None  # per block (K, H, d+1, d) fp32
     write_rows: torch.Tensor | None  # (J,) long
     states: list[torch.Tensor | None] = field(default_factory=list)  # per block (J, H, d+1, d)
+    write_all: bool = False  # every row writes (no index)
+
+    def own(self) -> torch.Tensor:
+        """The written rows' own states, (J, blocks, H, d+1, d)."""
+        return torch.stack(self.states, dim=1)  # type: ignore[arg-type]
 
 
 class TemporalProcessor:
@@ -92,10 +97,14 @@ class TemporalProcessor:
         query, key, value = query.float(), key.float(), value.float()
         value = F.pad(value, (0, 0, 0, 1), mode="constant", value=1.0)
         scores = torch.matmul(value, key)  # (B, H, d+1, d): the frame's own state
-        if call.write_rows is not None:
+        if call.write_all:
+            call.states[self.index] = scores  # not written to below: ``scores`` is rebound, not changed
+        elif call.write_rows is not None:
             call.states[self.index] = scores.index_select(0, call.write_rows)
-        if call.read_rows is not None and call.memory is not None and call.weights is not None:
-            scores = scores.index_add(0, call.read_rows, call.memory[self.index] * call.weights)
+        if call.memory is not None and call.weights is not None:
+            extra = call.memory[self.index] * call.weights
+            # Same per-element addition either way; rows not indexed are left exactly as they are.
+            scores = scores + extra if call.read_rows is None else scores.index_add(0, call.read_rows, extra)
         hidden_states = torch.matmul(scores, query)
         hidden_states = hidden_states[:, :, :-1] / (hidden_states[:, :, -1:] + 1e-15)
         hidden_states = hidden_states.flatten(1, 2).transpose(1, 2)
@@ -151,17 +160,22 @@ class TemporalAttention:
         return all(isinstance(p, TemporalProcessor) and p.owner is self for p in procs)
 
     @contextlib.contextmanager
-    def call(self, read_rows: list[int], weights: list[float], memory: list[list[torch.Tensor]],
+    def call(self, batch: int, read_rows: list[int], weights: list[float], memory: list[torch.Tensor],
              write_rows: list[int], device: torch.device) -> Iterator[_Call]:
-        """Run the model calls inside with memory: row ``read_rows[k]`` adds ``weights[k]·memory[k][block]``;
-        the own states of ``write_rows`` are in ``.states`` (per block, in ``write_rows`` order) after."""
+        """Run the model calls inside (``batch`` rows) with memory: row ``read_rows[k]`` adds
+        ``weights[k]·memory[k][block]`` (``memory[k]``: (blocks, H, d+1, d)); after, ``.own()`` holds the
+        own states of ``write_rows`` (J, blocks, H, d+1, d), in ``write_rows`` order."""
         c = _Call(read_rows=None, weights=None, memory=None, write_rows=None, states=[None] * self.blocks)
         if read_rows:
-            c.read_rows = torch.tensor(read_rows, dtype=torch.long, device=device)
+            if read_rows != list(range(batch)):  # every row reads: plain addition, no index
+                c.read_rows = torch.tensor(read_rows, dtype=torch.long, device=device)
             c.weights = torch.tensor(weights, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
-            c.memory = [torch.stack([m[b] for m in memory]) for b in range(self.blocks)]
+            stacked = torch.stack(memory)
+            c.memory = [stacked[:, b] for b in range(self.blocks)]
         if write_rows:
-            c.write_rows = torch.tensor(write_rows, dtype=torch.long, device=device)
+            c.write_all = write_rows == list(range(batch))
+            if not c.write_all:
+                c.write_rows = torch.tensor(write_rows, dtype=torch.long, device=device)
         self.current = c
         try:
             yield c

@@ -36,9 +36,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class TemporalMemory:
-    """One stream's memory: slot → per-block state (heads, d+1, d), for latents of ``shape``."""
+    """One stream's memory: slot → its blocks' states (blocks, heads, d+1, d), for latents of ``shape``."""
 
-    slots: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    slots: dict[int, torch.Tensor] = field(default_factory=dict)
     shape: tuple[int, ...] | None = None
     #: Bumped by every reset: frames that entered before it neither read nor write the new memory.
     epoch: int = 0
@@ -47,17 +47,14 @@ class TemporalMemory:
         self.slots.clear()
         self.epoch += 1
 
-    def update(self, slot: int, own: list[torch.Tensor], decay: float) -> None:
-        """``M ← decay·M + (1 − decay)·own`` per block (the first frame sets ``M = own``)."""
+    def update(self, slot: int, own: torch.Tensor, decay: float) -> None:
+        """``M ← decay·M + (1 − decay)·own`` (the first frame sets ``M = own``); ``own`` (blocks, H, d+1, d)."""
         old = self.slots.get(slot)
-        if old is None:
-            self.slots[slot] = [s.clone() for s in own]
-        else:
-            self.slots[slot] = [m.mul(decay).add_(s, alpha=1.0 - decay) for m, s in zip(old, own, strict=True)]
+        self.slots[slot] = own.clone() if old is None else old.mul(decay).add_(own, alpha=1.0 - decay)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for states in self.slots.values() for t in states)
+        return sum(t.numel() * t.element_size() for t in self.slots.values())
 
 
 @dataclass
@@ -111,9 +108,10 @@ def memory_call(backend: Backend, chunk: list[InFlight]) -> Iterator[None]:
     read = [(i, ref.weight, ref.memory.slots[slot]) for i, ref, slot in rows
             if ref.weight > 0 and slot in ref.memory.slots]
     device = chunk[0].x.device if chunk[0].x is not None else torch.device("cpu")
-    with hook.call([i for i, _, _ in read], [w for _, w, _ in read], [m for _, _, m in read],
+    with hook.call(len(chunk), [i for i, _, _ in read], [w for _, w, _ in read], [m for _, _, m in read],
                    [i for i, _, _ in rows], device) as call:
         yield
+    own = call.own()
     for j, (_, ref, slot) in enumerate(rows):
         if ref.live:  # not reset while the call ran
-            ref.memory.update(slot, [states[j] for states in call.states], ref.decay)
+            ref.memory.update(slot, own[j], ref.decay)
