@@ -94,7 +94,8 @@ def default_arms(temporal: float, decay: float) -> dict[str, dict[str, Any]]:
             "temporal_motion": {"temporal": temporal, "temporal_decay": decay, "motion_adaptive": True},
             "feedback_0.5_motion": {"feedback": 0.5, "motion_adaptive": True},
             "temporal_feedback_0.5_motion": {"temporal": temporal, "temporal_decay": decay, "feedback": 0.5,
-                                             "motion_adaptive": True}}
+                                             "motion_adaptive": True},
+            "feedback_0.7_motion": {"feedback": 0.7, "motion_adaptive": True}}
 
 
 def temporal_report(components, defaults: dict[str, Any], strength: float, *, temporal: float = 1.0,
@@ -108,10 +109,10 @@ def temporal_report(components, defaults: dict[str, Any], strength: float, *, te
 
 
 def format_temporal(report: dict[str, dict[str, float]]) -> str:
-    head = "arm                flicker  exact  " + "  ".join(f"{v:g}px mean/worst/ghost" for v in SPEEDS)
+    head = f"{'arm':<28} flicker  exact  " + "  ".join(f"{v:g}px mean/worst/ghost" for v in SPEEDS)
     rows = [head]
     for name, r in report.items():
         cells = "  ".join(f"{r[f'{v:g}px_err_mean']:5.2f}/{r[f'{v:g}px_err_max']:5.2f}/{r[f'{v:g}px_ghost']:.3f}"
                           for v in SPEEDS)
-        rows.append(f"{name:<18} {r['flicker']:7.3f}  {r['exact_max_diff']:5.1f}  {cells}")
+        rows.append(f"{name:<28} {r['flicker']:7.3f}  {r['exact_max_diff']:5.1f}  {cells}")
     return "\n".join(rows)
