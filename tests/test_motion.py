@@ -72,3 +72,13 @@ def test_feedback_and_memory_are_scaled_by_the_measured_motion(torch_gen) -> Non
         for k in (0, 1, 2):
             np.testing.assert_array_equal(on_still[k], fixed_still[k])
         assert np.abs(on_still[3] - fixed_still[3]).max() > 1e-3
+
+
+def test_the_ghost_measure_counts_output_shape_pixels_far_outside_the_input_shape() -> None:
+    from ditstream.engine.demo import dataset as ds
+    from ditstream.engine.demo.temporal_quality import SHAPE, ghost
+
+    assert ghost(ds.render(SHAPE), SHAPE) == 0.0
+    trailing = ds.ShapeSpec(SHAPE.shape, SHAPE.colour, SHAPE.background, SHAPE.cx - 8, SHAPE.cy, SHAPE.radius)
+    share = ghost(ds.render(trailing), SHAPE)  # an output 8 px behind its input
+    assert 0.05 < share < 0.5
