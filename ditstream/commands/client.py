@@ -84,6 +84,9 @@ def stream(
     show: bool = typer.Option(False, help="Show outputs in a window (OpenCV)."),
     api_key: str = typer.Option(None, envvar="DITSTREAM_API_KEY", help="API key (or env DITSTREAM_API_KEY)."),
     in_flight: int = typer.Option(2, help="Unanswered frames allowed at once."),
+    temporal: float = typer.Option(None, help="Attention memory across frames, [0, 1] (0 = off; torch backend)."),
+    motion_adaptive: bool = typer.Option(None, "--motion-adaptive/--no-motion-adaptive",
+                                         help="Scale temporal and feedback down by the input's motion."),
 ) -> None:
     """Stream frames to /v1/stream; prints output fps and glass-to-glass latency every second."""
     import asyncio
@@ -98,7 +101,8 @@ def stream(
     config: dict = {"mode": mode}
     if prompt is not None:
         config["prompt"] = prompt
-    for k, v in (("strength", strength), ("steps", steps), ("seed", seed), ("size", size)):
+    for k, v in (("strength", strength), ("steps", steps), ("seed", seed), ("size", size), ("temporal", temporal),
+                 ("motion_adaptive", motion_adaptive)):
         if v is not None:
             config[k] = v
     if mode == "txt2img":
