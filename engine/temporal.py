@@ -22,6 +22,8 @@ so ``temporal: 0`` is bit-identical to a stream without it. A call that fails up
 from __future__ import annotations
 
 import contextlib
+import copy
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,6 +70,10 @@ class TemporalProcessor:
         self.owner = owner
         self.index = index
         self.base = base
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        """A copied model gets diffusers' processor back (the hook belongs to the original)."""
+        return copy.deepcopy(self.base, memo)
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,7 +130,9 @@ class TemporalAttention:
     """
 
     def __init__(self, transformer: torch.nn.Module) -> None:
-        self.current: _Call | None = None
+        # Per thread: an engine thread's call never lends its memory to another thread's call on the
+        # same model object (two cores on one set of components, a one-shot generator beside a stream).
+        self._local = threading.local()
         self.refusal: str | None = None
         blocks = list(getattr(transformer, "transformer_blocks", []))
         names = [type(getattr(getattr(b, "attn1", None), "processor", None)).__name__ for b in blocks]
@@ -140,6 +148,11 @@ class TemporalAttention:
                 proc = b.attn1.processor
                 base = proc.base if isinstance(proc, TemporalProcessor) else proc
                 b.attn1.set_processor(TemporalProcessor(self, i, base))
+
+    @property
+    def current(self) -> _Call | None:
+        """The memory of the model call this thread is inside, if any."""
+        return getattr(self._local, "call", None)
 
     @classmethod
     def for_transformer(cls, transformer: torch.nn.Module) -> TemporalAttention:
@@ -176,11 +189,11 @@ class TemporalAttention:
             c.write_all = write_rows == list(range(batch))
             if not c.write_all:
                 c.write_rows = torch.tensor(write_rows, dtype=torch.long, device=device)
-        self.current = c
+        self._local.call = c
         try:
             yield c
         finally:
-            self.current = None
+            self._local.call = None
 
 
 def check_temporal(backend: Backend, cfg: StreamConfig) -> None:

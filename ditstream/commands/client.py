@@ -98,13 +98,9 @@ def stream(
     wh = size_arg(size)
     if mode not in ("img2img", "txt2img"):
         raise typer.BadParameter(f"mode must be img2img or txt2img, got {mode!r}", param_hint="--mode")
-    config: dict = {"mode": mode}
-    if prompt is not None:
-        config["prompt"] = prompt
-    for k, v in (("strength", strength), ("steps", steps), ("seed", seed), ("size", size), ("temporal", temporal),
-                 ("motion_adaptive", motion_adaptive)):
-        if v is not None:
-            config[k] = v
+    given = {"prompt": prompt, "strength": strength, "steps": steps, "seed": seed, "size": size,
+             "temporal": temporal, "motion_adaptive": motion_adaptive}
+    config: dict = {"mode": mode, **{k: v for k, v in given.items() if v is not None}}
     if mode == "txt2img":
         config["fps"] = fps
     try:
