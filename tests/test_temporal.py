@@ -35,7 +35,7 @@ def _run(g, configs, frames, max_batch=16):
     got: dict[str, list] = {s.id: [] for s in states}
     for i, f in enumerate(frames):
         for s in states:
-            core.submit(s.id, Frame(image=f, seq=i))
+            core.submit(s.id, Frame(image=_fit(f, s.config), seq=i))
         for o in core.step():
             got[o.stream_id].append(o.image)
     for o in core.flush():
@@ -47,6 +47,12 @@ def _moving(n, seed=1):
     rs = np.random.RandomState(seed)
     base = (rs.rand(SIZE, SIZE, 3) * 255).astype(np.uint8)
     return [np.roll(base, 3 * k, axis=1) for k in range(n)]
+
+
+def _fit(frame: np.ndarray, cfg: StreamConfig) -> np.ndarray:
+    """The frame at the stream's size (a 2x stream gets each pixel repeated)."""
+    k = cfg.width // frame.shape[1]
+    return frame.repeat(k, axis=0).repeat(k, axis=1) if k > 1 else frame
 
 
 def _diff(a, b) -> float:
@@ -76,9 +82,13 @@ def test_still_noiseless_input_gives_the_same_frames_with_memory_on_and_off(torc
 
 
 @pytest.mark.parametrize("steps", [1, 2])
-def test_three_streams_off_half_and_most_each_equal_their_solo_run(torch_gen, steps):
+def test_three_streams_off_half_and_most_and_a_fourth_each_equal_their_solo_run(torch_gen, steps):
     frames = _moving(5)
-    configs = [_cfg(steps=steps), _cfg(steps=steps, temporal=0.5, seed=5), _cfg(steps=steps, temporal=0.9, seed=6)]
+    configs = [_cfg(steps=steps), _cfg(steps=steps, temporal=0.5, seed=5), _cfg(steps=steps, temporal=0.9, seed=6),
+               # and one more of another size (its own calls) with a prompt and seed blend and its own decay
+               _cfg(steps=steps, temporal=0.7, temporal_decay=0.2, width=2 * SIZE, height=2 * SIZE,
+                    prompt=[{"text": "a cat", "weight": 1}, {"text": "a dog", "weight": 2}],
+                    seed=[{"seed": 1, "weight": 1}, {"seed": 2, "weight": 1}])]
     together = _run(torch_gen, configs, frames)
     for k, cfg in enumerate(configs):
         alone = _run(torch_gen, [cfg], frames)[0]
