@@ -38,6 +38,7 @@ from ditstream.engine.errors import (
     ValidationError,
 )
 from ditstream.engine.imagefile import check_header
+from ditstream.engine.limits import EngineLimits
 from ditstream.engine.types import EncodedImage, MetricsSink, StreamOutput
 from ditstream.server.scale.config import (
     ScaleConfig,
@@ -175,6 +176,22 @@ class RedisGatewayRunner(GatewayThreads, GatewaySessions):
         info = dict(hb.info) if hb else {"model": None, "size_multiple": None, "defaults": {}}
         info.update(mode="gateway", gateway=self.id, workers=len(self.workers))
         return info
+
+    @property
+    def limits(self) -> EngineLimits:
+        """What the workers accept, as they advertise it (``Heartbeat.limits``; the fleet runs one model),
+        bounded by this gateway's own request limits: the server's edge refuses an out-of-profile size
+        or an unknown LoRA here, before anything is queued. A worker that does not advertise yet is
+        described by its size multiple and LoRA names (no profile)."""
+        hb = next(iter(self.workers.values()), None)
+        if hb is not None and hb.limits is not None:
+            base = hb.limits
+        else:
+            info = hb.info if hb is not None else {}
+            base = EngineLimits(size_multiple=int(info.get("size_multiple") or DEFAULT_SIZE_MULTIPLE),
+                                loras=tuple(sorted(info.get("loras") or {})))
+        return base.tightened(max_pixels=self.engine_config.max_pixels,
+                              max_prompt_chars=self.engine_config.max_prompt_chars)
 
     @property
     def ready(self) -> bool:

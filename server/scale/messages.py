@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from ditstream.engine.config import FilterConfig, StreamConfig
 from ditstream.engine.errors import ALL_ERRORS, DitstreamError
+from ditstream.engine.limits import EngineLimits
 from pydantic import BaseModel, ConfigDict, Field
 
 #: Version of every message below; bump on an incompatible change. It is also part of every Redis
@@ -241,6 +242,9 @@ class Heartbeat(Msg):
     at: float = Field(default_factory=time.time)
     engine_alive: bool = True
     info: dict[str, Any] = Field(default_factory=dict)
+    #: What the worker's engine accepts (size multiple and profile, pixel and prompt bounds, LoRA
+    #: names): the gateway validates a config against it before anything is queued.
+    limits: EngineLimits | None = None
     sessions: int = 0
     jobs_inflight: int = 0
     max_jobs: int = 1
