@@ -28,8 +28,8 @@ from ditstream.server.scale.messages import (
     Heartbeat,
     JobResult,
     SessionControl,
-    SessionReply,
     encode_image,
+    load_reply,
 )
 
 logger = logging.getLogger(__name__)
@@ -190,10 +190,11 @@ class GatewayThreads:
         raw = fields_get(fields, "m") or b"{}"
         if raw == b"{}":
             return
-        if b'"kind":"result"' in raw:
-            self._on_result(JobResult.load(raw), fields_get(fields, "img") or b"")
+        reply = load_reply(raw)  # typed by its ``kind`` field
+        if isinstance(reply, JobResult):
+            self._on_result(reply, fields_get(fields, "img") or b"")
         else:
-            self._on_session_reply(SessionReply.load(raw))
+            self._on_session_reply(reply)
 
     def _supervisor_loop(self) -> None:
         backoff = Backoff(f"gateway {self.id} supervisor", self._stop)

@@ -171,7 +171,8 @@ class WorkerJobs:
         else:
             self.counters["jobs_failed"] += 1
             if isinstance(exc, RETRYABLE):
-                self._dead_letter(job.entry, {"m": job.msg.dump()}, f"failed {job.attempts} times: {exc}", job.msg)
+                self._dead_letter(job.entry, {"m": job.msg.dump()}, f"failed {job.attempts} times: {exc}", job.msg,
+                                  last=exc)
             else:
                 self._reply(job.entry, job.msg, None, exc)
 
@@ -219,14 +220,18 @@ class WorkerJobs:
         pipe.xdel(self.keys.jobs, eid)
         pipe.execute()
 
-    def _dead_letter(self, eid: str, fields: dict[Any, Any], reason: str, msg: JobMessage | None) -> None:
-        """Park a job that keeps failing (with its reason) and tell the waiting gateway, once."""
+    def _dead_letter(self, eid: str, fields: dict[Any, Any], reason: str, msg: JobMessage | None,
+                     last: DitstreamError | None = None) -> None:
+        """Park a job that keeps failing (with its reason) and tell the waiting gateway, once: with the
+        class and details of its ``last`` error, so the client gets that error's status and code."""
         self.counters["jobs_dead_lettered"] += 1
         logger.error("worker %s: job entry %s to the dead-letter stream: %s", self.id, eid, reason)
         entry = {"m": fields_get(fields, "m") or b"", "reason": reason, "worker": self.id, "entry": eid}
         self.r.xadd(self.keys.dead_letter, entry, maxlen=self.cfg.dead_letter_len, approximate=True)
         if msg is not None:
-            self._reply(eid, msg, None, GenerationError(f"job {msg.job} {reason}"))
+            error = (type(last)(f"job {msg.job} {reason}", **last.details()) if last is not None
+                     else GenerationError(f"job {msg.job} {reason}"))
+            self._reply(eid, msg, None, error)
         else:
             self._ack(eid)
 
