@@ -108,16 +108,15 @@ class EngineCore:
 
     @property
     def engine_limits(self) -> EngineLimits:
-        """What this core accepts (``engine.limits``): its config's bounds, the size multiple, the
-        backend's profile and the loaded LoRA names."""
+        """What this core accepts: its config's bounds, size multiple, backend profile, loaded LoRA names."""
         loras = getattr(getattr(self, "components", None), "loras", {})
         return EngineLimits(size_multiple=self.size_multiple, max_pixels=self.config.max_pixels,
                             max_prompt_chars=self.config.max_prompt_chars, profile=self.limits,
                             loras=tuple(sorted(loras)), max_batch=self.max_batch, inbox_depth=self.config.inbox_depth)
 
     def validate(self, cfg: StreamConfig) -> StreamConfig:
-        """Trusts a config an edge validated (its receipt); checks any other (a direct caller). Kept
-        here because a config outside the limits would break the batched call of every other stream."""
+        """Trusts a config an edge validated; checks any other (a direct caller): one outside the limits
+        would break the batched model call of every stream it shares a tick with."""
         return ensure_valid(cfg, self.engine_limits)
 
     def add(self, cfg: StreamConfig, *, stream_id: str | None = None, one_shot: bool = False,

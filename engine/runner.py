@@ -241,8 +241,7 @@ class EngineRunner:
         return self.core.engine_limits
 
     def validate(self, cfg: StreamConfig) -> StreamConfig:
-        """``validate_stream`` against ``limits``: the check a caller without a server edge makes (a worker
-        reading a config off Redis, a library user)."""
+        """``validate_stream`` against ``limits`` (for a caller without a server edge: a worker, a library)."""
         return validate_stream(cfg, self.limits)
 
     # ------------------------------------------------------------------ public API
@@ -251,8 +250,7 @@ class EngineRunner:
         """Validate ``cfg`` (raises ``ValidationError``), add the stream and return its handle.
 
         Blocks until the engine thread has built the stream's plan (prompt encoded once, cached):
-        call it from a worker thread, not the event loop. A config the server's edge validated is
-        taken as it is (``engine.limits.ensure_valid``).
+        call it from a worker thread, not the event loop. A config an edge validated is taken on trust.
         """
         cfg = ensure_valid(cfg, self.limits)
         state = self.send(Control(Op.ADD, config=cfg, notify=notify)).result(timeout)
