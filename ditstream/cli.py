@@ -26,7 +26,7 @@ app.add_typer(bench_app, name="bench")
 #: Packages that contribute commands, in help order. A missing module is skipped only if it is
 #: the module itself that is absent (a package not built yet), never on an import error inside it.
 COMMAND_MODULES = ("ditstream.commands.generate", "ditstream.commands.demo", "ditstream.commands.serve",
-                   "ditstream.commands.scale", "ditstream.commands.reliability", "ditstream.commands.client",
+                   "ditstream.commands.worker", "ditstream.commands.bench", "ditstream.commands.client",
                    "ditstream.commands.build")
 
 

@@ -1,8 +1,7 @@
-"""``ditstream generate`` and ``ditstream bench engine``."""
+"""``ditstream generate``: one image, txt2img or img2img, written to a file."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -116,55 +115,5 @@ def generate(
     typer.echo(f"wrote {out} ({cfg.width}x{cfg.height}, {cfg.mode}, {cfg.steps} step(s), seed {cfg.seed})")
 
 
-def bench_engine(
-    model: str = typer.Option("demo", help="'demo', a model folder, or a synthetic preset (small, medium, tiny)."),
-    size: int = typer.Option(64, help="Square frame size in pixels."),
-    frames: int = typer.Option(12, help="Frames per clip."),
-    streams: int = typer.Option(8, help="Streams for the cross-batching measurement."),
-    steps: int = typer.Option(4, help="Steps for the stream-batch measurement."),
-    repeats: int = typer.Option(5, help="Interleaved repeats of each pair of arms (medians are reported)."),
-    threads: int = typer.Option(0, help="torch CPU threads; 0 = torch's default (all cores). On a CPU shared with "
-                                "other jobs, 1 avoids OpenMP oversubscription."),
-    backend: str = typer.Option("torch", help="torch, compile, onnx, tensorrt or auto."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-    resolution: Resolutions = None,
-    batch: Batches = None,
-    cache_dir: CacheDir = None,
-    tiny_vae: TinyVae = None,
-    opt_level: OptLevel = None,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-) -> None:
-    """Stream batch vs sequential; N streams cross-batched vs one at a time; SSF skip rates."""
-    from ditstream.bench.engine import format_table, run_engine_bench
-
-    options = backend_options(resolution, batch, cache_dir, tiny_vae, opt_level)
-    result = run_engine_bench(model=model, size=size, frames=frames, streams=streams, steps=steps,
-                              repeats=repeats, threads=threads or None, backend=backend, options=options,
-                              device=device)
-    typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
-
-
-def bench_threads(
-    model: str = typer.Option("demo", help="'demo' or a model folder."),
-    size: int = typer.Option(64, help="Square frame size in pixels."),
-    frames: int = typer.Option(12, help="Frames per clip."),
-    threads: str = typer.Option("1,2,0", help="Thread counts to compare, comma-separated (0 = torch's default)."),
-    load: int = typer.Option(1, help="Busy processes to run meanwhile (a shared CPU); 0 = an idle machine."),
-    repeats: int = typer.Option(5, help="Interleaved repeats of every arm (medians are reported)."),
-) -> None:
-    """ms per frame for each torch thread count on a CPU shared with `--load` busy processes."""
-    from ditstream.bench.engine import run_threads_bench
-
-    try:
-        candidates = tuple(int(t) for t in threads.split(","))
-    except ValueError as exc:
-        raise typer.BadParameter("a comma-separated list of integers", param_hint="--threads") from exc
-    result = run_threads_bench(model=model, size=size, frames=frames, candidates=candidates, load=load,
-                               repeats=repeats)
-    typer.echo(json.dumps(result, indent=2))
-
-
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.command("generate")(generate)
-    bench.command("engine")(bench_engine)
-    bench.command("threads")(bench_threads)
