@@ -29,6 +29,7 @@ from ditstream.commands._args import (
 from ditstream.commands._startup import EngineArgs, load_engine_or_exit, settings_for
 
 if TYPE_CHECKING:
+    from ditstream.commands._worker_http import HealthServer
     from ditstream.server.scale.worker import Worker
 
 log = logging.getLogger("ditstream.server.scale.worker")
@@ -109,35 +110,8 @@ def _leave_on_signals(w: Worker) -> None:
     signal.signal(signal.SIGINT, _leave)
 
 
-def _health_server(w: object, port: int):  # -> http.server.ThreadingHTTPServer
-    """``/health`` (200 once the engine is warm and runs, 503 "warming" before, else 503 "down") and
-    ``/metrics`` for one worker."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+def _health_server(w: Worker, port: int) -> HealthServer:
+    """``/health`` and ``/metrics`` for one worker on ``port`` (all interfaces), serving on return."""
+    from ditstream.commands._worker_http import HealthServer
 
-    from ditstream.server.scale.worker import Worker
-
-    assert isinstance(w, Worker)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path.startswith("/metrics"):
-                lines = [f'ditstream_worker_{k}{{worker="{w.id}"}} {v}' for k, v in sorted(w.counters.items())]
-                body, code, ctype = ("\n".join(lines) + "\n").encode(), 200, "text/plain; version=0.0.4"
-            else:
-                ok, health = w.health()
-                body = json.dumps(health).encode()
-                code, ctype = (200 if ok else 503), "application/json"
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_args: object) -> None:  # no access log per probe
-            return
-
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-    threading.Thread(target=server.serve_forever, name="ditstream-worker-health", daemon=True).start()
-    return server
+    return HealthServer(w, port)
