@@ -1,6 +1,7 @@
 """Argument parsing shared by the commands: engine validators turned into usage errors (exit 2), and
 the backend options (profile, engine cache, tiny VAE) defined once for every command that builds a
-backend: ``build-engine``, ``serve``, ``worker``, ``generate``, ``bench engine`` and ``bench gpu``."""
+backend: ``build-engine``, ``serve``, ``worker``, ``generate``, ``bench engine`` and ``bench gpu``; and
+the engine options (model, backend, device, dtype, threads) of ``serve``, ``worker`` and ``generate``."""
 
 from __future__ import annotations
 
@@ -25,16 +26,21 @@ def size_arg(text: str | None, *, param_hint: str = "--size", square: bool = Fal
         raise typer.BadParameter(exc.message, param_hint=param_hint) from exc
 
 
-# -- engine options of serve and worker (settings: None = the env var or the default) -----------------
+# -- engine options: one definition for serve, worker and generate (serve/worker: None = the env var or the
+# default; generate: None = ModelConfig's default) ---------------------------------------------------------
 Model = Annotated[str | None, typer.Option(
-    help="'demo' (default), a diffusers folder, a hub id, or 'null' (echo engine); env DITSTREAM_MODEL.")]
+    help="'demo' (default), a diffusers folder, a hub id, or 'null' (echo engine; serve/worker only); "
+         "serve/worker: env DITSTREAM_MODEL.")]
 BackendName = Annotated[str | None, typer.Option(
-    "--backend", help="torch | compile | onnx | tensorrt | auto; env DITSTREAM_BACKEND.")]
-Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N; env DITSTREAM_DEVICE.")]
-Dtype = Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16; env DITSTREAM_DTYPE.")]
+    "--backend", help="torch (default) | compile | onnx | tensorrt | auto; serve/worker: env DITSTREAM_BACKEND.")]
+Device = Annotated[str | None, typer.Option(
+    help="auto (default) | cpu | cuda | cuda:N; serve/worker: env DITSTREAM_DEVICE.")]
+Dtype = Annotated[str | None, typer.Option(
+    help="auto (default) | float32 | bfloat16 | float16; serve/worker: env DITSTREAM_DTYPE.")]
 Threads = Annotated[int | None, typer.Option(
-    help="torch CPU threads (env DITSTREAM_THREADS; default 1, 0 = one per core). More threads are slower on "
-         "a shared CPU (docs/benchmarks.md).")]
+    envvar="DITSTREAM_THREADS",
+    help="torch CPU threads (default 1, 0 = one per core). More threads are slower on a shared CPU "
+         "(docs/benchmarks.md).")]
 NullDelayMs = Annotated[float | None, typer.Option(help="Null engine only: simulated inference time per tick.")]
 
 # -- backend options: one definition, every command -------------------------------------------------

@@ -1,4 +1,7 @@
-"""``ditstream generate``: one image, txt2img or img2img, written to a file."""
+"""``ditstream generate``: one image, txt2img or img2img, written to a file.
+
+Its engine and backend options are the ones ``serve`` and ``worker`` take (``_args``: one definition
+each); unset, they are ``ModelConfig``'s defaults."""
 
 from __future__ import annotations
 
@@ -7,11 +10,16 @@ from pathlib import Path
 import typer
 
 from ditstream.commands._args import (
+    BackendName,
     Batches,
     CacheDir,
+    Device,
+    Dtype,
     Loras,
+    Model,
     OptLevel,
     Resolutions,
+    Threads,
     TinyVae,
     backend_options,
     lora_specs,
@@ -55,12 +63,11 @@ def generate(
     seed: int = typer.Option(0, help="Noise seed (same seed, same image)."),
     size: str | None = typer.Option(None, help="WxH; default: the model's native size."),
     guidance_scale: float | None = typer.Option(None, help="Distilled guidance embedding scale."),
-    model: str = typer.Option("demo", help="'demo', a diffusers-layout folder or a hub id."),
-    backend: str = typer.Option("torch", help="torch, compile, onnx, tensorrt or auto."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option("auto", help="auto, fp32, bf16 or fp16."),
-    threads: int = typer.Option(None, envvar="DITSTREAM_THREADS", help="torch CPU threads (default 1; 0 = one "
-                                "per core). More threads are slower on a shared CPU (docs/benchmarks.md)."),
+    model: Model = None,
+    backend: BackendName = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    threads: Threads = None,
     resolution: Resolutions = None,
     batch: Batches = None,
     cache_dir: CacheDir = None,
@@ -85,8 +92,8 @@ def generate(
 
     set_torch_threads(threads)
     try:
-        gen = Generator.from_config(ModelConfig(model=model, backend=backend, device=device, dtype=dtype,
-                                                backend_options=options, loras=loras))
+        given = {k: v for k, v in dict(model=model, backend=backend, device=device, dtype=dtype).items() if v is not None}
+        gen = Generator.from_config(ModelConfig(**given, backend_options=options, loras=loras))
         d = gen.components.defaults or {}
         wh = wh_arg or (int(d.get("width", 512)), int(d.get("height", 512)))
         cfg = StreamConfig(
