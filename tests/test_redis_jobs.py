@@ -351,9 +351,9 @@ def test_jobs_pending_across_a_redis_restart_are_sent_again(tmp_path):
 def test_worker_health_and_metrics_endpoint(scfg: ScaleConfig):
     """What the container healthcheck and Prometheus read from a worker (``--health-port``)."""
     import httpx
-    from ditstream.commands.worker import _health_server
 
     from ditstream.bench.scale_harness import free_port
+    from ditstream.commands.worker import _health_server
 
     w = _null_worker(scfg, "probe").start()
     port = free_port()

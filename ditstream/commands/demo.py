@@ -29,7 +29,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         from ditstream.engine.demo.config import TrainConfig
         from ditstream.engine.demo.lora import LoraTrainConfig, train_swap_lora
-        from ditstream.engine.demo.train import train_demo
+        from ditstream.engine.demo.recipe import train_demo
         from ditstream.engine.loader import DEMO_MODEL_DIR
 
         lora_steps = max(1, int(LoraTrainConfig().steps * scale))
