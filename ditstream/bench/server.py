@@ -131,7 +131,8 @@ class _Stream:
     """One bench stream's tallies, and the last answered seq its closed loop waits on."""
 
     def __init__(self) -> None:
-        self.sent = 0
+        self.sent = 0  # in the measured window
+        self.sent_total = 0  # warm-up included: every frame the server was given
         self.received = 0
         self.skipped = 0
         self.latency_ms: list[float] = []
@@ -227,6 +228,7 @@ async def _send_frames(ws: Any, st: _Stream, spec: BenchSpec, frames: list[bytes
         if st.first_seq is None and time.perf_counter() >= t_start:
             st.first_seq = seq
         await ws.send(_pack(seq, time.perf_counter() * 1e3, frames[seq % len(frames)]))
+        st.sent_total += 1
         if st.first_seq is not None:
             st.sent += 1
         seq += 1
@@ -293,6 +295,10 @@ async def measure(url: str, spec: BenchSpec, api_key: str | None = None, pid: in
     after = await asyncio.to_thread(scrape_metrics, http_url, headers)
     out = _summarise(spec, list(streams), before["lag"], after["lag"], client_lag)
     out["batch_sizes"] = batch_histogram(before["batch"], after["batch"])
+    # What the server was given over the scrapes (warm-up included; the batch sizes count these) and the
+    # clip's JPEG size: the input bandwidth is frame_bytes × fps per stream.
+    out["sent_incl_warmup"] = sum(s.sent_total for s in streams)
+    out["frame_bytes"] = round(sum(len(f) for f in frames) / len(frames), 1)
     spent = {name: round(b - a, 3) for name in pids
              if (a := cpu[0][name]) is not None and (b := cpu[1][name]) is not None}
     if pids:
