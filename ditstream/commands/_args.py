@@ -118,38 +118,3 @@ def backend_overrides(resolution: list[str] | None, batch: list[int] | None, cac
     return {k: v for k, v in dict(
         resolutions=[f"{w}x{h}" for w, h in opts.resolutions] or None, batches=list(opts.batches) or None,
         cache_dir=cache_dir, tiny_vae=tiny_vae, opt_level=opt_level).items() if v is not None}
-
-
-def settings_or_exit(command: str, overrides: dict[str, object]):  # -> server.settings.Settings
-    """``Settings`` from the environment and ``overrides``, or exit 2 with one line per bad value
-    (an env var such as ``DITSTREAM_RESOLUTIONS=big`` included) before any model loads."""
-    import pydantic
-
-    from ditstream.engine.errors import ValidationError
-    from ditstream.server.settings import Settings
-
-    try:
-        settings = Settings(**overrides)
-        settings.backend_options()  # e.g. a DITSTREAM_TINY_VAE that does not exist
-    except pydantic.ValidationError as exc:
-        for err in exc.errors():
-            got = "" if err["type"] == "value_error" else f" (got {err.get('input')!r})"
-            typer.echo(f"{command}: invalid {_setting(str(err['loc'][0]) if err['loc'] else '?')}: "
-                       f"{err['msg'].removeprefix('Value error, ')}{got}", err=True)
-        raise typer.Exit(2) from exc
-    except ValidationError as exc:
-        typer.echo(f"{command}: invalid {_setting(exc.field or '?')}: {exc.message}", err=True)
-        raise typer.Exit(2) from exc
-    return settings
-
-
-#: Settings fields whose option is named otherwise (for error messages).
-_SETTING_FLAGS = {"resolutions": "--resolution", "batches": "--batch", "redis_url": "--redis",
-                  "resolution": "--resolution", "batch": "--batch"}
-_SETTING_ENV = {"resolution": "resolutions", "batch": "batches"}
-
-
-def _setting(name: str) -> str:
-    """``"resolutions"`` → ``"--resolution / DITSTREAM_RESOLUTIONS"``."""
-    flag = _SETTING_FLAGS.get(name, "--" + name.replace("_", "-"))
-    return f"{flag} / DITSTREAM_{_SETTING_ENV.get(name, name).upper()}"

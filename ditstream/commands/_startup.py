@@ -59,8 +59,6 @@ def _given(**values: object) -> dict[str, object]:
 def settings_for(command: str, engine: EngineArgs, log: logging.Logger, **overrides: object) -> Settings:
     """``Settings`` from the environment, the engine options and the command's own ``overrides``
     (``None`` = not given), or exit 2 naming each bad value; logged once (secrets masked)."""
-    from ditstream.commands._args import settings_or_exit
-
     settings = settings_or_exit(command, {**_given(**overrides), **engine.overrides()})
     log.info("settings: %s", settings.public())
     return settings
@@ -82,3 +80,38 @@ def load_engine_or_exit(command: str, settings: Settings) -> EngineClient:
     except DitstreamError as exc:
         typer.echo(f"{command}: cannot load model {settings.model!r}: {exc.message}", err=True)
         raise typer.Exit(2) from exc
+
+
+def settings_or_exit(command: str, overrides: dict[str, object]) -> Settings:
+    """``Settings`` from the environment and ``overrides``, or exit 2 with one line per bad value
+    (an env var such as ``DITSTREAM_RESOLUTIONS=big`` included) before any model loads."""
+    import pydantic
+
+    from ditstream.engine.errors import ValidationError
+    from ditstream.server.settings import Settings
+
+    try:
+        settings = Settings(**overrides)
+        settings.backend_options()  # e.g. a DITSTREAM_TINY_VAE that does not exist
+    except pydantic.ValidationError as exc:
+        for err in exc.errors():
+            got = "" if err["type"] == "value_error" else f" (got {err.get('input')!r})"
+            typer.echo(f"{command}: invalid {_setting(str(err['loc'][0]) if err['loc'] else '?')}: "
+                       f"{err['msg'].removeprefix('Value error, ')}{got}", err=True)
+        raise typer.Exit(2) from exc
+    except ValidationError as exc:
+        typer.echo(f"{command}: invalid {_setting(exc.field or '?')}: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    return settings
+
+
+#: Settings fields whose option is named otherwise (for error messages).
+_SETTING_FLAGS = {"resolutions": "--resolution", "batches": "--batch", "redis_url": "--redis",
+                  "resolution": "--resolution", "batch": "--batch"}
+_SETTING_ENV = {"resolution": "resolutions", "batch": "batches"}
+
+
+def _setting(name: str) -> str:
+    """``"resolutions"`` → ``"--resolution / DITSTREAM_RESOLUTIONS"``."""
+    flag = _SETTING_FLAGS.get(name, "--" + name.replace("_", "-"))
+    return f"{flag} / DITSTREAM_{_SETTING_ENV.get(name, name).upper()}"
