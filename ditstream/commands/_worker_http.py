@@ -69,7 +69,7 @@ class _CounterCollector:
     def collect(self) -> Iterator[object]:
         from prometheus_client.core import UnknownMetricFamily
 
-        for name, value in sorted(dict(self._w.counters).items()):
+        for name, value in sorted(self._w.counters.items()):  # a snapshot: Counters.items() copies under its lock
             family = UnknownMetricFamily(f"ditstream_worker_{name}", f"worker counter {name}", labels=["worker"])
             family.add_metric([self._w.id], float(value))
             yield family
