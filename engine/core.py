@@ -1,8 +1,12 @@
 """The engine core: streams in, one batched model call per group per tick, frames out.
 
-Pure and single-threaded: ``add``/``reconfigure``/``remove``/``submit`` change state and ``step()``
-advances every stream's pipeline by one stage. The runner (``engine.runner``) owns the thread and
-the control inbox; tests drive the core directly.
+One owner thread: ``add``/``reconfigure``/``remove`` change the stream table and ``step()`` advances
+every stream's pipeline by one stage, all on the thread that owns the core (the runner's engine
+thread, ``engine.runner``; a test's own thread when it drives the core directly). The one entry
+from other threads is ``offer`` (below; ``submit`` is ``offer`` by stream id): a codec or event-loop
+thread puts a frame into one stream's locked inbox and touches nothing else. The core keeps no
+clock of its own: ``clock`` (default ``time.perf_counter``) stamps every time it reads, so a test
+can drive ticks on a fake one.
 
 One tick (``step``):
  1. take each stream's oldest pending input (``queues.FrameInbox``: two deep, latest wins only over a
@@ -34,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
@@ -52,7 +56,7 @@ from ditstream.engine.errors import (
 from ditstream.engine.loader import ModelComponents
 from ditstream.engine.lora import resolve_set
 from ditstream.engine.plan import Plan, Transition, decode_clean, encode_clean, make_plan, predict_x0
-from ditstream.engine.prompt_cache import PromptCache
+from ditstream.engine.prompt_cache import PromptSource
 from ditstream.engine.queues import FrameInbox, OutputQueue
 from ditstream.engine.similarity import SimilarityFilter
 from ditstream.engine.stream import InFlight, StreamState, new_stream_id
@@ -64,24 +68,22 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     """Stream-batched, cross-stream-batched SANA-Sprint sampling."""
 
-    def __init__(self, components: ModelComponents, backend: Backend, prompts: PromptCache,
-                 config: EngineConfig | None = None) -> None:
+    def __init__(self, components: ModelComponents, backend: Backend, prompts: PromptSource,
+                 config: EngineConfig | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
         self.components = components
         self.backend = backend
         self.prompts = prompts
         self.config = config or EngineConfig()
         self.streams: dict[str, StreamState] = {}
-        #: Sizes of the model calls made, for metrics and the bench.
-        self.batch_sizes: list[int] = []
+        #: Where the core reads the time (queue and output timings, the batch policy's observations).
+        self.clock = clock
+        #: Denoise calls made, by batch size (size → calls): at most ``max_batch`` keys, so it stays
+        #: bounded for the life of the server (the ``ditstream_batch_size`` histogram is ``on_batch``'s).
+        self.batch_sizes: Counter[int] = Counter()
+        #: Called on the engine thread per denoise call with (samples, seconds); e.g. a metrics histogram.
         self.on_batch: Callable[[int, float], None] | None = None
-        self._init_failures()
-        self._init_batching()
-
-    def _init_batching(self) -> None:
         #: When ticks start (a pure policy, fed with what the ticks observe; ``engine.batching``).
         self.batching = BatchPolicy(self.config.batching)
-
-    def _init_failures(self) -> None:
         #: Failed model calls by stage (``encode``/``denoise``/``decode``; ``nonfinite`` counts samples
         #: failed for NaN/inf output, ``tick`` whole ticks failed by an error outside a model call).
         self.failed_calls: dict[str, int] = dict.fromkeys(("encode", "denoise", "decode", "nonfinite", "tick"), 0)
@@ -97,9 +99,8 @@ class EngineCore:
 
     @property
     def limits(self) -> BackendLimits:
-        """The backend's bounds (none for a core without a backend, e.g. the null engine)."""
-        backend = getattr(self, "backend", None)
-        return backend.limits if backend is not None else BackendLimits()
+        """The backend's bounds of one call (batch and size profile)."""
+        return self.backend.limits
 
     @property
     def max_batch(self) -> int:
@@ -111,7 +112,7 @@ class EngineCore:
         cfg = cfg.validate(max_prompt_chars=self.config.max_prompt_chars, max_pixels=self.config.max_pixels,
                            size_multiple=self.size_multiple)
         self.limits.check_size(cfg.width, cfg.height)
-        resolve_set(cfg.lora_scales, getattr(getattr(self, "components", None), "loras", {}))  # unknown names
+        resolve_set(cfg.lora_scales, self.components.loras)  # unknown names
         return cfg
 
     def add(self, cfg: StreamConfig, *, stream_id: str | None = None, one_shot: bool = False,
@@ -177,11 +178,11 @@ class EngineCore:
     @torch.inference_mode()
     def step(self) -> list[StreamOutput]:
         """Advance every stream by one stage; returns the outputs emitted (also queued per stream)."""
-        start = time.perf_counter()
+        start = self.clock()
         self._admit_new_frames()
         self._denoise_all()
         out = self._emit()
-        self.batching.observe_tick(start, time.perf_counter())
+        self.batching.observe_tick(start, self.clock())
         return out
 
     def flush(self, max_ticks: int = 64) -> list[StreamOutput]:
@@ -196,7 +197,7 @@ class EngineCore:
     def _admit_new_frames(self) -> None:
         c = self.components
         to_encode: dict[tuple[int, int], list[InFlight]] = defaultdict(list)
-        now = time.perf_counter()
+        now = self.clock()
         for state in self.streams.values():
             frame = state.inbox.take()
             if frame is None:
@@ -222,7 +223,7 @@ class EngineCore:
             state.pipeline.append(item)
         for items in to_encode.values():
             for chunk in _chunks(items, self.max_batch):
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 try:
                     clean = encode_clean(self.backend, c, imgs.to_tensor([it.frame.image for it in chunk], c.device))
                 except Exception as exc:
@@ -237,7 +238,7 @@ class EngineCore:
                 t1 = torch.cat([it.plan.angles[:1] for it in chunk])
                 noise = torch.cat([it.plan.noise[:1] for it in chunk])
                 x = sampler.entry_latent(t1, noise, c.sigma_data, clean)
-                dt = time.perf_counter() - t0
+                dt = self.clock() - t0
                 for i, it in enumerate(chunk):  # a non-finite latent is caught at decode (see there)
                     it.inference_s += dt
                     it.x = x[i : i + 1]
@@ -252,7 +253,7 @@ class EngineCore:
         finished: dict[tuple, list[InFlight]] = defaultdict(list)
         for key, items in groups.items():
             for chunk in _chunks(items, self.max_batch):
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 x = torch.cat([it.x for it in chunk])
                 t = torch.stack([it.plan.angles[it.stage] for it in chunk])
                 embeds = torch.cat([it.plan.embeds for it in chunk])
@@ -274,15 +275,15 @@ class EngineCore:
                     else:
                         it.x = sampler.renoise(x0[i : i + 1], it.plan.angles[it.stage : it.stage + 1],
                                                it.plan.noise[it.stage : it.stage + 1], c.sigma_data)
-                dt = time.perf_counter() - t0
-                self.batch_sizes.append(len(chunk))
+                dt = self.clock() - t0
+                self.batch_sizes[len(chunk)] += 1
                 if self.on_batch is not None:
                     self.on_batch(len(chunk), dt)
                 for it in chunk:
                     it.inference_s += dt
         for items in finished.values():
             for chunk in _chunks(items, self.max_batch):
-                t0 = time.perf_counter()
+                t0 = self.clock()
                 try:
                     decoded = decode_clean(self.backend, c, torch.cat([it.x for it in chunk]))
                 except Exception as exc:
@@ -291,7 +292,7 @@ class EngineCore:
                 bad = self._fail_nonfinite(chunk, decoded)
                 unit = imgs.to_unit(decoded)
                 arr = unit.numpy() if self.config.output_float else imgs.to_uint8(unit)
-                dt = time.perf_counter() - t0
+                dt = self.clock() - t0
                 for i, it in enumerate(chunk):
                     it.inference_s += dt
                     if i not in bad:
@@ -301,7 +302,7 @@ class EngineCore:
 
     def _emit(self) -> list[StreamOutput]:
         out: list[StreamOutput] = []
-        now = time.perf_counter()
+        now = self.clock()
         for state in list(self.streams.values()):
             while state.pipeline and state.pipeline[0].done:
                 it = state.pipeline.popleft()
@@ -329,8 +330,6 @@ class EngineCore:
                 before = state.outputs.dropped
                 state.outputs.put(output)
                 state.stats.dropped_outputs += state.outputs.dropped - before
-                if state.on_output is not None:
-                    state.on_output(output)
                 self.batching.observe_output(state.id, now)
                 out.append(output)
         return out
@@ -407,7 +406,7 @@ def offer(state: StreamState, frame: Frame) -> bool:
         imgs.check_image(frame.image, cfg.width, cfg.height)
     elif cfg.mode == "img2img":
         raise ValidationError("img2img streams need an image in every frame", field="image")
-    if not frame.received_at:
+    if not frame.received_at:  # a core on another clock (a test's) gets frames stamped by its caller
         frame.received_at = time.perf_counter()
     dropped = state.inbox.put(frame)
     if dropped:

@@ -74,6 +74,9 @@ class ModelComponents:
     intermediate_angle: float = DEFAULT_INTERMEDIATE
     #: LoRA adapters loaded on the transformer: name → the scale a stream gets unless it picks one.
     loras: dict[str, float] = field(default_factory=dict)
+    #: Whether frames are noised at all: a diffusion model's are; the null model (``engine.null``) has
+    #: nothing to denoise, so its plans hold zero noise and its outputs echo its inputs.
+    draws_noise: bool = True
 
     @property
     def sigma_data(self) -> float:
@@ -113,6 +116,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in table:
         raise ModelLoadError(f"unknown dtype {name!r}; choose auto, fp32, bf16 or fp16")
     return table[name]
+
+
+def component_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """``(vae, text encoder)`` dtypes for a transformer in ``dtype``: neither ever runs in fp16.
+
+    DC-AE overflows in fp16 (ANCHORS.md): fp32 instead. Gemma-2's activations overflow fp16 too, and
+    diffusers' SANA pipelines keep the text encoder in bf16 under an fp16 transformer; the prompt
+    cache casts its embeddings to the transformer's dtype.
+    """
+    if dtype == torch.float16:
+        return torch.float32, torch.bfloat16
+    return dtype, dtype
 
 
 def resolve_source(model: str) -> str | Path:
@@ -163,10 +178,9 @@ def load_components(config: ModelConfig) -> ModelComponents:
     src = str(source)
     try:
         transformer = SanaTransformer2DModel.from_pretrained(src, subfolder="transformer", torch_dtype=dtype, **kwargs)
-        # DC-AE must not run in fp16 (ANCHORS.md): bf16 or fp32 only.
-        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+        vae_dtype, text_dtype = component_dtypes(dtype)
         vae = AutoencoderDC.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **kwargs)
-        text_encoder = AutoModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype, **kwargs)
+        text_encoder = AutoModel.from_pretrained(src, subfolder="text_encoder", dtype=text_dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **kwargs)
         scheduler = SCMScheduler.from_pretrained(src, subfolder="scheduler", **kwargs)
     except ModelLoadError:

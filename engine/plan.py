@@ -7,6 +7,7 @@ reconfigure only changes which plan *new* frames get: frames already in flight f
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -15,7 +16,7 @@ from ditstream.engine.backends.base import Backend
 from ditstream.engine.config import StreamConfig
 from ditstream.engine.loader import ModelComponents
 from ditstream.engine.lora import LoraSet, glide_sets, resolve_set
-from ditstream.engine.prompt_cache import PromptCache
+from ditstream.engine.prompt_cache import PromptSource
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,18 @@ def latent_shape(components: ModelComponents, width: int, height: int) -> tuple[
     return (components.latent_channels, height // f, width // f)
 
 
-def make_plan(cfg: StreamConfig, components: ModelComponents, prompts: PromptCache) -> Plan:
+def make_plan(cfg: StreamConfig, components: ModelComponents, prompts: PromptSource) -> Plan:
     """Build the plan of ``cfg`` (the prompt embedding comes from the cache)."""
     angles = sampler.step_angles(cfg.mode, cfg.steps, cfg.strength, cfg.timesteps,
                                  intermediate=components.intermediate_angle)
     shape = latent_shape(components, cfg.width, cfg.height)
     seeds = [s for s in cfg.seeds if s.weight > 0]
-    noise = sampler.blend_noise(
-        [sampler.draw_noise(s.seed, shape, angles.shape[0], device=components.device) for s in seeds],
-        [s.weight for s in seeds])
+    if components.draws_noise:
+        noise = sampler.blend_noise(
+            [sampler.draw_noise(s.seed, shape, angles.shape[0], device=components.device) for s in seeds],
+            [s.weight for s in seeds])
+    else:
+        noise = _zeros(int(angles.shape[0]), shape, components.device)
     entries = [p for p in cfg.prompts if p.weight > 0]  # each from the cache: encoded once per text
     encoded = [prompts.get(p.text) for p in entries]
     embeds, mask = sampler.blend_embeddings([e for e, _ in encoded], [m for _, m in encoded],
@@ -70,6 +74,13 @@ def make_plan(cfg: StreamConfig, components: ModelComponents, prompts: PromptCac
     loras = resolve_set(cfg.lora_scales, components.loras)
     return Plan(config=cfg, angles=angles.to(components.device), noise=noise, embeds=embeds, mask=mask,
                 guidance=guidance, loras=loras)
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros(count: int, shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """The noise of a model that draws none: one shared tensor per shape, so glides between plans
+    of that shape keep it as it is (``glide``: the same noise object is not blended)."""
+    return torch.zeros((count, *shape), device=device)
 
 
 def can_glide(a: Plan | None, b: Plan | None) -> bool:

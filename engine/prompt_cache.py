@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -19,6 +19,14 @@ def default_complex_human_instruction() -> list[str]:
     from diffusers import SanaSprintPipeline
 
     return list(inspect.signature(SanaSprintPipeline.__call__).parameters["complex_human_instruction"].default)
+
+
+class PromptSource(Protocol):
+    """Where plans get prompt embeddings: ``PromptCache`` for a model, ``engine.null.NullPrompts`` for none."""
+
+    def get(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeds (1, L, D), mask (1, L))`` of ``prompt``."""
+        ...
 
 
 class PromptCache:

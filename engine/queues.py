@@ -120,7 +120,10 @@ class OutputQueue(Generic[T]):
             self.notify()
 
     def get(self, timeout: float | None = None) -> T | None:
-        """The oldest item, waiting up to ``timeout`` seconds; ``None`` on timeout or when closed."""
+        """The oldest item, waiting up to ``timeout`` seconds; ``None`` on timeout or when closed.
+
+        For a consumer thread that blocks (tests, scripts); the server never blocks on a queue: it is
+        woken by ``notify`` and takes with ``get_nowait``/``drain``."""
         with self._cond:
             if not self._items and not self.closed:
                 self._cond.wait_for(lambda: self._items or self.closed, timeout=timeout)

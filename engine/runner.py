@@ -58,7 +58,10 @@ class Control:
 
 
 class StreamHandle:
-    """A live stream, as seen from outside the engine thread."""
+    """A live stream, as seen from outside the engine thread (the server's ``EngineStream``)."""
+
+    #: Frames come as pixels and outputs leave as pixels: the server's codec threads code them.
+    takes_encoded = False
 
     def __init__(self, runner: EngineRunner, state: StreamState) -> None:
         self._runner = runner
@@ -87,6 +90,13 @@ class StreamHandle:
         replaced = offer(self._state, Frame(image=image, seq=seq, ts=ts, received_at=time.perf_counter()))
         self._runner.wake()
         return replaced
+
+    def submit_encoded(self, data: bytes, seq: int, ts: float, fmt: str, width: int, height: int) -> bool:
+        """Not here (``takes_encoded`` is False): this engine takes decoded frames (``submit``)."""
+        raise NotImplementedError("an in-process stream takes decoded frames: use submit")
+
+    def code_outputs(self, quality: int) -> None:
+        """Nothing to do: outputs are pixels, coded by whoever consumes them."""
 
     def reconfigure(self, **changes: Any) -> Future:
         """Validate ``changes`` now (raises ``ValidationError``); the future resolves to the applied config."""
@@ -191,8 +201,8 @@ class EngineRunner:
     def warmup_shapes(self) -> list[tuple[int, int, int]]:
         """``(batch, height, width)`` to warm: the backend's profile sizes (else ``warmup_sizes``, else
         the model's own size) at every batch its calls will have; none when the backend is warm."""
-        backend = getattr(self.core, "backend", None)
-        if backend is None or backend.warm:
+        backend = self.core.backend
+        if backend.warm:
             return []
         limits = backend.limits
         sizes = list(limits.sizes) or self.warmup_sizes

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,7 +75,6 @@ class StreamState:
     last_latent: torch.Tensor | None = None
     #: A glide to ``config``'s plan in progress (``plan`` is then where the stream is now).
     transition: Transition | None = None
-    on_output: Callable[[StreamOutput], None] | None = None
     #: One-shot jobs are removed after their single output.
     one_shot: bool = False
 

@@ -25,17 +25,31 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class EngineStream(Protocol):
-    """A live stream as the WebSocket endpoint drives it."""
+    """A live stream as a ``LiveSession`` drives it (``server/live/session.py``): the in-process
+    ``engine.runner.StreamHandle`` and the gateway's ``GatewayStreamHandle`` both implement it."""
 
     id: str
     outputs: OutputQueue[StreamOutput]
     stats: StreamStats
+
+    #: The stream takes frames as the client coded them (``submit_encoded``) and its outputs can
+    #: come back coded (``code_outputs``): a gateway's stream, whose worker decodes and encodes.
+    #: False in process: the server's codec threads decode frames and encode outputs.
+    takes_encoded: bool
 
     @property
     def config(self) -> StreamConfig: ...
 
     def submit(self, image: np.ndarray | None, seq: int = 0, ts: float = 0.0) -> bool:
         """Offer a frame, never blocking; True if an unprocessed one was replaced (dropped)."""
+
+    def submit_encoded(self, data: bytes, seq: int, ts: float, fmt: str, width: int, height: int) -> bool:
+        """Offer a frame as the client coded it (its header checked: ``fmt``, ``width``, ``height``);
+        same contract as ``submit``. Only where ``takes_encoded``; elsewhere it raises."""
+
+    def code_outputs(self, quality: int) -> None:
+        """Ask for outputs coded as JPEG at ``quality`` (``StreamOutput.encoded``) where the engine
+        codes them (``takes_encoded``); a no-op elsewhere (outputs are pixels for the server to code)."""
 
     def reconfigure(self, **changes: Any) -> Future:
         """Validate now (raises ``ValidationError``); the future yields the applied config."""

@@ -1,9 +1,12 @@
-"""Every Prometheus metric the server exports, in one place (names from DESIGN.md).
+"""The server's own Prometheus metrics, defined in one place (names from DESIGN.md).
 
 Each app gets its own ``CollectorRegistry`` so several apps (tests, benches) can live in one
-process. No label ever carries a session id: cardinality stays fixed. Observations come from the
-event loop (per output) and from the engine thread (batch sizes); ``prometheus_client`` is
-thread-safe and each call is a few hundred nanoseconds.
+process. One more source adds to that registry: in gateway mode the gateway's ``bind_metrics``
+registers a collector of per-worker figures read from the workers' heartbeats
+(``ditstream_worker_*``, ``ditstream_gateway_events``; ``server/scale``). No label ever carries a
+session id: cardinality stays fixed. Observations come from the event loop (per output, per
+request), from the engine thread (batch sizes, model failures) and from codec threads (frames dropped
+at the hand-off); ``prometheus_client`` is thread-safe and each call is a few hundred nanoseconds.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ class Metrics:
             self.model_failures.labels(stage)
 
     def observe_batch(self, size: int, _seconds: float = 0.0) -> None:
-        """``EngineCore.on_batch`` hook (called on the engine thread)."""
+        """``EngineCore.on_batch`` hook (called on the engine thread, once per denoise call)."""
         self.batch_size.observe(size)
 
     def observe_failure(self, stage: str, frames: int) -> None:

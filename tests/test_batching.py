@@ -14,7 +14,9 @@ TICK = 0.030  # one simulated model call
 
 def simulate(policy: BatchPolicy, respond: dict[str, float], seconds: float = 3.0,
              open_loop: dict[str, float] | None = None, start: dict[str, float] | None = None) -> list[list[str]]:
-    """Discrete-event run of an engine whose every tick lasts ``TICK`` and takes one frame per stream.
+    """Discrete-event run of the policy alone, around a stand-in engine whose every tick lasts ``TICK``
+    and takes every pending frame (so it says nothing about fairness: ``test_engine_fairness`` runs
+    the real core for that).
 
     Closed-loop client ``sid`` sends its next frame ``respond[sid]`` s after its answer; open-loop
     client ``sid`` sends one every ``open_loop[sid]`` s whether answered or not. Returns the
@@ -61,9 +63,7 @@ def test_staggered_closed_loop_clients_fill_every_call():
     # ...where starting a tick as soon as any frame is there splits them into alternating groups.
     eager = simulate(BatchPolicy(BatchConfig(max_wait=0.0)), respond)[5:]
     assert max(len(b) for b in eager) < 4
-    assert len(settled) > 1.5 * sum(len(b) for b in eager) / 4  # the same work in far fewer calls… and
-    per_stream = Counter(s for b in settled for s in b)
-    assert len(set(per_stream.values())) == 1  # every stream at the same rate
+    assert len(settled) > 1.5 * sum(len(b) for b in eager) / 4  # the same work in far fewer calls
 
 
 def test_closed_loop_groups_merge_after_starting_apart():

@@ -30,7 +30,7 @@ def _instances():
     cfg = StreamConfig(prompt="x", width=64, height=64)
     state = runner.core.add(cfg)
     return [(runner, EngineClient), (gateway, EngineClient), (StreamHandle(runner, state), EngineStream),
-            (GatewayStreamHandle(gateway, "s1", cfg, None), EngineStream)]
+            (GatewayStreamHandle(gateway.sessions, "s1", cfg, None), EngineStream)]
 
 
 def test_both_engines_implement_every_member():
@@ -62,14 +62,28 @@ def test_a_live_runner_is_an_engine_client():
 
 
 def test_server_code_never_probes_the_engine():
-    """No ``hasattr``/``getattr`` on the engine in server/: it is one type, used as such."""
+    """No ``hasattr``/``getattr`` on the engine or its stream handles in server/: each is one type
+    (``EngineClient``, ``EngineStream``), used as such; what a relaying handle offers is declared."""
     found = []
     for path in (ROOT / "server").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr"):
                 target = ast.unparse(node.args[0]) if node.args else ""
-                if "runner" in target or "engine" in target:
+                if any(word in target for word in ("runner", "engine", "handle", "stream")):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "\n".join(found)
+
+
+def test_server_code_writes_nothing_onto_a_stream_handle():
+    """A handle's state is its own: the server asks (``code_outputs``), it does not set attributes."""
+    found = []
+    for path in (ROOT / "server" / "live").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            for target in targets:
+                for t in target.elts if isinstance(target, ast.Tuple) else [target]:
+                    if isinstance(t, ast.Attribute) and "handle" in ast.unparse(t.value):
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
     assert not found, "\n".join(found)
 
 

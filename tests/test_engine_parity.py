@@ -88,6 +88,8 @@ def test_stream_batch_equals_sequential(tiny_generator, steps):
     cfg = StreamConfig(prompt="a blue ring", mode="img2img", steps=steps, strength=0.8, seed=2,
                        width=SIZE, height=SIZE)
     state = core.add(cfg)
+    calls: list[int] = []  # the size of each denoise call, in order
+    core.on_batch = lambda size, _s: calls.append(size)
     frames = _frames(6)
     outputs = []
     for i, f in enumerate(frames):
@@ -97,8 +99,8 @@ def test_stream_batch_equals_sequential(tiny_generator, steps):
     assert len(outputs) == len(frames) - (steps - 1)
     outputs += core.flush()
     assert [o.seq for o in outputs] == list(range(len(frames)))
-    assert core.batch_sizes[:steps] == list(range(1, steps + 1))  # the buffer fills, then runs full
-    assert max(core.batch_sizes) == steps
+    assert calls[:steps] == list(range(1, steps + 1))  # the buffer fills, then runs full
+    assert max(calls) == steps and sorted(core.batch_sizes.elements()) == sorted(calls)
     for o, f in zip(outputs, frames, strict=True):
         ref = g.generate_unit(cfg, f).numpy()
         assert not o.skipped

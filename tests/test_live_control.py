@@ -258,3 +258,16 @@ def test_rest_takes_a_prompt_blend_and_answers_422_for_bad_ones(null_server) -> 
         assert where in r.text, r.text
     r = httpx.post(url, json={"prompt": "x", "prompts": [{"text": A}], "prompt_interpolation": "cubic"}, timeout=30)
     assert r.status_code == 422 and "prompt_interpolation" in r.text
+
+
+def test_rest_takes_prompts_without_prompt_and_names_prompt_when_neither_is_given(null_server) -> None:
+    """The ``openai`` client always sends ``prompt``; a curl user with a blend need not."""
+    url = null_server.url + "/v1/images/generations"
+    r = httpx.post(url, json={"size": "64x64", "prompts": [{"text": A, "weight": 1}, {"text": B, "weight": 2}]},
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["revised_prompt"] is None  # nothing to echo: no prompt was sent
+    r = httpx.post(url, json={"size": "64x64"}, timeout=30)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("validation_error", "prompt") and "prompts" in error["message"], error

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import io
 import itertools
 import json
@@ -63,7 +64,10 @@ def _fleet(tmp_path: Path) -> Iterator[tuple[RedisServer, list[WorkerProcess]]]:
     workers = [WorkerProcess(server.url, "--model", "null", "--null-delay-ms", str(DELAY_MS), "--max-jobs", "2",
                              "--heartbeat-s", str(HEARTBEAT_S), "--ttl-s", str(TTL_S), "--claim-idle-s",
                              str(CLAIM_IDLE_S), "--threads", "1", worker_id=f"w{n}",
-                             log=tmp_path / f"w{n}.log").start() for n in range(3)]
+                             log=tmp_path / f"w{n}.log") for n in range(3)]
+    for w in workers:  # `ditstream -v worker ...`: DEBUG logs, a line per job answer (see _worker_results)
+        w.cmd.insert(w.cmd.index("worker"), "-v")
+        w.start()
     try:
         yield server, workers
     finally:
@@ -72,41 +76,60 @@ def _fleet(tmp_path: Path) -> Iterator[tuple[RedisServer, list[WorkerProcess]]]:
         server.stop()
 
 
-def _green(seq: int) -> int:
-    return 10 + 4 * (seq % 60)
+#: Frame identity. Red names the stream; the seq is written as four base-8 digits (seq mod 8**4),
+#: one per 16×16 quadrant, in green steps of ``SHADE_STEP``: more than twice ``TOLERANCE`` (what the
+#: JPEG round trips may move a shade; measured ≤ 6 at the quadrant centres), so a frame one seq away
+#: differs by a full step in at least one quadrant and can never pass for its neighbour.
+TOLERANCE, SHADE_STEP, DIGITS, HALF = 12, 30, 4, SIZE // 2
+QUADRANTS = [(0, 0), (0, HALF), (HALF, 0), (HALF, HALF)]
+
+
+def _shades(seq: int) -> list[int]:
+    return [15 + SHADE_STEP * ((seq // 8**i) % 8) for i in range(DIGITS)]
 
 
 class FrameLog:
-    """The outputs one stream received; each frame's red channel names the stream, green its seq."""
+    """The outputs one stream received, judged over its whole history (before, across and after a
+    fault): each frame's red names the stream, its green quadrants its seq (see ``QUADRANTS``)."""
 
     def __init__(self, k: int) -> None:
         self.k = k
         self.red = 30 + 60 * k
-        self.got: list[tuple[float, int, int, int]] = []  # (arrival, seq, red, green)
+        self.got: list[tuple[float, int, bool]] = []  # (arrival, seq, the image is this stream's frame seq)
 
     def frame(self, seq: int) -> np.ndarray:
         img = np.zeros((SIZE, SIZE, 3), np.uint8)
         img[..., 0] = self.red
-        img[..., 1] = _green(seq)
+        for (y, x), shade in zip(QUADRANTS, _shades(seq)):
+            img[y:y + HALF, x:x + HALF, 1] = shade
         return img
 
+    def is_frame(self, seq: int, image: np.ndarray) -> bool:
+        """Whether ``image`` is this stream's frame ``seq`` (within the codec's tolerance)."""
+        for (y, x), shade in zip(QUADRANTS, _shades(seq)):
+            r, g = (int(v) for v in image[y + HALF // 2, x + HALF // 2, :2])
+            if abs(r - self.red) > TOLERANCE or abs(g - shade) > TOLERANCE:
+                return False
+        return True
+
     def record(self, seq: int, image: np.ndarray) -> None:
-        px = image[SIZE // 2, SIZE // 2].astype(int)
-        self.got.append((time.monotonic(), seq, int(px[0]), int(px[1])))
+        self.got.append((time.monotonic(), seq, self.is_frame(seq, image)))
 
     def since(self, t: float) -> int:
         return sum(1 for g in self.got if g[0] > t)
 
     def report(self, since: float, until: float) -> dict[str, float]:
-        """Outputs between ``since`` (the fault) and ``until``; the first gap runs from the fault itself."""
-        outs = [g for g in self.got if since <= g[0] <= until]
-        seqs = [s for _t, s, _r, _g in outs]
-        times = [since] + [t for t, *_ in outs]
+        """Duplicates, order and identity over every output up to ``until``; the gap from ``since``
+        (the fault) on, the first gap running from the fault itself."""
+        history = [g for g in self.got if g[0] <= until]
+        seqs = [s for _t, s, _own in history]
+        times = [since] + [t for t, _s, _own in history if t >= since]
         return {
-            "outputs": len(outs),
+            "outputs": len(times) - 1,
+            "history": len(history),
             "duplicated": len(seqs) - len(set(seqs)),
             "out_of_order": sum(1 for a, b in itertools.pairwise(seqs) if b < a),
-            "foreign": sum(1 for _t, s, r, g in outs if abs(r - self.red) > 12 or abs(g - _green(s)) > 12),
+            "foreign": sum(1 for _t, _s, own in history if not own),
             "longest_gap_s": max(b - a for a, b in itertools.pairwise(times)) if len(times) > 1 else until - since,
         }
 
@@ -141,6 +164,54 @@ class Stream(FrameLog):
         for t in self.threads:
             t.join(5)
         self.h.close()
+
+
+_ANSWER_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*: worker (\S+): job (\S+) "
+                          r"(answered|was already answered; result discarded)$")
+
+
+def _worker_results(logs: list[Path]) -> dict[str, list[tuple[float, str, bool]]]:
+    """From the workers' own logs (the killed one's included: lines are written as they happen):
+    for each job, every result a worker computed and offered as its answer — (wall-clock time,
+    worker, whether it was written as the answer or refused because the job was already answered)."""
+    results: dict[str, list[tuple[float, str, bool]]] = {}
+    for log in logs:
+        for line in log.read_text(errors="replace").splitlines():
+            m = _ANSWER_LINE.match(line)
+            if m:
+                t = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                results.setdefault(m.group(3), []).append((t, m.group(2), m.group(4) == "answered"))
+    return results
+
+
+def _twice(times: dict[str, list[float]], outage: tuple[float, float] | None = None) -> list[str]:
+    """Jobs with more than one event (answer or computation) within one Redis lifetime. Across a
+    Redis restart (``outage``: wall clock before it began, after it ended) a job may have one in
+    each lifetime: an answer written just before the data was lost may never reach the gateway,
+    which then sends the job again, and a job held at the restart is sent again while it runs."""
+    slack = 0.01  # log lines carry milliseconds
+    twice = []
+    for job, ts in sorted(times.items()):
+        ts = sorted(ts)
+        straddles = (outage is not None and len(ts) == 2
+                     and ts[0] <= outage[1] + slack and ts[1] >= outage[0] - slack)
+        if len(ts) > 1 and not straddles:
+            twice.append(job)
+    return twice
+
+
+def _judge_workers(workers: list[WorkerProcess], victim: str | None = None,
+                   outage: tuple[float, float] | None = None) -> dict[str, Any]:
+    """What the workers themselves say they did, independent of the gateway's counters: jobs
+    answered, results computed, and the jobs answered twice or computed twice (the killed
+    worker's computations aside: a survivor runs again what it held) within one Redis lifetime."""
+    results = _worker_results([w.log for w in workers if w.log is not None])
+    return {
+        "answered": sum(1 for rs in results.values() if any(written for *_, written in rs)),
+        "computed": sum(len(rs) for rs in results.values()),
+        "answered_twice": _twice({j: [t for t, _w, written in rs if written] for j, rs in results.items()}, outage),
+        "computed_twice": _twice({j: [t for t, w, _ in rs if w != victim] for j, rs in results.items()}, outage),
+    }
 
 
 def _submit_jobs(gw: RedisGatewayRunner, base: int) -> list[tuple[int, Future]]:
@@ -212,7 +283,7 @@ def test_chaos_worker_sigkill_then_redis_restart(tmp_path: Path):
             in_flight = len([f for _i, f in jobs if not f.done()])
             next(w for w in workers if w.worker_id == wid).kill()
             t_kill = time.monotonic()
-            figures["worker_sigkill"] = {"jobs_in_flight": in_flight, **_job_report(jobs)}
+            figures["worker_sigkill"] = {"jobs_in_flight": in_flight, "victim": wid, **_job_report(jobs)}
             wait_for(lambda: all(s.since(t_kill) >= 5 for s in streams), 20,
                      what="every stream resumed after the kill")
             t_end1 = time.monotonic()
@@ -223,9 +294,10 @@ def test_chaos_worker_sigkill_then_redis_restart(tmp_path: Path):
             wait_for(lambda: r.xpending(scfg.keys.jobs, scfg.keys.group)["pending"] > 0, 20, interval=0.01,
                      what="jobs held by workers")
             in_flight = len([f for _i, f in jobs if not f.done()])
-            t_down = time.monotonic()
+            t_down, t_down_wall = time.monotonic(), time.time()
             server.restart()  # from this thread: the child dies with the thread that started it (PDEATHSIG)
             down_s = time.monotonic() - t_down
+            figures["outage_wall"] = (t_down_wall, time.time())
             figures["redis_restart"] = {"jobs_in_flight": in_flight, "redis_down_s": round(down_s, 2),
                                         **_job_report(jobs)}
             wait_for(lambda: all(s.since(t_down + down_s) >= 5 for s in streams), 30,
@@ -240,12 +312,20 @@ def test_chaos_worker_sigkill_then_redis_restart(tmp_path: Path):
             gw.stop()
             r.close()
 
+    judged = _judge_workers(workers, figures["worker_sigkill"]["victim"], figures["outage_wall"])
     print("\nchaos figures:")
     for fault in ("worker_sigkill", "redis_restart"):
         _print_fault(fault, figures[fault])
-    print(f"  duplicate answers {figures['duplicate_answers']}, runtime {figures['runtime_s']} s")
+    print(f"  duplicate answers {figures['duplicate_answers']} (gateway); workers: {judged['answered']} jobs "
+          f"answered, {judged['computed']} results computed, answered twice {judged['answered_twice']}, computed "
+          f"twice {judged['computed_twice']} (within one Redis lifetime); runtime {figures['runtime_s']} s")
 
     assert figures["duplicate_answers"] == 0
+    assert not judged["answered_twice"], f"jobs the workers answered twice: {judged}"
+    assert not judged["computed_twice"], f"jobs the workers computed twice: {judged}"
+    # Every job's answer is in a worker's log, but one: SIGKILL may land between the killed worker's
+    # answer (in Redis) and its log line.
+    assert 2 * N_JOBS - 1 <= judged["answered"] <= 2 * N_JOBS, f"jobs answered by the workers: {judged}"
     _check_fault("worker_sigkill", figures["worker_sigkill"], TTL_S + SUPERVISE_S + OPEN_ALLOWANCE_S)
     _check_fault("redis_restart", figures["redis_restart"],
                  figures["redis_restart"]["redis_down_s"] + 1.0 + HEARTBEAT_S + SUPERVISE_S + OPEN_ALLOWANCE_S)
@@ -410,7 +490,12 @@ def test_chaos_gateway_sigkill(tmp_path: Path):
           f"{f['dead_dropped']} dropped or cancelled unrun (key expired {f['key_expired_s']:.2f} s after "
           f"the kill, last answer {f['dead_last_s']:.2f} s); runtime {figures['runtime_s']} s")
 
+    judged = _judge_workers(workers)
+    print(f"  workers: {judged['answered']} jobs answered, {judged['computed']} results computed")
     assert f["duplicate_answers"] == 0
+    # No worker died and Redis kept its data: no job may be computed, let alone answered, twice.
+    assert not judged["computed_twice"], f"jobs the workers computed more than once: {judged}"
+    assert judged["answered"] >= N_GW_JOBS, f"fewer jobs answered by the workers than requests: {judged}"
     _check_fault("gateway_sigkill", f, GW_RESTART_BOUND_S)
     assert f["resubmitted"] >= 1, "no request failed with the gateway: the kill came too late to prove anything"
     assert f["dead_dropped"] >= 1, "nothing of the dead gateway was left to drop: the test proves nothing"
@@ -480,3 +565,33 @@ async def _until(predicate: Any, timeout: float, what: str, interval: float = 0.
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+# ------------------------------------------------------------------------------------ the judges themselves
+def test_the_frame_judge_sees_a_repeat_across_the_fault_and_a_neighbouring_frame():
+    """A frame delivered before the fault and again after it is a duplicate (and out of order); a frame
+    showing the neighbouring seq, or another stream's, is foreign — through two JPEG round trips."""
+    import simplejpeg
+    from testkit import jpeg
+
+    log, other = FrameLog(1), FrameLog(2)
+
+    def coded(img: np.ndarray) -> np.ndarray:
+        return simplejpeg.decode_jpeg(jpeg(simplejpeg.decode_jpeg(jpeg(img, 75)), 75))
+
+    for seq in range(5):
+        log.record(seq, coded(log.frame(seq)))
+    fault = time.monotonic()
+    log.record(3, coded(log.frame(3)))  # delivered again across the fault
+    log.record(5, coded(log.frame(5)))
+    r = log.report(fault, time.monotonic())
+    assert (r["history"], r["outputs"], r["duplicated"], r["out_of_order"], r["foreign"]) == (7, 2, 1, 1, 0), r
+    assert all(log.is_frame(s, coded(log.frame(s))) for s in range(4096))
+    assert not any(log.is_frame(s, coded(log.frame(s + d))) for s in range(0, 4096, 7) for d in (-1, 1))
+    assert not log.is_frame(7, coded(other.frame(7)))
+
+
+def test_the_worker_judge_allows_one_event_per_redis_lifetime():
+    events = {"a": [10.0], "b": [10.0, 10.5], "c": [9.0, 12.0], "d": [12.0, 12.5], "e": [9.0, 12.0, 12.5]}
+    assert _twice(events) == ["b", "c", "d", "e"]
+    assert _twice(events, outage=(11.0, 11.2)) == ["b", "d", "e"]

@@ -85,13 +85,13 @@ def test_a_session_moved_while_its_worker_lives_never_repeats_or_reorders_a_fram
             old = h.worker
             h.pinning = True  # as the supervisor would see it: a move in progress
             try:
-                assert gw._pin(h, exclude={old})
-                gw._resend_unanswered(h)
+                assert gw.sessions.pin(h, exclude={old})
+                gw.sessions.resend_unanswered(h)
             finally:
                 h.pinning = False
             assert h.worker != old
             # The old worker stops answering at the new epoch's first frame, long before its janitor.
-            wait_for(lambda o=old: h.id not in workers[o]._sessions, 2.0, interval=0.02,
+            wait_for(lambda o=old: not workers[o].sessions.has(h.id), 2.0, interval=0.02,
                      what=f"old worker {old} dropped the moved session")
         wait_for(lambda n=len(got): len(got) >= n + 10, 20, what="outputs flowing after the last move")
         stop.set()
@@ -131,7 +131,7 @@ def test_jobs_of_a_dead_gateway_are_dropped_unrun(scfg: ScaleConfig, r: redis.Re
     wait_for(lambda: r.xlen(scfg.keys.jobs) == 5, 5, what="jobs queued")
     assert r.exists(scfg.keys.gateway(gw.id))
     gw._stop.set()  # the gateway dies (as by SIGKILL: no clean-up, its liveness key just expires)
-    gw._publish_wake.set()
+    gw.outbox.wake()
     for t in gw._threads:
         t.join(5)
     wait_for(lambda: not r.exists(scfg.keys.gateway(gw.id)), 5, what="the dead gateway's key expired")
@@ -163,14 +163,14 @@ def test_a_held_job_whose_gateway_died_is_cancelled(scfg: ScaleConfig, r: redis.
         wait_for(lambda: gw.alive, 10, what="gateway alive")
         for seed in range(3):
             gw.submit_job(StreamConfig(mode="txt2img", prompt="p", width=SIZE, height=SIZE, seed=seed))
-        wait_for(lambda: len(w._jobs) == 3, 10, what="worker holds the jobs")
+        wait_for(lambda: w.jobs.held() == 3, 10, what="worker holds the jobs")
         gw._stop.set()
-        gw._publish_wake.set()
+        gw.outbox.wake()
         for t in gw._threads:
             t.join(5)
         wait_for(lambda: w.counters["jobs_orphaned"] == 3, 10, what="held jobs cancelled")
         gate.set()
-        wait_for(lambda: not w._jobs and r.xlen(scfg.keys.jobs) == 0, 10, what="entries acknowledged")
+        wait_for(lambda: not w.jobs.held() and r.xlen(scfg.keys.jobs) == 0, 10, what="entries acknowledged")
         assert w.counters["jobs_done"] == 0 and not r.exists(scfg.keys.replies(gw.id))
     finally:
         gate.set()
@@ -221,7 +221,7 @@ def test_replies_are_deleted_once_read_and_a_dead_gateways_keys_expire(scfg: Sca
         assert 0 < r.pttl(gw.replies) <= 1000, "a reply stream nobody writes to expires"
         assert r.xlen(scfg.keys.jobs) == 0
         gw._stop.set()  # the gateway dies without cleaning up
-        gw._publish_wake.set()
+        gw.outbox.wake()
         for t in gw._threads:
             t.join(5)
         wait_for(lambda: not r.exists(gw.replies, scfg.keys.gateway(gw.id)), 5,
@@ -337,7 +337,7 @@ def test_sessions_spread_again_when_a_worker_joins_each_frame_once_in_order(scfg
         workers["wb"] = _null_worker(scfg, "wb").start()
         wait_for(lambda: sorted(h.worker for h in handles) == ["wa", "wa", "wb", "wb"], 15, interval=0.05,
                  what="two sessions moved to wb")
-        wait_for(lambda: len(workers["wa"]._sessions) == 2 and len(workers["wb"]._sessions) == 2, 10, interval=0.05,
+        wait_for(lambda: workers["wa"].sessions.count() == 2 and workers["wb"].sessions.count() == 2, 10, interval=0.05,
                  what="each worker holds two sessions")
         # Stable: outputs advance well past several rebalance intervals and nothing else moves.
         marks = [len(f.got) for f in feeds]

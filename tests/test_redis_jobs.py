@@ -175,8 +175,8 @@ def test_a_job_is_answered_once_even_if_two_workers_finish_it(scfg: ScaleConfig,
     job = _job(keys, reply)
     out = StreamOutput(stream_id="j", seq=0, ts=0.0, image=np.zeros((8, 8, 3), np.uint8))
     a, b = _null_worker(scfg, "a"), _null_worker(scfg, "b")
-    assert a._reply("", job, out, None) is True
-    assert b._reply("", job, out, None) is False
+    assert a.answers.reply("", job, out, None) is True
+    assert b.answers.reply("", job, out, None) is False
     (res,) = _results(r, reply)
     assert res.worker == "a" and b.counters["jobs_duplicate"] == 1
 
@@ -230,7 +230,7 @@ def test_gateway_job_and_session_round_trip_through_a_worker(scfg: ScaleConfig, 
             assert got is not None and got.seq == seq
             assert np.abs(got.image.astype(int) - 77).max() <= 3
         handle.close()
-        wait_for(lambda: not w._sessions, 5, what="worker closed the session")
+        wait_for(lambda: not w.sessions.count(), 5, what="worker closed the session")
         assert r.get(scfg.keys.session(handle.id)) is None
     finally:
         gw.stop()
@@ -270,7 +270,7 @@ def test_graceful_stop_answers_the_jobs_it_holds_and_stops_beating_at_once(scfg:
         wait_for(lambda: gw.alive, 10, what="gateway sees the worker")
         futures = [gw.submit_job(StreamConfig(mode="txt2img", prompt="p", width=64, height=64, seed=i))
                    for i in range(2)]
-        wait_for(lambda: len(w._jobs) == 2, 10, what="the worker holds both jobs")
+        wait_for(lambda: w.jobs.held() == 2, 10, what="the worker holds both jobs")
         stopper = threading.Thread(target=w.stop, kwargs={"drain_s": 10.0})
         stopper.start()
         wait_for(lambda: r.get(scfg.keys.worker(w.id)) is None, 2, what="heartbeat dropped at once")
@@ -382,15 +382,15 @@ def test_supervisor_leaves_a_session_being_opened_alone_and_retries_a_failed_rep
     keys = scfg.keys
     _fake_heartbeat(r, keys, "ghost")  # alive by heartbeat, never answers an open
     gw = RedisGatewayRunner(scfg, job_timeout_s=30, open_timeout_s=0.3)  # not started: no supervisor thread
-    gw.workers = {"ghost": Heartbeat.load(r.get(keys.worker("ghost")))}
-    h = GatewayStreamHandle(gw, "s-pinning", StreamConfig(prompt="p", width=64, height=64), None)
-    gw._sessions[h.id] = h
+    gw.fleet.workers = {"ghost": Heartbeat.load(r.get(keys.worker("ghost")))}
+    h = GatewayStreamHandle(gw.sessions, "s-pinning", StreamConfig(prompt="p", width=64, height=64), None)
+    gw.sessions.add(h)
     h.worker, h.pinning = "ghost", True  # add_stream is between choosing the worker and its record
-    gw._check_sessions()
+    gw.supervisor.check_sessions()
     assert h.epoch == 0 and r.get(keys.session(h.id)) is None, "the supervisor must not touch it"
     h.pinning = False  # now it looks orphaned: the supervisor re-pins, the open times out
-    gw._check_sessions()
+    gw.supervisor.check_sessions()
     assert h.epoch == 1, "the supervisor tried to re-pin"
     assert r.get(keys.session(h.id)) is None, "a failed re-pin leaves no record, so the next pass retries"
-    gw._check_sessions()
+    gw.supervisor.check_sessions()
     assert h.epoch == 2

@@ -64,7 +64,7 @@ def test_a_dead_workers_jobs_are_claimed_within_the_bound_while_survivors_are_bu
         # stretch, so no tighter assertion is made on them.
         assert claimed_after <= bound + 2.0, f"claimed after {claimed_after:.2f} s (bound {bound:.1f} s)"
         assert sum(w.counters["jobs_claimed"] for w in survivors) == 4
-        held = [len(w._jobs) for w in survivors]
+        held = [w.jobs.held() for w in survivors]
         assert max(held) <= 2 * scfg.max_jobs, f"held {held}: over 2 * max_jobs"
 
         wait_for(lambda: r.xlen(reply_to) >= len(jobs), 30, what="every job answered")
@@ -108,12 +108,12 @@ with ServerThread(create_app(Settings(redis_url={redis_url!r}, redis_prefix={scf
     print(json.dumps({{"status": resp.status_code, "body": resp.json(), "ready_after_s": time.monotonic() - t0}}))
 """
     try:
-        wait_for(lambda: all(len(w._jobs) >= scfg.max_jobs for w in workers), 10, interval=0.02,
+        wait_for(lambda: all(w.jobs.held() >= scfg.max_jobs for w in workers), 10, interval=0.02,
                  what="both workers busy")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr[-3000:]
         got = json.loads(out.stdout.strip().splitlines()[-1])
-        busy = [len(w._jobs) for w in workers]
+        busy = [w.jobs.held() for w in workers]
         queued = r.xlen(scfg.keys.jobs) - r.xpending(scfg.keys.jobs, scfg.keys.group)["pending"]
         print(f"new gateway ready after {got['ready_after_s']:.2f} s; workers holding {busy}, {queued} queued")
         assert got["status"] == 200 and got["body"]["workers"] == 2, got

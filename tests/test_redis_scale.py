@@ -183,7 +183,7 @@ class StreamClient:
 def _answers_since(c: Cluster, before: dict[str, str]) -> list[JobResult]:
     """Jobs the gateway got an answer for since ``before`` (a copy of its job -> worker memory); the
     reply stream itself is empty once read, and a second answer would show in ``duplicate_answers``."""
-    return [JobResult(job=j, worker=w) for j, w in list(c.gateway._recent.items()) if j not in before]
+    return [JobResult(job=j, worker=w) for j, w in list(c.gateway.jobs.answered_by().items()) if j not in before]
 
 
 def _moves(c: Cluster) -> int:
@@ -201,7 +201,7 @@ def test_two_workers_serve_50_jobs_and_4_streams(cluster: Cluster):
     live = cluster.ensure_workers(2)
     ready = httpx.get(cluster.url + "/ready").json()
     assert ready["status"] == "ready" and ready["redis"] is True and ready["workers"] == 2
-    before = dict(cluster.gateway._recent)
+    before = cluster.gateway.jobs.answered_by()
 
     async def main():
         streams = [StreamClient(cluster.server.ws_url, 100 + k) for k in range(4)]
@@ -243,7 +243,7 @@ def test_two_workers_serve_50_jobs_and_4_streams(cluster: Cluster):
 
 def test_sigkill_mid_job_jobs_finish_once_and_streams_move(cluster: Cluster):
     live = cluster.ensure_workers(2)
-    before = dict(cluster.gateway._recent)
+    before = cluster.gateway.jobs.answered_by()
     jobs_key = Keys(cluster.settings.redis_prefix).jobs
 
     async def main():

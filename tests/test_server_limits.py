@@ -1,6 +1,6 @@
 """Backend limits and warm-up seen from outside: a size outside the engine's profile is refused when a
 WS stream is configured or a REST job opens (naming the profile), in process and through a gateway
-(where the worker's engine refuses it); ``/ready`` and a worker's health say "warming" (503) until
+(which reads the profile from the worker's heartbeat and refuses it itself); ``/ready`` and a worker's health say "warming" (503) until
 every shape is warm, then turn ready."""
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def _app(runner: EngineRunner):
 @contextlib.contextmanager
 def _limited_server(request: pytest.FixtureRequest, kind: str, runner: EngineRunner) -> Iterator[ServerThread]:
     """``runner`` served in process ("engine"), or by an in-process ``Worker`` behind a gateway app on
-    the module's ``redis_url`` ("gateway"): the gateway never sees the backend's profile (a heartbeat does not
-    carry it), so there the worker's engine is what refuses a size, and its error must come back."""
+    the module's ``redis_url`` ("gateway"): the worker's heartbeat carries the backend's profile, and the
+    gateway's refusal must read as the engine's own (``tests/test_redis_profile.py`` checks nothing is queued)."""
     if kind == "engine":
         with ServerThread(_app(runner)) as srv:
             assert runner.wait_ready(30)

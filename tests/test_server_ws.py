@@ -312,7 +312,7 @@ def test_frames_waiting_for_the_decoder_are_kept_as_deep_as_the_engine_inbox(mon
     import threading
 
     from ditstream.server import codec
-    from ditstream.server.live import ws as ws_module
+    from ditstream.server.live import ws_intake
 
     entered, release = threading.Event(), threading.Event()
     real_decode = codec.decode
@@ -333,10 +333,10 @@ def test_frames_waiting_for_the_decoder_are_kept_as_deep_as_the_engine_inbox(mon
                 await ws.send(frame_message(data, seq))
             (session,) = app.state.ditstream.sessions
             deadline = time.monotonic() + 30
-            while not (entered.is_set() and len(session._decode_queue) == 2):
+            while not (entered.is_set() and len(session.intake._queue) == 2):
                 assert time.monotonic() < deadline, "frames 1 and 2 never queued behind the held decode"
                 await asyncio.sleep(0.01)
-            assert len(session._decode_queue) == ws_module.DECODE_DEPTH
+            assert len(session.intake._queue) == ws_intake.DECODE_DEPTH
             real_submit = session.handle.submit
 
             def submit(image, seq, ts):  # what the decode step hands the engine

@@ -438,3 +438,31 @@ def test_clients_get_ice_servers_as_json_and_in_the_whip_whep_answers():
 
     with _server(api_keys=["k-0123456789"], **TURN) as srv:
         asyncio.run(main(srv))
+
+
+def test_the_txt2img_ticker_numbers_its_frames_as_the_websocket_does():
+    """In txt2img the server makes the frames: each gets the next ``seq`` (0, 1, 2, ...), as on the
+    WebSocket, so a generation error or a timing names the frame it belongs to (it once sent 0 always)."""
+    async def main(srv):
+        async with httpx.AsyncClient(base_url=srv.url, timeout=TIMEOUT) as client:
+            pub = Publisher(_image(4))
+            assert (await pub.publish(client, "?mode=txt2img&prompt=ticking&fps=30")).status_code == 201
+            session = _state(srv).webrtc[pub.session]
+            seqs: list[int] = []
+            real_submit = session.handle.submit
+
+            def submit(image, seq=0, ts=0.0):
+                seqs.append(seq)
+                return real_submit(image, seq, ts)
+
+            session.handle.submit = submit
+            deadline = time.monotonic() + TIMEOUT
+            while len(seqs) < 4:
+                assert time.monotonic() < deadline, f"the ticker offered only {seqs}"
+                await asyncio.sleep(0.01)
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+            await client.delete(pub.location)
+            await pub.pc.close()
+
+    with _server() as srv:
+        asyncio.run(main(srv))

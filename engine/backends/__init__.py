@@ -24,6 +24,8 @@ BACKENDS: dict[str, str] = {
     "compile": "ditstream.engine.backends.compile_backend:CompileBackend",
     "onnx": "ditstream.engine.backends.onnx_backend:OnnxBackend",
     "tensorrt": "ditstream.engine.backends.tensorrt_backend:TensorRTBackend",
+    #: No network: echoes through the real sampler; runs only the null model (``engine.null``).
+    "null": "ditstream.engine.backends.null_backend:NullBackend",
 }
 
 #: ``auto`` tries these in order of expected speed and takes the first that loads. On CUDA: TensorRT

@@ -36,6 +36,26 @@ def bucket_for(batch: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> int:
     return batch
 
 
+def uses_cuda_graphs(device_type: str, mode: str, compile_backend: str = "inductor") -> bool:
+    """Whether ``torch.compile(mode=mode, backend=compile_backend)`` replays CUDA graphs on ``device_type``.
+
+    Why it matters: a CUDA-graph output lives in memory the next replay overwrites, so the backend must
+    copy it out (and pad to buckets, and mark each step). Inductor says which of its modes use graphs
+    (``torch._inductor.list_mode_options``, the table torch.compile applies): ``reduce-overhead`` and
+    ``max-autotune`` do, ``default`` and ``max-autotune-no-cudagraphs`` do not; an unknown mode is
+    inductor's error. The ``cudagraphs`` dynamo backend always does; other backends never do.
+    """
+    if device_type != "cuda":
+        return False
+    if compile_backend == "cudagraphs":
+        return True
+    if compile_backend != "inductor":
+        return False
+    from torch._inductor import list_mode_options
+
+    return bool(list_mode_options(mode).get("triton.cudagraphs", False))
+
+
 def _pad(t: torch.Tensor | None, size: int) -> torch.Tensor | None:
     if t is None or t.shape[0] == size:
         return t
@@ -53,7 +73,7 @@ class CompileBackend(Backend):
     """``torch.compile`` of transformer, VAE encoder and VAE decoder.
 
     ``mode``: default ``"reduce-overhead"`` on CUDA (inductor + CUDA graph trees, one graph per
-    bucket shape) and ``"default"`` on CPU. ``compile_backend``: the dynamo backend (``"inductor"``).
+    bucket shape) and ``"default"`` on CPU; ``"max-autotune"`` uses CUDA graphs too (``uses_cuda_graphs``). ``compile_backend``: the dynamo backend (``"inductor"``).
     ``pad_to_buckets``: pad batches up to ``buckets`` (default: only when CUDA graphs are used).
     """
 
@@ -75,8 +95,8 @@ class CompileBackend(Backend):
                 raise BackendUnavailableError("backend 'compile' on CPU needs a C++ compiler (g++ or clang++)")
         from ditstream.trt_build.export import TransformerExport, VaeDecoderExport, VaeEncoderExport
 
-        self.cuda_graphs = self.device.type == "cuda" and mode in (None, "reduce-overhead")
         self.mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
+        self.cuda_graphs = uses_cuda_graphs(self.device.type, self.mode, compile_backend)
         # Padding to buckets bounds the number of CUDA graphs; without graphs it only costs compute.
         self.buckets = buckets if (self.cuda_graphs if pad_to_buckets is None else pad_to_buckets) else ()
         dynamic = None if self.cuda_graphs else True

@@ -20,6 +20,9 @@ What keeps the first GPU run safe:
   serving (``Backend.warmup``); a shape that was not warmed runs eagerly, never captured mid-serve.
 * **Device guard.** Loading and every call run under ``torch.cuda.device(<the model's device>)``, so
   ``--device cuda:1`` deserialises, allocates and runs on GPU 1.
+* **Aligned addresses.** ``set_tensor_address`` needs 256-byte aligned pointers; a contiguous view
+  (a row slice of a batch) can start anywhere, so such an input is copied into an aligned buffer
+  first (``aligned_for_trt``), and a misaligned address reaching TensorRT is refused, never bound.
 
 A shape outside the engine's profile is an error that names the profile — never a silent fallback.
 """
@@ -44,6 +47,36 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZES: tuple[int, ...] = DEFAULT_BATCHES
 #: At most this many shapes per engine get a CUDA graph (and their own context); the rest run eagerly.
 MAX_GRAPHS = 32
+#: TensorRT's alignment for every I/O address (IExecutionContext.set_tensor_address).
+TRT_ALIGNMENT = 256
+
+
+def aligned_for_trt(tensor: torch.Tensor, alignment: int = TRT_ALIGNMENT) -> torch.Tensor:
+    """``tensor`` itself when its address is aligned, else a copy in an aligned buffer.
+
+    Why: torch's allocator aligns fresh blocks (512 bytes on CUDA), but a view into one, such as
+    ``batch[1:]``, starts ``storage_offset * itemsize`` bytes in, and TensorRT reads a misaligned
+    input wrongly or fails. The copy is carved out of a slightly larger byte buffer, so it is
+    aligned on any device and allocator.
+    """
+    if not tensor.is_contiguous():
+        raise ValueError("aligned_for_trt needs a contiguous tensor")
+    if tensor.numel() == 0 or tensor.data_ptr() % alignment == 0:
+        return tensor
+    nbytes = tensor.numel() * tensor.element_size()
+    raw = torch.empty(nbytes + alignment, dtype=torch.uint8, device=tensor.device)
+    start = -raw.data_ptr() % alignment
+    out = raw[start:start + nbytes].view(tensor.dtype).view(tensor.shape)
+    return out.copy_(tensor)
+
+
+def _address(name: str, tensor: torch.Tensor) -> int:
+    """The pointer TensorRT is given for ``name``; a misaligned one is an error, never bound."""
+    ptr = tensor.data_ptr()
+    if ptr % TRT_ALIGNMENT and tensor.numel():
+        raise GenerationError(f"TensorRT tensor {name} at address {ptr:#x} is not {TRT_ALIGNMENT}-byte aligned "
+                              f"(a view into another tensor?): pass it through aligned_for_trt")
+    return ptr
 
 
 class _Scratch:
@@ -134,21 +167,25 @@ class _Runner:
                     f"(min {tuple(lo)}, max {tuple(hi)}); rebuild with `ditstream build-engine` for these sizes"
                 )
 
+    def prepare(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each input on this engine's device, in its dtype, contiguous and 256-byte aligned."""
+        return {n: aligned_for_trt(t.to(self.device, self.dtypes[n]).contiguous()) for n, t in feeds.items()}
+
     def _bind(self, context: Any, feeds: dict[str, torch.Tensor]) -> tuple[int, ...]:
         for name, tensor in feeds.items():
             context.set_input_shape(name, tuple(tensor.shape))
-            context.set_tensor_address(name, tensor.data_ptr())
+            context.set_tensor_address(name, _address(name, tensor))
         return tuple(context.get_tensor_shape(self.outputs[0]))
 
     def _enqueue(self, context: Any, out: torch.Tensor) -> None:
-        context.set_tensor_address(self.outputs[0], out.data_ptr())
+        context.set_tensor_address(self.outputs[0], _address(self.outputs[0], out))
         if not context.execute_async_v3(self.stream.cuda_stream):
             raise GenerationError("TensorRT execution failed")
 
     def __call__(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.cuda.device(self.device):
             caller = torch.cuda.current_stream(self.device)
-            feeds = {n: t.to(self.device, self.dtypes[n]).contiguous() for n, t in feeds.items()}
+            feeds = self.prepare(feeds)
             self.check(feeds)
             key = tuple((n, tuple(t.shape)) for n, t in sorted(feeds.items()))
             self.stream.wait_stream(caller)

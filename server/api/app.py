@@ -122,47 +122,65 @@ def create_app(settings: Settings | None = None, runner: EngineClient | None = N
                               "frame-in/frame-out WebSocket at /v1/stream, WebRTC over WHIP/WHEP at /v1/whip "
                               "and /v1/whep (see docs/protocol.md).")
     app.state.ditstream = state
-
-    @app.exception_handler(DitstreamError)
-    async def _ditstream_error(request: Request, exc: DitstreamError) -> JSONResponse:
-        row = mapping_for(exc)
-        if row.http_status >= 500:
-            logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-        return JSONResponse(rest_error_body(exc), status_code=row.http_status, headers=rest_headers(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        """FastAPI's own refusals (404, 405, an unreadable body) in the same error shape as ours.
-
-        FastAPI turns any exception while reading a body into a bare 400; the cause tells the real
-        story — the body limit tripping on a chunked upload (413) or JSON nested past the recursion
-        limit (400 malformed_message).
-        """
-        cause = exc.__cause__
-        if isinstance(cause, DitstreamError):
-            return await _ditstream_error(request, cause)
-        if exc.status_code == 400:
-            return await _ditstream_error(request, MalformedMessageError(f"request body cannot be parsed: "
-                                                                        f"{exc.detail}", field="body"))
-        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error" if exc.status_code < 500
-                          else "server_error", "code": HTTP_ERROR_CODES.get(exc.status_code, "http_error"), "param": None}}
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
-        where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "form"))
-        if err.get("type") == "json_invalid":
-            verr: ValidationError = MalformedMessageError(f"request body is not valid JSON: {err['msg']}",
-                                                          field="body")
-        else:
-            verr = ValidationError(f"{where or 'body'}: {err['msg']} (got {err.get('input')!r:.80})",
-                                   field=where or None)
-        return JSONResponse(rest_error_body(verr), status_code=mapping_for(verr).http_status)
-
+    app.add_exception_handler(DitstreamError, _ditstream_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _request_validation)  # type: ignore[arg-type]
     app.include_router(rest.router)
     app.include_router(ws.router)
     app.include_router(webrtc.router)
+    _add_ops_routes(app, state)
+    if WEB_DIR.is_dir():
+        app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+        app.add_api_route("/", _index, include_in_schema=False)
+    if settings.api_keys:
+        _declare_bearer_auth(app)
+    _add_middleware(app, settings, metrics)
+    return app
+
+
+# ------------------------------------------------------------------------------------ error handlers
+async def _ditstream_error(request: Request, exc: DitstreamError) -> JSONResponse:
+    """Our errors, through the one table (``server/errors.py``): status, body, headers."""
+    row = mapping_for(exc)
+    if row.http_status >= 500:
+        logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
+    return JSONResponse(rest_error_body(exc), status_code=row.http_status, headers=rest_headers(exc))
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own refusals (404, 405, an unreadable body) in the same error shape as ours.
+
+    FastAPI turns any exception while reading a body into a bare 400; the cause tells the real
+    story — the body limit tripping on a chunked upload (413) or JSON nested past the recursion
+    limit (400 malformed_message).
+    """
+    cause = exc.__cause__
+    if isinstance(cause, DitstreamError):
+        return await _ditstream_error(request, cause)
+    if exc.status_code == 400:
+        return await _ditstream_error(request, MalformedMessageError(f"request body cannot be parsed: "
+                                                                    f"{exc.detail}", field="body"))
+    body = {"error": {"message": str(exc.detail), "type": "invalid_request_error" if exc.status_code < 500
+                      else "server_error", "code": HTTP_ERROR_CODES.get(exc.status_code, "http_error"), "param": None}}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A body FastAPI could not parse into its model: 400 for bad JSON, else 422 naming the field."""
+    err = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
+    where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "form"))
+    if err.get("type") == "json_invalid":
+        verr: ValidationError = MalformedMessageError(f"request body is not valid JSON: {err['msg']}",
+                                                      field="body")
+    else:
+        verr = ValidationError(f"{where or 'body'}: {err['msg']} (got {err.get('input')!r:.80})",
+                               field=where or None)
+    return JSONResponse(rest_error_body(verr), status_code=mapping_for(verr).http_status)
+
+
+# ------------------------------------------------------------------------------------ ops routes
+def _add_ops_routes(app: FastAPI, state: AppState) -> None:
+    """``/health``, ``/ready`` and ``/metrics``: what an orchestrator and Prometheus read."""
 
     @app.get("/health", tags=["ops"], summary="Liveness: the process answers and its engine has not died.",
              responses={503: {"description": "the engine died (e.g. an unrecoverable device error): restart me"}})
@@ -196,16 +214,13 @@ def create_app(settings: Settings | None = None, runner: EngineClient | None = N
         state.metrics.workers_up.set(state.runner.workers_up if state.runner is not None else 0)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    if WEB_DIR.is_dir():
-        app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
 
-        @app.get("/", include_in_schema=False)
-        async def index() -> FileResponse:
-            return FileResponse(WEB_DIR / "index.html")
+async def _index() -> FileResponse:
+    return FileResponse(WEB_DIR / "index.html")
 
-    if settings.api_keys:
-        _declare_bearer_auth(app)
-    # Outermost first: metrics see every answer (auth refusals and 413s included).
+
+def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """Outermost last added: metrics see every answer (auth refusals and 413s included)."""
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + 256 * 1024)
     app.add_middleware(APIKeyMiddleware, keys=[k.get_secret_value() for k in settings.api_keys], metrics=metrics)
     if settings.cors_origins:  # off by default; outside auth so that preflights (no key) get an answer
@@ -216,7 +231,6 @@ def create_app(settings: Settings | None = None, runner: EngineClient | None = N
                            allow_headers=["Authorization", "Content-Type", "X-Ditstream-Config"],
                            expose_headers=["Retry-After", "Location", "X-Ditstream-Session"], max_age=600)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    return app
 
 
 def _declare_bearer_auth(app: FastAPI) -> None:

@@ -25,6 +25,7 @@ from ditstream.engine.sizes import parse_size
 from ditstream.engine.types import StreamOutput
 from ditstream.server import codec
 from ditstream.server.api.state import AppState, state_of
+from ditstream.server.live import timing
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -53,7 +54,7 @@ class GenerationRequest(BaseModel):
     """
 
     model_config = ConfigDict(extra="ignore", strict=True)
-    prompt: str = Field(..., description="What to draw.")
+    prompt: str | None = Field(None, description="What to draw (required unless `prompts` is given).")
     model: str | None = Field(None, description="Accepted for compatibility; the server's model is used.")
     n: int = Field(1, ge=1, description="Images to make (each a different seed).")
     size: str | None = Field(None, description="'WxH' (multiples of the model's size multiple) or 'auto'.")
@@ -64,7 +65,7 @@ class GenerationRequest(BaseModel):
     guidance_scale: float | None = None
     prompts: list[PromptWeight] | None = Field(
         None, min_length=1, max_length=MAX_BLEND, description="A prompt blend mixed in embedding space; replaces `prompt` for the model "
-                          "(`prompt` is still required by the OpenAI shape and is echoed as revised_prompt).")
+                          "(`prompt` may then be left out; when given it is echoed as revised_prompt).")
     prompt_interpolation: Literal["linear", "slerp"] | None = Field(None, description="How `prompts` are mixed.")
     loras: dict[str, float] | None = Field(
         None, description="LoRA adapter scales {name: scale} (names left out are off; omitted: each adapter at "
@@ -141,18 +142,23 @@ async def list_models(request: Request) -> ModelList:
 @router.post("/images/generations", response_model=ImagesResponse, responses=_ERRORS,
              summary="Text to image (OpenAI Images API shape).")
 async def generations(body: GenerationRequest, request: Request) -> ImagesResponse:
+    received_at = timing.clock()
     state = state_of(request.app)
     _check_common(state, body.n, body.response_format)
     width, height = _size(state, body.size)
-    prompt: str | list[dict[str, Any]] = body.prompt
+    prompt: str | list[dict[str, Any]]
     if body.prompts is not None:
         prompt = [p.model_dump() for p in body.prompts]
+    elif body.prompt is not None:
+        prompt = body.prompt
+    else:  # the openai client always sends prompt; a curl user with a blend need not
+        raise ValidationError("prompt is required (or prompts, a blend of prompts)", field="prompt")
     base = _base_config(state, "txt2img", prompt, width, height, body.seed, body.steps, body.guidance_scale,
                         interpolation=body.prompt_interpolation, loras=body.loras)
     cfgs = [base.replace(seed=base.seed + i) for i in range(body.n)]
     fmt = body.output_format or "png"
     outputs = await _run_jobs(state, request, cfgs, [None] * body.n, fmt)
-    return await _respond(state, outputs, fmt, body.prompt)
+    return await _respond(state, outputs, fmt, body.prompt, received_at)
 
 
 @router.post("/images/edits", response_model=ImagesResponse, responses=_ERRORS,
@@ -174,6 +180,7 @@ async def edits(
     steps: Annotated[int | None, Form()] = None,
     guidance_scale: Annotated[float | None, Form()] = None,
 ) -> ImagesResponse:
+    received_at = timing.clock()
     state = state_of(request.app)
     _check_common(state, n, response_format)
     if mask is not None:
@@ -198,7 +205,7 @@ async def edits(
     cfgs = [base.replace(seed=base.seed + i) for i in range(n)]
     fmt = output_format or "png"
     outputs = await _run_jobs(state, request, cfgs, [fitted] * n, fmt)
-    return await _respond(state, outputs, fmt, prompt)
+    return await _respond(state, outputs, fmt, prompt, received_at)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -239,7 +246,6 @@ async def _run_jobs(state: AppState, request: Request, cfgs: list[StreamConfig],
     """Submit one engine job per image (to be coded as ``fmt``: a gateway's workers code it so);
     cancel them all if the client leaves or time runs out."""
     runner = state.require_engine()
-    t0 = time.perf_counter()
     with state.admission.jobs.acquire(len(cfgs)):
         futures: list[Future] = []
         try:
@@ -263,11 +269,6 @@ async def _run_jobs(state: AppState, request: Request, cfgs: list[StreamConfig],
         finally:
             for f in futures:
                 f.cancel()  # no-op for finished jobs; removes queued ones from the engine
-    m = state.metrics
-    for out in outputs:
-        m.queue_seconds.observe(out.timings.get("queue", 0.0))
-        m.inference_seconds.observe(out.timings.get("inference", 0.0))
-    m.e2e_seconds.observe(time.perf_counter() - t0)
     return outputs
 
 
@@ -279,8 +280,10 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def _respond(state: AppState, outputs: list[StreamOutput], fmt: OutputFormat, prompt: str) -> ImagesResponse:
-    """Code the images (in the codec pool), or send what a worker already coded as ``fmt`` as it is."""
+async def _respond(state: AppState, outputs: list[StreamOutput], fmt: OutputFormat, prompt: str | None,
+                   received_at: float) -> ImagesResponse:
+    """Code the images (in the codec pool), or send what a worker already coded as ``fmt`` as it is;
+    the request's timings go to the metrics as a stream frame's do (glass-to-glass: ``timing.py``)."""
     loop = asyncio.get_running_loop()
 
     async def blob(o: StreamOutput) -> bytes:
@@ -295,6 +298,11 @@ async def _respond(state: AppState, outputs: list[StreamOutput], fmt: OutputForm
         return await loop.run_in_executor(state.codec.pool, recode)
 
     blobs = await asyncio.gather(*[blob(o) for o in outputs])
+    m = state.metrics
+    for out in outputs:
+        m.queue_seconds.observe(out.timings.get("queue", 0.0))
+        m.inference_seconds.observe(out.timings.get("inference", 0.0))
+    m.e2e_seconds.observe(timing.glass_to_glass(received_at, timing.clock()))
     first = outputs[0]
     w, h = (first.encoded.width, first.encoded.height) if first.encoded is not None else first.image.shape[1::-1]
     return ImagesResponse(created=int(time.time()), output_format=fmt, size=f"{w}x{h}",

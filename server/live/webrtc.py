@@ -34,6 +34,7 @@ from ditstream.server.errors import (
 )
 from ditstream.server.live.ice_servers import client_ice_servers, link_header
 from ditstream.server.live.protocol import ConfigMessage, parse_control
+from ditstream.server.live.session import admit
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -152,11 +153,7 @@ async def whip(request: Request) -> Response:
     try:
         offer = await _offer(request)
         msg = _initial_config(request)
-        if state.shutting_down:
-            raise OverloadedError("server is shutting down", retry_after=state.settings.retry_after_s,
-                                  reason="shutting_down")
-        state.require_engine()
-        permit = state.admission.streams.acquire()
+        permit = admit(state)
     except OverloadedError as exc:  # WHIP says 503 (not REST's 429): the server, not the client, is full
         return _error(exc, 503)
     session, sdp = await module.WebRTCSession.publish(state, permit, offer, msg)

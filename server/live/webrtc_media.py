@@ -27,7 +27,8 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from ditstream.engine.errors import DitstreamError
 from ditstream.server.engine_client import EngineStream
-from ditstream.server.metrics import Metrics
+from ditstream.server.live import timing
+from ditstream.server.live.session import LiveSession
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +82,17 @@ def to_rgb(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
 class InputPump:
     """Published frames → engine: receive on the loop, convert in the codec pool, newest only."""
 
-    def __init__(self, handle: EngineStream, pool: Any, metrics: Metrics,
-                 on_error: Callable[[DitstreamError], None], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, live: LiveSession, handle: EngineStream, pool: Any,
+                 on_error: Callable[[DitstreamError], None]) -> None:
+        self.live = live  # numbers the frames and keeps their arrival times
         self.handle = handle
         self.pool = pool
-        self.metrics = metrics
         self.on_error = on_error  # called on the loop
-        self.loop = loop
-        self.next_seq = 0
+        self.loop = live.loop
         self.paused = False  # txt2img: the engine takes empty frames from the ticker instead
         self._lock = threading.Lock()
-        self._slot: av.VideoFrame | None = None
+        #: The newest frame not converted yet, with its arrival time.
+        self._slot: tuple[av.VideoFrame, float] | None = None
         self._scheduled = False
         self._ended = False
 
@@ -106,10 +107,10 @@ class InputPump:
                 if self.paused:
                     continue
                 with self._lock:
-                    replaced, self._slot = self._slot, frame
+                    replaced, self._slot = self._slot, (frame, timing.clock())
                     start, self._scheduled = not self._scheduled, True
                 if replaced is not None:
-                    self.metrics.frames.labels("dropped").inc()
+                    self.live.frame_dropped()
                 if start:
                     self.pool.submit(self._convert_pending)
         finally:
@@ -127,14 +128,16 @@ class InputPump:
                 if job is None or self._ended:
                     self._scheduled = False
                     return
-            frame = job
-            seq, self.next_seq = self.next_seq, self.next_seq + 1
+            frame, arrived = job
+            seq = self.live.arrivals.arrive(None, arrived)
             try:
                 cfg = self.handle.config  # the engine's own: frames match the size it runs now
                 image = to_rgb(frame, cfg.width, cfg.height)
+                self.live.arrivals.decoded(seq, timing.clock())
                 if self.handle.submit(image, seq, time.time() * 1e3):
-                    self.metrics.frames.labels("dropped").inc()
+                    self.live.frame_dropped()
             except DitstreamError as exc:  # the stream closed meanwhile, or the engine died
+                self.live.arrivals.depart(seq)
                 if not self._ended:
                     self._call_loop(self.on_error, exc)
             except Exception:

@@ -1,8 +1,8 @@
 """One WebRTC session: a WHIP publisher's peer, its engine stream, its WHEP viewers and control channels.
 
-A session is an engine stream like a WebSocket one (same ``add_stream``, same admission permit, same
-config validation, batched with every other stream in the engine's model calls); only the transport
-differs. The publisher's video track feeds the stream (``webrtc_media.InputPump``); the engine's
+A session is a ``LiveSession`` like a WebSocket one (``session.py``: same admission permit, config
+validation, txt2img ticker, output timing and close; batched with every other stream in the engine's
+model calls); only the transport differs, and it is what this module holds. The publisher's video track feeds the stream (``webrtc_media.InputPump``); the engine's
 ``notify`` wakes the event loop, which hands the newest output image to every viewer's
 ``OutputTrack``. Config changes arrive over ``POST /v1/sessions/{id}/config`` or a data channel named
 ``control`` (on the publisher's or a viewer's peer) carrying the WebSocket's JSON control messages.
@@ -27,19 +27,13 @@ from typing import Any
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from ditstream.engine.config import StreamConfig
-from ditstream.engine.errors import (
-    DitstreamError,
-    EngineDeadError,
-    OverloadedError,
-    PayloadTooLargeError,
-    ValidationError,
-)
+from ditstream.engine.errors import DitstreamError, EngineDeadError, OverloadedError, PayloadTooLargeError
 from ditstream.server.api.admission import Permit
 from ditstream.server.api.state import AppState
 from ditstream.server.engine_client import EngineStream
 from ditstream.server.errors import MalformedMessageError, ws_error
 from ditstream.server.live.protocol import PROTOCOL_VERSION, ConfigMessage, PingMessage, parse_control
-from ditstream.server.live.session_util import close_if_added, wanted_config
+from ditstream.server.live.session import LiveSession
 from ditstream.server.live.webrtc_jitter import use_frame_end_marker
 from ditstream.server.live.webrtc_media import InputPump, OutputTrack
 
@@ -71,38 +65,43 @@ async def answer(pc: RTCPeerConnection) -> str:
 
 
 class WebRTCSession:
-    """The state of one WHIP session (see the module docstring)."""
+    """One WHIP session's peers and channels around its ``LiveSession`` (see the module docstring)."""
 
     def __init__(self, state: AppState, permit: Permit) -> None:
         self.state = state
         self.settings = state.settings
-        self.metrics = state.metrics
-        self.permit = permit
-        self.runner = state.require_engine()
-        self.loop = asyncio.get_running_loop()
+        self.live = LiveSession(state, permit, "webrtc", self, notify=self._notify, on_mode=self._on_mode)
+        self.loop = self.live.loop
         self.id = ""
-        self.handle: EngineStream | None = None
-        self.config = StreamConfig()  # the latest asked for (the engine's copy may lag by one)
-        self.fps = self.settings.default_fps
         self.pc: RTCPeerConnection | None = None
         self.pump: InputPump | None = None
         self.viewers: dict[str, tuple[RTCPeerConnection, OutputTrack]] = {}
         self.channels: set[Any] = set()
         self.tasks: set[asyncio.Task] = set()
-        self.ticker: asyncio.Task | None = None
         self.connected = asyncio.Event()
         self.closed = False
-        self._registered = False
         self._fan_scheduled = False
-        self._out_dropped = 0
         self._last_image: np.ndarray | None = None
+
+    @property
+    def handle(self) -> EngineStream | None:
+        return self.live.handle
+
+    @property
+    def config(self) -> StreamConfig:
+        """The latest config asked for (the engine's copy may lag by one)."""
+        return self.live.config
 
     # ------------------------------------------------------------------------------ lifecycle
     @classmethod
     async def publish(cls, state: AppState, permit: Permit, offer: str, msg: ConfigMessage) -> tuple[
             WebRTCSession, str]:
         """Open a session for a WHIP offer; returns it and the SDP answer. On failure nothing is left."""
-        session = cls(state, permit)
+        try:
+            session = cls(state, permit)
+        except BaseException:
+            permit.release()
+            raise
         try:
             return session, await session._open(offer, msg)
         except BaseException:
@@ -110,7 +109,7 @@ class WebRTCSession:
             raise
 
     async def _open(self, offer: str, msg: ConfigMessage) -> str:
-        cfg = wanted_config(self.state, StreamConfig(**self.state.stream_defaults()), msg)
+        cfg = self.live.first_config(msg)  # refused (422) before anything is opened
         self.pc = pc = new_peer(self.state)
         tracks: list[Any] = []
         pc.on("track", lambda track: tracks.append(track) if track.kind == "video" else None)
@@ -121,39 +120,25 @@ class WebRTCSession:
         if not tracks:
             raise MalformedMessageError("the SDP offer sends no video (WHIP needs an m=video section the "
                                         "client sends on)", field="sdp")
-        adding = self.loop.run_in_executor(None, self.runner.add_stream, cfg, self._notify)
-        try:
-            self.handle = await asyncio.shield(adding)
-        except asyncio.CancelledError:  # the request went away while the engine built the stream
-            adding.add_done_callback(close_if_added)
-            raise
-        self.id, self.config = self.handle.id, cfg
-        if msg.fps is not None:
-            self.fps = msg.fps
-        self._register()
-        self.pump = InputPump(self.handle, self.state.codec.pool, self.metrics, self._on_error, self.loop)
+        handle = await self.live.open(cfg)
+        self.id = handle.id
+        self.state.webrtc[self.id] = self
+        self.pump = InputPump(self.live, handle, self.state.codec.pool, self._on_error)
         for track in tracks:
             self._spawn(self.pump.run(track))
-        self._mode_applied(cfg)
+        self.live.applied(cfg)
         sdp = await answer(pc)
         self._spawn(self._connect_watchdog())
         logger.info("webrtc session %s opened", self.id)
         return sdp
 
-    def _register(self) -> None:
-        self._registered = True
-        self.state.sessions.add(self)
-        self.state.webrtc[self.id] = self
-        self.metrics.streams_active.inc()
-        self.metrics.streams_by_transport.labels("webrtc").inc()
-
     async def close(self, reason: str = "closed") -> None:
-        """End the session (idempotent): viewers, publisher, engine stream, permit."""
+        """End the session (idempotent): viewers, publisher, then the live session (engine stream, permit)."""
         if self.closed:
             return
         self.closed = True
         current = asyncio.current_task()
-        for task in [*self.tasks, *([self.ticker] if self.ticker else [])]:
+        for task in self.tasks:
             if task is not current:
                 task.cancel()
         if self.pump is not None:
@@ -163,15 +148,8 @@ class WebRTCSession:
         if self.pc is not None:
             with contextlib.suppress(Exception):
                 await self.pc.close()
-        if self.handle is not None:
-            with contextlib.suppress(DitstreamError):
-                self.handle.close()
-        self.permit.release()
-        if self._registered:
-            self.metrics.streams_active.dec()
-            self.metrics.streams_by_transport.labels("webrtc").dec()
-            self.state.sessions.discard(self)
-            self.state.webrtc.pop(self.id, None)
+        self.live.close()
+        if self.state.webrtc.pop(self.id, None) is not None:
             logger.info("webrtc session %s closed (%s)", self.id, reason)
 
     def request_close(self, code: int, reason: str) -> None:
@@ -222,7 +200,7 @@ class WebRTCSession:
             await pc.close()
             raise
         self.viewers[viewer] = (pc, track)
-        self.metrics.webrtc_viewers.inc()
+        self.state.metrics.webrtc_viewers.inc()
         if self._last_image is not None:
             track.put(self._last_image)
         return viewer, sdp
@@ -231,7 +209,7 @@ class WebRTCSession:
         entry = self.viewers.pop(viewer, None)
         if entry is None:
             return False
-        self.metrics.webrtc_viewers.dec()
+        self.state.metrics.webrtc_viewers.dec()
         pc, track = entry
         track.stop()
         with contextlib.suppress(Exception):
@@ -252,6 +230,7 @@ class WebRTCSession:
             self.loop.call_soon_threadsafe(self._fan_out)
 
     def _fan_out(self) -> None:
+        """On the loop: each output leaves now, for every viewer (the newest image); failures in-band."""
         self._fan_scheduled = False
         handle = self.handle
         if handle is None or self.closed:
@@ -259,25 +238,16 @@ class WebRTCSession:
         latest = None
         for out in handle.outputs.drain():
             if out.error is not None:
-                self.metrics.frames.labels("failed").inc()
-                err = out.error if isinstance(out.error, DitstreamError) else DitstreamError(str(out.error))
-                self.send_control({**ws_error(err), "seq": out.seq})
+                self.send_control(self.live.failed(out))
                 continue
-            self.metrics.frames.labels("skipped" if out.skipped else "processed").inc()
-            self.metrics.queue_seconds.observe(out.timings.get("queue", 0.0))
-            if not out.skipped:
-                self.metrics.inference_seconds.observe(out.timings.get("inference", 0.0))
-            self.metrics.e2e_seconds.observe(out.timings.get("total", 0.0))
+            self.live.leaving(out)
             latest = out.image
-        dropped = handle.outputs.dropped
-        if dropped > self._out_dropped:
-            self.metrics.frames.labels("dropped").inc(dropped - self._out_dropped)
-            self._out_dropped = dropped
+        self.live.count_drops()
         if latest is not None:
             self._last_image = latest
             for _, track in self.viewers.values():
                 track.put(latest)
-        if handle.outputs.closed and not self.runner.alive:
+        if handle.outputs.closed and not self.live.runner.alive:
             self._spawn(self.close("the engine stopped"), keep=True)
 
     def _on_error(self, exc: DitstreamError) -> None:
@@ -287,42 +257,19 @@ class WebRTCSession:
 
     # ------------------------------------------------------------------------------ control
     def config_dict(self, cfg: StreamConfig) -> dict[str, Any]:
-        return {**cfg.to_dict(), "fps": self.fps}
+        return self.live.config_dict(cfg)
 
     async def apply_config(self, msg: ConfigMessage) -> StreamConfig:
         """Validate (errors name the field, nothing applied), apply, and return the applied config."""
-        wanted = wanted_config(self.state, self.config, msg)
-        if msg.fps is not None:
-            self.fps = msg.fps
-        changed, self.config = wanted != self.config, wanted
-        assert self.handle is not None
-        # Every field, not only the changes: the engine's copy may not have applied the previous one yet.
-        applied = await asyncio.wrap_future(self.handle.reconfigure(**wanted.fields())) if changed else wanted
-        self._mode_applied(applied)
+        change = self.live.change(msg)
+        applied = await change.applied if change.applied is not None else change.config
+        self.live.applied(applied)
         return applied
 
-    def _mode_applied(self, cfg: StreamConfig) -> None:
-        """txt2img: the ticker feeds empty frames and the published video is ignored; img2img: back."""
-        txt = cfg.mode == "txt2img"
+    def _on_mode(self, txt2img: bool) -> None:
+        """txt2img: the session's ticker feeds empty frames and the published video is ignored."""
         if self.pump is not None:
-            self.pump.paused = txt
-        if txt and self.ticker is None:
-            self.ticker = self.loop.create_task(self._ticker())
-        elif not txt and self.ticker is not None:
-            self.ticker.cancel()
-            self.ticker = None
-
-    async def _ticker(self) -> None:
-        next_t = self.loop.time()
-        while self.handle is not None:
-            next_t = max(next_t + 1.0 / self.fps, self.loop.time() - 1.0)
-            await asyncio.sleep(max(0.0, next_t - self.loop.time()))
-            try:
-                self.handle.submit(None, 0, 0.0)
-            except ValidationError:  # the mode switched under us; the next applied config stops us
-                continue
-            except DitstreamError:
-                return
+            self.pump.paused = txt2img
 
     def _on_channel(self, channel: Any) -> None:
         if channel.label != CONTROL_LABEL:

@@ -39,7 +39,8 @@ class ScaleConfig:
     max_attempts: int = 3
     #: Jobs one worker holds at once (the rest stay in the stream for other workers).
     max_jobs: int = 4
-    #: Encoding of stream frames on the wire; jobs and their results always travel raw (lossless).
+    #: Encoding of stream frames on the wire. A job's input image travels raw (lossless); its result is
+    #: coded as its REST response will be (``JobMessage.output_format``), raw when none is asked.
     frame_codec: Codec = "jpeg"
     jpeg_quality: int = 90
     #: Input frames kept per session (latest wins) and outputs kept per session (oldest dropped).
@@ -145,6 +146,13 @@ class Backoff:
             logger.info("%s: Redis is back after %d failed attempt(s)", self.what, self.failures)
         self.failures = 0
         self.delay = 0.0
+
+
+def conn_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "Redis is unreachable now": every loop backs off on these and retries."""
+    import redis
+
+    return (redis.ConnectionError, redis.TimeoutError)
 
 
 def is_nogroup(exc: BaseException) -> bool:

@@ -1,61 +1,111 @@
-"""Live sessions through the gateway: pinning a stream to a worker, its controls and its outputs;
-a mixin of ``RedisGatewayRunner``."""
+"""Live sessions through the gateway: pinning a stream to a worker, its controls and its close.
+
+The session table and the pending controls (opens and reconfigures waiting for a worker's reply)
+are this object's own, under its lock. Moving a session (re-pin, rebalance) is the supervisor's
+decision (``gateway_supervisor.py``); it calls ``pin`` here.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING
 
-from ditstream.engine.config import StreamConfig
-from ditstream.engine.errors import (
-    OverloadedError,
-    ValidationError,
-)
-from ditstream.engine.imagefile import check_header
-from ditstream.engine.types import EncodedImage, StreamOutput
-from ditstream.server.scale.config import (
-    fields_get,
-)
-from ditstream.server.scale.gateway_stream import SESSION_TTL_S, GatewayStreamHandle
+from ditstream.engine.config import EngineConfig, StreamConfig
+from ditstream.engine.errors import OverloadedError, ValidationError
+from ditstream.server.scale.config import ScaleConfig
+from ditstream.server.scale.counters import Counters
+from ditstream.server.scale.gateway_publisher import Outbox, xadd_frame
+from ditstream.server.scale.gateway_stream import GatewayStreamHandle
 from ditstream.server.scale.messages import (
-    OutputHeader,
+    SESSION_TTL_S,
     SessionControl,
     SessionRecord,
     SessionReply,
-    WireError,
     config_from_wire,
     config_to_wire,
-    decode_image,
 )
+
+if TYPE_CHECKING:
+    import redis
+    from ditstream.server.scale.gateway_supervisor import Fleet
 
 logger = logging.getLogger(__name__)
 
 
 class GatewaySessions:
-    """Session half of ``RedisGatewayRunner`` (which holds the state): open, pin, control, close, outputs."""
+    """This gateway's live sessions: open (pin), control, close; the handles' side of the gateway."""
 
-    def add_stream(self, cfg: StreamConfig, notify: Callable[[], None] | None = None,
-                   timeout: float | None = 60.0) -> GatewayStreamHandle:
-        """Pin a new session to the least busy live worker (blocking: call it off the event loop)."""
-        self.check_alive()
-        cfg = self.validate(cfg)
-        handle = GatewayStreamHandle(self, f"s-{uuid.uuid4().hex[:16]}", cfg, notify)
+    def __init__(self, r: redis.Redis, cfg: ScaleConfig, gateway_id: str, replies: str, engine_config: EngineConfig,
+                 outbox: Outbox, fleet: Fleet, counters: Counters, *, open_timeout_s: float,
+                 validate: Callable[[StreamConfig], StreamConfig], running: Callable[[], bool]) -> None:
+        self.r = r
+        self.cfg = cfg
+        self.keys = cfg.keys
+        self.id = gateway_id
+        self.replies = replies
+        self.engine_config = engine_config
+        self.outbox = outbox
+        self.fleet = fleet
+        self.counters = counters
+        self.open_timeout_s = open_timeout_s
+        #: The gateway's checks of a config (``RedisGatewayRunner.validate``), run on every reconfigure.
+        self.validate = validate
+        #: Whether the gateway runs: a handle refuses frames once it stopped.
+        self.running = running
+        self._lock = threading.Lock()
+        self._sessions: dict[str, GatewayStreamHandle] = {}
+        self._controls: dict[str, tuple[Future, str]] = {}  # request -> (future, session)
+
+    # ------------------------------------------------------------------------------ the table
+    def handles(self) -> list[GatewayStreamHandle]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def count(self) -> int:
+        return len(self._sessions)
+
+    def add(self, handle: GatewayStreamHandle) -> None:
         with self._lock:
             self._sessions[handle.id] = handle
-        self._outbox.put(("wake-reader", None))  # the reader adds the new output stream to its XREAD
+
+    def loads(self) -> dict[str, int]:
+        """Sessions per live worker: its heartbeat's count (every gateway's sessions, one beat old) or
+        this gateway's own count, whichever is higher (ours is current)."""
+        with self._lock:
+            mine: dict[str, int] = {}
+            for h in self._sessions.values():
+                mine[h.worker] = mine.get(h.worker, 0) + 1
+        return {wid: max(hb.sessions, mine.get(wid, 0)) for wid, hb in self.fleet.workers.items() if hb.engine_alive}
+
+    def _pick_worker(self, exclude: set[str]) -> str | None:
+        loads = self.loads()
+        workers = self.fleet.workers
+        live = [workers[wid] for wid in loads if wid not in exclude and wid in workers]
+        if not live:
+            return None
+        return min(live, key=lambda hb: (loads[hb.worker], hb.jobs_inflight)).worker
+
+    # ------------------------------------------------------------------------------ open
+    def add_stream(self, cfg: StreamConfig, notify: Callable[[], None] | None = None,
+                   timeout: float | None = 60.0) -> GatewayStreamHandle:
+        """Pin a new (validated) session to the least busy live worker (blocking: off the event loop)."""
+        handle = GatewayStreamHandle(self, f"s-{uuid.uuid4().hex[:16]}", cfg, notify)
+        self.add(handle)
+        self.outbox.put("wake-reader", None)  # the reader adds the new output stream to its XREAD
         deadline = time.monotonic() + (timeout or self.open_timeout_s)
         tried: set[str] = set()
         handle.pinning = True
         try:
             while True:
-                if self._pin(handle, exclude=tried):
+                if self.pin(handle, exclude=tried):
                     return handle
                 tried.add(handle.worker)
-                if time.monotonic() > deadline or not (set(self.workers) - tried):
+                if time.monotonic() > deadline or not (set(self.fleet.workers) - tried):
                     raise OverloadedError("no worker could open the stream", reason="no_worker")
         except BaseException:
             self.close_session(handle)  # also tells a worker that opened it late, and drops the record
@@ -63,58 +113,10 @@ class GatewaySessions:
         finally:
             handle.pinning = False
 
-    def _loads(self) -> dict[str, int]:
-        """Sessions per live worker: its heartbeat's count (every gateway's sessions, one beat old) or
-        this gateway's own count, whichever is higher (ours is current)."""
-        with self._lock:
-            mine: dict[str, int] = {}
-            for h in self._sessions.values():
-                mine[h.worker] = mine.get(h.worker, 0) + 1
-        return {wid: max(hb.sessions, mine.get(wid, 0)) for wid, hb in self.workers.items() if hb.engine_alive}
-
-    def _pick_worker(self, exclude: set[str]) -> str | None:
-        loads = self._loads()
-        live = [self.workers[wid] for wid in loads if wid not in exclude]
-        if not live:
-            return None
-        return min(live, key=lambda hb: (loads[hb.worker], hb.jobs_inflight)).worker
-
-    def _rebalance(self) -> None:
-        """Move one of this gateway's sessions from the busiest live worker to the idlest while they
-        differ by two or more sessions: a worker that returns (or joins) takes its share instead of
-        idling while the survivors carry every stream. The move is the re-pin's clean handover: a
-        new epoch, the old worker closes the session at its first frame of that epoch, unanswered
-        frames are re-sent and the client sees each frame once, in order. One move per
-        ``rebalance_s``, so heartbeat counts catch up before the next decision."""
-        self._rebalance_after = time.monotonic() + self.cfg.rebalance_s
-        loads = self._loads()
-        if len(loads) < 2:
-            return
-        busiest = max(loads, key=lambda w: loads[w])
-        idlest = min(loads, key=lambda w: loads[w])
-        if loads[busiest] - loads[idlest] < 2:
-            return
-        with self._lock:
-            h = next((h for h in self._sessions.values()
-                      if h.worker == busiest and not h.pinning and not h.closed), None)
-        if h is None:
-            return  # the busiest worker's sessions are other gateways'; they rebalance their own
-        logger.info("gateway %s: moving session %s from %s (%d sessions) to %s (%d)", self.id, h.id, busiest,
-                    loads[busiest], idlest, loads[idlest])
-        h.pinning = True
-        try:
-            moved = self._pin(h, exclude=set(), prefer=idlest)
-        except ValidationError as exc:
-            logger.error("session %s cannot be moved: %s", h.id, exc.message)
-            moved = False
-        finally:
-            h.pinning = False
-        self._settle_move(h, moved, "sessions_rebalanced")
-
-    def _pin(self, handle: GatewayStreamHandle, exclude: set[str], prefer: str | None = None) -> bool:
+    def pin(self, handle: GatewayStreamHandle, exclude: set[str], prefer: str | None = None) -> bool:
         """Open ``handle`` on a live worker (``prefer`` when it is live) and record where; raises the
         worker's validation errors."""
-        live = self.workers.get(prefer or "")
+        live = self.fleet.workers.get(prefer or "")
         wid = prefer if live is not None and live.engine_alive else self._pick_worker(exclude)
         if wid is None:
             return False
@@ -138,11 +140,33 @@ class GatewaySessions:
         except Exception as exc:
             logger.warning("worker %s could not open session %s: %s", wid, handle.id, exc)
             return False
-        handle._config = applied
-        self.counters["sessions_pinned"] += 1
+        handle.applied(applied)
+        self.counters.add("sessions_pinned")
         logger.info("session %s pinned to %s (epoch %d)", handle.id, wid, handle.epoch)
         return True
 
+    def resend_unanswered(self, h: GatewayStreamHandle) -> None:
+        """After a re-pin: the frames sent to the old worker and not answered go to the new one (oldest
+        first, under the new epoch), unless the client has sent a newer frame since."""
+        if h.slot:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        items = [it for it in list(h.sent) if it[0] > h.last_seq_out]
+        for seq, ts, meta, data in items:
+            xadd_frame(pipe, self.keys, self.cfg, h, seq, ts, meta, data)
+        if items:
+            pipe.execute()
+            self.counters.add("frames_resent", len(items))
+
+    def forget_record(self, h: GatewayStreamHandle) -> None:
+        """Drop ``h``'s record (a failed re-open wrote it): the supervisor's next pass re-opens it."""
+        self.r.delete(self.keys.session(h.id))
+
+    def refresh_record(self, h: GatewayStreamHandle, now: float) -> None:
+        self.r.expire(self.keys.session(h.id), SESSION_TTL_S)
+        h.refreshed = now
+
+    # ------------------------------------------------------------------------------ controls
     def control(self, handle: GatewayStreamHandle, kind: str, cfg: StreamConfig) -> Future:
         return self._send_control(handle, kind, cfg, direct=False)
 
@@ -157,11 +181,11 @@ class GatewaySessions:
             self.r.xadd(self.keys.worker_control(handle.worker), {"m": msg.dump()}, maxlen=1000, approximate=True)
             self.r.expire(self.keys.worker_control(handle.worker), 3600)
         else:
-            self._outbox.put(("control", (handle.worker, msg)))
-            self._publish_wake.set()
+            self.outbox.put("control", (handle.worker, msg))
         return fut
 
-    def _on_session_reply(self, rep: SessionReply) -> None:
+    def on_session_reply(self, rep: SessionReply) -> None:
+        """A worker's answer to an open or reconfigure (reader thread)."""
         with self._lock:
             entry = self._controls.pop(rep.request, None)
         if entry is None or entry[0].done():
@@ -171,6 +195,16 @@ class GatewaySessions:
         else:
             entry[0].set_result(config_from_wire(rep.config or {}))
 
+    def resolve_controls(self, handle: GatewayStreamHandle) -> None:
+        """A re-pinned session was opened with its newest config: settle its pending reconfigures."""
+        with self._lock:
+            mine = [r for r, (_f, sid) in self._controls.items() if sid == handle.id]
+            futures = [self._controls.pop(r)[0] for r in mine]
+        for f in futures:
+            if not f.done():
+                f.set_result(handle.config)
+
+    # ------------------------------------------------------------------------------ close
     def close_session(self, handle: GatewayStreamHandle) -> None:
         """Forget the session here and tell its worker; never blocks (safe on the event loop)."""
         if handle.closed:
@@ -179,41 +213,8 @@ class GatewaySessions:
         with self._lock:
             self._sessions.pop(handle.id, None)
         handle.outputs.close()
-        self._outbox.put(("close", (handle.worker, handle.id, handle.epoch)))
-        self._publish_wake.set()
+        self.outbox.put("close", (handle.worker, handle.id, handle.epoch))
 
-    def _on_output(self, handle: GatewayStreamHandle, fields: dict[Any, Any]) -> None:
-        head = OutputHeader.load(fields_get(fields, "m") or b"")
-        if (head.epoch != handle.epoch or (head.worker and head.worker != handle.worker)
-                or head.seq <= handle.last_seq_out):
-            # From a worker the session moved away from, or a frame already answered: outputs leave in
-            # seq order, so a seq at or below the last delivered one is a repeat — e.g. a frame re-sent
-            # after a Redis restart and answered again by the same worker under the same epoch.
-            self.counters["outputs_stale"] += 1
-            return
-        handle.last_epoch_out, handle.last_seq_out = head.epoch, head.seq
-        error = head.error.to_exception() if head.error is not None else None
-        image = encoded = None
-        if error is not None:  # the worker's model call failed: relayed as the in-band error for this seq
-            handle.stats.failed += 1
-        else:
-            if head.image is None:
-                raise WireError(f"output {head.seq} has neither an image nor an error")
-            data = fields_get(fields, "img") or b""
-            if handle.relay_encoded and head.image.codec == "jpeg":  # checked, never decoded: relayed
-                m = head.image
-                check_header(data, max_pixels=self.engine_config.max_pixels, size=(m.width, m.height))
-                encoded = EncodedImage(data, m.width, m.height, m.quality)
-            else:
-                image = decode_image(head.image, data, max_pixels=self.engine_config.max_pixels)
-            if head.skipped:
-                handle.stats.skipped += 1
-            else:
-                handle.stats.processed += 1
-        before = handle.outputs.dropped
-        handle.outputs.put(StreamOutput(stream_id=handle.id, seq=head.seq, ts=head.ts, image=image,
-                                        skipped=head.skipped, timings=dict(head.timings), error=error,
-                                        encoded=encoded))
-        handle.stats.dropped_outputs += handle.outputs.dropped - before
-        self.counters["frames_received"] += 1
-
+    def close_all(self) -> None:
+        for handle in self.handles():
+            self.close_session(handle)

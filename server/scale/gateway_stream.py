@@ -1,16 +1,15 @@
-"""What the gateway hands out and keeps per request: a session's handle (an ``EngineStream``), a pending
-job, and the Prometheus collector of the workers' heartbeats."""
+"""What the gateway hands out: a session's handle (an ``EngineStream``), and the Prometheus collector
+of the workers' heartbeats."""
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from ditstream.engine.config import EngineConfig, StreamConfig
+from ditstream.engine.config import StreamConfig
 from ditstream.engine.errors import (
     DitstreamError,
     EngineDeadError,
@@ -19,56 +18,42 @@ from ditstream.engine.errors import (
 from ditstream.engine.queues import LatestSlot, OutputQueue
 from ditstream.engine.types import StreamOutput, StreamStats
 from ditstream.server.scale.messages import (
-    SESSION_TTL_S,
     ImageMeta,
-    JobMessage,
 )
 
-__all__ = ["RECENT_RESULTS", "SESSION_TTL_S", "GatewayCore", "GatewayStreamHandle", "PendingJob", "WorkerCollector"]
+__all__ = ["GatewayStreamHandle", "WorkerCollector"]
 
 if TYPE_CHECKING:
     from ditstream.server.scale.gateway import RedisGatewayRunner
-
-#: Results kept after their future resolved, to recognise (and count) a second answer.
-RECENT_RESULTS = 4096
-
-
-@dataclass
-class PendingJob:
-    msg: JobMessage
-    image: bytes
-    future: Future
-
-
-class GatewayCore:
-    """What the app reads from ``runner.core``: the engine settings (queue sizes)."""
-
-    def __init__(self, config: EngineConfig) -> None:
-        self.config = config
+    from ditstream.server.scale.gateway_sessions import GatewaySessions
 
 
 class GatewayStreamHandle:
     """A session as the app sees it; its engine lives on whichever worker it is pinned to."""
 
-    def __init__(self, runner: RedisGatewayRunner, sid: str, cfg: StreamConfig,
+    #: ``EngineStream``: frames are relayed as the client coded them; the worker decodes and encodes.
+    takes_encoded = True
+
+    def __init__(self, sessions: GatewaySessions, sid: str, cfg: StreamConfig,
                  notify: Callable[[], None] | None) -> None:
-        self._runner = runner
+        self._sessions = sessions
         self.id = sid
         self._config = cfg
-        self.outputs: OutputQueue[StreamOutput] = OutputQueue(runner.engine_config.output_queue_size, notify)
+        self.outputs: OutputQueue[StreamOutput] = OutputQueue(sessions.engine_config.output_queue_size, notify)
         self.stats = StreamStats()
         #: (image, seq, ts, (meta, bytes) when the client's coded bytes are relayed as they are)
         self.slot: LatestSlot[tuple[np.ndarray | None, int, float, tuple[ImageMeta, bytes] | None]] = LatestSlot()
-        #: Set by the WebSocket session: outputs stay JPEG (``StreamOutput.encoded``), never decoded here.
+        #: Set by ``code_outputs``: outputs stay JPEG (``StreamOutput.encoded``), never decoded here.
         self.relay_encoded = False
         #: JPEG quality the client wants (0: the worker's); sent with every frame.
         self.output_quality = 0
+        #: The worker it is pinned to, and the pin's epoch (bumped on every pin: stale outputs are dropped).
         self.worker = ""
         self.epoch = 0
+        #: The reader's position in the session's output stream.
         self.last_out = "0-0"
-        #: The last output handed to the client: (epoch, seq). Outputs of another worker or epoch, and
+        #: The ``seq`` of the last output handed to the client. Outputs of another worker or epoch, and
         #: repeats of an answered ``seq`` after a re-pin, are dropped (exactly once, in order).
-        self.last_epoch_out = 0
         self.last_seq_out = -1
         #: The newest frames sent as (seq, ts, meta, bytes): those unanswered are sent again after a re-pin.
         self.sent: deque[tuple[int, float, Any, bytes]] = deque(maxlen=2)
@@ -76,14 +61,20 @@ class GatewayStreamHandle:
         #: Set when the session lost its worker and no live worker would re-open it: every later
         #: frame is answered with this error (the client is told and closed, 1013), not with silence.
         self.failed: DitstreamError | None = None
+        #: When the supervisor last refreshed the session record's TTL (monotonic seconds).
         self.refreshed = 0.0
-        #: True while ``add_stream`` is pinning it: the supervisor leaves it alone (it would otherwise
-        #: see a worker set but no record yet, "re-pin" it concurrently and split the session).
+        #: True while it is being pinned (``add_stream``, a re-pin, a rebalancing move): the supervisor
+        #: leaves it alone (it would otherwise see a worker set but no record yet, "re-pin" it
+        #: concurrently and split the session).
         self.pinning = False
 
     @property
     def config(self) -> StreamConfig:
         return self._config
+
+    def applied(self, cfg: StreamConfig) -> None:
+        """A worker opened the session with ``cfg`` (as it applied it)."""
+        self._config = cfg
 
     def submit(self, image: np.ndarray | None, seq: int = 0, ts: float = 0.0) -> bool:
         """Offer a frame; never blocks (the publisher thread sends it). True if one was replaced.
@@ -103,30 +94,34 @@ class GatewayStreamHandle:
         meta = ImageMeta(codec=fmt, width=width, height=height)  # type: ignore[arg-type]
         return self._offer((None, seq, ts, (meta, data)))
 
+    def code_outputs(self, quality: int) -> None:
+        """``EngineStream``: outputs stay the worker's JPEG, coded at ``quality``."""
+        self.relay_encoded, self.output_quality = True, quality
+
     def _check_open(self) -> None:
         if self.failed is not None:
             raise self.failed
-        if self.closed or not self._runner.running:
+        if self.closed or not self._sessions.running():
             raise EngineDeadError("the gateway is not running")
 
     def _offer(self, item: tuple[np.ndarray | None, int, float, tuple[ImageMeta, bytes] | None]) -> bool:
         replaced = self.slot.put(item)
         if replaced:
             self.stats.dropped_inputs += 1
-        self._runner.wake_publisher()
+        self._sessions.outbox.wake()
         return replaced
 
     def reconfigure(self, **changes: Any) -> Future:
         """Validate now; the future resolves to the config the worker applied."""
         try:
-            cfg = self._runner.validate(self._config.replace(**changes))
+            cfg = self._sessions.validate(self._config.replace(**changes))
         except TypeError as exc:
             raise ValidationError(f"unknown config key: {exc}") from exc
         self._config = cfg  # a re-pin opens the session with the newest config
-        return self._runner.control(self, "reconfigure", cfg)
+        return self._sessions.control(self, "reconfigure", cfg)
 
     def close(self) -> None:
-        self._runner.close_session(self)
+        self._sessions.close_session(self)
 
 
 class WorkerCollector:
