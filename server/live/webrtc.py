@@ -2,7 +2,8 @@
 
 * ``POST /v1/whip`` (``Content-Type: application/sdp``; config as query parameters and/or a JSON
   ``X-Ditstream-Config`` header) → ``201`` + SDP answer + ``Location: /v1/whip/{session}``;
-  ``DELETE`` on it ends the session; ``PATCH`` (trickle ICE) → ``405``: the server's answer carries
+  ``DELETE`` on it ends the session, ``GET`` says its state (once ended, a 404 saying why: "DTLS
+  failed: <reason>", ``webrtc_dtls.py``); ``PATCH`` (trickle ICE) → ``405``: the server's answer carries
   every candidate (RFC 9725 lets a server decline trickle).
 * ``POST /v1/whep/{session}`` (a recvonly offer) → ``201`` + answer + ``Location:
   /v1/whep/{session}/{viewer}``; ``DELETE`` on it hangs that viewer up.
@@ -138,8 +139,14 @@ async def ice_servers(request: Request) -> IceServers:
 
 
 def _session(state: AppState, session: str) -> Any:
+    """The live session, or a 404 that says why it ended when it did (``webrtc_ended.py``)."""
     found = state.webrtc.get(session)
     if found is None:
+        from ditstream.server.live.webrtc_ended import EndedSessions
+
+        ended = EndedSessions.of(state).reason(session)
+        if ended is not None:
+            raise NotFoundError(f"WebRTC session {session!r} ended: {ended}", field="session")
         raise NotFoundError(f"no WebRTC session {session!r} (it ended, or never was)", field="session")
     return found
 
@@ -166,6 +173,19 @@ async def whip(request: Request) -> Response:
 async def whip_delete(request: Request, session: str) -> Response:
     await _session(state_of(request.app), session).close("DELETE")
     return Response(status_code=200)
+
+
+class SessionStatus(BaseModel):
+    session: str = Field(description="The session id (the Location's last part).")
+    state: str = Field(description="The publisher's peer connection: new, connecting, connected, failed, closed.")
+    viewers: int = Field(description="WHEP viewers watching it.")
+    failure: str | None = Field(None, description="Why the publisher's peer failed, e.g. 'DTLS failed: ...'.")
+
+
+@router.get("/v1/whip/{session}", response_model=SessionStatus, responses=_ERRORS,
+            summary="A WHIP session's state; once it ended, a 404 whose message says why.")
+async def whip_status(request: Request, session: str) -> SessionStatus:
+    return SessionStatus(**_session(state_of(request.app), session).status())
 
 
 async def trickle(request: Request) -> Response:
