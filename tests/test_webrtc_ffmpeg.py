@@ -121,8 +121,9 @@ def _sessions(srv) -> dict:
     return srv.app.state.ditstream.webrtc
 
 
-def test_ffmpeg_publishes_with_a_p256_certificate(ffmpeg_server, tmp_path):
+def test_ffmpeg_publishes_with_a_p256_certificate(ffmpeg_server, tmp_path, caplog):
     srv, token = ffmpeg_server
+    caplog.set_level(logging.DEBUG, logger="aiortc.rtcdtlstransport")
     cert, key = p256_pair(tmp_path)
     auth = ["--token", token] if token else []
 
@@ -132,6 +133,9 @@ def test_ffmpeg_publishes_with_a_p256_certificate(ffmpeg_server, tmp_path):
             pub = await Publisher.start(srv.url, "--cert", str(cert), "--key", str(key), "--frames",
                                         str(FRAMES), *auth)
             assert await pub.line() == "connected", await pub.finish()
+            # FFmpeg answered our first ClientHello (webrtc_dtls.repeat_first_flight): no 1 s retransmit
+            timeouts = [r for r in caplog.records if "handling timeout" in r.getMessage()]
+            assert not timeouts, "aiortc had to retransmit its ClientHello (1 s before the first frame)"
             (session,) = _sessions(srv)
             viewer = Viewer()
             await viewer.watch(client, session)

@@ -137,6 +137,9 @@ class DtlsWatch:
             parts.append(", ".join(self.reasons))
         if self.alerts:
             parts.append("alert " + ", ".join(self.alerts))
+        if not parts and getattr(self.transport, "encrypted", False):
+            parts.append("the handshake completed but its result was refused: the peer's certificate does not "
+                         "match the SDP's a=fingerprint, or no SRTP profile was agreed")
         text = "; ".join(parts) or "no TLS alert or library error recorded (the peer stopped answering?)"
         if curve is not None and curve not in SUPPORTED_CURVES:
             return (f"the publisher's certificate uses ECDSA {curve}, which this server's TLS library "
