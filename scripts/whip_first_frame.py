@@ -74,11 +74,12 @@ def main() -> None:
     if args.publish:
         publish(*args.publish)
         return
-    from ditstream.bench.harness import ServerThread
     from ditstream.engine.null import null_runner
     from ditstream.server.api.app import create_app
     from ditstream.server.live import webrtc_dtls
     from ditstream.server.settings import Settings
+
+    from ditstream.bench.harness import ServerThread
 
     shipped = webrtc_dtls.repeat_first_flight
     results: dict[str, list[float]] = {"before": [], "after": []}

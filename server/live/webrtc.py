@@ -36,6 +36,7 @@ from ditstream.server.errors import (
 from ditstream.server.live.ice_servers import client_ice_servers, link_header
 from ditstream.server.live.protocol import ConfigMessage, parse_control
 from ditstream.server.live.session import admit
+from ditstream.server.live.webrtc_ended import EndedSessions
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -142,8 +143,6 @@ def _session(state: AppState, session: str) -> Any:
     """The live session, or a 404 that says why it ended when it did (``webrtc_ended.py``)."""
     found = state.webrtc.get(session)
     if found is None:
-        from ditstream.server.live.webrtc_ended import EndedSessions
-
         ended = EndedSessions.of(state).reason(session)
         if ended is not None:
             raise NotFoundError(f"WebRTC session {session!r} ended: {ended}", field="session")

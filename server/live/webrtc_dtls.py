@@ -26,6 +26,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from aiortc import RTCDtlsTransport
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
@@ -60,7 +61,7 @@ def _pending_reasons() -> list[str]:
     return [ffi.string(text).decode()] if text != ffi.NULL else []
 
 
-def repeat_first_flight(transport: Any) -> None:
+def repeat_first_flight(transport: RTCDtlsTransport) -> None:
     """Send our first DTLS datagram (the ClientHello) twice.
 
     FFmpeg's WHIP muxer (8.1) reads the first DTLS datagram on its socket in its ICE loop, sees it is
@@ -88,7 +89,7 @@ def repeat_first_flight(transport: Any) -> None:
 class DtlsWatch:
     """One DTLS transport's handshake, watched: its alerts and the library's reason for them."""
 
-    def __init__(self, transport: Any, on_failure: Callable[[str], None],
+    def __init__(self, transport: RTCDtlsTransport, on_failure: Callable[[str], None],
                  is_client: Callable[[], bool] = lambda: False) -> None:
         self.transport = transport
         self.on_failure = on_failure
@@ -101,8 +102,8 @@ class DtlsWatch:
     def _on_state(self) -> None:
         state = self.transport.state
         if state == "connecting":
-            ssl = getattr(self.transport, "_ssl", None)
-            if not isinstance(ssl, SSL.Connection):
+            ssl = self._ssl()
+            if ssl is None:
                 logger.warning("aiortc's DTLS transport has no _ssl connection: failure reasons not recorded")
                 return
             ssl.set_info_callback(self._on_info)
@@ -111,6 +112,14 @@ class DtlsWatch:
         elif state == "failed" and not self.reported:
             self.reported = True
             self.on_failure(self.reason())
+
+    def _ssl(self) -> SSL.Connection | None:
+        """aiortc's private SSL connection of the transport (None if aiortc moved it)."""
+        try:
+            ssl = self.transport._ssl
+        except AttributeError:
+            return None
+        return ssl if isinstance(ssl, SSL.Connection) else None
 
     def _on_info(self, conn: SSL.Connection, where: int, value: int) -> None:
         """pyOpenSSL's info callback: on a fatal alert, note it and OpenSSL's reason (still queued)."""
@@ -124,8 +133,8 @@ class DtlsWatch:
 
     def peer_curve(self) -> str | None:
         """The peer certificate's ECDSA curve, if the handshake got as far as receiving it."""
-        ssl = getattr(self.transport, "_ssl", None)
-        cert = ssl.get_peer_certificate(as_cryptography=True) if isinstance(ssl, SSL.Connection) else None
+        ssl = self._ssl()
+        cert = ssl.get_peer_certificate(as_cryptography=True) if ssl is not None else None
         key = cert.public_key() if cert is not None else None
         return key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else None
 
@@ -137,7 +146,7 @@ class DtlsWatch:
             parts.append(", ".join(self.reasons))
         if self.alerts:
             parts.append("alert " + ", ".join(self.alerts))
-        if not parts and getattr(self.transport, "encrypted", False):
+        if not parts and self.transport.encrypted:
             parts.append("the handshake completed but its result was refused: the peer's certificate does not "
                          "match the SDP's a=fingerprint, or no SRTP profile was agreed")
         text = "; ".join(parts) or "no TLS alert or library error recorded (the peer stopped answering?)"
