@@ -69,3 +69,13 @@ def test_a_publisher_that_refuses_the_handshake_ends_its_session_with_the_alert(
 
     with ServerThread(app) as srv:
         asyncio.run(main(srv))
+
+
+def test_ended_sessions_keep_the_newest_reasons_only():
+    from ditstream.server.live.webrtc_ended import LIMIT, EndedSessions
+
+    ended = EndedSessions()
+    for i in range(LIMIT + 5):
+        ended.record(f"s{i}", f"reason {i}")
+    assert len(ended.reasons) == LIMIT
+    assert ended.reason("s0") is None and ended.reason(f"s{LIMIT + 4}") == f"reason {LIMIT + 4}"

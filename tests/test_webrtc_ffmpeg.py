@@ -137,6 +137,8 @@ def test_ffmpeg_publishes_with_a_p256_certificate(ffmpeg_server, tmp_path, caplo
             timeouts = [r for r in caplog.records if "handling timeout" in r.getMessage()]
             assert not timeouts, "aiortc had to retransmit its ClientHello (1 s before the first frame)"
             (session,) = _sessions(srv)
+            status = (await client.get(f"/v1/whip/{session}")).json()
+            assert status == {"session": session, "state": "connected", "viewers": 0, "failure": None}, status
             viewer = Viewer()
             await viewer.watch(client, session)
             before = len(viewer.levels)
