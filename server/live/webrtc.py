@@ -168,12 +168,6 @@ async def whip(request: Request) -> Response:
                              **_links(state)})
 
 
-@router.delete("/v1/whip/{session}", summary="WHIP: end the session (its stream and viewers).", responses=_ERRORS)
-async def whip_delete(request: Request, session: str) -> Response:
-    await _session(state_of(request.app), session).close("DELETE")
-    return Response(status_code=200)
-
-
 class SessionStatus(BaseModel):
     session: str = Field(description="The session id (the Location's last part).")
     state: str = Field(description="The publisher's peer connection: new, connecting, connected, failed, closed.")
@@ -181,17 +175,23 @@ class SessionStatus(BaseModel):
     failure: str | None = Field(None, description="Why the publisher's peer failed, e.g. 'DTLS failed: ...'.")
 
 
-@router.get("/v1/whip/{session}", response_model=SessionStatus, responses=_ERRORS,
-            summary="A WHIP session's state; once it ended, a 404 whose message says why.")
-async def whip_status(request: Request, session: str) -> SessionStatus:
-    return SessionStatus(**_session(state_of(request.app), session).status())
+@router.api_route("/v1/whip/{session}", methods=["GET", "DELETE"], response_model=SessionStatus,
+                  responses=_ERRORS, summary="WHIP: GET says the session's state, DELETE ends it (its stream and "
+                                             "viewers) and answers its last state; once it ended, a 404 says why.")
+async def whip_resource(request: Request, session: str) -> SessionStatus:
+    """One route for both methods: a 405 on this path then lists both in ``Allow``."""
+    found = _session(state_of(request.app), session)
+    if request.method == "DELETE":
+        await found.close("DELETE")
+    return SessionStatus(**found.status())
 
 
 async def trickle(request: Request) -> Response:
     return JSONResponse({"error": {"message": "trickle ICE is not supported: the SDP answer already holds "
                                               "every server candidate", "type": "invalid_request_error",
                                    "code": "method_not_allowed", "param": None}},
-                        status_code=405, headers={"Allow": "DELETE"})
+                        status_code=405,
+                        headers={"Allow": "GET, DELETE" if request.url.path.startswith("/v1/whip/") else "DELETE"})
 
 
 @router.post("/v1/whep/{session}", status_code=201, response_class=Response, openapi_extra=_SDP_BODY,
@@ -236,6 +236,6 @@ async def session_config(request: Request, session: str) -> JSONResponse:
 
 # Trickle ICE is not supported (RFC 9725 allows 405): the answer holds every candidate. Left out of
 # the schema, where it would document a method whose only answer is "not allowed"; added after the
-# DELETE routes so that another method's 405 names DELETE (the first route of a path answers it).
+# GET/DELETE and DELETE routes so that another method's 405 names those (the first route of a path answers it).
 router.add_api_route("/v1/whip/{session}", trickle, methods=["PATCH"], include_in_schema=False)
 router.add_api_route("/v1/whep/{session}/{viewer}", trickle, methods=["PATCH"], include_in_schema=False)
