@@ -15,9 +15,15 @@ handshake cannot succeed, and the fix is on the publisher's side (a P-256 certif
 ``-cert_file``/``-key_file``). Re-enabling P-224 here would turn a deprecated curve back on for the
 whole process: not done.
 
-Two aiortc/pyOpenSSL privates are read: the transport's ``_ssl`` connection and pyOpenSSL's
-``_util.lib`` error-queue peek. ``tests/test_webrtc_dtls.py`` fails if either moves, instead of the
-reason silently going back to "error []".
+Also here, because it is the same moment: when the server is the DTLS client (FFmpeg's offers say
+``a=setup:passive``), ``repeat_first_flight`` sends the first ClientHello twice, which FFmpeg's muxer
+needs to answer it without a 1 s retransmission (see there; docs/benchmarks.md, "WHIP: POST to
+first frame").
+
+Three privates are used, each guarded by a test that fails if it moves (instead of the reason
+silently going back to "error []" or the second coming back): the DTLS transport's ``_ssl``
+connection (``tests/test_webrtc_dtls.py``), pyOpenSSL's ``_util.lib`` error-queue peek ("wrong curve"
+in ``tests/test_webrtc_ffmpeg.py``) and the ICE transport's ``_send`` (no retransmission, same file).
 """
 
 from __future__ import annotations
