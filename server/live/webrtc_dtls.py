@@ -60,8 +60,11 @@ HANDSHAKE_RECORD = b"\x16"
 
 def _pending_reasons() -> list[str]:
     """The reasons on this thread's OpenSSL error queue, left in place (peeked, not popped)."""
-    from OpenSSL._util import ffi, lib
-
+    try:
+        from OpenSSL._util import ffi, lib
+    except ImportError:
+        logger.warning("pyOpenSSL has no _util.lib: the TLS library's reason is not recorded")
+        return []
     code = lib.ERR_peek_error()
     text = lib.ERR_reason_error_string(code) if code else ffi.NULL
     return [ffi.string(text).decode()] if text != ffi.NULL else []
@@ -79,7 +82,11 @@ def repeat_first_flight(transport: RTCDtlsTransport) -> None:
     handshake datagram is repeated, once. Wraps the ICE transport's private ``_send`` on this instance.
     """
     ice = transport.transport
-    send = ice._send
+    try:
+        send = ice._send
+    except AttributeError:
+        logger.warning("aiortc's ICE transport has no _send: FFmpeg publishers wait 1 s for a retransmission")
+        return
     sent = False
 
     async def send_first_twice(data: bytes) -> None:
