@@ -110,91 +110,117 @@ async def run_stream(url: str, frames: Iterator[np.ndarray], *, config: dict[str
     import websockets
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    stats = StreamStats()
     async with websockets.connect(url, additional_headers=headers, max_size=None, compression=None,
                                   subprotocols=["ditstream"]) as ws:  # type: ignore[list-item]
         ready = json.loads(await ws.recv())
         if ready.get("type") != "ready":
             raise RuntimeError(f"server refused the stream: {ready}")
-        stats.ready = ready
-        txt2img = (config or {}).get("mode") == "txt2img"
         if config:
             await ws.send(json.dumps({"type": "config", **config}))
-        last_answered = -1
-        done_sending = asyncio.Event()
-        stats.started = time.perf_counter()
+        run = _StreamRun(ws, frames, txt2img=(config or {}).get("mode") == "txt2img", fps=fps,
+                         max_frames=max_frames, seconds=seconds, max_in_flight=max_in_flight, quality=quality,
+                         on_output=on_output)
+        run.stats.ready = ready
+        await run.run(report, report_every)
+    return run.stats
 
-        async def receiver() -> None:
-            nonlocal last_answered
-            async for msg in ws:
-                now = time.perf_counter()
-                if isinstance(msg, str):
-                    m = json.loads(msg)
-                    if m.get("type") == "error":
-                        stats.errors.append(m)
-                        logger.warning("server error: %s: %s", m.get("code"), m.get("message"))
-                        if isinstance(m.get("seq"), int):  # a frame whose model call failed: answered all the same
-                            last_answered = max(last_answered, m["seq"])
-                    continue
-                header, jpeg = unpack_frame(msg)
-                last_answered = max(last_answered, header["seq"])
-                stats.received += 1
-                stats.seqs.append(header["seq"])
-                stats.skipped += bool(header.get("skipped"))
-                if not txt2img and header.get("ts") is not None:
-                    stats.latencies_ms.append(now * 1e3 - header["ts"])
-                stats.server_ms.append(header.get("timings", {}).get("server_ms", float("nan")))
-                stats.first_output = stats.first_output or now
-                stats.last_output = now
-                if on_output is not None:
-                    on_output(header, jpeg)
-                if txt2img and max_frames is not None and stats.received >= max_frames:
-                    done_sending.set()
 
-        async def sender() -> None:
-            period = 1.0 / fps
-            next_t = time.perf_counter()
-            seq = 0
-            try:
-                while not txt2img:
-                    if max_frames is not None and seq >= max_frames:
-                        return
-                    if seconds is not None and time.perf_counter() - stats.started >= seconds:
-                        return
-                    next_t += period
-                    await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
-                    if seq - 1 - last_answered >= max_in_flight:
-                        continue  # back-pressure: skip this tick (latest wins at the source too)
-                    try:
-                        image = next(frames)
-                    except StopIteration:
-                        return
-                    data = await asyncio.to_thread(encode_jpeg, image, quality)
-                    await ws.send(pack_frame({"seq": seq, "ts": time.perf_counter() * 1e3}, data))
-                    seq += 1
-                    stats.sent += 1
-                if seconds is not None:
-                    await asyncio.sleep(seconds)
-                else:
-                    await done_sending.wait()
-            finally:
-                done_sending.set()
+class _StreamRun:
+    """One stream's send and receive loops over an open, configured WebSocket, and what they share:
+    the stats and the last answered seq (flow control)."""
 
-        async def reporter() -> None:
-            while report is not None:
-                await asyncio.sleep(report_every)
-                report(stats)
+    def __init__(self, ws: Any, frames: Iterator[np.ndarray], *, txt2img: bool, fps: float,
+                 max_frames: int | None, seconds: float | None, max_in_flight: int, quality: int,
+                 on_output: Callable[[dict[str, Any], bytes], None] | None) -> None:
+        self.ws, self.frames, self.txt2img, self.fps = ws, frames, txt2img, fps
+        self.max_frames, self.seconds, self.max_in_flight, self.quality = max_frames, seconds, max_in_flight, quality
+        self.on_output = on_output
+        self.stats = StreamStats()
+        self.last_answered = -1
+        self.done_sending = asyncio.Event()
 
-        recv_task = asyncio.create_task(receiver())
-        rep_task = asyncio.create_task(reporter())
-        await sender()
+    async def run(self, report: Callable[[StreamStats], None] | None, report_every: float) -> None:
+        """Send until done, let the last answers arrive, then stop receiving and reporting."""
+        self.stats.started = time.perf_counter()
+        recv_task = asyncio.create_task(self._receive())
+        rep_task = asyncio.create_task(self._report(report, report_every))
+        await self._send()
         # Let the last answers arrive (the server answers every frame it did not drop).
         deadline = time.perf_counter() + 5.0
-        while not txt2img and last_answered < stats.sent - 1 and time.perf_counter() < deadline \
+        while not self.txt2img and self.last_answered < self.stats.sent - 1 and time.perf_counter() < deadline \
                 and not recv_task.done():
             await asyncio.sleep(0.01)
         rep_task.cancel()
         recv_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await recv_task
-    return stats
+
+    async def _receive(self) -> None:
+        async for msg in self.ws:
+            now = time.perf_counter()
+            if isinstance(msg, str):
+                self._on_text(json.loads(msg))
+            else:
+                self._on_frame(now, *unpack_frame(msg))
+
+    def _on_text(self, m: dict[str, Any]) -> None:
+        if m.get("type") == "error":
+            self.stats.errors.append(m)
+            logger.warning("server error: %s: %s", m.get("code"), m.get("message"))
+            if isinstance(m.get("seq"), int):  # a frame whose model call failed: answered all the same
+                self.last_answered = max(self.last_answered, m["seq"])
+
+    def _on_frame(self, now: float, header: dict[str, Any], jpeg: bytes) -> None:
+        stats = self.stats
+        self.last_answered = max(self.last_answered, header["seq"])
+        stats.received += 1
+        stats.seqs.append(header["seq"])
+        stats.skipped += bool(header.get("skipped"))
+        if not self.txt2img and header.get("ts") is not None:
+            stats.latencies_ms.append(now * 1e3 - header["ts"])
+        stats.server_ms.append(header.get("timings", {}).get("server_ms", float("nan")))
+        stats.first_output = stats.first_output or now
+        stats.last_output = now
+        if self.on_output is not None:
+            self.on_output(header, jpeg)
+        if self.txt2img and self.max_frames is not None and stats.received >= self.max_frames:
+            self.done_sending.set()
+
+    async def _send(self) -> None:
+        """img2img: frames at ``fps`` until a limit; txt2img: the server pushes, so only wait."""
+        try:
+            if not self.txt2img:
+                await self._send_frames()
+            elif self.seconds is not None:
+                await asyncio.sleep(self.seconds)
+            else:
+                await self.done_sending.wait()
+        finally:
+            self.done_sending.set()
+
+    async def _send_frames(self) -> None:
+        period = 1.0 / self.fps
+        next_t = time.perf_counter()
+        seq = 0
+        while True:
+            if self.max_frames is not None and seq >= self.max_frames:
+                return
+            if self.seconds is not None and time.perf_counter() - self.stats.started >= self.seconds:
+                return
+            next_t += period
+            await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
+            if seq - 1 - self.last_answered >= self.max_in_flight:
+                continue  # back-pressure: skip this tick (latest wins at the source too)
+            try:
+                image = next(self.frames)
+            except StopIteration:
+                return
+            data = await asyncio.to_thread(encode_jpeg, image, self.quality)
+            await self.ws.send(pack_frame({"seq": seq, "ts": time.perf_counter() * 1e3}, data))
+            seq += 1
+            self.stats.sent += 1
+
+    async def _report(self, report: Callable[[StreamStats], None] | None, every: float) -> None:
+        while report is not None:
+            await asyncio.sleep(every)
+            report(self.stats)

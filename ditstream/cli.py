@@ -1,8 +1,9 @@
 """The ``ditstream`` command.
 
-Each package contributes its own subcommands through ``register(app, bench)`` in its ``cli.py``;
-those modules import only typer at import time so ``ditstream --help`` stays fast, and heavy
-imports (torch, diffusers, FastAPI) happen inside the command that needs them.
+Each module of ``ditstream/commands`` (one per command, ``bench.py`` for every ``bench`` subcommand)
+adds its commands through ``register(app, bench)``; the commands parse options and call the code that
+does the work. Those modules import only typer at import time so ``ditstream --help`` stays fast, and
+heavy imports (torch, diffusers, FastAPI) happen inside the command that needs them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ app.add_typer(bench_app, name="bench")
 #: Packages that contribute commands, in help order. A missing module is skipped only if it is
 #: the module itself that is absent (a package not built yet), never on an import error inside it.
 COMMAND_MODULES = ("ditstream.commands.generate", "ditstream.commands.demo", "ditstream.commands.serve",
-                   "ditstream.commands.scale", "ditstream.commands.reliability", "ditstream.commands.client",
+                   "ditstream.commands.worker", "ditstream.commands.bench", "ditstream.commands.client",
                    "ditstream.commands.build")
 
 

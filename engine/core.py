@@ -47,20 +47,15 @@ from ditstream.engine import sampler, temporal_stream
 from ditstream.engine.backends.base import Backend, BackendLimits
 from ditstream.engine.batching import BatchPolicy
 from ditstream.engine.config import EngineConfig, StreamConfig
-from ditstream.engine.errors import (
-    GenerationError,
-    ValidationError,
-    generation_failure,
-    is_fatal_device_error,
-)
+from ditstream.engine.errors import GenerationError, generation_failure, is_fatal_device_error
+from ditstream.engine.limits import EngineLimits, check_input, ensure_valid
 from ditstream.engine.loader import ModelComponents
-from ditstream.engine.lora import resolve_set
 from ditstream.engine.plan import Plan, Transition, decode_clean, encode_clean, make_plan, predict_x0
 from ditstream.engine.prompt_cache import PromptSource
 from ditstream.engine.queues import FrameInbox, OutputQueue
 from ditstream.engine.similarity import SimilarityFilter
 from ditstream.engine.stream import InFlight, StreamState, new_stream_id
-from ditstream.engine.temporal import check_temporal
+from ditstream.engine.temporal import temporal_refusal
 from ditstream.engine.types import Frame, StreamOutput
 
 logger = logging.getLogger(__name__)
@@ -109,13 +104,19 @@ class EngineCore:
         limit = self.limits.max_batch
         return min(self.config.max_batch, limit) if limit is not None else self.config.max_batch
 
+    @property
+    def engine_limits(self) -> EngineLimits:
+        """What this core accepts: its config's bounds, size multiple, backend profile, loaded LoRA names."""
+        loras = self.components.loras
+        return EngineLimits(size_multiple=self.size_multiple, max_pixels=self.config.max_pixels,
+                            max_prompt_chars=self.config.max_prompt_chars, profile=self.limits,
+                            loras=tuple(sorted(loras)), max_batch=self.max_batch, inbox_depth=self.config.inbox_depth,
+                            temporal_refusal=temporal_refusal(self.backend))
+
     def validate(self, cfg: StreamConfig) -> StreamConfig:
-        cfg = cfg.validate(max_prompt_chars=self.config.max_prompt_chars, max_pixels=self.config.max_pixels,
-                           size_multiple=self.size_multiple)
-        self.limits.check_size(cfg.width, cfg.height)
-        resolve_set(cfg.lora_scales, self.components.loras)  # unknown names
-        check_temporal(self.backend, cfg)
-        return cfg
+        """Trusts a config an edge validated; checks any other (a direct caller): one outside the limits
+        would break the batched model call of every stream it shares a tick with."""
+        return ensure_valid(cfg, self.engine_limits)
 
     def add(self, cfg: StreamConfig, *, stream_id: str | None = None, one_shot: bool = False,
             notify: Callable[[], None] | None = None) -> StreamState:
@@ -407,11 +408,7 @@ def offer(state: StreamState, frame: Frame) -> bool:
     counter (written by the submitting side alone); the core's tables are never touched, so a
     codec thread can offer frames while the engine thread adds or removes streams.
     """
-    cfg = state.config
-    if frame.image is not None:
-        imgs.check_image(frame.image, cfg.width, cfg.height)
-    elif cfg.mode == "img2img":
-        raise ValidationError("img2img streams need an image in every frame", field="image")
+    check_input(state.config, frame.image)
     if not frame.received_at:  # a core on another clock (a test's) gets frames stamped by its caller
         frame.received_at = time.perf_counter()
     dropped = state.inbox.put(frame)

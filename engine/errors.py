@@ -6,6 +6,8 @@ WebSocket close code in one table (``server/errors.py``), and a test checks that
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DitstreamError(Exception):
     """Base of every error the engine raises on purpose."""
@@ -17,11 +19,14 @@ class DitstreamError(Exception):
         self.message = message
         self.field = field
 
-    def to_dict(self) -> dict[str, str]:
-        out = {"type": "error", "code": self.error_type, "message": self.message}
-        if self.field:
-            out["field"] = self.field
-        return out
+    def details(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild this error with its message (``type(e)(e.message,
+        **e.details())``): what a copy of it must carry across a process boundary (``server/scale/messages.py``)."""
+        return {"field": self.field} if self.field else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The in-band message: the code, the message and every detail (``field``, ``retry_after``, ...)."""
+        return {"type": "error", "code": self.error_type, "message": self.message, **self.details()}
 
 
 class ValidationError(DitstreamError):
@@ -61,10 +66,14 @@ class OverloadedError(DitstreamError):
 
     error_type = "overloaded"
 
-    def __init__(self, message: str, *, retry_after: float = 1.0, reason: str = "capacity") -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, retry_after: float = 1.0, reason: str = "capacity",
+                 field: str | None = None) -> None:
+        super().__init__(message, field=field)
         self.retry_after = retry_after
         self.reason = reason
+
+    def details(self) -> dict[str, Any]:
+        return {**super().details(), "retry_after": self.retry_after, "reason": self.reason}
 
 
 class ModelLoadError(DitstreamError):

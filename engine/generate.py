@@ -13,7 +13,8 @@ from ditstream.engine import sampler
 from ditstream.engine.backends import create_backend
 from ditstream.engine.backends.base import Backend
 from ditstream.engine.config import ModelConfig, StreamConfig
-from ditstream.engine.errors import GenerationError, ValidationError
+from ditstream.engine.errors import GenerationError
+from ditstream.engine.limits import EngineLimits, check_input, ensure_valid
 from ditstream.engine.loader import ModelComponents, load_components
 from ditstream.engine.plan import Plan, decode_clean, encode_clean, make_plan, predict_x0
 from ditstream.engine.prompt_cache import PromptCache
@@ -42,20 +43,24 @@ class Generator:
     def size_multiple(self) -> int:
         return self.components.vae_scale_factor * int(self.components.transformer.config.patch_size)
 
+    @property
+    def limits(self) -> EngineLimits:
+        """What a one-shot generation accepts: the model's size multiple, the backend's profile, the loaded LoRAs."""
+        return EngineLimits(size_multiple=self.size_multiple, max_pixels=MAX_PIXELS, profile=self.backend.limits,
+                            loras=tuple(sorted(self.components.loras)))
+
     def plan(self, cfg: StreamConfig) -> Plan:
-        cfg.validate(size_multiple=self.size_multiple, max_pixels=MAX_PIXELS)
+        ensure_valid(cfg, self.limits)
         return make_plan(cfg, self.components, self.prompts)
 
     @torch.inference_mode()
     def generate_unit(self, cfg: StreamConfig, image: np.ndarray | None = None) -> torch.Tensor:
         """The decoded image as (H, W, 3) float32 in [0, 1] (what parity tests compare)."""
         plan = self.plan(cfg)
-        if cfg.mode == "img2img" and image is None:
-            raise ValidationError("img2img needs an input image", field="image")
+        check_input(cfg, image)
         c = self.components
         t = plan.angles[:1]
         if cfg.mode == "img2img":
-            imgs.check_image(image, cfg.width, cfg.height)
             clean = encode_clean(self.backend, c, imgs.to_tensor([image], c.device))
             x = sampler.entry_latent(t, plan.noise[:1], c.sigma_data, clean)
         else:

@@ -33,6 +33,7 @@ import numpy as np
 from ditstream.engine.config import EngineConfig, ModelConfig, StreamConfig
 from ditstream.engine.core import EngineCore, offer
 from ditstream.engine.errors import CancelledError, EngineDeadError, ValidationError, is_fatal_device_error
+from ditstream.engine.limits import EngineLimits, check_input, ensure_valid, validate_stream
 from ditstream.engine.stream import StreamState
 from ditstream.engine.types import Frame, MetricsSink, StreamOutput, StreamStats
 
@@ -100,7 +101,7 @@ class StreamHandle:
 
     def reconfigure(self, **changes: Any) -> Future:
         """Validate ``changes`` now (raises ``ValidationError``); the future resolves to the applied config."""
-        cfg = self._runner.validate(_apply(self.config, changes))
+        cfg = ensure_valid(_apply(self.config, changes), self._runner.limits)
         return self._runner.send(Control(Op.RECONFIGURE, stream_id=self.id, config=cfg))
 
     def close(self) -> None:
@@ -244,8 +245,14 @@ class EngineRunner:
         self._wake.set()
         return msg.done
 
+    @property
+    def limits(self) -> EngineLimits:
+        """What this engine accepts (its core's bounds, size multiple, backend profile, LoRA names)."""
+        return self.core.engine_limits
+
     def validate(self, cfg: StreamConfig) -> StreamConfig:
-        return self.core.validate(cfg)
+        """``validate_stream`` against ``limits`` (for a caller without a server edge: a worker, a library)."""
+        return validate_stream(cfg, self.limits)
 
     # ------------------------------------------------------------------ public API
     def add_stream(self, cfg: StreamConfig, notify: Callable[[], None] | None = None,
@@ -253,9 +260,9 @@ class EngineRunner:
         """Validate ``cfg`` (raises ``ValidationError``), add the stream and return its handle.
 
         Blocks until the engine thread has built the stream's plan (prompt encoded once, cached):
-        call it from a worker thread, not the event loop.
+        call it from a worker thread, not the event loop. A config an edge validated is taken on trust.
         """
-        cfg = self.validate(cfg)
+        cfg = ensure_valid(cfg, self.limits)
         state = self.send(Control(Op.ADD, config=cfg, notify=notify)).result(timeout)
         return StreamHandle(self, state)
 
@@ -266,14 +273,9 @@ class EngineRunner:
         Cancelling the future removes the job from the engine before its next tick. ``encode`` is not
         used: in process the output stays pixels and the caller codes it in its own pool.
         """
-        cfg = self.validate(cfg)
+        cfg = ensure_valid(cfg, self.limits)
+        check_input(cfg, image)
         frame = Frame(image=image, received_at=time.perf_counter())
-        if image is not None:
-            from ditstream.engine.images import check_image
-
-            check_image(image, cfg.width, cfg.height)
-        elif cfg.mode == "img2img":
-            raise ValidationError("img2img needs an input image", field="image")
         return self.send(Control(Op.JOB, config=cfg, frame=frame))
 
     # ------------------------------------------------------------------ EngineClient (server/engine_client.py)

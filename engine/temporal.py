@@ -31,11 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from ditstream.engine.errors import ValidationError
 
 if TYPE_CHECKING:
     from ditstream.engine.backends.base import Backend
-    from ditstream.engine.config import StreamConfig
 
 #: The diffusers processor whose maths this module reproduces (and extends).
 LINEAR_PROCESSOR = "SanaLinearAttnProcessor2_0"
@@ -196,14 +194,13 @@ class TemporalAttention:
             self._local.call = None
 
 
-def check_temporal(backend: Backend, cfg: StreamConfig) -> None:
-    """Refuse ``temporal`` > 0 where it cannot be carried, naming the backend or the processor (at stream open)."""
-    if cfg.temporal <= 0:
-        return
+def temporal_refusal(backend: Backend) -> str | None:
+    """Why ``backend`` cannot carry attention memory (``temporal`` > 0), naming the backend or the
+    processor; ``None`` when it can. ``EngineLimits.temporal_refusal``: refused at stream open."""
     hook = backend.temporal_attention()
     if hook is None:
-        raise ValidationError(f"the {backend.name} backend cannot carry attention memory (temporal > 0): its "
-                              "transformer is a fixed graph; serve it with --backend torch", field="temporal")
+        return (f"the {backend.name} backend cannot carry attention memory (temporal > 0): its transformer "
+                "is a fixed graph; serve it with --backend torch")
     if hook.refusal is not None:
-        raise ValidationError(f"this model cannot carry attention memory (temporal > 0): {hook.refusal}",
-                              field="temporal")
+        return f"this model cannot carry attention memory (temporal > 0): {hook.refusal}"
+    return None

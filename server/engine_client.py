@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import numpy as np
     from ditstream.engine.config import EngineConfig, StreamConfig
+    from ditstream.engine.limits import EngineLimits
     from ditstream.engine.queues import OutputQueue
     from ditstream.engine.types import MetricsSink, StreamOutput, StreamStats
 
@@ -70,6 +71,11 @@ class EngineClient(Protocol):
     @property
     def engine_config(self) -> EngineConfig:
         """Batch, queue and request limits the engine was configured with."""
+
+    @property
+    def limits(self) -> EngineLimits:
+        """What a stream config is validated against, typed: size multiple and profile, pixel and prompt
+        bounds, LoRA names, batch and queue depths (the runner's own; the gateway's from its workers)."""
 
     @property
     def alive(self) -> bool:

@@ -30,6 +30,11 @@ class Metrics:
                                           ["transport"], registry=r)
         self.webrtc_viewers = Gauge("ditstream_webrtc_viewers", "WHEP viewers watching a WebRTC session.",
                                     registry=r)
+        self.webrtc_dtls_failures = Counter(
+            "ditstream_webrtc_dtls_failures_total",
+            "WHIP publishers whose DTLS handshake failed, by cause (certificate_curve: an ECDSA curve our TLS "
+            "library refuses, e.g. FFmpeg/GnuTLS's P-224; handshake: any other). The log says why, per session.",
+            ["cause"], registry=r)
         self.frames = Counter("ditstream_frames_total", "Stream frames by outcome.", ["outcome"], registry=r)
         self.requests = Counter("ditstream_requests_total", "HTTP requests and WebSocket sessions by route and code.",
                                 ["route", "code"], registry=r)
@@ -65,6 +70,8 @@ class Metrics:
             self.frames.labels(outcome)
         for transport in ("websocket", "webrtc"):
             self.streams_by_transport.labels(transport)
+        for cause in ("certificate_curve", "handshake"):
+            self.webrtc_dtls_failures.labels(cause)
         for stage in ("encode", "denoise", "decode", "nonfinite", "tick"):
             self.model_failures.labels(stage)
 

@@ -1,11 +1,12 @@
-"""``bench server`` closed loop, JPEG folders and the batch-size histogram (tiny load; figures not asserted)."""
+"""``bench server`` closed loop, JPEG folders and the batch-size histogram (tiny load). Timings are not
+asserted (they live in docs/benchmarks.md); what one frame in flight per stream makes deterministic is."""
 
 from __future__ import annotations
 
 import asyncio
 
 import numpy as np
-from ditstream.clients.stream_client import encode_jpeg
+from ditstream.clients.stream_client import decode_jpeg, encode_jpeg
 from ditstream.engine.config import EngineConfig
 from ditstream.engine.null import null_runner
 from ditstream.server.api.app import create_app
@@ -28,9 +29,20 @@ def test_closed_loop_keeps_n_in_flight_and_reports_batches_and_spread(tmp_path):
     with ServerThread(app) as srv:
         r = asyncio.run(measure(srv.url, spec))
     assert r["errors"] == [] and r["closed_loop_stalls"] == 0
-    assert r["received"] > 10 and r["dropped_pct"] == 0.0  # one frame in flight: nothing to replace
-    assert r["inflight"] == 1 and len(r["fps_per_stream"]) == 2 and r["fps_spread_pct"] >= 0
-    assert r["batch_sizes"] and set(r["batch_sizes"]) <= {"1", "2"}
+    # one frame in flight per stream: nothing to replace or skip, every frame counted is answered
+    assert r["received"] == r["sent"] > 10 and r["dropped_pct"] == 0.0 and r["skipped_pct"] == 0.0
+    assert r["inflight"] == 1 and len(r["fps_per_stream"]) == 2
+    assert round(sum(r["fps_per_stream"]) * spec.seconds) == r["received"] == round(r["fps_total"] * spec.seconds)
+    # the model ran every frame the server was given (warm-up included), in calls of one or two streams
+    batches = {int(k): n for k, n in r["batch_sizes"].items()}
+    assert set(batches) <= {1, 2} and sum(k * n for k, n in batches.items()) == r["sent_incl_warmup"], r
+    # bytes per frame: the 64x64 file as it is, the 80x48 one scaled and coded at quality 85, 4:2:0
+    from PIL import Image
+
+    small = (tmp_path / "f1.jpg").read_bytes()
+    scaled = np.asarray(Image.fromarray(decode_jpeg(small)).resize((64, 64), Image.BILINEAR))
+    sizes = [len((tmp_path / "f0.jpg").read_bytes()), len(encode_jpeg(scaled, 85, "420"))]
+    assert r["frame_bytes"] == round(sum(sizes) / 2, 1)
     assert "batch sizes" in format_report(spec, {"null engine": r})
     # the null engine's simulated call is inference, so the server's own overhead excludes it
     assert r["server_overhead_ms_p50"] < 20

@@ -1,6 +1,7 @@
 """``ditstream bench gateway``: its arithmetic on made-up rounds, and one tiny real run end to end.
 
-No speed is asserted: the figures are recorded in docs/benchmarks.md, not checked here.
+No speed is asserted: the figures are recorded in docs/benchmarks.md, not checked here. The end-to-end run
+keeps one frame in flight, so what it counts is deterministic and asserted.
 """
 
 from __future__ import annotations
@@ -77,12 +78,23 @@ def test_arm_order_alternates():
 def test_bench_gateway_runs_both_arms_end_to_end(tmp_path: Path):
     if redis_server_binary() is None:  # the CI installs it; say so rather than pass silently
         pytest.fail("redis-server is required (apt-get install -y redis-server)", pytrace=False)
-    spec = GatewayBenchSpec(fps=15, seconds=1.0, rounds=1, width=64, height=64, warmup_s=0.3, idle_s=0.3)
+    from ditstream.clients.stream_client import encode_jpeg
+
+    from ditstream.bench.server import pattern_images
+
+    spec = GatewayBenchSpec(inflight=1, seconds=1.0, rounds=1, width=64, height=64, warmup_s=0.3, idle_s=0.3)
     results = run_gateway_bench(spec, log_dir=tmp_path)
+    clip = [len(encode_jpeg(img, 85, "420")) for img in pattern_images(64, 64, 30)]
     for arm in (GATEWAY, ALL_IN_ONE):
         (run,) = results["runs"][arm]
-        assert run["errors"] == [] and 0 < run["received"] <= run["sent"], run
+        # one frame in flight: every frame sent in the window is answered, none replaced
+        assert run["errors"] == [] and run["closed_loop_stalls"] == 0, run
+        assert 0 < run["received"] == run["sent"] <= run["sent_incl_warmup"], run
+        assert run["frame_bytes"] == round(sum(clip) / len(clip), 1)
         assert run["g2g_ms_p50"] > 0
+    # one stream: the all-in-one engine ran every frame it was given, one model call each
+    aio = results["runs"][ALL_IN_ONE][0]
+    assert aio["batch_sizes"] == {"1": aio["sent_incl_warmup"]}, aio["batch_sizes"]
     assert set(results["runs"][GATEWAY][0]["cpu_s"]) == {"server", "worker", "redis"}
     assert set(results["runs"][ALL_IN_ONE][0]["cpu_s"]) == {"server"}
     assert set(results["idle_cpu_ms_per_s"]) == {"gateway server", "worker", "redis", "all-in-one server"}

@@ -82,6 +82,9 @@ def test_bench_engine_json_reports_both_ratios():
              timeout=300)
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
-    for key in ("stream_batch_speedup", "cross_batch_speedup", "ssf_skip_rate_static", "ssf_skip_rate_moving"):
-        assert key in data and data[key] >= 0
-    assert data["ssf_skip_rate_static"] > data["ssf_skip_rate_moving"]
+    for key in ("stream_batch_speedup", "cross_batch_speedup"):  # timings: their targets are in docs/benchmarks.md
+        assert 0 < data[key] < math.inf, data
+    # the similarity filter is seeded and the clips are fixed: a static clip (similarity 1, skip probability
+    # 1) has one frame of every 11 processed (max_skip 10), so 181 of its 200 frames are skipped
+    assert data["ssf_skip_rate_static"] == 181 / 200
+    assert 0 <= data["ssf_skip_rate_moving"] < data["ssf_skip_rate_static"]

@@ -14,6 +14,7 @@ from ditstream.engine.demo import config as TC
 from ditstream.engine.demo import dataset as ds
 from ditstream.engine.demo import latents as TL
 from ditstream.engine.demo import probes as TP
+from ditstream.engine.demo import recipe as R
 from ditstream.engine.demo import train as T
 from ditstream.engine.demo import trigflow as TF
 
@@ -186,7 +187,7 @@ def test_a_tiny_training_run_writes_a_model_the_engine_serves(tmp_path) -> None:
     cfg = TC.TrainConfig(n_images=64, ae_steps=2, ae_batch=4, decoder_steps=2, teacher_steps=3, teacher_batch=4, pairs=8, second_step_share=1.0,
                         teacher_sample_steps=2, student_steps=2, student_batch=4, vae_channels=(8, 16, 32),
                         patch_size=2, transformer=dict(hidden=32, layers=1, heads=2))
-    out = T.train_demo(tmp_path / "model", cfg, workdir=tmp_path / "wd", lora_steps=2)
+    out = R.train_demo(tmp_path / "model", cfg, workdir=tmp_path / "wd", lora_steps=2)
     assert (tmp_path / "wd" / "teacher.pt").is_file() and (tmp_path / "wd" / "decoder.pt").is_file()
     assert (out / "loras" / "swap.safetensors").is_file()  # the demo LoRA stage ran on the new model
     comps = load_components(ModelConfig(model=str(out), device="cpu", dtype="fp32"))
@@ -198,7 +199,7 @@ def test_a_tiny_training_run_writes_a_model_the_engine_serves(tmp_path) -> None:
     # A rerun with the same workdir resumes both checkpointed stages and says so in ditstream.json.
     import json
 
-    again = T.train_demo(tmp_path / "again", cfg, workdir=tmp_path / "wd", lora_steps=0)
+    again = R.train_demo(tmp_path / "again", cfg, workdir=tmp_path / "wd", lora_steps=0)
     timings = json.loads((again / "ditstream.json").read_text())["training"]["timings"]
     assert timings["resumed"] == ["autoencoder", "decoder", "teacher"]
     first = json.loads((out / "ditstream.json").read_text())["training"]["timings"]

@@ -353,7 +353,7 @@ def test_worker_health_and_metrics_endpoint(scfg: ScaleConfig):
     import httpx
 
     from ditstream.bench.scale_harness import free_port
-    from ditstream.commands.scale import _health_server
+    from ditstream.commands.worker import _health_server
 
     w = _null_worker(scfg, "probe").start()
     port = free_port()

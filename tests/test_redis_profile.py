@@ -11,6 +11,7 @@ import redis
 from ditstream.engine.backends.base import BackendLimits
 from ditstream.engine.config import EngineConfig, StreamConfig
 from ditstream.engine.errors import ValidationError
+from ditstream.engine.limits import EngineLimits
 from ditstream.engine.lora import resolve_set
 from ditstream.server.scale.config import ScaleConfig
 from ditstream.server.scale.gateway import RedisGatewayRunner
@@ -52,8 +53,9 @@ def test_a_worker_advertises_its_limits_and_adapters(scfg: ScaleConfig, r: redis
     w = Worker(runner, scfg, worker_id="wp").start()
     try:
         raw = wait_for(lambda: r.get(scfg.keys.worker("wp")), 10, what="the worker's heartbeat")
-        info = Heartbeat.load(raw).info
-        assert info["limits"] == LIMITS.as_dict() and info["loras"] == LORAS
+        hb = Heartbeat.load(raw)
+        assert hb.info["limits"] == LIMITS.as_dict() and hb.info["loras"] == LORAS  # shown by /v1/models
+        assert hb.limits == runner.limits  # what the gateway checks against, typed
     finally:
         w.stop(drain_s=0)
 
@@ -62,8 +64,9 @@ def test_gateway_refuses_what_its_workers_would_at_open_before_anything_is_queue
                                                                                    r: redis.Redis):
     keys = scfg.keys
     info = {"size_multiple": 8, "limits": LIMITS.as_dict(), "loras": LORAS}
+    limits = EngineLimits(size_multiple=8, profile=LIMITS, loras=tuple(LORAS))
     # A worker that beats but never answers: whatever reached it would time out, not fail fast.
-    r.set(keys.worker("ghost"), Heartbeat(worker="ghost", info=info).dump(), px=60_000)
+    r.set(keys.worker("ghost"), Heartbeat(worker="ghost", info=info, limits=limits).dump(), px=60_000)
     r.sadd(keys.workers, "ghost")
     gw = RedisGatewayRunner(scfg, job_timeout_s=30, open_timeout_s=5.0).start()
     try:
@@ -85,3 +88,19 @@ def test_gateway_refuses_what_its_workers_would_at_open_before_anything_is_queue
         fine.cancel()
     finally:
         gw.stop()
+
+
+def test_a_fleet_accepts_only_what_every_live_worker_accepts():
+    """The gateway narrows its workers' limits together (any of them may take a job or a re-pinned
+    stream): the coarser size multiple, the overlap of the profiles, the adapters all of them loaded."""
+    from ditstream.engine.limits import validate_stream
+
+    a = EngineLimits(size_multiple=8, profile=BackendLimits(width=(64, 128), height=(64, 128)), loras=("swap", "x"))
+    b = EngineLimits(size_multiple=16, profile=BackendLimits(width=(96, 256)), loras=("swap",))
+    fleet = a.narrowed(b)
+    assert (fleet.size_multiple, fleet.profile.width, fleet.profile.height, fleet.loras) == (16, (96, 128), (64, 128),
+                                                                                            ("swap",))
+    validate_stream(StreamConfig(mode="txt2img", prompt="p", width=112, height=64, loras={"swap": 1.0}), fleet)
+    for bad in (dict(width=64, height=64), dict(width=104, height=64), dict(width=112, height=64, loras={"x": 1.0})):
+        with pytest.raises(ValidationError):
+            validate_stream(StreamConfig(mode="txt2img", prompt="p", **bad), fleet)

@@ -318,7 +318,7 @@ def test_refusals_bad_sdp_capacity_auth_trickle_and_missing_extra(monkeypatch):
             assert (await pub.publish(client)).status_code == 201
             r = await client.patch(pub.location, content="a=candidate", headers={"Content-Type":
                                                                                  "application/trickle-ice-sdpfrag"})
-            assert r.status_code == 405 and r.headers["allow"] == "DELETE"
+            assert r.status_code == 405 and r.headers["allow"] == "GET, DELETE"
             over = Publisher(_image(8))
             r = await over.publish(client)  # max_streams=1
             assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text

@@ -22,11 +22,9 @@ The ``tiny`` architecture exists so the bench machinery is tested on CPU.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
-import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,8 +39,6 @@ from ditstream.bench.gpu_timing import (
     BenchRow,
     Watchdog,
     library_versions,
-    p90,
-    time_calls,
     to_json,
 )
 
@@ -220,7 +216,6 @@ def run_gpu_bench(*, resolutions: Sequence[int] | None = None, batches: Sequence
     from ditstream.engine.loader import resolve_dtype
 
     shapes = list(grid) if grid else bench_grid(resolutions, batches)
-    sizes, batch_sizes = _profile_of(shapes)
     torch_dtype = resolve_dtype(dtype, dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     result = BenchResult(device=name, arch=arch, dtype=dtype)
@@ -254,138 +249,18 @@ def run_gpu_bench(*, resolutions: Sequence[int] | None = None, batches: Sequence
     watchdog = Watchdog(started + (watchdog_s if watchdog_s is not None else budget_s + 60), checkpoint,
                         on_watchdog).start()
     try:
-        _bench(result, shapes, sizes, batch_sizes, backends, arch, dev, torch_dtype, budget_s, started, cache_dir,
-               min_time, min_calls, trt_opt_level, say, add, checkpoint, backend_factory or _make_backend)
+        from ditstream.bench.gpu_run import GpuRun
+
+        run = GpuRun(result, shapes, dev, budget_s=budget_s, started=started, cache_dir=cache_dir, min_time=min_time,
+                     min_calls=min_calls, trt_opt_level=trt_opt_level, say=say, add=add,
+                     factory=backend_factory or _make_backend)
+        run.run(arch, torch_dtype, backends, checkpoint)
     finally:
         watchdog.stop()
     result.info["total_s"] = round(time.monotonic() - started, 1)
     result.info["complete"] = not watchdog.fired
     checkpoint()
     return result
-
-
-def _bench(result: BenchResult, shapes: list[tuple[int, int]], sizes: list[int], batch_sizes: list[int],
-           backends: Sequence[str], arch: str, dev: torch.device, torch_dtype: torch.dtype, budget_s: float,
-           started: float, cache_dir: str | None, min_time: float, min_calls: int, trt_opt_level: int,
-           say: Callable[[str], None], add: Callable[[BenchRow], None], checkpoint: Callable[[], None],
-           factory: Callable[..., Any]) -> None:
-    say(f"building {arch} ({result.dtype}) on {result.device}; grid {result.info['grid']}")
-    t0 = time.monotonic()
-    components = build_components(arch, dev, torch_dtype)
-    result.setup_s["model"] = round(time.monotonic() - t0, 2)
-    from ditstream.engine.backends.torch_backend import TorchBackend
-
-    reference = TorchBackend(components)
-    for size in sizes:
-        result.tflop_per_frame[size] = float(f"{count_tflop(reference, components, size):.6g}")
-    inputs = {shape: _inputs(components, shape[1], shape[0]) for shape in shapes}
-    with torch.inference_mode():
-        expected = {shape: one_step_img2img(reference, components, *inputs[shape]).float().cpu() for shape in shapes}
-    checkpoint()
-
-    def timed(backend_name: str, fn: Callable[[], Any], size: int, batch: int) -> BenchRow:
-        with torch.inference_mode():
-            times = time_calls(fn, dev, min_time=min_time, min_iters=min_calls)
-        return _row(backend_name, size, batch, times, result.tflop_per_frame[size])
-
-    # 1. Baseline: the diffusers pipeline loop (measured again at the end: drift shows up there).
-    baseline: dict[tuple[int, int], float] = {}
-    call = _diffusers_call(components)
-
-    def run_baseline(label: str) -> None:
-        for size, batch in shapes:
-            images, ehs, mask, _ = inputs[(size, batch)]
-            images01 = (images.float() + 1) / 2
-            row = timed(label, functools.partial(call, images01, ehs, mask, size), size, batch)
-            baseline.setdefault((size, batch), row.seconds_per_call or 0.0)
-            add(row)
-            say(f"{label} {size}² b{batch}: {row.fps:.2f} fps (median {row.seconds_per_call * 1e3:.2f} ms, "
-                f"p90 {row.p90_s * 1e3:.2f} ms)")
-
-    run_baseline("diffusers")
-
-    # 2. Each backend, while the budget lasts.
-    for name_ in backends:
-        left = budget_s - (time.monotonic() - started)
-        if left < 30:
-            for s, b in shapes:
-                add(BenchRow(name_, s, b, status="skipped", note="time budget spent"))
-            say(f"{name_}: skipped (time budget spent)")
-            continue
-        backend = None
-        try:
-            t0 = time.monotonic()
-            # Leave room for measuring and for the closing baseline after this backend's setup.
-            deadline = started + budget_s - 20 - 3 * len(shapes) * max(min_time, 0.5)
-            backend = factory(name_, components, sizes, batch_sizes, cache_dir, deadline=deadline,
-                              opt_level=trt_opt_level)
-            for size, batch in shapes:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"warm-up stopped at its deadline ({budget_s:.0f} s budget)")
-                backend.warmup([(batch, size, size)])
-            result.setup_s[name_] = round(time.monotonic() - t0, 2)
-        except Exception as exc:  # report why, keep measuring the others
-            status = "skipped" if isinstance(exc, TimeoutError) else "unavailable"
-            for s, b in shapes:
-                add(BenchRow(name_, s, b, status=status, note=str(exc)[:300]))
-            say(f"{name_}: {status} ({exc})")
-            backend = None
-            _free(dev)
-            continue
-        errors = _check_outputs(backend, components, shapes, inputs, expected)
-        for size, batch in shapes:
-            row = timed(name_, functools.partial(one_step_img2img, backend, components, *inputs[(size, batch)]),
-                        size, batch)
-            row.speedup_vs_diffusers = round(baseline[(size, batch)] / row.seconds_per_call, 2)
-            row.max_abs_err = errors[(size, batch)]
-            notes = []
-            if backend.dtype != components.dtype:
-                notes.append(f"transformer {str(backend.dtype).removeprefix('torch.')}")
-            if row.max_abs_err is not None and row.max_abs_err > _tolerance(components.dtype):
-                notes.append(f"output differs from torch by {row.max_abs_err:.3g}")
-            row.note = "; ".join(notes)
-            add(row)
-            say(f"{name_} {size}² b{batch}: {row.fps:.2f} fps ({row.speedup_vs_diffusers}× diffusers, "
-                f"max |Δ| vs torch {row.max_abs_err:.3g})")
-        backend = None  # free its engines/graphs before the next backend builds its own
-        _free(dev)
-
-    # 3. The baseline again.
-    run_baseline("diffusers-end")
-
-
-def _free(dev: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    """Largest max-abs difference from torch on [-1, 1] images that still counts as the same output."""
-    return 2e-2 if dtype == torch.float32 else 0.15
-
-
-def _check_outputs(backend: Any, components: Any, shapes: list[tuple[int, int]],
-                   inputs: dict[tuple[int, int], tuple[torch.Tensor, ...]],
-                   expected: dict[tuple[int, int], torch.Tensor]) -> dict[tuple[int, int], float]:
-    """Max |backend - torch| per shape, running the shapes interleaved (A B C, then C B A)."""
-    errors: dict[tuple[int, int], float] = {}
-    with torch.inference_mode():
-        for shape in [*shapes, *reversed(shapes)]:
-            out = one_step_img2img(backend, components, *inputs[shape]).float().cpu()
-            err = (out - expected[shape]).abs().max().item() if out.shape == expected[shape].shape else math.inf
-            errors[shape] = max(errors.get(shape, 0.0), err)
-    return errors
-
-
-def _row(backend: str, size: int, batch: int, times: Sequence[float], tflop: float) -> BenchRow:
-    median = statistics.median(times)
-    fps = batch / median
-    return BenchRow(backend, size, batch, seconds_per_call=round(median, 6), p90_s=round(p90(times), 6),
-                    mean_s=round(statistics.fmean(times), 6), calls=len(times), fps=round(fps, 2),
-                    tflops=round(fps * tflop, 2))
 
 
 def _make_backend(name: str, components: Any, resolutions: Sequence[int], batches: Sequence[int],

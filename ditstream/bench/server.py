@@ -128,8 +128,11 @@ def _unpack_header(data: bytes) -> dict[str, Any]:
 
 
 class _Stream:
+    """One bench stream's tallies, and the last answered seq its closed loop waits on."""
+
     def __init__(self) -> None:
-        self.sent = 0
+        self.sent = 0  # in the measured window
+        self.sent_total = 0  # warm-up included: every frame the server was given
         self.received = 0
         self.skipped = 0
         self.latency_ms: list[float] = []
@@ -138,6 +141,32 @@ class _Stream:
         self.encode_ms: list[float] = []
         self.errors: list[dict[str, Any]] = []
         self.stalls = 0  # closed loop: no answer for a second, a frame sent anyway
+        self.first_seq: int | None = None  # the first frame sent in the measured window
+        self.last_answered = -1
+        self.answered = asyncio.Event()
+
+    def on_message(self, msg: str | bytes, now_ms: float) -> None:
+        """An error (a frame answered all the same when it names its seq) or an output, counted once
+        the measured window has begun."""
+        if isinstance(msg, str):
+            err = json.loads(msg)
+            self.errors.append(err)
+            if isinstance(err.get("seq"), int):
+                self.last_answered = max(self.last_answered, err["seq"])
+                self.answered.set()
+            return
+        h = _unpack_header(msg)
+        self.last_answered = max(self.last_answered, h["seq"])
+        self.answered.set()
+        if self.first_seq is None or h["seq"] < self.first_seq:
+            return  # warm-up frame
+        self.received += 1
+        self.skipped += bool(h.get("skipped"))
+        self.latency_ms.append(now_ms - h["ts"])
+        t = h.get("timings", {})
+        self.overhead_ms.append(t.get("server_ms", 0.0) - t.get("inference_ms", 0.0))
+        self.decode_ms.append(t.get("decode_ms", 0.0))
+        self.encode_ms.append(t.get("encode_ms", 0.0))
 
 
 async def _one_stream(url: str, headers: dict[str, str] | None, spec: BenchSpec, frames: list[bytes],
@@ -145,82 +174,77 @@ async def _one_stream(url: str, headers: dict[str, str] | None, spec: BenchSpec,
     import websockets
 
     st = _Stream()
-    first_seq: int | None = None
     async with websockets.connect(url, additional_headers=headers, max_size=None, compression=None) as ws:
-        ready = json.loads(await ws.recv())
-        if ready.get("type") != "ready":
-            raise RuntimeError(f"stream refused: {ready}")
-        await ws.send(json.dumps({"type": "config", "prompt": spec.prompt, "size": f"{spec.width}x{spec.height}",
-                                  "seed": index}))
-        while True:
-            msg = json.loads(await ws.recv())
-            if msg.get("type") == "config":
-                break
-            if msg.get("type") == "error":
-                raise RuntimeError(f"config refused: {msg}")
-
-        answered = asyncio.Event()
-        last_answered = -1
+        await _configure(ws, spec, index)
 
         async def receive() -> None:
-            nonlocal first_seq, last_answered
             async for msg in ws:
-                now = time.perf_counter() * 1e3
-                if isinstance(msg, str):
-                    err = json.loads(msg)
-                    st.errors.append(err)
-                    if isinstance(err.get("seq"), int):
-                        last_answered = max(last_answered, err["seq"])
-                        answered.set()
-                    continue
-                h = _unpack_header(msg)
-                last_answered = max(last_answered, h["seq"])
-                answered.set()
-                if first_seq is None or h["seq"] < first_seq:
-                    continue  # warm-up frame
-                st.received += 1
-                st.skipped += bool(h.get("skipped"))
-                st.latency_ms.append(now - h["ts"])
-                t = h.get("timings", {})
-                st.overhead_ms.append(t.get("server_ms", 0.0) - t.get("inference_ms", 0.0))
-                st.decode_ms.append(t.get("decode_ms", 0.0))
-                st.encode_ms.append(t.get("encode_ms", 0.0))
+                st.on_message(msg, time.perf_counter() * 1e3)
 
         recv = asyncio.create_task(receive())
-        period = 1.0 / spec.fps
-        # Stagger the streams inside one period so they do not all send at the same instant.
-        next_t = t_start - spec.warmup_s + period * index / max(spec.streams, 1)
-        seq = 0
-        while True:
-            if spec.inflight:  # closed loop: send as soon as fewer than `inflight` are unanswered
-                if seq == 0:
-                    await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
-                while seq - 1 - last_answered >= spec.inflight and time.perf_counter() < t_end:
-                    answered.clear()
-                    try:
-                        await asyncio.wait_for(answered.wait(), min(1.0, max(0.001, t_end - time.perf_counter())))
-                    except TimeoutError:
-                        if time.perf_counter() < t_end:
-                            st.stalls += 1
-                            break
-                if time.perf_counter() >= t_end:
-                    break
-            else:
-                next_t += period
-                if next_t >= t_end:
-                    break
-                await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
-            if first_seq is None and time.perf_counter() >= t_start:
-                first_seq = seq
-            await ws.send(_pack(seq, time.perf_counter() * 1e3, frames[seq % len(frames)]))
-            if first_seq is not None:
-                st.sent += 1
-            seq += 1
-        await asyncio.sleep(1.0 if spec.inflight else min(1.0, 10 * period))  # let the last answers arrive
+        await _send_frames(ws, st, spec, frames, t_start, t_end, index)
+        await asyncio.sleep(1.0 if spec.inflight else min(1.0, 10 / spec.fps))  # let the last answers arrive
         recv.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await recv
     return st
+
+
+async def _configure(ws: Any, spec: BenchSpec, index: int) -> None:
+    """Wait for ``ready``, send the stream's config (seed = its index) and wait for it to be applied."""
+    ready = json.loads(await ws.recv())
+    if ready.get("type") != "ready":
+        raise RuntimeError(f"stream refused: {ready}")
+    await ws.send(json.dumps({"type": "config", "prompt": spec.prompt, "size": f"{spec.width}x{spec.height}",
+                              "seed": index}))
+    while True:
+        msg = json.loads(await ws.recv())
+        if msg.get("type") == "config":
+            return
+        if msg.get("type") == "error":
+            raise RuntimeError(f"config refused: {msg}")
+
+
+async def _send_frames(ws: Any, st: _Stream, spec: BenchSpec, frames: list[bytes], t_start: float, t_end: float,
+                       index: int) -> None:
+    """Send until ``t_end``: open loop at ``spec.fps``, or closed loop keeping ``spec.inflight`` unanswered.
+    Frames from ``t_start`` on are counted (the ones before warm the server up)."""
+    period = 1.0 / spec.fps
+    # Stagger the streams inside one period so they do not all send at the same instant.
+    next_t = t_start - spec.warmup_s + period * index / max(spec.streams, 1)
+    seq = 0
+    while True:
+        if spec.inflight:  # closed loop: send as soon as fewer than `inflight` are unanswered
+            if seq == 0:
+                await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
+            await _wait_for_room(st, spec.inflight, seq, t_end)
+            if time.perf_counter() >= t_end:
+                break
+        else:
+            next_t += period
+            if next_t >= t_end:
+                break
+            await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
+        if st.first_seq is None and time.perf_counter() >= t_start:
+            st.first_seq = seq
+        await ws.send(_pack(seq, time.perf_counter() * 1e3, frames[seq % len(frames)]))
+        st.sent_total += 1
+        if st.first_seq is not None:
+            st.sent += 1
+        seq += 1
+
+
+async def _wait_for_room(st: _Stream, inflight: int, seq: int, t_end: float) -> None:
+    """Closed loop: wait until fewer than ``inflight`` frames are unanswered; a second without an answer
+    counts a stall and sends anyway."""
+    while seq - 1 - st.last_answered >= inflight and time.perf_counter() < t_end:
+        st.answered.clear()
+        try:
+            await asyncio.wait_for(st.answered.wait(), min(1.0, max(0.001, t_end - time.perf_counter())))
+        except TimeoutError:
+            if time.perf_counter() < t_end:
+                st.stalls += 1
+                return
 
 
 async def _client_lag(stop: asyncio.Event, out: list[float], interval: float = 0.01) -> None:
@@ -229,14 +253,6 @@ async def _client_lag(stop: asyncio.Event, out: list[float], interval: float = 0
         t0 = loop.time()
         await asyncio.sleep(interval)
         out.append(max(0.0, loop.time() - t0 - interval))
-
-
-
-
-
-
-
-
 
 
 async def measure(url: str, spec: BenchSpec, api_key: str | None = None, pid: int | None = None,
@@ -279,6 +295,10 @@ async def measure(url: str, spec: BenchSpec, api_key: str | None = None, pid: in
     after = await asyncio.to_thread(scrape_metrics, http_url, headers)
     out = _summarise(spec, list(streams), before["lag"], after["lag"], client_lag)
     out["batch_sizes"] = batch_histogram(before["batch"], after["batch"])
+    # What the server was given over the scrapes (warm-up included; the batch sizes count these) and the
+    # clip's JPEG size: the input bandwidth is frame_bytes × fps per stream.
+    out["sent_incl_warmup"] = sum(s.sent_total for s in streams)
+    out["frame_bytes"] = round(sum(len(f) for f in frames) / len(frames), 1)
     spent = {name: round(b - a, 3) for name in pids
              if (a := cpu[0][name]) is not None and (b := cpu[1][name]) is not None}
     if pids:
@@ -286,8 +306,6 @@ async def measure(url: str, spec: BenchSpec, api_key: str | None = None, pid: in
     if "server" in spent and out["received"]:
         out["server_cpu_ms_per_frame"] = round(spent["server"] * 1e3 / out["received"], 3)
     return out
-
-
 
 
 def _summarise(spec: BenchSpec, streams: list[_Stream], before: dict[float, float], after: dict[float, float],
@@ -364,13 +382,3 @@ def run_arms(arms: dict[str, BenchSpec], repeats: int = 3) -> dict[str, list[dic
             with null_server(spec) as (null_url, pid):
                 runs[name].append(asyncio.run(measure(null_url, spec, pid=pid)))
     return runs
-
-
-
-
-
-
-
-
-
-

@@ -96,6 +96,7 @@ def format_report(spec: BenchSpec, results: dict[str, dict[str, Any]]) -> str:
         ("  decode / encode p50 ms", lambda r: f"{r['decode_ms_p50']:.2f} / {r['encode_ms_p50']:.2f}"),
         ("server CPU per frame ms (local)", lambda r: f"{r.get('server_cpu_ms_per_frame', float('nan')):.2f}"),
         ("dropped % / skipped %", lambda r: f"{r['dropped_pct']:.1f} / {r['skipped_pct']:.1f}"),
+        ("input JPEG bytes per frame", lambda r: f"{r.get('frame_bytes', float('nan')):.0f}"),
         ("server loop stalls > 20 ms", lambda r: f"{r['server_loop_stalls_over_20ms']} of {r['server_loop_ticks']}"),
         ("server loop lag max (≤ bucket)", lambda r: f"{r['server_loop_lag_max_ms_le']} ms"),
         ("bench client loop lag max", lambda r: f"{r['client_loop_lag_ms_max']} ms"),

@@ -1,6 +1,7 @@
 """Argument parsing shared by the commands: engine validators turned into usage errors (exit 2), and
 the backend options (profile, engine cache, tiny VAE) defined once for every command that builds a
-backend: ``build-engine``, ``serve``, ``worker``, ``generate``, ``bench engine`` and ``bench gpu``."""
+backend: ``build-engine``, ``serve``, ``worker``, ``generate``, ``bench engine`` and ``bench gpu``; and
+the engine options (model, backend, device, dtype, threads) of ``serve``, ``worker`` and ``generate``."""
 
 from __future__ import annotations
 
@@ -25,16 +26,21 @@ def size_arg(text: str | None, *, param_hint: str = "--size", square: bool = Fal
         raise typer.BadParameter(exc.message, param_hint=param_hint) from exc
 
 
-# -- engine options of serve and worker (settings: None = the env var or the default) -----------------
+# -- engine options: one definition for serve, worker and generate (serve/worker: None = the env var or the
+# default; generate: None = ModelConfig's default) ---------------------------------------------------------
 Model = Annotated[str | None, typer.Option(
-    help="'demo' (default), a diffusers folder, a hub id, or 'null' (echo engine); env DITSTREAM_MODEL.")]
+    help="'demo' (default), a diffusers folder, a hub id, or 'null' (echo engine; serve/worker only); "
+         "serve/worker: env DITSTREAM_MODEL.")]
 BackendName = Annotated[str | None, typer.Option(
-    "--backend", help="torch | compile | onnx | tensorrt | auto; env DITSTREAM_BACKEND.")]
-Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N; env DITSTREAM_DEVICE.")]
-Dtype = Annotated[str | None, typer.Option(help="auto | float32 | bfloat16 | float16; env DITSTREAM_DTYPE.")]
+    "--backend", help="torch (default) | compile | onnx | tensorrt | auto; serve/worker: env DITSTREAM_BACKEND.")]
+Device = Annotated[str | None, typer.Option(
+    help="auto (default) | cpu | cuda | cuda:N; serve/worker: env DITSTREAM_DEVICE.")]
+Dtype = Annotated[str | None, typer.Option(
+    help="auto (default) | float32 | bfloat16 | float16; serve/worker: env DITSTREAM_DTYPE.")]
 Threads = Annotated[int | None, typer.Option(
-    help="torch CPU threads (env DITSTREAM_THREADS; default 1, 0 = one per core). More threads are slower on "
-         "a shared CPU (docs/benchmarks.md).")]
+    envvar="DITSTREAM_THREADS",
+    help="torch CPU threads (default 1, 0 = one per core). More threads are slower on a shared CPU "
+         "(docs/benchmarks.md).")]
 NullDelayMs = Annotated[float | None, typer.Option(help="Null engine only: simulated inference time per tick.")]
 
 # -- backend options: one definition, every command -------------------------------------------------
@@ -112,38 +118,3 @@ def backend_overrides(resolution: list[str] | None, batch: list[int] | None, cac
     return {k: v for k, v in dict(
         resolutions=[f"{w}x{h}" for w, h in opts.resolutions] or None, batches=list(opts.batches) or None,
         cache_dir=cache_dir, tiny_vae=tiny_vae, opt_level=opt_level).items() if v is not None}
-
-
-def settings_or_exit(command: str, overrides: dict[str, object]):  # -> server.settings.Settings
-    """``Settings`` from the environment and ``overrides``, or exit 2 with one line per bad value
-    (an env var such as ``DITSTREAM_RESOLUTIONS=big`` included) before any model loads."""
-    import pydantic
-
-    from ditstream.engine.errors import ValidationError
-    from ditstream.server.settings import Settings
-
-    try:
-        settings = Settings(**overrides)
-        settings.backend_options()  # e.g. a DITSTREAM_TINY_VAE that does not exist
-    except pydantic.ValidationError as exc:
-        for err in exc.errors():
-            got = "" if err["type"] == "value_error" else f" (got {err.get('input')!r})"
-            typer.echo(f"{command}: invalid {_setting(str(err['loc'][0]) if err['loc'] else '?')}: "
-                       f"{err['msg'].removeprefix('Value error, ')}{got}", err=True)
-        raise typer.Exit(2) from exc
-    except ValidationError as exc:
-        typer.echo(f"{command}: invalid {_setting(exc.field or '?')}: {exc.message}", err=True)
-        raise typer.Exit(2) from exc
-    return settings
-
-
-#: Settings fields whose option is named otherwise (for error messages).
-_SETTING_FLAGS = {"resolutions": "--resolution", "batches": "--batch", "redis_url": "--redis",
-                  "resolution": "--resolution", "batch": "--batch"}
-_SETTING_ENV = {"resolution": "resolutions", "batch": "batches"}
-
-
-def _setting(name: str) -> str:
-    """``"resolutions"`` → ``"--resolution / DITSTREAM_RESOLUTIONS"``."""
-    flag = _SETTING_FLAGS.get(name, "--" + name.replace("_", "-"))
-    return f"{flag} / DITSTREAM_{_SETTING_ENV.get(name, name).upper()}"

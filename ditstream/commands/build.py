@@ -1,4 +1,4 @@
-"""``ditstream build-engine`` and ``ditstream bench gpu``.
+"""``ditstream build-engine``.
 
 Only typer is imported at module level (``ditstream --help`` stays fast); torch, onnx and tensorrt
 are imported inside the commands.
@@ -14,7 +14,6 @@ from ditstream.commands._args import (
     OptLevel,
     Resolutions,
     backend_options,
-    parse_resolutions,
 )
 
 
@@ -90,46 +89,5 @@ def build_engine(
         typer.echo(f"{name}: {path} ({time.monotonic() - started:.1f} s)")
 
 
-def bench_gpu(
-    resolution: Resolutions = None,
-    batch: Batches = None,
-    backend: list[str] = typer.Option(["torch", "tensorrt", "compile", "onnx"], "--backend",
-                                      help="Backends to measure (repeatable); diffusers is always the baseline."),
-    dtype: str = typer.Option("bf16", help="Model dtype (bf16 or fp16; DC-AE runs bf16/fp32)."),
-    budget_s: float = typer.Option(480.0, help="Time box: no new backend starts (and engine builds are "
-                                               "cancelled) once this many seconds have passed."),
-    opt_level: OptLevel = None,
-    cache_dir: CacheDir = None,
-    json_out: str | None = typer.Option(None, "--json-out", help="Write the JSON result to this file (rewritten "
-                                                                 "after every row, so a cut-short run keeps its figures)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
-    watchdog_s: float | None = typer.Option(None, "--watchdog-s", help="End the process (status 3, JSON kept) "
-                                            "this many seconds after the start (default: budget + 60)."),
-) -> None:
-    """One-step img2img fps per backend on the real SANA-Sprint 0.6B + DC-AE (random weights) vs diffusers.
-
-    Default grid: 512² batch 1 and 4, 1024² batch 1 — exactly the TensorRT profile built. -r/-b measure
-    every size × batch instead (square sizes); the profile and cache are the ones `build-engine` uses for
-    the same options. Median and p90 of >= 10 calls (CUDA events), each backend checked against torch."""
-    from ditstream.bench.gpu import BenchRefused, run_gpu_bench
-    from ditstream.bench.gpu_timing import format_table, to_json
-
-    sizes = parse_resolutions(resolution) or ()
-    if any(w != h for w, h in sizes):
-        raise typer.BadParameter("the GPU bench measures square sizes (N or NxN)", param_hint="--resolution")
-    options = backend_options(None, batch, cache_dir, opt_level=opt_level)
-    try:
-        result = run_gpu_bench(resolutions=[w for w, _ in sizes] or None, batches=list(options.batches) or None,
-                               backends=backend, dtype=dtype, budget_s=budget_s, cache_dir=options.cache_dir,
-                               trt_opt_level=options.opt_level if options.opt_level is not None else 3,
-                               progress=lambda msg: typer.echo(msg, err=True), json_out=json_out,
-                               watchdog_s=watchdog_s)
-    except BenchRefused as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    typer.echo(to_json(result) if as_json else format_table(result))
-
-
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.command("build-engine")(build_engine)
-    bench.command("gpu")(bench_gpu)

@@ -89,13 +89,31 @@ def stream(
                                          help="Scale temporal and feedback down by the input's motion."),
 ) -> None:
     """Stream frames to /v1/stream; prints output fps and glass-to-glass latency every second."""
-    import asyncio
-
-    from ditstream.clients.media import SourceError, open_sink, open_source
-    from ditstream.clients.stream_client import run_stream
-
     url = stream_url(url)
     wh = size_arg(size)
+    config = _stream_config(mode, prompt, strength, steps, seed, size, fps, temporal=temporal,
+                            motion_adaptive=motion_adaptive)
+    _probe_source(source)  # the source opens first: a missing camera or file is a usage error, whatever the server
+    if wh:
+        width, height = wh
+    else:  # ask the server for its default size: open and close one stream
+        with _server_errors("stream", url):
+            width, height = _server_size(url, api_key)
+    if frames is None and seconds is None and source == "pattern":
+        seconds = 10.0
+    stats = _run_with_sinks(url, source, width, height, config, fps=fps, max_frames=frames, seconds=seconds,
+                            api_key=api_key, in_flight=in_flight, out=out, show=show)
+    typer.echo("done: " + stats.summary())
+    for err in stats.errors:
+        typer.echo(f"server error: {err.get('code')}: {err.get('message')}", err=True)
+    if stats.errors:
+        raise typer.Exit(EXIT_SERVER)
+
+
+def _stream_config(mode: str, prompt: str | None, strength: float | None, steps: int | None, seed: int | None,
+                   size: str | None, fps: float, *, temporal: float | None = None,
+                   motion_adaptive: bool | None = None) -> dict:
+    """The stream's first config message from the options given (unset ones: the server's defaults)."""
     if mode not in ("img2img", "txt2img"):
         raise typer.BadParameter(f"mode must be img2img or txt2img, got {mode!r}", param_hint="--mode")
     given = {"prompt": prompt, "strength": strength, "steps": steps, "seed": seed, "size": size,
@@ -103,8 +121,14 @@ def stream(
     config: dict = {"mode": mode, **{k: v for k, v in given.items() if v is not None}}
     if mode == "txt2img":
         config["fps"] = fps
+    return config
+
+
+def _probe_source(source: str) -> None:
+    """Open the source and read one frame, or exit 2 with one line (no camera, no file, no frames)."""
+    from ditstream.clients.media import SourceError, open_source
+
     try:
-        # the source opens first: a missing camera or file is a usage error, whatever the server
         probe = open_source(source, 16, 16)
         next(probe)
         probe.close()
@@ -114,11 +138,17 @@ def stream(
     except StopIteration:
         typer.echo(f"ditstream client stream: {source!r} has no frames", err=True)
         raise typer.Exit(EXIT_USAGE) from None
-    if wh:
-        width, height = wh
-    else:  # ask the server for its default size: open and close one stream
-        with _server_errors("stream", url):
-            width, height = _server_size(url, api_key)
+
+
+def _run_with_sinks(url: str, source: str, width: int, height: int, config: dict, *, fps: float,
+                    max_frames: int | None, seconds: float | None, api_key: str | None, in_flight: int,
+                    out: str | None, show: bool):  # -> clients.stream_client.StreamStats
+    """Stream the source, handing every output to the sinks (--out, --show); the sinks are closed after."""
+    import asyncio
+
+    from ditstream.clients.media import SourceError, open_sink, open_source
+    from ditstream.clients.stream_client import run_stream
+
     try:
         sinks = open_sink(out, show, fps)
     except SourceError as exc:
@@ -132,21 +162,14 @@ def stream(
     def report(stats) -> None:
         typer.echo(stats.summary())
 
-    if frames is None and seconds is None and source == "pattern":
-        seconds = 10.0
     try:
         with _server_errors("stream", url):
-            stats = asyncio.run(run_stream(url, open_source(source, width, height), config=config, fps=fps,
-                                           max_frames=frames, seconds=seconds, api_key=api_key,
-                                           max_in_flight=in_flight, on_output=on_output, report=report))
+            return asyncio.run(run_stream(url, open_source(source, width, height), config=config, fps=fps,
+                                          max_frames=max_frames, seconds=seconds, api_key=api_key,
+                                          max_in_flight=in_flight, on_output=on_output, report=report))
     finally:
         for sink in sinks:
             sink.close()
-    typer.echo("done: " + stats.summary())
-    for err in stats.errors:
-        typer.echo(f"server error: {err.get('code')}: {err.get('message')}", err=True)
-    if stats.errors:
-        raise typer.Exit(EXIT_SERVER)
 
 
 def _server_size(url: str, api_key: str | None) -> tuple[int, int]:

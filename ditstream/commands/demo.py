@@ -1,4 +1,4 @@
-"""``ditstream train-demo`` and ``ditstream bench quality``.
+"""``ditstream train-demo``.
 
 Only typer is imported at module level (``ditstream --help`` stays fast); torch and the training
 code are imported inside the commands.
@@ -10,7 +10,7 @@ import typer
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add ``train-demo`` to the main app and ``quality`` to the bench group."""
+    """Add ``train-demo`` to the main app."""
 
     @app.command("train-demo")
     def train_demo_cmd(
@@ -29,7 +29,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         from ditstream.engine.demo.config import TrainConfig
         from ditstream.engine.demo.lora import LoraTrainConfig, train_swap_lora
-        from ditstream.engine.demo.train import train_demo
+        from ditstream.engine.demo.recipe import train_demo
         from ditstream.engine.loader import DEMO_MODEL_DIR
 
         lora_steps = max(1, int(LoraTrainConfig().steps * scale))
@@ -45,25 +45,3 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                   ("ae_steps", "decoder_steps", "teacher_steps", "pairs", "student_steps")})
         path = train_demo(out or DEMO_MODEL_DIR, cfg, workdir=workdir or None, lora_steps=lora_steps)
         typer.echo(f"saved {path}")
-
-    @bench.command("quality")
-    def quality_cmd(
-        model: str = typer.Option("demo", help="Model folder (default: the packaged demo model)."),
-        n: int = typer.Option(280, help="txt2img images (cycled over all 280 captions)."),
-        frames: int = typer.Option(16, help="Frames of the synthetic moving-shape video for img2img."),
-        strength: float = typer.Option(-1.0, help="img2img strength (default: the model's own default)."),
-        seed: int = typer.Option(0),
-        threads: int = typer.Option(2),
-        json_out: str = typer.Option("", "--json", help="Also write the figures as JSON here."),
-    ) -> None:
-        """Score one-step txt2img/img2img (and 2-step) with the model-independent evaluator; measure fps."""
-        import json
-
-        from ditstream.engine.demo.quality import format_report, run_quality
-
-        report = run_quality(model, n=n, frames=frames, strength=None if strength < 0 else strength,
-                             seed=seed, threads=threads)
-        typer.echo(format_report(report))
-        if json_out:
-            with open(json_out, "w") as f:
-                json.dump(report, f, indent=2)

@@ -1,18 +1,25 @@
-"""``ditstream generate`` and ``ditstream bench engine``."""
+"""``ditstream generate``: one image, txt2img or img2img, written to a file.
+
+Its engine and backend options are the ones ``serve`` and ``worker`` take (``_args``: one definition
+each); unset, they are ``ModelConfig``'s defaults."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from ditstream.commands._args import (
+    BackendName,
     Batches,
     CacheDir,
+    Device,
+    Dtype,
     Loras,
+    Model,
     OptLevel,
     Resolutions,
+    Threads,
     TinyVae,
     backend_options,
     lora_specs,
@@ -56,12 +63,11 @@ def generate(
     seed: int = typer.Option(0, help="Noise seed (same seed, same image)."),
     size: str | None = typer.Option(None, help="WxH; default: the model's native size."),
     guidance_scale: float | None = typer.Option(None, help="Distilled guidance embedding scale."),
-    model: str = typer.Option("demo", help="'demo', a diffusers-layout folder or a hub id."),
-    backend: str = typer.Option("torch", help="torch, compile, onnx, tensorrt or auto."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option("auto", help="auto, fp32, bf16 or fp16."),
-    threads: int = typer.Option(None, envvar="DITSTREAM_THREADS", help="torch CPU threads (default 1; 0 = one "
-                                "per core). More threads are slower on a shared CPU (docs/benchmarks.md)."),
+    model: Model = None,
+    backend: BackendName = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    threads: Threads = None,
     resolution: Resolutions = None,
     batch: Batches = None,
     cache_dir: CacheDir = None,
@@ -86,8 +92,8 @@ def generate(
 
     set_torch_threads(threads)
     try:
-        gen = Generator.from_config(ModelConfig(model=model, backend=backend, device=device, dtype=dtype,
-                                                backend_options=options, loras=loras))
+        given = {k: v for k, v in dict(model=model, backend=backend, device=device, dtype=dtype).items() if v is not None}
+        gen = Generator.from_config(ModelConfig(**given, backend_options=options, loras=loras))
         d = gen.components.defaults or {}
         wh = wh_arg or (int(d.get("width", 512)), int(d.get("height", 512)))
         cfg = StreamConfig(
@@ -116,55 +122,5 @@ def generate(
     typer.echo(f"wrote {out} ({cfg.width}x{cfg.height}, {cfg.mode}, {cfg.steps} step(s), seed {cfg.seed})")
 
 
-def bench_engine(
-    model: str = typer.Option("demo", help="'demo', a model folder, or a synthetic preset (small, medium, tiny)."),
-    size: int = typer.Option(64, help="Square frame size in pixels."),
-    frames: int = typer.Option(12, help="Frames per clip."),
-    streams: int = typer.Option(8, help="Streams for the cross-batching measurement."),
-    steps: int = typer.Option(4, help="Steps for the stream-batch measurement."),
-    repeats: int = typer.Option(5, help="Interleaved repeats of each pair of arms (medians are reported)."),
-    threads: int = typer.Option(0, help="torch CPU threads; 0 = torch's default (all cores). On a CPU shared with "
-                                "other jobs, 1 avoids OpenMP oversubscription."),
-    backend: str = typer.Option("torch", help="torch, compile, onnx, tensorrt or auto."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-    resolution: Resolutions = None,
-    batch: Batches = None,
-    cache_dir: CacheDir = None,
-    tiny_vae: TinyVae = None,
-    opt_level: OptLevel = None,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-) -> None:
-    """Stream batch vs sequential; N streams cross-batched vs one at a time; SSF skip rates."""
-    from ditstream.bench.engine import format_table, run_engine_bench
-
-    options = backend_options(resolution, batch, cache_dir, tiny_vae, opt_level)
-    result = run_engine_bench(model=model, size=size, frames=frames, streams=streams, steps=steps,
-                              repeats=repeats, threads=threads or None, backend=backend, options=options,
-                              device=device)
-    typer.echo(json.dumps(result, indent=2) if as_json else format_table(result))
-
-
-def bench_threads(
-    model: str = typer.Option("demo", help="'demo' or a model folder."),
-    size: int = typer.Option(64, help="Square frame size in pixels."),
-    frames: int = typer.Option(12, help="Frames per clip."),
-    threads: str = typer.Option("1,2,0", help="Thread counts to compare, comma-separated (0 = torch's default)."),
-    load: int = typer.Option(1, help="Busy processes to run meanwhile (a shared CPU); 0 = an idle machine."),
-    repeats: int = typer.Option(5, help="Interleaved repeats of every arm (medians are reported)."),
-) -> None:
-    """ms per frame for each torch thread count on a CPU shared with `--load` busy processes."""
-    from ditstream.bench.engine import run_threads_bench
-
-    try:
-        candidates = tuple(int(t) for t in threads.split(","))
-    except ValueError as exc:
-        raise typer.BadParameter("a comma-separated list of integers", param_hint="--threads") from exc
-    result = run_threads_bench(model=model, size=size, frames=frames, candidates=candidates, load=load,
-                               repeats=repeats)
-    typer.echo(json.dumps(result, indent=2))
-
-
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.command("generate")(generate)
-    bench.command("engine")(bench_engine)
-    bench.command("threads")(bench_threads)

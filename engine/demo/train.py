@@ -1,42 +1,19 @@
-"""``ditstream train-demo``: reproduce the demo model from scratch (autoencoder → teacher → one step).
-
-Recipe (all seeded, see ``docs/demo_model_card.md``):
-
-1. **Autoencoder.** A 4-level ``AutoencoderDC`` (f8, 16 latent channels) around a *designed* latent
-   (``designed_latent``: per cell the shape class, colours and coverage): the encoder regresses it
-   from pixels, the decoder draws from it; ``scaling_factor`` is 1/std of the designed latents. The
-   teacher and the student learn from the exact designed latents of the training images. A second
-   stage fine-tunes the decoder to draw crisp shapes from blurred latents too, as a one-step student
-   makes them (``train_decoder_for_one_step``).
-2. **Teacher.** A ``SanaTransformer2DModel`` trained as a TrigFlow flow model over t ∈ (0, π/2] with
-   the exact SANA-Sprint parametrisation (σd = 0.5), jointly with a 2-layer ``Gemma2Model`` text
-   encoder; 10 % caption dropout so that it can be sampled with classifier-free guidance.
-3. **Distillation.** Reflow pairs along the teacher's ODE: by default real training images are carried
-   to noise by the teacher's ODE run backwards (second-order DDIM in TrigFlow angles), so each
-   trajectory ends on a real, correctly drawn image (``pairs_from="teacher"``: noise → teacher sample
-   with CFG instead). The one-step student (initialised from the teacher) regresses the trajectory's
-   end point from any point on it (trajectory/consistency distillation). At img2img entry angles it
-   also learns from procedurally paired edits — the same geometry rendered with the prompt's colours —
-   so that one-step img2img keeps the input's position while taking the prompt's colour, and from
-   its own one-step output re-noised to an intermediate angle (what the second of two steps sees).
-"""
+"""The stage trainers of the demo recipe (``recipe.train_demo`` runs them in order, see its docstring):
+the autoencoder, the decoder tuned for one-step outputs, the TrigFlow teacher and the one-step student,
+with the optimiser helpers they share."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import math
-import time
-from dataclasses import asdict, replace
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from ditstream.engine.demo import dataset as ds
-from ditstream.engine.demo.components import build_components, encode_text
-from ditstream.engine.demo.config import LATENT_CHANNELS, SERVE_TOKENS, SIGMA_D, TrainConfig
+from ditstream.engine.demo.components import encode_text
+from ditstream.engine.demo.config import LATENT_CHANNELS, SIGMA_D, TrainConfig
 from ditstream.engine.demo.latents import (
     blur_latents,
     clean_latents,
@@ -44,8 +21,7 @@ from ditstream.engine.demo.latents import (
     designed_latent,
     edit_batch,
 )
-from ditstream.engine.demo.probes import log_decoder, probe_teacher
-from ditstream.engine.demo.trigflow import add_noise, invert_pairs, make_pairs, sample_train_t, trigflow_x0
+from ditstream.engine.demo.trigflow import add_noise, sample_train_t, trigflow_x0
 from ditstream.engine.images import to_tensor
 from tqdm.auto import tqdm
 
@@ -244,128 +220,3 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def train_demo(out: str | Path, cfg: TrainConfig | None = None, *, default_strength: float = 0.5,
-               workdir: str | Path | None = None, lora_steps: int | None = None) -> Path:
-    """Run the whole recipe and save a diffusers-layout folder at ``out``, then train the demo LoRA
-    (``engine.demo.lora``; ``lora_steps`` 0 skips it, ``None`` is its default) into ``out/loras``.
-
-    With ``workdir``, each finished stage leaves a checkpoint there and a rerun with the same
-    config resumes after the last finished stage (a 45-minute CPU run should not restart from zero).
-    """
-    from ditstream.engine.synthetic import save_pipeline
-
-    cfg = cfg or TrainConfig()
-    device = resolve_device(cfg.device)
-    if device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    t0 = time.time()
-    comps = build_components(cfg)
-    vae, transformer, text_encoder, tokenizer = (comps["vae"].to(device), comps["transformer"].to(device),
-                                                 comps["text_encoder"].to(device), comps["tokenizer"])
-    logger.info("generating %d procedural images", cfg.n_images)
-    images, specs = ds.make_dataset(cfg.n_images, seed=cfg.seed)
-    captions = [s.caption for s in specs]
-
-    ckpt = Path(workdir) if workdir is not None else None
-    resumed = []  # stages loaded from ``workdir``: their time is not in this run's timings
-    if ckpt is not None:
-        ckpt.mkdir(parents=True, exist_ok=True)
-    if ckpt is not None and (ckpt / "autoencoder.pt").is_file():
-        state = torch.load(ckpt / "autoencoder.pt", map_location=device)
-        vae.load_state_dict(state["vae"])
-        scale = state["scale"]
-        rng.bit_generator.state = state["rng"]
-        resumed.append("autoencoder")
-        logger.info("resumed autoencoder from %s", ckpt)
-    else:
-        scale = train_autoencoder(vae, images, specs, cfg, device, rng)
-        if ckpt is not None:
-            torch.save({"vae": vae.state_dict(), "scale": scale, "rng": rng.bit_generator.state}, ckpt / "autoencoder.pt")
-    vae.eval()
-    vae.register_to_config(scaling_factor=scale)
-    vae.requires_grad_(False)
-    latents = clean_latents(specs, cfg, scale, device)
-    if cfg.eval_every:
-        log_decoder(vae, scale, cfg, device, "autoencoder")
-    t_ae = time.time()
-
-    if cfg.decoder_steps and ckpt is not None and (ckpt / "decoder.pt").is_file():
-        vae.decoder.load_state_dict(torch.load(ckpt / "decoder.pt", map_location=device))
-        resumed.append("decoder")
-        logger.info("resumed decoder from %s", ckpt)
-    elif cfg.decoder_steps:
-        train_decoder_for_one_step(vae, images, specs, cfg, device)
-        vae.requires_grad_(False)
-        if ckpt is not None:
-            torch.save(vae.decoder.state_dict(), ckpt / "decoder.pt")
-        if cfg.eval_every:
-            log_decoder(vae, scale, cfg, device, "decoder for one step")
-    t_decoder = time.time()
-
-    if ckpt is not None and (ckpt / "teacher.pt").is_file():
-        state = torch.load(ckpt / "teacher.pt", map_location=device)
-        transformer.load_state_dict(state["teacher"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        text_encoder.eval().requires_grad_(False)
-        teacher = transformer.eval().requires_grad_(False)
-        rng.bit_generator.state = state["rng"]
-        gen.set_state(state["gen"])
-        resumed.append("teacher")
-        logger.info("resumed teacher from %s", ckpt)
-    else:
-        def probe(ema, step):
-            logger.info("teacher step %d: %s", step,
-                        probe_teacher(ema, text_encoder, tokenizer, vae, scale, cfg, device))
-
-        teacher = train_teacher(transformer, text_encoder, tokenizer, latents, captions, cfg, device, gen, rng,
-                                probe=probe)
-        if ckpt is not None:
-            torch.save({"teacher": teacher.state_dict(), "text_encoder": text_encoder.state_dict(),
-                        "rng": rng.bit_generator.state, "gen": gen.get_state()}, ckpt / "teacher.pt")
-    t_teacher = time.time()
-
-    if cfg.pairs_from == "inversion":
-        pairs = invert_pairs(teacher, text_encoder, tokenizer, latents, captions, cfg, device, rng)
-    elif cfg.pairs_from == "teacher":
-        pairs = make_pairs(teacher, text_encoder, tokenizer, cfg, device, gen)
-    else:
-        raise ValueError(f"pairs_from must be 'inversion' or 'teacher', got {cfg.pairs_from!r}")
-    cap_table = {}
-    with torch.no_grad():
-        for c in ds.all_captions():
-            text = ds.caption_for(*c)
-            cap_table[text] = encode_text(text_encoder, tokenizer, [text], device)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    student = train_student(student, pairs, vae, scale, cap_table, cfg, device, gen, rng)
-    t_end = time.time()
-
-    comps.update(transformer=student.cpu(), vae=vae.cpu(), text_encoder=text_encoder.cpu())
-    timings = {"autoencoder_s": round(t_ae - t0), "decoder_s": round(t_decoder - t_ae),
-               "teacher_s": round(t_teacher - t_decoder),
-               "distillation_s": round(t_end - t_teacher), "total_s": round(t_end - t0),
-               "device": str(device), "resumed": resumed}
-    extra = {"complex_human_instruction": False, "intermediate_angle": cfg.intermediate_angle,
-             "max_sequence_length": SERVE_TOKENS,
-             # The prompt a new user sees first (page, clients): the best-drawn class (circles are
-             # 100 % in the model card) in a colour far from the page's red test pattern.
-             "defaults": {"prompt": ds.caption_for("circle", "blue", "white"),
-                          "width": 64, "height": 64, "steps": 1, "strength": default_strength,
-                          "guidance_scale": cfg.cfg_scale},
-             "training": {"config": _jsonable(asdict(cfg)), "timings": timings}}
-    path = save_pipeline(comps, out, extra=extra)
-    logger.info("saved demo model to %s (%s)", path, timings)
-    if lora_steps != 0:
-        from ditstream.engine.demo.lora import LoraTrainConfig, train_swap_lora
-
-        lcfg = LoraTrainConfig(seed=cfg.seed, threads=cfg.threads)
-        train_swap_lora(path, Path(path) / "loras", replace(lcfg, steps=lora_steps) if lora_steps else lcfg)
-    return path
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

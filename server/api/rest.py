@@ -196,7 +196,7 @@ async def edits(
     pixels = await loop.run_in_executor(state.codec.pool, lambda: codec.decode(
         data, max_pixels=state.settings.max_pixels))
     if size is None or size == "auto":
-        mult = int(state.require_engine().info.get("size_multiple") or 1)
+        mult = state.limits.size_multiple
         width, height = max(mult, pixels.shape[1] // mult * mult), max(mult, pixels.shape[0] // mult * mult)
     else:
         width, height = _size(state, size)

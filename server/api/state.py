@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ditstream.engine.config import StreamConfig
-from ditstream.engine.errors import EngineDeadError, ValidationError
+from ditstream.engine.errors import EngineDeadError
+from ditstream.engine.limits import EngineLimits, validate_stream
 from ditstream.server.api.admission import Admission
 from ditstream.server.codec import Codec
 from ditstream.server.engine_client import EngineClient
@@ -58,17 +59,16 @@ class AppState:
             raise EngineDeadError("the engine is not running")
         return self.runner
 
+    @property
+    def limits(self) -> EngineLimits:
+        """The engine's limits bounded by the server's own (an injected engine may allow more)."""
+        return self.require_engine().limits.tightened(max_pixels=self.settings.max_pixels,
+                                                      max_prompt_chars=self.settings.max_prompt_chars)
+
     def validate(self, cfg: StreamConfig) -> StreamConfig:
-        """The engine's validation plus the server's own limits (an injected engine may allow more)."""
-        cfg = self.require_engine().validate(cfg)
-        s = self.settings
-        if cfg.prompt_chars > s.max_prompt_chars:
-            raise ValidationError(f"prompt is {cfg.prompt_chars} characters; the limit is {s.max_prompt_chars}",
-                                  field="prompt")
-        if cfg.width * cfg.height > s.max_pixels:
-            raise ValidationError(f"size {cfg.width}x{cfg.height} is {cfg.width * cfg.height} pixels; the limit "
-                                  f"is {s.max_pixels}", field="size")
-        return cfg
+        """The edge: every stream and job config is validated here, once, before anything is queued
+        (``engine.limits.validate_stream``); the engine below takes it on trust."""
+        return validate_stream(cfg, self.limits)
 
     def model_defaults(self) -> dict[str, Any]:
         """The engine's model defaults (``ditstream.json`` over the loader's fallbacks; ``{}`` for none)."""
@@ -79,12 +79,10 @@ class AppState:
         """Stream settings a new session starts with: the model's defaults, the size overridden by
         the server's ``--width``/``--height`` when given (512² for an engine that states none)."""
         d: dict[str, Any] = {"width": FALLBACK_SIZE, "height": FALLBACK_SIZE, **self.model_defaults()}
-        limits = (self.runner.info if self.runner is not None else {}).get("limits") or {}
-        if limits.get("sizes") and not _within(limits, int(d["width"]), int(d["height"])):
+        limits = self.runner.limits if self.runner is not None else None
+        if limits is not None and limits.profile.sizes and not limits.fits_profile(int(d["width"]), int(d["height"])):
             # Built for other sizes (-r/--resolution): start streams at the profile's first (opt) size.
-            from ditstream.engine.sizes import parse_size
-
-            d["width"], d["height"] = parse_size(limits["sizes"][0])
+            d["width"], d["height"] = limits.profile.sizes[0]
         if self.settings.default_width is not None:
             d["width"] = self.settings.default_width
         if self.settings.default_height is not None:
@@ -103,12 +101,6 @@ class AppState:
                 "size_multiple": info.get("size_multiple"), "loras": dict(info.get("loras") or {}),
                 "defaults": {k: start.get(k, getattr(_STREAM_CONFIG_DEFAULTS, k))
                              for k in ("prompt", "width", "height", "steps", "strength", "guidance_scale")}}
-
-
-def _within(limits: dict[str, Any], width: int, height: int) -> bool:
-    """Whether ``width``x``height`` fits ``BackendLimits.as_dict()``'s width/height spans."""
-    return all(span is None or span[0] <= v <= span[1]
-               for v, span in ((width, limits.get("width")), (height, limits.get("height"))))
 
 
 def state_of(app: Any) -> AppState:

@@ -2,7 +2,8 @@
 
 * ``POST /v1/whip`` (``Content-Type: application/sdp``; config as query parameters and/or a JSON
   ``X-Ditstream-Config`` header) → ``201`` + SDP answer + ``Location: /v1/whip/{session}``;
-  ``DELETE`` on it ends the session; ``PATCH`` (trickle ICE) → ``405``: the server's answer carries
+  ``DELETE`` on it ends the session, ``GET`` says its state (once ended, a 404 saying why: "DTLS
+  failed: <reason>", ``webrtc_dtls.py``); ``PATCH`` (trickle ICE) → ``405``: the server's answer carries
   every candidate (RFC 9725 lets a server decline trickle).
 * ``POST /v1/whep/{session}`` (a recvonly offer) → ``201`` + answer + ``Location:
   /v1/whep/{session}/{viewer}``; ``DELETE`` on it hangs that viewer up.
@@ -35,6 +36,7 @@ from ditstream.server.errors import (
 from ditstream.server.live.ice_servers import client_ice_servers, link_header
 from ditstream.server.live.protocol import ConfigMessage, parse_control
 from ditstream.server.live.session import admit
+from ditstream.server.live.webrtc_ended import EndedSessions
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
@@ -138,8 +140,12 @@ async def ice_servers(request: Request) -> IceServers:
 
 
 def _session(state: AppState, session: str) -> Any:
+    """The live session, or a 404 that says why it ended when it did (``webrtc_ended.py``)."""
     found = state.webrtc.get(session)
     if found is None:
+        ended = EndedSessions.of(state).reason(session)
+        if ended is not None:
+            raise NotFoundError(f"WebRTC session {session!r} ended: {ended}", field="session")
         raise NotFoundError(f"no WebRTC session {session!r} (it ended, or never was)", field="session")
     return found
 
@@ -162,17 +168,30 @@ async def whip(request: Request) -> Response:
                              **_links(state)})
 
 
-@router.delete("/v1/whip/{session}", summary="WHIP: end the session (its stream and viewers).", responses=_ERRORS)
-async def whip_delete(request: Request, session: str) -> Response:
-    await _session(state_of(request.app), session).close("DELETE")
-    return Response(status_code=200)
+class SessionStatus(BaseModel):
+    session: str = Field(description="The session id (the Location's last part).")
+    state: str = Field(description="The publisher's peer connection: new, connecting, connected, failed, closed.")
+    viewers: int = Field(description="WHEP viewers watching it.")
+    failure: str | None = Field(None, description="Why the publisher's peer failed, e.g. 'DTLS failed: ...'.")
+
+
+@router.api_route("/v1/whip/{session}", methods=["GET", "DELETE"], response_model=SessionStatus,
+                  responses=_ERRORS, summary="WHIP: GET says the session's state, DELETE ends it (its stream and "
+                                             "viewers) and answers its last state; once it ended, a 404 says why.")
+async def whip_resource(request: Request, session: str) -> SessionStatus:
+    """One route for both methods: a 405 on this path then lists both in ``Allow``."""
+    found = _session(state_of(request.app), session)
+    if request.method == "DELETE":
+        await found.close("DELETE")
+    return SessionStatus(**found.status())
 
 
 async def trickle(request: Request) -> Response:
     return JSONResponse({"error": {"message": "trickle ICE is not supported: the SDP answer already holds "
                                               "every server candidate", "type": "invalid_request_error",
                                    "code": "method_not_allowed", "param": None}},
-                        status_code=405, headers={"Allow": "DELETE"})
+                        status_code=405,
+                        headers={"Allow": "GET, DELETE" if request.url.path.startswith("/v1/whip/") else "DELETE"})
 
 
 @router.post("/v1/whep/{session}", status_code=201, response_class=Response, openapi_extra=_SDP_BODY,
@@ -217,6 +236,6 @@ async def session_config(request: Request, session: str) -> JSONResponse:
 
 # Trickle ICE is not supported (RFC 9725 allows 405): the answer holds every candidate. Left out of
 # the schema, where it would document a method whose only answer is "not allowed"; added after the
-# DELETE routes so that another method's 405 names DELETE (the first route of a path answers it).
+# GET/DELETE and DELETE routes so that another method's 405 names those (the first route of a path answers it).
 router.add_api_route("/v1/whip/{session}", trickle, methods=["PATCH"], include_in_schema=False)
 router.add_api_route("/v1/whep/{session}/{viewer}", trickle, methods=["PATCH"], include_in_schema=False)

@@ -34,6 +34,8 @@ from ditstream.server.engine_client import EngineStream
 from ditstream.server.errors import MalformedMessageError, ws_error
 from ditstream.server.live.protocol import PROTOCOL_VERSION, ConfigMessage, PingMessage, parse_control
 from ditstream.server.live.session import LiveSession
+from ditstream.server.live.webrtc_dtls import watch_dtls
+from ditstream.server.live.webrtc_ended import EndedSessions
 from ditstream.server.live.webrtc_jitter import use_frame_end_marker
 from ditstream.server.live.webrtc_media import InputPump, OutputTrack
 
@@ -80,6 +82,8 @@ class WebRTCSession:
         self.tasks: set[asyncio.Task] = set()
         self.connected = asyncio.Event()
         self.closed = False
+        #: Why the publisher's peer failed ("DTLS failed: ..."), once known; the session ends with it.
+        self.failure: str | None = None
         self._fan_scheduled = False
         self._last_image: np.ndarray | None = None
 
@@ -116,6 +120,7 @@ class WebRTCSession:
         pc.on("datachannel", self._on_channel)
         pc.on("connectionstatechange", lambda: self._on_publisher_state(pc.connectionState))
         await accept_offer(pc, offer)
+        watch_dtls(pc, self._on_dtls_failure)
         use_frame_end_marker(pc)  # a published frame reaches the decoder at its last packet
         if not tracks:
             raise MalformedMessageError("the SDP offer sends no video (WHIP needs an m=video section the "
@@ -149,7 +154,9 @@ class WebRTCSession:
             with contextlib.suppress(Exception):
                 await self.pc.close()
         self.live.close()
+        reason = self.failure or reason
         if self.state.webrtc.pop(self.id, None) is not None:
+            EndedSessions.of(self.state).record(self.id, reason)
             logger.info("webrtc session %s closed (%s)", self.id, reason)
 
     def request_close(self, code: int, reason: str) -> None:
@@ -171,6 +178,22 @@ class WebRTCSession:
             self.connected.set()
         elif state in ("failed", "closed") and not self.closed:
             self._spawn(self.close(f"publisher {state}"), keep=True)
+
+    def status(self) -> dict[str, Any]:
+        """``GET /v1/whip/{id}``: the publisher's connection state and why it failed, if it did."""
+        state = self.pc.connectionState if self.pc is not None else "new"
+        return {"session": self.id, "state": state, "viewers": len(self.viewers), "failure": self.failure}
+
+    def _on_dtls_failure(self, reason: str) -> None:
+        """The publisher's DTLS handshake failed: say why (log, metric, the session's end reason)."""
+        if self.failure is not None:
+            return
+        self.failure = f"DTLS failed: {reason}"
+        cause = "certificate_curve" if "certificate uses ECDSA" in reason else "handshake"
+        self.state.metrics.webrtc_dtls_failures.labels(cause).inc()
+        logger.warning("webrtc session %s: publisher's %s", self.id or "(opening)", self.failure)
+        if not self.closed:
+            self._spawn(self.close(self.failure), keep=True)
 
     async def _connect_watchdog(self) -> None:
         try:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from ditstream.engine.config import DEFAULT_SIZE_MULTIPLE, EngineConfig, StreamConfig
 from ditstream.engine.errors import CancelledError, EngineDeadError
+from ditstream.engine.limits import EngineLimits, ensure_valid
 from ditstream.engine.types import MetricsSink
 from ditstream.server.scale.config import ScaleConfig, conn_errors, connect, redact
 from ditstream.server.scale.counters import Counters
@@ -160,6 +161,21 @@ class RedisGatewayRunner:
         return info
 
     @property
+    def limits(self) -> EngineLimits:
+        """What every live worker accepts (their ``Heartbeat.limits`` narrowed together: any of them may
+        take a job or a re-pinned stream), bounded by this gateway's own request limits. The server's
+        edge checks a config against these once, so an out-of-profile size or an unknown LoRA is
+        refused here, before anything is queued, with the error an in-process engine raises."""
+        limits: EngineLimits | None = None
+        for hb in self.workers.values():
+            theirs = hb.limits if hb.limits is not None else EngineLimits(
+                size_multiple=int(hb.info.get("size_multiple") or DEFAULT_SIZE_MULTIPLE),
+                loras=tuple(sorted(hb.info.get("loras") or {})))
+            limits = theirs if limits is None else limits.narrowed(theirs)
+        return (limits or EngineLimits()).tightened(max_pixels=self.engine_config.max_pixels,
+                                                    max_prompt_chars=self.engine_config.max_prompt_chars)
+
+    @property
     def ready(self) -> bool:
         """Workers join the fleet only once warm, so a live worker is a ready one."""
         return self.alive
@@ -181,15 +197,9 @@ class RedisGatewayRunner:
 
     # ------------------------------------------------------------------------------ requests
     def validate(self, cfg: StreamConfig) -> StreamConfig:
-        """The same checks as an engine, with the workers' size multiple, profile and adapters (from
-        their heartbeats): a config any live worker would refuse is refused here, before anything is
-        queued, since any of them may take a job or a re-pinned stream. The worker checks again."""
-        mult = int(self.info.get("size_multiple") or DEFAULT_SIZE_MULTIPLE)
-        cfg = cfg.validate(max_prompt_chars=self.engine_config.max_prompt_chars,
-                           max_pixels=self.engine_config.max_pixels, size_multiple=mult)
-        for profile in self.fleet.profiles.values():
-            profile.check(cfg)
-        return cfg
+        """``cfg`` checked against ``limits`` (taken on trust when the server's edge already did). The
+        worker that runs it checks again at its own edge: a config read off Redis passed none of its own."""
+        return ensure_valid(cfg, self.limits)
 
     def add_stream(self, cfg: StreamConfig, notify: Callable[[], None] | None = None,
                    timeout: float | None = 60.0) -> GatewayStreamHandle:

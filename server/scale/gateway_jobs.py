@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from ditstream.engine.config import StreamConfig
-from ditstream.engine.errors import GenerationError, ValidationError
+from ditstream.engine.errors import GenerationError
 from ditstream.engine.imagefile import check_header
+from ditstream.engine.limits import check_input
 from ditstream.engine.types import EncodedImage, StreamOutput
 from ditstream.server.scale.counters import Counters
 from ditstream.server.scale.gateway_publisher import Outbox
@@ -66,8 +67,7 @@ class GatewayJobs:
     def submit(self, cfg: StreamConfig, image: np.ndarray | None = None,
                encode: tuple[str, int] | None = None) -> Future:
         """Queue one validated job for the publisher; the future yields a ``StreamOutput``."""
-        if image is None and cfg.mode == "img2img":
-            raise ValidationError("img2img needs an input image", field="image")
+        check_input(cfg, image)
         meta, data = encode_image(image, "raw") if image is not None else (None, b"")
         coding = {"output_format": encode[0], "output_quality": encode[1]} if encode is not None else {}
         msg = JobMessage(reply_to=self.replies, gateway=self.id, config=config_to_wire(cfg), image=meta,

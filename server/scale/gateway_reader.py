@@ -20,9 +20,9 @@ from ditstream.server.scale.messages import (
     JobResult,
     Keys,
     OutputHeader,
-    SessionReply,
     WireError,
     decode_image,
+    load_reply,
 )
 
 if TYPE_CHECKING:
@@ -95,10 +95,11 @@ class Reader:
         raw = fields_get(fields, "m") or b"{}"
         if raw == b"{}":
             return
-        if b'"kind":"result"' in raw:
-            self.jobs.on_result(JobResult.load(raw), fields_get(fields, "img") or b"")
+        reply = load_reply(raw)  # typed by its ``kind`` field
+        if isinstance(reply, JobResult):
+            self.jobs.on_result(reply, fields_get(fields, "img") or b"")
         else:
-            self.sessions.on_session_reply(SessionReply.load(raw))
+            self.sessions.on_session_reply(reply)
 
     def _on_output(self, handle: GatewayStreamHandle, fields: dict[Any, Any]) -> None:
         head = OutputHeader.load(fields_get(fields, "m") or b"")

@@ -15,6 +15,7 @@ from ditstream.engine.errors import (
     EngineDeadError,
     ValidationError,
 )
+from ditstream.engine.limits import check_input
 from ditstream.engine.queues import LatestSlot, OutputQueue
 from ditstream.engine.types import StreamOutput, StreamStats
 from ditstream.server.scale.messages import (
@@ -83,8 +84,7 @@ class GatewayStreamHandle:
         the session resumes when the supervisor has re-pinned it — a stream outlives an outage.
         """
         self._check_open()
-        if image is None and self._config.mode == "img2img":
-            raise ValidationError("img2img streams need an image in every frame", field="image")
+        check_input(self._config, image)
         return self._offer((image, seq, ts, None))
 
     def submit_encoded(self, data: bytes, seq: int, ts: float, fmt: str, width: int, height: int) -> bool:

@@ -25,7 +25,6 @@ from ditstream.server.scale.gateway_jobs import GatewayJobs
 from ditstream.server.scale.gateway_sessions import GatewaySessions
 from ditstream.server.scale.gateway_stream import GatewayStreamHandle
 from ditstream.server.scale.messages import SESSION_TTL_S, Heartbeat
-from ditstream.server.scale.profile import WorkerProfile
 
 if TYPE_CHECKING:
     import redis
@@ -34,17 +33,15 @@ logger = logging.getLogger(__name__)
 
 
 class Fleet:
-    """The supervisor's snapshot of the workers (live heartbeats and the profiles they advertise) and
+    """The supervisor's snapshot of the workers (live heartbeats, with the limits they advertise) and
     of Redis (answered last pass)."""
 
     def __init__(self) -> None:
         self.workers: dict[str, Heartbeat] = {}
-        self.profiles: dict[str, WorkerProfile] = {}
         self.redis_ok = False
 
-    def set_workers(self, live: dict[str, tuple[Heartbeat, WorkerProfile]]) -> None:
-        self.profiles = {wid: profile for wid, (_hb, profile) in live.items()}
-        self.workers = {wid: hb for wid, (hb, _profile) in live.items()}
+    def set_workers(self, live: dict[str, Heartbeat]) -> None:
+        self.workers = live
 
 
 class Supervisor:
@@ -107,7 +104,7 @@ class Supervisor:
     def _refresh_workers(self) -> None:
         ids = sorted(sid_str(w) for w in self.r.smembers(self.keys.workers))
         raws = self.r.mget([self.keys.worker(w) for w in ids]) if ids else []
-        live: dict[str, tuple[Heartbeat, WorkerProfile]] = {}
+        live: dict[str, Heartbeat] = {}
         gone = []
         for wid, raw in zip(ids, raws):
             if raw is None:
@@ -116,7 +113,7 @@ class Supervisor:
             with contextlib.suppress(Exception):
                 hb = Heartbeat.load(raw)
                 if hb.engine_alive:
-                    live[wid] = (hb, WorkerProfile.from_info(hb.info))
+                    live[wid] = hb
         if gone:
             self.r.srem(self.keys.workers, *gone)
         lost = set(self.fleet.workers) - set(live)

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from ditstream.engine.config import FilterConfig, StreamConfig
-from ditstream.engine.errors import ALL_ERRORS, DitstreamError
-from pydantic import BaseModel, ConfigDict, Field
+from ditstream.engine.errors import DitstreamError, GenerationError
+from ditstream.engine.limits import EngineLimits
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 #: Version of every message below; bump on an incompatible change. It is also part of every Redis
 #: key (``Keys``): a gateway and a worker of different versions never see each other's streams, so a
 #: rolling upgrade runs the new fleet beside the old one on the same Redis and drains the old.
 #: 2: session epochs and workers on frames and outputs, encoded stream outputs, gateway liveness.
-WIRE_VERSION = 2
+#: 3: errors by class with their details (``ErrorInfo``); workers advertise their limits (``Heartbeat``).
+WIRE_VERSION = 3
 
 Codec = Literal["raw", "jpeg", "png", "webp"]
 
@@ -111,30 +113,60 @@ def config_from_wire(d: dict[str, Any]) -> StreamConfig:
 
 
 # ------------------------------------------------------------------------------------ errors
-_ERRORS_BY_TYPE: dict[str, type[DitstreamError]] = {}
-for _cls in ALL_ERRORS:
-    _ERRORS_BY_TYPE.setdefault(_cls.error_type, _cls)
+def _error_classes() -> dict[str, type[DitstreamError]]:
+    """Every class of the one error table (``server/errors.py``) by name: the name is the table's key
+    on the wire, since codes are shared (``ImageTooLargeError`` and ``ImageDecodeError`` are both
+    ``invalid_image`` but answer 413 and 400)."""
+    from ditstream.server.errors import all_error_classes
+
+    classes = all_error_classes()
+    by_name = {c.__name__: c for c in classes}
+    if len(by_name) != len(classes):
+        raise RuntimeError("two error classes share a name; the wire could not tell them apart")
+    return by_name
+
+
+ERROR_CLASSES: dict[str, type[DitstreamError]] = _error_classes()
 
 
 class ErrorInfo(Msg):
-    """A ``DitstreamError`` as data, so the gateway re-raises the same class the worker raised."""
+    """A ``DitstreamError`` as data: its class (by name, from the one error table), its code and every
+    detail it needs (``DitstreamError.details``), so the gateway re-raises the error the worker raised
+    and its client gets the same HTTP status, in-band code, ``Retry-After`` and ``field``."""
 
+    error: str
     code: str
     message: str
     field: str | None = None
+    retry_after: float | None = None
+    reason: str | None = None
+
+    @field_validator("error")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in ERROR_CLASSES:
+            raise ValueError(f"unknown error class {name!r}; this build knows {sorted(ERROR_CLASSES)}")
+        return name
 
     @classmethod
     def of(cls, exc: BaseException) -> ErrorInfo:
-        if isinstance(exc, DitstreamError):
-            return cls(code=exc.error_type, message=exc.message, field=exc.field)
-        return cls(code="generation_error", message=f"{type(exc).__name__}: {exc}")
+        """``exc`` as data; an exception that is not a ``DitstreamError`` travels as the generation error
+        it is to the client. A subclass outside the table travels as its nearest class in the table
+        (the row its status comes from anyway)."""
+        if not isinstance(exc, DitstreamError):
+            exc = GenerationError(f"{type(exc).__name__}: {exc}")
+        klass = next(k for k in type(exc).__mro__ if k.__name__ in ERROR_CLASSES and ERROR_CLASSES[k.__name__] is k)
+        return cls(error=klass.__name__, code=exc.error_type, message=exc.message, **exc.details())
 
     def to_exception(self) -> DitstreamError:
-        cls = _ERRORS_BY_TYPE.get(self.code, DitstreamError)
-        try:
-            return cls(self.message, field=self.field)
-        except TypeError:  # classes with their own signature (OverloadedError)
-            return cls(self.message)
+        """The same class with the same message and details; its ``error_type`` is checked against
+        ``code`` (a mismatch is two builds disagreeing about the table: loud, never a quiet remap)."""
+        klass = ERROR_CLASSES[self.error]
+        if klass.error_type != self.code:
+            raise WireError(f"error {self.error} has code {klass.error_type!r} here, {self.code!r} on the wire")
+        details = {k: v for k, v in (("field", self.field), ("retry_after", self.retry_after),
+                                     ("reason", self.reason)) if v is not None}
+        return klass(self.message, **details)
 
 
 # ------------------------------------------------------------------------------------ jobs
@@ -194,6 +226,19 @@ class SessionReply(Msg):
     error: ErrorInfo | None = None
 
 
+#: What a gateway's reply stream carries, told apart by the ``kind`` field.
+Reply = Annotated[JobResult | SessionReply, Field(discriminator="kind")]
+_REPLY: TypeAdapter[JobResult | SessionReply] = TypeAdapter(Reply)
+
+
+def load_reply(raw: bytes | str) -> JobResult | SessionReply:
+    """A reply-stream message as its type, read by its ``kind`` field (never by a substring of the JSON)."""
+    msg = _REPLY.validate_json(raw)
+    if msg.v != WIRE_VERSION:
+        raise WireError(f"{type(msg).__name__} version {msg.v}; this build speaks {WIRE_VERSION}")
+    return msg
+
+
 class FrameHeader(Msg):
     """Gateway → worker, one input frame on ``in:<session>`` (``img`` holds the image or nothing)."""
 
@@ -241,6 +286,9 @@ class Heartbeat(Msg):
     at: float = Field(default_factory=time.time)
     engine_alive: bool = True
     info: dict[str, Any] = Field(default_factory=dict)
+    #: What the worker's engine accepts (size multiple and profile, pixel and prompt bounds, LoRA
+    #: names): the gateway validates a config against it before anything is queued.
+    limits: EngineLimits | None = None
     sessions: int = 0
     jobs_inflight: int = 0
     max_jobs: int = 1

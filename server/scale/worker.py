@@ -158,12 +158,14 @@ class Worker:
     @property
     def stopping(self) -> bool:
         return self._leaving.is_set()
+
     def heartbeat(self) -> Heartbeat:
         inflight = self.jobs.held()
         info = {k: v for k, v in self.runner.info.items() if k in (
             "model", "backend", "device", "dtype", "size_multiple", "defaults", "loras", "limits")}
         return Heartbeat(worker=self.id, host=socket.gethostname(), pid=os.getpid(), started=self.started,
-                         engine_alive=self.runner.alive, info=info, sessions=self.sessions.count(),
+                         engine_alive=self.runner.alive, info=info, limits=self.runner.limits,
+                         sessions=self.sessions.count(),
                          jobs_inflight=inflight, max_jobs=self.cfg.max_jobs, counters=self.counters.snapshot())
 
     def _heartbeat_loop(self) -> None:

@@ -10,7 +10,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ditstream.engine.errors import EngineDeadError, GenerationError
+from ditstream.engine.errors import DitstreamError, EngineDeadError, GenerationError
 from ditstream.engine.types import StreamOutput
 from ditstream.server.scale.config import ScaleConfig, fields_get
 from ditstream.server.scale.counters import Counters
@@ -72,7 +72,8 @@ class JobAnswers:
         else:
             self.counters.add("jobs_failed")
             if isinstance(exc, RETRYABLE):
-                self.dead_letter(job.entry, {"m": job.msg.dump()}, f"failed {job.attempts} times: {exc}", job.msg)
+                self.dead_letter(job.entry, {"m": job.msg.dump()}, f"failed {job.attempts} times: {exc}", job.msg,
+                                 last=exc)
             else:
                 self.reply(job.entry, job.msg, None, exc)
 
@@ -111,13 +112,17 @@ class JobAnswers:
         pipe.xdel(self.keys.jobs, eid)
         pipe.execute()
 
-    def dead_letter(self, eid: str, fields: dict[Any, Any], reason: str, msg: JobMessage | None) -> None:
-        """Park a job that keeps failing (with its reason) and tell the waiting gateway, once."""
+    def dead_letter(self, eid: str, fields: dict[Any, Any], reason: str, msg: JobMessage | None,
+                    last: DitstreamError | None = None) -> None:
+        """Park a job that keeps failing (with its reason) and tell the waiting gateway, once: with the
+        class and details of its ``last`` error, so the client gets that error's status and code."""
         self.counters.add("jobs_dead_lettered")
         logger.error("worker %s: job entry %s to the dead-letter stream: %s", self.id, eid, reason)
         entry = {"m": fields_get(fields, "m") or b"", "reason": reason, "worker": self.id, "entry": eid}
         self.r.xadd(self.keys.dead_letter, entry, maxlen=self.cfg.dead_letter_len, approximate=True)
         if msg is not None:
-            self.reply(eid, msg, None, GenerationError(f"job {msg.job} {reason}"))
+            error = (type(last)(f"job {msg.job} {reason}", **last.details()) if last is not None
+                     else GenerationError(f"job {msg.job} {reason}"))
+            self.reply(eid, msg, None, error)
         else:
             self.ack(eid)
