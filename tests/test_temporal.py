@@ -163,3 +163,16 @@ def test_config_ranges_are_checked_naming_the_field(field, value):
     with pytest.raises(ValidationError, match=field) as err:
         _cfg(**{field: value}).validate(size_multiple=8)
     assert err.value.field == field
+
+
+def test_a_fleet_refuses_memory_when_any_of_its_workers_does():
+    from ditstream.engine.limits import EngineLimits, validate_stream
+
+    carried, refused = EngineLimits(), EngineLimits(temporal_refusal="the onnx backend cannot carry attention memory")
+    assert carried.narrowed(refused).temporal_refusal == refused.temporal_refusal
+    assert carried.covers(refused) and not refused.covers(carried)
+    validate_stream(_cfg(temporal=0.5), carried)
+    validate_stream(_cfg(temporal=0.0), refused)
+    with pytest.raises(ValidationError, match="onnx backend") as err:
+        validate_stream(_cfg(temporal=0.5), refused)
+    assert err.value.field == "temporal"
