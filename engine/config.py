@@ -22,6 +22,8 @@ INTERPOLATIONS: tuple[str, ...] = ("linear", "slerp")
 MAX_BLEND = 8
 #: Longest glide between configs, in output frames.
 MAX_TRANSITION_FRAMES = 1000
+#: ``temporal_decay`` default: how fast the attention memory forgets (chosen in docs/demo_model_card.md).
+DEFAULT_TEMPORAL_DECAY = 0.5
 
 #: Latent/pixel sizes must be multiples of this (DC-AE downsamples 32×; the demo model 8×).
 DEFAULT_SIZE_MULTIPLE = 32
@@ -239,6 +241,12 @@ class StreamConfig:
     transition_frames: int = 0
     feedback: float = 0.0
     loras: tuple[tuple[str, float], ...] | None = None
+    #: Attention memory across frames (``engine.temporal``): weight of past frames' self-attention
+    #: states in [0, 1] (0 = off), and the decay of their moving average in [0, 1).
+    temporal: float = 0.0
+    temporal_decay: float = DEFAULT_TEMPORAL_DECAY
+    #: Scale ``temporal`` and ``feedback`` down per frame by the input's measured motion (``engine.motion``).
+    motion_adaptive: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.loras, dict):
@@ -270,6 +278,17 @@ class StreamConfig:
     def prompt_chars(self) -> int:
         """Characters of all prompt texts together (what ``max_prompt_chars`` bounds)."""
         return sum(len(p.text) for p in self.prompts if isinstance(p.text, str))
+
+    def _validate_temporal(self) -> None:
+        for name, v, top, closed in (("temporal", self.temporal, 1.0, True),
+                                     ("temporal_decay", self.temporal_decay, 1.0, False)):
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v
+            if not ok or not (v <= top if closed else v < top):
+                raise ValidationError(f"{name} must be a number in [0, 1{']' if closed else ')'}, got {v!r}",
+                                      field=name)
+        if not isinstance(self.motion_adaptive, bool):
+            raise ValidationError(f"motion_adaptive must be true or false, got {self.motion_adaptive!r}",
+                                  field="motion_adaptive")
 
     def validate(self, *, max_prompt_chars: int = 2000, max_pixels: int = 1024 * 1024,
                  size_multiple: int = DEFAULT_SIZE_MULTIPLE) -> StreamConfig:
@@ -308,6 +327,7 @@ class StreamConfig:
                                   f"got {self.transition_frames!r}", field="transition_frames")
         if not isinstance(self.feedback, (int, float)) or not 0.0 <= self.feedback < 1.0:
             raise ValidationError(f"feedback must be in [0, 1), got {self.feedback!r}", field="feedback")
+        self._validate_temporal()
         self._validate_loras()
         for name, v in (("width", self.width), ("height", self.height)):
             if v <= 0 or v % size_multiple:

@@ -43,15 +43,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 from ditstream.engine import images as imgs
-from ditstream.engine import sampler
+from ditstream.engine import sampler, temporal_stream
 from ditstream.engine.backends.base import Backend, BackendLimits
 from ditstream.engine.batching import BatchPolicy
 from ditstream.engine.config import EngineConfig, StreamConfig
-from ditstream.engine.errors import (
-    GenerationError,
-    generation_failure,
-    is_fatal_device_error,
-)
+from ditstream.engine.errors import GenerationError, generation_failure, is_fatal_device_error
 from ditstream.engine.limits import EngineLimits, check_input, ensure_valid
 from ditstream.engine.loader import ModelComponents
 from ditstream.engine.plan import Plan, Transition, decode_clean, encode_clean, make_plan, predict_x0
@@ -59,6 +55,7 @@ from ditstream.engine.prompt_cache import PromptSource
 from ditstream.engine.queues import FrameInbox, OutputQueue
 from ditstream.engine.similarity import SimilarityFilter
 from ditstream.engine.stream import InFlight, StreamState, new_stream_id
+from ditstream.engine.temporal import temporal_refusal
 from ditstream.engine.types import Frame, StreamOutput
 
 logger = logging.getLogger(__name__)
@@ -113,7 +110,8 @@ class EngineCore:
         loras = self.components.loras
         return EngineLimits(size_multiple=self.size_multiple, max_pixels=self.config.max_pixels,
                             max_prompt_chars=self.config.max_prompt_chars, profile=self.limits,
-                            loras=tuple(sorted(loras)), max_batch=self.max_batch, inbox_depth=self.config.inbox_depth)
+                            loras=tuple(sorted(loras)), max_batch=self.max_batch, inbox_depth=self.config.inbox_depth,
+                            temporal_refusal=temporal_refusal(self.backend))
 
     def validate(self, cfg: StreamConfig) -> StreamConfig:
         """Trusts a config an edge validated; checks any other (a direct caller): one outside the limits
@@ -147,6 +145,7 @@ class EngineCore:
         if state.transition is None:
             state.plan = target
         state.filter.reconfigure(cfg.filter)
+        temporal_stream.reconfigure(state, state.config, cfg, gliding=state.transition is not None)
         state.config = cfg
         return cfg
 
@@ -225,6 +224,8 @@ class EngineCore:
                 if plan.config.feedback > 0 and _fits(state.last_latent, plan):
                     item.previous = state.last_latent
                 to_encode[frame.image.shape[:2]].append(item)
+            if not item.skipped:
+                temporal_stream.admit(state, item)  # motion scale (read at encode below), memory link
             state.pipeline.append(item)
         for items in to_encode.values():
             for chunk in _chunks(items, self.max_batch):
@@ -238,8 +239,8 @@ class EngineCore:
                     clean = sampler.feedback_blend(
                         clean, torch.cat([it.previous if it.previous is not None else clean[i : i + 1]
                                           for i, it in enumerate(chunk)]),
-                        torch.tensor([it.plan.config.feedback if it.previous is not None else 0.0 for it in chunk],
-                                     device=clean.device))
+                        torch.tensor([it.plan.config.feedback * it.motion_scale if it.previous is not None else 0.0
+                                      for it in chunk], device=clean.device))
                 t1 = torch.cat([it.plan.angles[:1] for it in chunk])
                 noise = torch.cat([it.plan.noise[:1] for it in chunk])
                 x = sampler.entry_latent(t1, noise, c.sigma_data, clean)
@@ -265,7 +266,8 @@ class EngineCore:
                 mask = torch.cat([it.plan.mask for it in chunk])
                 guidance = torch.cat([it.plan.guidance for it in chunk])
                 try:
-                    x0 = predict_x0(self.backend, c, x, t, embeds, mask, guidance, key[2])
+                    with temporal_stream.memory_call(self.backend, chunk):  # attention memory, if any row has it
+                        x0 = predict_x0(self.backend, c, x, t, embeds, mask, guidance, key[2])
                 except Exception as exc:
                     self._fail_call("denoise", chunk, exc)
                     continue

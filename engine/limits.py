@@ -49,6 +49,9 @@ class EngineLimits:
     loras: tuple[str, ...] = ()
     max_batch: int = 16
     inbox_depth: int = 2
+    #: Why ``temporal`` > 0 (attention memory) is refused, naming the backend or the attention
+    #: processor (``engine.temporal``); ``None``: carried.
+    temporal_refusal: str | None = None
 
     def tightened(self, *, max_pixels: int, max_prompt_chars: int) -> EngineLimits:
         """These limits bounded by a server's own (an injected engine may allow more than the server)."""
@@ -68,14 +71,16 @@ class EngineLimits:
                             max_prompt_chars=min(self.max_prompt_chars, other.max_prompt_chars),
                             profile=profile, loras=tuple(sorted(set(self.loras) & set(other.loras))),
                             max_batch=min(self.max_batch, other.max_batch),
-                            inbox_depth=min(self.inbox_depth, other.inbox_depth))
+                            inbox_depth=min(self.inbox_depth, other.inbox_depth),
+                            temporal_refusal=self.temporal_refusal or other.temporal_refusal)
 
     def covers(self, other: EngineLimits) -> bool:
         """Whether every config valid under ``other`` is valid under these (``other`` is as strict or stricter)."""
         return (other.size_multiple % self.size_multiple == 0 and other.max_pixels <= self.max_pixels
                 and other.max_prompt_chars <= self.max_prompt_chars and set(other.loras) <= set(self.loras)
                 and _within(other.profile.width, self.profile.width)
-                and _within(other.profile.height, self.profile.height))
+                and _within(other.profile.height, self.profile.height)
+                and (self.temporal_refusal is None or other.temporal_refusal is not None))
 
     def fits_profile(self, width: int, height: int) -> bool:
         """Whether ``width``x``height`` is inside the backend's profile (the check ``validate_stream`` makes)."""
@@ -141,13 +146,15 @@ _receipts = _Receipts(MAX_RECEIPTS)
 
 def validate_stream(cfg: StreamConfig, limits: EngineLimits) -> StreamConfig:
     """THE check of a stream (or job) config: every field, the size multiple, pixel and prompt bounds,
-    the backend's profile and the LoRA names. Raises ``ValidationError`` naming the field; returns ``cfg``."""
+    the backend's profile, the LoRA names and attention memory. Raises ``ValidationError`` naming the field; returns ``cfg``."""
     from ditstream.engine.lora import resolve_set
 
     cfg.validate(max_prompt_chars=limits.max_prompt_chars, max_pixels=limits.max_pixels,
                  size_multiple=limits.size_multiple)
     limits.profile.check_size(cfg.width, cfg.height)
     resolve_set(cfg.lora_scales, dict.fromkeys(limits.loras, 1.0))  # refuses unknown names
+    if cfg.temporal > 0 and limits.temporal_refusal is not None:
+        raise ValidationError(limits.temporal_refusal, field="temporal")
     _receipts.add(cfg, limits)
     return cfg
 

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from ditstream.engine.config import StreamConfig
+from ditstream.engine.motion import MotionMeter
 from ditstream.engine.plan import Plan, Transition
 from ditstream.engine.queues import FrameInbox, OutputQueue
 from ditstream.engine.similarity import SimilarityFilter
+from ditstream.engine.temporal_stream import TemporalMemory, TemporalRef
 from ditstream.engine.types import Frame, StreamOutput, StreamStats
 
 _ids = itertools.count(1)
@@ -44,6 +46,10 @@ class InFlight:
     previous: torch.Tensor | None = None
     #: The final clean latent (kept after decoding when the stream feeds it back).
     latent: torch.Tensor | None = None
+    #: Attention memory (``temporal``): the stream's memory this frame reads and updates, if any.
+    temporal: TemporalRef | None = None
+    #: ``motion_adaptive``: the factor on this frame's memory weight and feedback (1: unscaled).
+    motion_scale: float = 1.0
 
     def fail(self, error: Exception) -> None:
         """End this frame with ``error``: it drops its latent and is emitted, in order, as an error."""
@@ -75,6 +81,10 @@ class StreamState:
     last_latent: torch.Tensor | None = None
     #: A glide to ``config``'s plan in progress (``plan`` is then where the stream is now).
     transition: Transition | None = None
+    #: Attention memory of past frames (``temporal``; ``engine.temporal_stream``).
+    memory: TemporalMemory = field(default_factory=TemporalMemory)
+    #: Input motion measure (``motion_adaptive``; ``engine.motion``).
+    motion: MotionMeter = field(default_factory=MotionMeter)
     #: One-shot jobs are removed after their single output.
     one_shot: bool = False
 

@@ -193,6 +193,9 @@ class TinyVaeBackend(Backend):
     def warmup(self, shapes: list[tuple[int, int, int]]) -> None:
         self.inner.warmup(shapes)
 
+    def temporal_attention(self):
+        return self.inner.temporal_attention()
+
     def set_loras(self, loras) -> None:
         self.inner.set_loras(loras)
 

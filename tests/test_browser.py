@@ -252,7 +252,7 @@ def _settle(page, frames: int = 8) -> None:
     page.wait_for_function(f"window.ditstream.stats.received >= {n + frames}", timeout=60_000)
 
 
-def test_live_controls_blend_transition_feedback_and_lora(demo_lora_server):
+def test_live_controls_blend_transition_feedback_temporal_and_lora(demo_lora_server):
     """The second row of controls sends the live-control fields: a prompt blend, a transition, feedback
     and the demo adapter's scale; the evaluator reads each effect off the output canvas."""
     first = ("circle", "blue", "white")
@@ -299,6 +299,12 @@ def test_live_controls_blend_transition_feedback_and_lora(demo_lora_server):
             # Feedback reaches the stream's config.
             page.fill("#feedback", "0.3")
             page.wait_for_function("window.ditstream.config.feedback === 0.3")
+            _settle(page, 3)
+            # Attention memory and the motion switch (issue 26): applied, and frames keep coming.
+            page.fill("#temporal", "0.5")
+            page.wait_for_function("window.ditstream.config.temporal === 0.5")
+            page.check("#motion-adaptive")
+            page.wait_for_function("window.ditstream.config.motion_adaptive === true")
             _settle(page, 3)
             assert page.evaluate("window.ditstream.stats.errors") == []
             page.click("#start")

@@ -98,6 +98,7 @@ function currentSettings() {
     prompt: promptValue(), strength: parseFloat($("strength").value), steps: parseInt($("steps").value, 10),
     seed: Math.max(0, parseInt($("seed").value || "0", 10)), mode: $("mode").value,
     transition_frames: transitionFrames(), feedback: parseFloat($("feedback").value),
+    temporal: parseFloat($("temporal").value), motion_adaptive: $("motion-adaptive").checked,
   };
   const loras = loraScales();
   if (loras) out.loras = loras;
@@ -388,6 +389,11 @@ $("feedback").addEventListener("input", () => {
   $("feedback-value").textContent = parseFloat($("feedback").value).toFixed(2);
   sendConfig({ feedback: parseFloat($("feedback").value) });
 });
+$("temporal").addEventListener("input", () => {
+  $("temporal-value").textContent = parseFloat($("temporal").value).toFixed(2);
+  sendConfig({ temporal: parseFloat($("temporal").value) });
+});
+$("motion-adaptive").addEventListener("change", () => sendConfig({ motion_adaptive: $("motion-adaptive").checked }));
 $("strength").addEventListener("input", () => {
   $("strength-value").textContent = parseFloat($("strength").value).toFixed(2);
   sendConfig({ strength: parseFloat($("strength").value) });

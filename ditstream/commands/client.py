@@ -84,11 +84,15 @@ def stream(
     show: bool = typer.Option(False, help="Show outputs in a window (OpenCV)."),
     api_key: str = typer.Option(None, envvar="DITSTREAM_API_KEY", help="API key (or env DITSTREAM_API_KEY)."),
     in_flight: int = typer.Option(2, help="Unanswered frames allowed at once."),
+    temporal: float = typer.Option(None, help="Attention memory across frames, [0, 1] (0 = off; torch backend)."),
+    motion_adaptive: bool = typer.Option(None, "--motion-adaptive/--no-motion-adaptive",
+                                         help="Scale temporal and feedback down by the input's motion."),
 ) -> None:
     """Stream frames to /v1/stream; prints output fps and glass-to-glass latency every second."""
     url = stream_url(url)
     wh = size_arg(size)
-    config = _stream_config(mode, prompt, strength, steps, seed, size, fps)
+    config = _stream_config(mode, prompt, strength, steps, seed, size, fps, temporal=temporal,
+                            motion_adaptive=motion_adaptive)
     _probe_source(source)  # the source opens first: a missing camera or file is a usage error, whatever the server
     if wh:
         width, height = wh
@@ -107,16 +111,14 @@ def stream(
 
 
 def _stream_config(mode: str, prompt: str | None, strength: float | None, steps: int | None, seed: int | None,
-                   size: str | None, fps: float) -> dict:
+                   size: str | None, fps: float, *, temporal: float | None = None,
+                   motion_adaptive: bool | None = None) -> dict:
     """The stream's first config message from the options given (unset ones: the server's defaults)."""
     if mode not in ("img2img", "txt2img"):
         raise typer.BadParameter(f"mode must be img2img or txt2img, got {mode!r}", param_hint="--mode")
-    config: dict = {"mode": mode}
-    if prompt is not None:
-        config["prompt"] = prompt
-    for k, v in (("strength", strength), ("steps", steps), ("seed", seed), ("size", size)):
-        if v is not None:
-            config[k] = v
+    given = {"prompt": prompt, "strength": strength, "steps": steps, "seed": seed, "size": size,
+             "temporal": temporal, "motion_adaptive": motion_adaptive}
+    config: dict = {"mode": mode, **{k: v for k, v in given.items() if v is not None}}
     if mode == "txt2img":
         config["fps"] = fps
     return config

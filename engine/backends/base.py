@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
     from ditstream.engine.config import BackendOptions
     from ditstream.engine.loader import ModelComponents
+    from ditstream.engine.temporal import TemporalAttention
 
 
 Span = tuple[int, int]
@@ -115,6 +116,11 @@ class Backend(ABC):
         if loras:
             raise ValidationError(f"the {self.name} backend cannot switch LoRA adapters per call; "
                                   "serve LoRAs with --backend torch", field="loras")
+
+    def temporal_attention(self) -> TemporalAttention | None:
+        """The attention-memory hook of the transformer this backend runs (``engine.temporal``), or
+        ``None``: its transformer is a fixed graph (export, engine, compiled) that cannot take the memory."""
+        return None
 
     @abstractmethod
     def denoise(

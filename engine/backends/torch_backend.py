@@ -15,6 +15,17 @@ class TorchBackend(Backend):
 
         activate(self.components.transformer, loras)
 
+    def __init__(self, components, options=None) -> None:
+        from ditstream.engine.temporal import TemporalAttention
+
+        super().__init__(components, options)
+        # Eager torch runs the transformer's own modules, so attention memory (``temporal``) can go
+        # on them: installed here, on the engine's side, once; without memory it is diffusers' own.
+        self._temporal = TemporalAttention.for_transformer(components.transformer)
+
+    def temporal_attention(self):
+        return self._temporal
+
     @torch.inference_mode()
     def denoise(self, x, timestep, encoder_hidden_states, encoder_attention_mask, guidance):
         transformer = self.components.transformer

@@ -283,6 +283,9 @@ def run_quality(model: str = "demo", *, n: int = 280, frames: int = 16, strength
                                                          feedback=0.5)
     report["transition_10"] = transition_readings(components, defaults, 10, seed)
     report["speed"] = measure_fps(components, defaults, strength, fps_seconds)
+    from ditstream.engine.demo.temporal_quality import temporal_report
+
+    report["temporal"] = temporal_report(components, defaults, strength, seed=seed)
     report["bench_seconds"] = round(time.perf_counter() - t0, 1)
     return report
 
@@ -313,6 +316,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"{'transition 10 frames':22s} " + " ".join(f"{t['colour']}:{t['position']}" for t in steps),
         f"{'speed (img2img 1 step)':22s} {s['fps']:.1f} fps  (median {s['median_ms']:.1f} ms/frame, "
         f"best {s['best_fps']:.1f} fps, batch 1, torch, 64x64)",
-        f"bench took {r['bench_seconds']} s",
     ]
+    if "temporal" in r:
+        from ditstream.engine.demo.temporal_quality import format_temporal
+
+        lines += ["attention memory (issue 26): flicker, exactness (max |Δ| vs off, still noiseless), "
+                  "tracking mean/worst px and ghost share at 1/3/6 px per frame", format_temporal(r["temporal"])]
+    lines.append(f"bench took {r['bench_seconds']} s")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from ditstream.engine.errors import ImageDecodeError, ValidationError
 from ditstream.engine.sizes import parse_size
 from ditstream.server.codec import sniff
 from ditstream.server.errors import MalformedMessageError, UnknownMessageTypeError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from pydantic import ValidationError as PydanticValidationError
 
 PROTOCOL_VERSION = 1
@@ -94,6 +94,10 @@ class ConfigMessage(BaseModel):
     transition_frames: int | None = None
     #: Latent feedback f ∈ [0, 1): steadier img2img frames, slower motion response.
     feedback: float | None = None
+    #: Attention memory across frames: weight in [0, 1] (0 = off), decay in [0, 1), motion scaling.
+    temporal: float | None = None
+    temporal_decay: float | None = None
+    motion_adaptive: StrictBool | None = None
     #: LoRA adapter scales ``{"name": scale}`` (names left out are off); see ``/v1/models``.
     loras: dict[str, float] | None = None
     size: str | None = None

@@ -1,0 +1,118 @@
+"""``ditstream bench quality`` for attention memory (issue 26): flicker, exactness, tracking and ghosts.
+
+Clips (the demo model's 64², σ 10 pixel noise unless said): a still noisy red circle (flicker: the
+mean absolute difference of consecutive outputs), the same still and noiseless (exactness: the
+largest difference from the stream without memory), and the circle moving on a circle of radius
+12 px at 1, 3 and 6 px per frame (tracking: output centroid against the input's true centroid, mean
+and worst frame; ghosts: the share of output shape pixels more than 3 px outside the input shape).
+Arms: off, ``feedback`` 0.5, ``temporal``, ``temporal`` + ``motion_adaptive``; the curve sweeps
+``temporal`` and ``temporal_decay``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from ditstream.engine.demo import dataset as ds
+from ditstream.engine.demo.evaluator import coverage, read_image
+from ditstream.engine.demo.quality import _core, _stream_images, flicker
+
+SPEEDS = (1.0, 3.0, 6.0)
+NOISE = 10.0
+PATH_RADIUS = 12.0
+SHAPE = ds.ShapeSpec("circle", "red", "white", 32.0, 32.0, 14.0)
+PROMPT = ds.caption_for("circle", "blue", "white")
+
+
+def moving_clip(speed: float, frames: int, noise: float = NOISE, seed: int = 0) -> tuple[np.ndarray, list[ds.ShapeSpec]]:
+    """The circle moving ``speed`` px per frame along a circle of ``PATH_RADIUS`` px (0: still), σ ``noise``."""
+    rng = np.random.default_rng(seed)
+    video, specs = [], []
+    for k in range(frames):
+        a = k * speed / PATH_RADIUS
+        s = ds.ShapeSpec(SHAPE.shape, SHAPE.colour, SHAPE.background, 32.0 + PATH_RADIUS * np.cos(a),
+                         32.0 + PATH_RADIUS * np.sin(a), SHAPE.radius, SHAPE.size)
+        img = ds.render(s).astype(np.float32)
+        if noise > 0:
+            img = img + rng.normal(0, noise, img.shape)
+        video.append(np.clip(img, 0, 255).astype(np.uint8))
+        specs.append(s)
+    return np.stack(video), specs
+
+
+def ghost(output: np.ndarray, spec: ds.ShapeSpec, margin: float = 3.0) -> float:
+    """Share of the output's shape pixels (α > 0.5) farther than ``margin`` px from the input's shape."""
+    from scipy.ndimage import distance_transform_edt
+
+    alpha, _, _ = coverage(output)
+    shape_px = alpha > 0.5
+    if not shape_px.any():
+        return 0.0
+    inside = ds.shape_mask(spec.shape, spec.cx, spec.cy, spec.radius, spec.size) > 0.5
+    far = distance_transform_edt(~inside) > margin
+    return float((shape_px & far).sum() / shape_px.sum())
+
+
+def tracking(outputs: list[np.ndarray], specs: list[ds.ShapeSpec]) -> dict[str, float]:
+    errs, ghosts = [], []
+    for out, spec in zip(outputs, specs, strict=True):
+        r = read_image(out)
+        cx, cy = ds.true_centroid(spec)
+        errs.append(float(np.hypot(r.centroid[0] - cx, r.centroid[1] - cy)) if r.centroid else float(spec.size))
+        ghosts.append(ghost(out, spec))
+    return {"err_mean": float(np.mean(errs)), "err_max": float(np.max(errs)), "ghost": float(np.mean(ghosts))}
+
+
+def arm_figures(components, defaults: dict[str, Any], strength: float, arm: dict[str, Any], *, frames: int = 24,
+                seed: int = 0, settle: int = 4) -> dict[str, float]:
+    """One arm (StreamConfig overrides) on every clip: flicker, exactness and tracking per speed."""
+    from ditstream.engine.config import StreamConfig
+
+    core = _core(components)
+    base = StreamConfig(prompt=PROMPT, mode="img2img", steps=1, strength=strength, seed=seed,
+                        width=defaults["width"], height=defaults["height"], guidance_scale=defaults["guidance_scale"])
+    cfg = base.replace(**arm)
+    out: dict[str, float] = {}
+    still, _ = moving_clip(0.0, frames, seed=seed)
+    out["flicker"] = flicker(_stream_images(core, cfg, still)[settle:])
+    clean, _ = moving_clip(0.0, 8, noise=0.0)
+    plain = _stream_images(core, base, clean)
+    mine = _stream_images(core, cfg, clean)
+    out["exact_max_diff"] = float(max(np.abs(a.astype(np.float32) - b.astype(np.float32)).max()
+                                      for a, b in zip(plain, mine, strict=True)))
+    for v in SPEEDS:
+        video, specs = moving_clip(v, frames, seed=seed)
+        for k, x in tracking(_stream_images(core, cfg, video), specs).items():
+            out[f"{v:g}px_{k}"] = x
+    return out
+
+
+def default_arms(temporal: float, decay: float) -> dict[str, dict[str, Any]]:
+    return {"off": {}, "feedback_0.5": {"feedback": 0.5},
+            "temporal": {"temporal": temporal, "temporal_decay": decay},
+            "temporal_motion": {"temporal": temporal, "temporal_decay": decay, "motion_adaptive": True},
+            "feedback_0.5_motion": {"feedback": 0.5, "motion_adaptive": True},
+            "temporal_feedback_0.5_motion": {"temporal": temporal, "temporal_decay": decay, "feedback": 0.5,
+                                             "motion_adaptive": True},
+            "feedback_0.7_motion": {"feedback": 0.7, "motion_adaptive": True}}
+
+
+def temporal_report(components, defaults: dict[str, Any], strength: float, *, temporal: float = 1.0,
+                    decay: float | None = None, frames: int = 24, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Every arm's figures (``arm_figures``), keyed by arm name."""
+    from ditstream.engine.config import DEFAULT_TEMPORAL_DECAY
+
+    d = DEFAULT_TEMPORAL_DECAY if decay is None else decay
+    return {name: arm_figures(components, defaults, strength, arm, frames=frames, seed=seed)
+            for name, arm in default_arms(temporal, d).items()}
+
+
+def format_temporal(report: dict[str, dict[str, float]]) -> str:
+    head = f"{'arm':<28} flicker  exact  " + "  ".join(f"{v:g}px mean/worst/ghost" for v in SPEEDS)
+    rows = [head]
+    for name, r in report.items():
+        cells = "  ".join(f"{r[f'{v:g}px_err_mean']:5.2f}/{r[f'{v:g}px_err_max']:5.2f}/{r[f'{v:g}px_ghost']:.3f}"
+                          for v in SPEEDS)
+        rows.append(f"{name:<28} {r['flicker']:7.3f}  {r['exact_max_diff']:5.1f}  {cells}")
+    return "\n".join(rows)
