@@ -30,9 +30,11 @@ def test_live_streams_bench_writes_one_level_per_stream_count_with_frames_in_ord
         assert abs(lv["fps_total"] - lv["received"] / lv["seconds"]) < 0.01
 
 
-def test_live_streams_cli_rejects_nothing_it_documents(tmp_path, capsys):
+def test_live_streams_cli_runs_a_level_and_passes_max_batch_to_serve(tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = main(["--streams", "1", "--fps", "10", "--seconds", "0.5", "--warmup-s", "0.3", "--device", "cpu",
-               "--backend", "torch", "--out", str(out)])
+               "--backend", "torch", "--max-batch", "2", "--out", str(out)])
     assert rc == 0
-    assert "1 streams:" in capsys.readouterr().out and json.loads(out.read_text())["levels"][0]["in_order"]
+    report = json.loads(out.read_text())
+    assert "1 streams:" in capsys.readouterr().out and report["levels"][0]["in_order"]
+    assert report["spec"]["server_args"] == ["--max-batch", "2"]

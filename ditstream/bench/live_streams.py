@@ -161,8 +161,7 @@ def run(spec: LiveSpec, out: Path | None = None) -> dict[str, Any]:
     """Start one server, measure every level in turn; the report (also written to ``out`` after each level)."""
     import torch
 
-    report: dict[str, Any] = {"spec": {k: list(v) if isinstance(v, tuple) else v
-                                       for k, v in asdict(spec).items() if k != "server_args"},
+    report: dict[str, Any] = {"spec": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()},
                               "torch": torch.__version__,
                               "gpu": torch.cuda.get_device_name(0) if spec.device.startswith("cuda") else None,
                               "levels": []}
@@ -188,13 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--backend", default="compile")
     p.add_argument("--model", default="demo")
+    p.add_argument("--max-batch", type=int, help="serve --max-batch (bounds the compile backend's CUDA-graph buckets)")
     p.add_argument("--ready-timeout-s", type=float, default=240.0)
     p.add_argument("--out", type=Path, help="write the JSON report here (rewritten after every level)")
     a = p.parse_args(argv)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     spec = LiveSpec(levels=tuple(int(n) for n in a.streams.split(",")), fps=a.fps, seconds=a.seconds,
                     warmup_s=a.warmup_s, device=a.device, backend=a.backend, model=a.model,
-                    ready_timeout_s=a.ready_timeout_s)
+                    ready_timeout_s=a.ready_timeout_s,
+                    server_args=["--max-batch", str(a.max_batch)] if a.max_batch else [])
     report = run(spec, a.out)
     for lv in report["levels"]:
         print(f"{lv['streams']:3d} streams: {lv['fps_total']:7.1f} fps total, g2g p50 {lv['g2g_ms_p50']} ms "
