@@ -51,7 +51,7 @@ from ditstream.engine.errors import GenerationError, generation_failure, is_fata
 from ditstream.engine.limits import EngineLimits, check_input, ensure_valid
 from ditstream.engine.loader import ModelComponents
 from ditstream.engine.plan import Plan, Transition, decode_clean, encode_clean, make_plan, predict_x0
-from ditstream.engine.prompt_cache import PromptSource
+from ditstream.engine.prompt_cache import BatchConditioning, PromptSource
 from ditstream.engine.queues import FrameInbox, OutputQueue
 from ditstream.engine.similarity import SimilarityFilter
 from ditstream.engine.stream import InFlight, StreamState, new_stream_id
@@ -87,6 +87,8 @@ class EngineCore:
         self.failed_frames = 0
         #: Called on the engine thread per failure with (stage, frames failed); e.g. a metrics counter.
         self.on_failure: Callable[[str, int], None] | None = None
+        #: Each denoise call's concatenated embeddings, rebuilt only when the call's plans change.
+        self.conditioning = BatchConditioning()
 
     # ------------------------------------------------------------------ streams
     @property
@@ -239,8 +241,8 @@ class EngineCore:
                     clean = sampler.feedback_blend(
                         clean, torch.cat([it.previous if it.previous is not None else clean[i : i + 1]
                                           for i, it in enumerate(chunk)]),
-                        torch.tensor([it.plan.config.feedback * it.motion_scale if it.previous is not None else 0.0
-                                      for it in chunk], device=clean.device))
+                        sampler.feedback_weights([it.plan.config.feedback * it.motion_scale if it.previous is not None
+                                                  else 0.0 for it in chunk], clean.device))
                 t1 = torch.cat([it.plan.angles[:1] for it in chunk])
                 noise = torch.cat([it.plan.noise[:1] for it in chunk])
                 x = sampler.entry_latent(t1, noise, c.sigma_data, clean)
@@ -262,9 +264,7 @@ class EngineCore:
                 t0 = self.clock()
                 x = torch.cat([it.x for it in chunk])
                 t = torch.stack([it.plan.angles[it.stage] for it in chunk])
-                embeds = torch.cat([it.plan.embeds for it in chunk])
-                mask = torch.cat([it.plan.mask for it in chunk])
-                guidance = torch.cat([it.plan.guidance for it in chunk])
+                embeds, mask, guidance = self.conditioning.get([it.plan for it in chunk])
                 try:
                     with temporal_stream.memory_call(self.backend, chunk):  # attention memory, if any row has it
                         x0 = predict_x0(self.backend, c, x, t, embeds, mask, guidance, key[2])
@@ -297,8 +297,7 @@ class EngineCore:
                     self._fail_call("decode", chunk, exc)
                     continue
                 bad = self._fail_nonfinite(chunk, decoded)
-                unit = imgs.to_unit(decoded)
-                arr = unit.numpy() if self.config.output_float else imgs.to_uint8(unit)
+                arr = imgs.to_unit(decoded).numpy() if self.config.output_float else imgs.to_host_uint8(decoded)
                 dt = self.clock() - t0
                 for i, it in enumerate(chunk):
                     it.inference_s += dt

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 from ditstream.engine.errors import ValidationError
@@ -20,27 +22,51 @@ def check_image(image: np.ndarray, width: int | None = None, height: int | None 
     return image
 
 
+def transfer(tensor: torch.Tensor, device: torch.device | str, direction: Literal["up", "down"]) -> torch.Tensor:
+    """Move ``tensor`` to ``device`` (``up``: host to engine device; ``down``: back to the host): the one
+    place frames cross between host and device.
+
+    Every image upload (``to_tensor``) and download (``to_host_uint8``, ``to_unit``) goes through
+    this module-level function, so a test can count the bytes that cross per frame by replacing it
+    (``tests/test_frame_bytes.py``). On the CPU it is a no-op and the count is what a GPU would move."""
+    return tensor.to(device)
+
+
 def to_tensor(images: list[np.ndarray], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (H, W, 3) arrays → (B, 3, H, W) in [-1, 1] (``x/255·2 − 1`` as diffusers computes it).
 
-    The same float32 operations in the same order, done in place in the one buffer this allocates:
-    every frame of every stream passes here, and on a CPU a full-size allocation costs more than
-    the arithmetic."""
-    arr = np.empty((len(images), *images[0].shape), dtype=np.float32)
-    for i, image in enumerate(images):
-        arr[i] = image
-    np.divide(arr, np.float32(255.0), out=arr)
-    t = torch.from_numpy(arr).permute(0, 3, 1, 2)
-    t.mul_(2.0).sub_(1.0)
-    return t.to(device=device, dtype=dtype)
+    The frames cross to ``device`` as uint8 (a quarter of float32's bytes) and are normalised there,
+    in float32, with diffusers' operations in diffusers' order (bit-identical to normalising on the
+    host), in place in the one float buffer this allocates. The result is a channels-last view."""
+    u8 = torch.from_numpy(np.stack(images) if len(images) > 1 else np.ascontiguousarray(images[0])[None])
+    t = transfer(u8, device, "up").permute(0, 3, 1, 2).to(torch.float32)
+    t.div_(255.0).mul_(2.0).sub_(1.0)
+    return t.to(dtype)
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
     """Decoder output in [-1, 1] → (B, H, W, 3) float32 in [0, 1] on the CPU, as diffusers post-processes
-    (in place in one new tensor: ``images`` is left as it is)."""
+    (in place in one new tensor: ``images`` is left as it is). Downloads floats: for parity checks
+    and one-off generation; the stream path uses ``to_host_uint8``."""
+    return transfer(_unit_on_device(images), "cpu", "down")
+
+
+def to_host_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoder output in [-1, 1] → (B, H, W, 3) uint8 on the host, rounded on the device.
+
+    The same operations as ``to_uint8(to_unit(images))`` in the same order and precision (the unit
+    image in float32, ``·255``, round half to even, truncate to uint8), so the result is bit-identical;
+    only uint8 crosses back (a quarter of float32's bytes), laid out (H, W, 3) contiguous."""
+    unit = _unit_on_device(images)
+    unit.mul_(255).round_()
+    return transfer(unit.to(torch.uint8).contiguous(), "cpu", "down").numpy()
+
+
+def _unit_on_device(images: torch.Tensor) -> torch.Tensor:
+    """``images / 2 + 0.5`` clamped to [0, 1] in the decoder's dtype, then float32 (B, H, W, 3), on its device."""
     unit = images / 2
     unit.add_(0.5).clamp_(0, 1)
-    return unit.float().permute(0, 2, 3, 1).cpu()
+    return unit.float().permute(0, 2, 3, 1)
 
 
 def to_uint8(unit: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -79,3 +79,37 @@ class PromptCache:
             complex_human_instruction=self.components.complex_human_instruction,
         )
         return embeds.to(self.components.dtype), mask
+
+
+class BatchConditioning:
+    """A denoise call's concatenated ``(embeds, mask, guidance)``, rebuilt only when its plans change.
+
+    Streams keep their plan for many ticks, so a call of the same streams at the same stages asks for
+    the same concatenation every tick; concatenating again would copy (B, L, D) embeddings on the
+    device per call. Keyed by the identity of the call's plans, in order (plans are immutable, and an
+    entry holds its plans, so an id is never reused while its entry lives); the ``max_entries`` most
+    recent compositions are kept (several groups and chunks per tick), which bounds the device memory.
+    Engine thread only.
+    """
+
+    def __init__(self, max_entries: int = 8) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[int, ...], tuple[tuple, tuple[torch.Tensor, ...]]] = OrderedDict()
+        #: Concatenations made (a test counts them: one per new composition, none per tick).
+        self.builds = 0
+
+    def get(self, plans: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(embeds (B, L, D), mask (B, L), guidance (B,))`` of ``plans`` (``engine.plan.Plan``), in order."""
+        key = tuple(id(p) for p in plans)
+        entry = self._entries.get(key)
+        if entry is not None and all(a is b for a, b in zip(entry[0], plans, strict=True)):
+            self._entries.move_to_end(key)
+            return entry[1]  # type: ignore[return-value]
+        value = (torch.cat([p.embeds for p in plans]), torch.cat([p.mask for p in plans]),
+                 torch.cat([p.guidance for p in plans]))
+        self.builds += 1
+        self._entries[key] = (tuple(plans), value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return value

@@ -14,6 +14,7 @@ A latent ``x`` at angle ``t`` is ``cos t · x0 + sin t · σd · ε`` where ``x0
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -269,3 +270,16 @@ def feedback_blend(clean: torch.Tensor, previous: torch.Tensor, feedback: torch.
 
 def _expand(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
+
+
+def feedback_weights(values: list[float], device: torch.device) -> torch.Tensor:
+    """(B,) float32 feedback weights on ``device``, from per-value device scalars made once.
+
+    ``torch.tensor(values, device=cuda)`` would copy a host list to the device on every tick (a
+    stream synchronisation); concatenating cached device scalars is a device-side copy only."""
+    return torch.cat([_weight_scalar(float(v), torch.device(device)) for v in values])
+
+
+@functools.lru_cache(maxsize=256)
+def _weight_scalar(value: float, device: torch.device) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.float32, device=device)

@@ -42,8 +42,10 @@ def test_gpu_check_dry_run_says_what_it_would_run(tmp_path):
     assert "bench engine --device cuda" in text
     assert re.search(r"diffusers==\d", text)  # the wheel it carries, at the lock's version
     assert "importlib" not in text  # not carried: it imports lazy_importer, and diffusers needs none on 3.12
+    assert "-m ditstream.bench.live_streams --streams 1,4,8,16 --fps 30" in text and "--device cuda" in text
+    assert "--backend compile" in text and f"--out {out}/live-streams.json" in text
     limits = [int(m) for m in re.findall(r"^\s+\S+\s+(\d+) s ", text, flags=re.M)]
-    assert len(limits) == 5 and sum(limits) <= 480  # inside 8 minutes
+    assert len(limits) == 6 and sum(limits) <= 480  # inside 8 minutes
 
 
 def test_gpu_check_rejects_unknown_options():
