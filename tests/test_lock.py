@@ -60,7 +60,13 @@ NOT_LOCKED = re.compile(r"^(ditstream|torch|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-
 
 
 def _installed() -> dict[str, metadata.Distribution]:
-    return {canonicalize_name(d.metadata["Name"]): d for d in metadata.distributions()}
+    # The first of a name on sys.path is the one Python imports (and ``metadata.version`` reports);
+    # a later copy is shadowed: setuptools, once imported by any test, appends its ``_vendor`` folder
+    # (older importlib-metadata, packaging, zipp) to sys.path.
+    found: dict[str, metadata.Distribution] = {}
+    for d in metadata.distributions():
+        found.setdefault(canonicalize_name(d.metadata["Name"]), d)
+    return found
 
 
 def _closure(installed: dict[str, metadata.Distribution]) -> tuple[set[str], set[str]]:
