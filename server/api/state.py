@@ -24,7 +24,7 @@ STREAM_DEFAULT_KEYS = ("prompt", "width", "height", "steps", "strength", "guidan
 FALLBACK_SIZE = 512
 
 
-_STREAM_CONFIG_DEFAULTS = StreamConfig()
+_STREAM_CONFIG_DEFAULTS = StreamConfig().fields()
 
 
 @dataclass
@@ -99,7 +99,7 @@ class AppState:
         return {"model": info.get("model") or self.settings.model, "backend": info.get("backend"),
                 "device": info.get("device"), "dtype": info.get("dtype"), "native_size": native,
                 "size_multiple": info.get("size_multiple"), "loras": dict(info.get("loras") or {}),
-                "defaults": {k: start.get(k, getattr(_STREAM_CONFIG_DEFAULTS, k))
+                "defaults": {k: start.get(k, _STREAM_CONFIG_DEFAULTS[k])
                              for k in ("prompt", "width", "height", "steps", "strength", "guidance_scale")}}
 
 
