@@ -10,17 +10,14 @@ padding on the CPU (no graphs there), which checks the tests' own code.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from ditstream.engine.config import ModelConfig
+from gpukit import DEVICE, NEEDS_GPU
 
-DEVICE = os.environ.get("DITSTREAM_GPU_TESTS_DEVICE", "cuda")
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                       reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+    NEEDS_GPU,
 ]
 
 #: (batch, latent height, latent width): batch 3 pads to bucket 4 and is sliced back.

@@ -11,20 +11,17 @@ tests' own code (and shows them fail on a broken build) where no GPU is at hand.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 from ditstream.engine.config import EngineConfig, ModelConfig, StreamConfig
 from ditstream.engine.core import EngineCore
 from ditstream.engine.types import Frame
+from gpukit import DEVICE, NEEDS_GPU
 
-DEVICE = os.environ.get("DITSTREAM_GPU_TESTS_DEVICE", "cuda")
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                       reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+    NEEDS_GPU,
 ]
 
 SIZE = 32

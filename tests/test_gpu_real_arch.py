@@ -22,12 +22,11 @@ from ditstream.engine.backends import create_backend
 from ditstream.engine.config import EngineConfig, StreamConfig
 from ditstream.engine.core import EngineCore
 from ditstream.engine.types import Frame
+from gpukit import DEVICE, NEEDS_GPU
 
-DEVICE = os.environ.get("DITSTREAM_GPU_TESTS_DEVICE", "cuda")
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                       reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+    NEEDS_GPU,
     pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("DITSTREAM_GPU_TESTS_REAL_ARCH") != "1",
                        reason="the 0.6B model on the CPU stand-in takes minutes: set DITSTREAM_GPU_TESTS_REAL_ARCH=1"),
 ]

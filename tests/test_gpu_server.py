@@ -21,18 +21,16 @@ import time
 
 import httpx
 import pytest
-import torch
+from gpukit import DEVICE, NEEDS_GPU
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from ditstream.bench.harness import serve_subprocess
 from ditstream.bench.live_streams import LiveSpec, measure_level
 
-DEVICE = os.environ.get("DITSTREAM_GPU_TESTS_DEVICE", "cuda")
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                       reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+    NEEDS_GPU,
 ]
 STREAMS = 4
 
