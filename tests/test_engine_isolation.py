@@ -6,6 +6,7 @@ import numpy as np
 from ditstream.engine.config import EngineConfig, StreamConfig
 from ditstream.engine.core import EngineCore
 from ditstream.engine.types import Frame
+from testkit import run_streams
 
 SIZE = 32
 CONFIGS = [
@@ -19,16 +20,7 @@ CONFIGS = [
 
 def _run(g, configs, frames, max_batch=16):
     core = EngineCore(g.components, g.backend, g.prompts, EngineConfig(output_float=True, max_batch=max_batch))
-    states = [core.add(c) for c in configs]
-    got: dict[str, list] = {s.id: [] for s in states}
-    for i, f in enumerate(frames):
-        for s in states:
-            core.submit(s.id, Frame(image=f if s.config.mode == "img2img" else None, seq=i))
-        for o in core.step():
-            got[o.stream_id].append(o)
-    for o in core.flush():
-        got[o.stream_id].append(o)
-    return [got[s.id] for s in states], core.batch_sizes
+    return run_streams(core, configs, frames), core.batch_sizes
 
 
 def _frames(n):

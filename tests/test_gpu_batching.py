@@ -17,6 +17,7 @@ from ditstream.engine.core import EngineCore
 from ditstream.engine.errors import GenerationError
 from ditstream.engine.types import Frame
 from gpukit import DEVICE, NEEDS_GPU
+from testkit import run_streams
 
 pytestmark = [
     pytest.mark.gpu,
@@ -63,16 +64,7 @@ def _frames(n: int, seed: int = 1) -> list[np.ndarray]:
 
 def _run(core: EngineCore, configs: list[StreamConfig], frames: list[np.ndarray]) -> list[list]:
     """Frame ``i`` to every stream on tick ``i``; per stream, its outputs in emission order."""
-    states = [core.add(c) for c in configs]
-    got: dict[str, list] = {s.id: [] for s in states}
-    for i, f in enumerate(frames):
-        for s in states:
-            core.submit(s.id, Frame(image=f if s.config.mode == "img2img" else None, seq=i))
-        for o in core.step():
-            got[o.stream_id].append(o)
-    for o in core.flush():
-        got[o.stream_id].append(o)
-    return [got[s.id] for s in states]
+    return run_streams(core, configs, frames)
 
 
 def _core(g) -> EngineCore:

@@ -13,6 +13,7 @@ from ditstream.engine.core import EngineCore
 from ditstream.engine.errors import ValidationError
 from ditstream.engine.generate import Generator
 from ditstream.engine.types import Frame
+from testkit import run_streams
 
 SIZE = 32
 
@@ -31,16 +32,7 @@ def torch_gen(tiny_components):
 def _run(g, configs, frames, max_batch=16):
     """Each config as one stream of one engine, fed ``frames``; returns each stream's float images."""
     core = EngineCore(g.components, g.backend, g.prompts, EngineConfig(output_float=True, max_batch=max_batch))
-    states = [core.add(c) for c in configs]
-    got: dict[str, list] = {s.id: [] for s in states}
-    for i, f in enumerate(frames):
-        for s in states:
-            core.submit(s.id, Frame(image=_fit(f, s.config), seq=i))
-        for o in core.step():
-            got[o.stream_id].append(o.image)
-    for o in core.flush():
-        got[o.stream_id].append(o.image)
-    return [got[s.id] for s in states]
+    return [[o.image for o in outs] for outs in run_streams(core, configs, frames, fit=_fit)]
 
 
 def _moving(n, seed=1):

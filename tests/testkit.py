@@ -130,3 +130,22 @@ def wait_ready(proc: Any, base_url: str, *, log: Any = None, timeout: float = 18
             pass
         assert time.monotonic() < deadline, f"{base_url} did not become ready in {timeout:.0f} s"
         time.sleep(0.3)
+
+
+def run_streams(core: Any, configs: list[Any], frames: list[Any], fit: Any = None) -> list[list[Any]]:
+    """Each config as one stream of ``core`` (an ``EngineCore``); frame ``i`` goes to every stream on
+    tick ``i`` (through ``fit(frame, config)``; by default as it is for img2img, none for txt2img).
+    Returns each stream's outputs in emission order: what the parity and isolation tests compare."""
+    from ditstream.engine.types import Frame
+
+    fit = fit or (lambda f, cfg: f if cfg.mode == "img2img" else None)
+    states = [core.add(c) for c in configs]
+    got: dict[str, list[Any]] = {s.id: [] for s in states}
+    for i, f in enumerate(frames):
+        for s in states:
+            core.submit(s.id, Frame(image=fit(f, s.config), seq=i))
+        for o in core.step():
+            got[o.stream_id].append(o)
+    for o in core.flush():
+        got[o.stream_id].append(o)
+    return [got[s.id] for s in states]
