@@ -22,10 +22,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from ditstream.bench.scale_harness import GatewayProcess, RedisServer, WorkerProcess, redis_server_binary
 from ditstream.clients.media import open_source
 from ditstream.clients.stream_client import run_stream
+
+from ditstream.bench.scale_harness import GatewayProcess, RedisServer, WorkerProcess, redis_server_binary
 
 pytestmark = pytest.mark.timeout(120)
 
