@@ -205,7 +205,7 @@ class _StreamRun:
                 code = self.ws.close_code
                 closed_by = recv_task.exception()  # ConnectionClosedError for an unclean close
                 if reconnect is None or code not in RECONNECT_CODES:
-                    raise closed_by or _closed(self.ws)
+                    raise closed_by or await _closed(self.ws)
                 self.ws = await self._reopen(open_stream, reconnect, code)
         finally:
             rep_task.cancel()
@@ -323,8 +323,13 @@ class _StreamRun:
             report(self.stats)
 
 
-def _closed(ws: Any) -> Exception:
-    """The exception a send on ``ws`` would raise now (the server closed it; no reconnect)."""
+
+async def _closed(ws: Any) -> Exception:
+    """The exception reading ``ws`` raises now that the server closed it (no reconnect)."""
     import websockets
 
-    return websockets.ConnectionClosedOK(ws.close_rcvd, ws.close_sent)
+    try:
+        await ws.recv()
+    except websockets.ConnectionClosed as exc:
+        return exc
+    return ConnectionError("the server closed the stream")
