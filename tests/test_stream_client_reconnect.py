@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 import websockets
-from websockets.asyncio.server import serve
-
 from ditstream.clients.media import open_source
 from ditstream.clients.stream_client import Reconnect, pack_frame, run_stream, unpack_frame
+from websockets.asyncio.server import serve
 
 FAST = Reconnect(attempts=3, first_delay_s=0.01, max_delay_s=0.05)
 
