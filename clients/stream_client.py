@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -86,6 +87,9 @@ class StreamStats:
     first_output: float = 0.0
     last_output: float = 0.0
     ready: dict[str, Any] = field(default_factory=dict)
+    #: Streams resumed after a 1012/1013 close, and the close codes that asked for it.
+    reconnects: int = 0
+    close_codes: list[int] = field(default_factory=list)
 
     @property
     def fps(self) -> float:
@@ -101,56 +105,146 @@ class StreamStats:
                 f"server p50 {float(np.median(self.server_ms)) if self.server_ms else float('nan'):.1f} ms")
 
 
+#: Close codes after which the stream resumes by itself: 1012 (service restart: the server is being
+#: replaced) and 1013 (try again later: full or shutting down).
+RECONNECT_CODES = frozenset({1012, 1013})
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    """How a stream closed with a ``RECONNECT_CODES`` code resumes: up to ``attempts`` tries, the n-th
+    after ``min(max_delay_s, first_delay_s * 2**n)`` s (times 0.5–1, so that a fleet's clients do not
+    all come back at once). Each try opens a new stream at the same URL (whichever server it reaches
+    now) with the same config; frames go on with the next seq."""
+
+    attempts: int = 8
+    first_delay_s: float = 0.1
+    max_delay_s: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_delay_s, self.first_delay_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+class StreamRefused(RuntimeError):
+    """The server answered the open with an error instead of ``ready`` (e.g. ``overloaded``, 1013)."""
+
+    def __init__(self, answer: dict[str, Any]) -> None:
+        super().__init__(f"server refused the stream: {answer}")
+        self.answer = answer
+
+
 async def run_stream(url: str, frames: Iterator[np.ndarray], *, config: dict[str, Any] | None = None,
                      fps: float = 30.0, max_frames: int | None = None, seconds: float | None = None,
                      api_key: str | None = None, max_in_flight: int = 2, quality: int = 85,
                      on_output: Callable[[dict[str, Any], bytes], None] | None = None,
-                     report: Callable[[StreamStats], None] | None = None, report_every: float = 1.0) -> StreamStats:
-    """Send ``frames`` at ``fps`` (at most ``max_in_flight`` unanswered), collect outputs, return stats."""
+                     report: Callable[[StreamStats], None] | None = None, report_every: float = 1.0,
+                     reconnect: Reconnect | None = Reconnect()) -> StreamStats:
+    """Send ``frames`` at ``fps`` (at most ``max_in_flight`` unanswered), collect outputs, return stats.
+
+    A stream the server closes with 1012/1013 resumes by itself (``reconnect``; ``None``: never); the
+    first open is not retried (a server that is not there or refuses is an error at once)."""
     import websockets
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    async with websockets.connect(url, additional_headers=headers, max_size=None, compression=None,
-                                  subprotocols=["ditstream"]) as ws:  # type: ignore[list-item]
-        ready = json.loads(await ws.recv())
-        if ready.get("type") != "ready":
-            raise RuntimeError(f"server refused the stream: {ready}")
-        if config:
-            await ws.send(json.dumps({"type": "config", **config}))
-        run = _StreamRun(ws, frames, txt2img=(config or {}).get("mode") == "txt2img", fps=fps,
-                         max_frames=max_frames, seconds=seconds, max_in_flight=max_in_flight, quality=quality,
-                         on_output=on_output)
-        run.stats.ready = ready
-        await run.run(report, report_every)
+
+    async def open_stream() -> Any:
+        ws = await websockets.connect(url, additional_headers=headers, max_size=None, compression=None,
+                                      subprotocols=["ditstream"])  # type: ignore[list-item]
+        try:
+            ready = json.loads(await ws.recv())
+            if ready.get("type") != "ready":
+                raise StreamRefused(ready)
+            if config:
+                await ws.send(json.dumps({"type": "config", **config}))
+        except BaseException:
+            await ws.close()
+            raise
+        return ws, ready
+
+    run = _StreamRun(frames, txt2img=(config or {}).get("mode") == "txt2img", fps=fps,
+                     max_frames=max_frames, seconds=seconds, max_in_flight=max_in_flight, quality=quality,
+                     on_output=on_output)
+    await run.run(open_stream, reconnect, report, report_every)
     return run.stats
 
 
 class _StreamRun:
-    """One stream's send and receive loops over an open, configured WebSocket, and what they share:
-    the stats and the last answered seq (flow control)."""
+    """One stream's send and receive loops, and what they share across the connections that carry it:
+    the stats, the next seq and the last answered seq (flow control)."""
 
-    def __init__(self, ws: Any, frames: Iterator[np.ndarray], *, txt2img: bool, fps: float,
+    def __init__(self, frames: Iterator[np.ndarray], *, txt2img: bool, fps: float,
                  max_frames: int | None, seconds: float | None, max_in_flight: int, quality: int,
                  on_output: Callable[[dict[str, Any], bytes], None] | None) -> None:
-        self.ws, self.frames, self.txt2img, self.fps = ws, frames, txt2img, fps
+        self.ws: Any = None
+        self.frames, self.txt2img, self.fps = frames, txt2img, fps
         self.max_frames, self.seconds, self.max_in_flight, self.quality = max_frames, seconds, max_in_flight, quality
         self.on_output = on_output
         self.stats = StreamStats()
         self.last_answered = -1
+        self.next_seq = 0
         self.done_sending = asyncio.Event()
+        self.connected = asyncio.Event()
 
-    async def run(self, report: Callable[[StreamStats], None] | None, report_every: float) -> None:
-        """Send until done, let the last answers arrive, then stop receiving and reporting."""
+    async def run(self, open_stream: Callable[[], Any], reconnect: Reconnect | None,
+                  report: Callable[[StreamStats], None] | None, report_every: float) -> None:
+        """Open, send until done (across reconnects), let the last answers arrive, then stop."""
         self.stats.started = time.perf_counter()
-        recv_task = asyncio.create_task(self._receive())
+        self.ws, self.stats.ready = await open_stream()
         rep_task = asyncio.create_task(self._report(report, report_every))
-        await self._send()
-        # Let the last answers arrive (the server answers every frame it did not drop).
+        send_task = asyncio.create_task(self._send())
+        try:
+            while True:
+                self.connected.set()
+                recv_task = asyncio.create_task(self._receive())
+                await asyncio.wait({recv_task, send_task}, return_when=asyncio.FIRST_COMPLETED)
+                if send_task.done():
+                    send_task.result()
+                    await self._last_answers(recv_task)
+                    return
+                self.connected.clear()
+                code = self.ws.close_code
+                closed_by = recv_task.exception()  # ConnectionClosedError for an unclean close
+                if reconnect is None or code not in RECONNECT_CODES:
+                    raise closed_by or await _closed(self.ws)
+                self.ws = await self._reopen(open_stream, reconnect, code)
+        finally:
+            rep_task.cancel()
+            send_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await send_task
+            if self.ws is not None:
+                await self.ws.close()
+
+    async def _reopen(self, open_stream: Callable[[], Any], reconnect: Reconnect, code: int) -> Any:
+        """A new stream after a 1012/1013 close: tries with backoff; frames unanswered on the old one
+        never will be, so flow control starts afresh."""
+        import websockets
+
+        logger.info("stream closed (%s): reconnecting", code)
+        self.stats.close_codes.append(code)
+        for attempt in range(reconnect.attempts):
+            await asyncio.sleep(reconnect.delay(attempt))
+            try:
+                ws, _ = await open_stream()
+            except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+                logger.info("reconnect %d failed: %r", attempt + 1, exc)
+                continue
+            except StreamRefused as exc:
+                if exc.answer.get("code") != "overloaded":
+                    raise
+                logger.info("reconnect %d refused: %s", attempt + 1, exc.answer.get("message"))
+                continue
+            self.stats.reconnects += 1
+            self.last_answered = self.next_seq - 1
+            return ws
+        raise ConnectionError(f"the stream closed ({code}) and {reconnect.attempts} reconnects failed")
+
+    async def _last_answers(self, recv_task: asyncio.Task) -> None:
+        """Let the last answers arrive (the server answers every frame it did not drop)."""
         deadline = time.perf_counter() + 5.0
-        while not self.txt2img and self.last_answered < self.stats.sent - 1 and time.perf_counter() < deadline \
+        while not self.txt2img and self.last_answered < self.next_seq - 1 and time.perf_counter() < deadline \
                 and not recv_task.done():
             await asyncio.sleep(0.01)
-        rep_task.cancel()
         recv_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await recv_task
@@ -199,28 +293,43 @@ class _StreamRun:
             self.done_sending.set()
 
     async def _send_frames(self) -> None:
+        import websockets
+
         period = 1.0 / self.fps
         next_t = time.perf_counter()
-        seq = 0
         while True:
-            if self.max_frames is not None and seq >= self.max_frames:
+            if self.max_frames is not None and self.stats.sent >= self.max_frames:
                 return
             if self.seconds is not None and time.perf_counter() - self.stats.started >= self.seconds:
                 return
             next_t += period
             await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
-            if seq - 1 - self.last_answered >= self.max_in_flight:
+            if self.next_seq - 1 - self.last_answered >= self.max_in_flight:
                 continue  # back-pressure: skip this tick (latest wins at the source too)
             try:
                 image = next(self.frames)
             except StopIteration:
                 return
             data = await asyncio.to_thread(encode_jpeg, image, self.quality)
-            await self.ws.send(pack_frame({"seq": seq, "ts": time.perf_counter() * 1e3}, data))
-            seq += 1
-            self.stats.sent += 1
+            await self.connected.wait()
+            with contextlib.suppress(websockets.ConnectionClosed):  # resumes on the next connection
+                await self.ws.send(pack_frame({"seq": self.next_seq, "ts": time.perf_counter() * 1e3}, data))
+                self.next_seq += 1
+                self.stats.sent += 1
 
     async def _report(self, report: Callable[[StreamStats], None] | None, every: float) -> None:
         while report is not None:
             await asyncio.sleep(every)
             report(self.stats)
+
+
+
+async def _closed(ws: Any) -> Exception:
+    """The exception reading ``ws`` raises now that the server closed it (no reconnect)."""
+    import websockets
+
+    try:
+        await ws.recv()
+    except websockets.ConnectionClosed as exc:
+        return exc
+    return ConnectionError("the server closed the stream")

@@ -8,7 +8,7 @@ engine are imported inside the command. The start-up it shares with ``worker`` i
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -30,7 +30,9 @@ from ditstream.commands._startup import EngineArgs, load_engine_or_exit, setting
 
 if TYPE_CHECKING:
     import socket
+    from types import FrameType
 
+    from ditstream.server.api.state import AppState
     from ditstream.server.engine_client import EngineClient
     from ditstream.server.settings import Settings
 
@@ -96,7 +98,7 @@ def serve(
 
 
 def _run_uvicorn(settings: Settings, runner: EngineClient, sock: socket.socket, log_level: str) -> None:
-    """Serve the app on the bound socket until SIGTERM/SIGINT (uvicorn's graceful shutdown)."""
+    """Serve the app on the bound socket until SIGTERM/SIGINT, then hand over (``_handover_server``)."""
     import uvicorn
 
     from ditstream.server.api.app import create_app
@@ -111,7 +113,30 @@ def _run_uvicorn(settings: Settings, runner: EngineClient, sock: socket.socket, 
                             # Frames are JPEG already: permessage-deflate would burn ~1 ms of CPU per frame.
                             ws_per_message_deflate=False, ws_ping_interval=20, ws_ping_timeout=20,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
-    uvicorn.Server(config).run(sockets=[sock])
+    _handover_server(config, app.state.ditstream).run(sockets=[sock])
+
+
+def _handover_server(config: Any, state: AppState) -> Any:
+    """A ``uvicorn.Server`` that hands over before it shuts down: on SIGTERM/SIGINT ``/ready`` is 503 at
+    once (set in the signal handler, not on uvicorn's next 0.1 s tick), then ``app.hand_over`` closes
+    the live streams with 1012 after ``shutdown_grace_s``, and only then does uvicorn stop listening,
+    wait for the REST requests in flight and run the lifespan's shutdown. uvicorn alone would
+    ``fail_connection(1012)`` every WebSocket at once, with ``/ready`` still 200."""
+    import uvicorn
+
+    from ditstream.server.api.app import hand_over
+
+    class HandoverServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            state.shutting_down = True
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            if not self.force_exit:  # a second Ctrl-C: no grace
+                await hand_over(state)
+            await super().shutdown(sockets)
+
+    return HandoverServer(config)
 
 
 def bind_or_exit(command: str, host: str, port: int) -> socket.socket:

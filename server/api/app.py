@@ -4,7 +4,8 @@
 admission pools and codec threads. Without ``runner`` the lifespan loads the model named in the
 settings (in a worker thread: loading never blocks the event loop); tests pass a null or tiny
 runner. The lifespan starts the engine thread and an event-loop lag monitor, and at shutdown turns
-``/ready`` to 503, closes live streams (1001) after a grace period and stops the engine.
+``/ready`` to 503, closes live streams (1012) after a grace period and stops the engine. ``hand_over``
+is that same stop begun on SIGTERM, before uvicorn closes anything (``ditstream serve`` calls it).
 """
 
 from __future__ import annotations
@@ -88,13 +89,34 @@ def _lifespan(state: AppState):
     return lifespan
 
 
+#: The close code of a live stream whose server stops on purpose: RFC 6455's "service restart",
+#: i.e. reconnect (with backoff) and reach another server; the reason says the same in words.
+WS_SERVICE_RESTART, RESTART_REASON = 1012, "server restarting"
+
+
+async def hand_over(state: AppState) -> None:
+    """A stop on purpose (SIGTERM), run before uvicorn closes any socket.
+
+    ``/ready`` answers 503 from now on (a load balancer takes this server out; new streams are refused
+    with 1013), live streams get ``shutdown_grace_s`` to end by themselves, then each is closed with
+    1012 — a WebRTC session told so on its ``control`` channel — so that its client reconnects
+    through the load balancer to another server. REST requests keep being served meanwhile; uvicorn
+    waits for those in flight afterwards. Without this, uvicorn would drop the sockets itself
+    (``fail_connection``) while ``/ready`` still said 200.
+    """
+    state.shutting_down = True
+    logger.info("handing over: /ready is 503; %d live stream(s) closed (1012) in %.1f s at most",
+                len(state.sessions), state.settings.shutdown_grace_s)
+    await _drain_sessions(state)
+
+
 async def _drain_sessions(state: AppState) -> None:
-    """Graceful shutdown: let streams finish for ``shutdown_grace_s``, then close them (1001)."""
+    """Let streams finish for ``shutdown_grace_s``, then close them (1012, service restart)."""
     deadline = time.monotonic() + state.settings.shutdown_grace_s
     while state.sessions and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     for session in list(state.sessions):
-        session.request_close(1001, "server shutting down")
+        session.request_close(WS_SERVICE_RESTART, RESTART_REASON)
     for _ in range(40):
         if not state.sessions:
             break

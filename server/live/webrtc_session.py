@@ -160,7 +160,10 @@ class WebRTCSession:
             logger.info("webrtc session %s closed (%s)", self.id, reason)
 
     def request_close(self, code: int, reason: str) -> None:
-        """Shutdown (``app._drain_sessions``): end the session from any coroutine."""
+        """Shutdown (``app._drain_sessions``): end the session from any coroutine. Its control
+        channels are told first, ``{"type":"closing","code":1012,...}``, as a WebSocket gets its close
+        code: the client then publishes again (to another server, through its load balancer)."""
+        self.send_control({"type": "closing", "code": code, "reason": reason})
         self._spawn(self.close(reason), keep=True)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], keep: bool = False) -> asyncio.Task:
