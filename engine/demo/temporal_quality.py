@@ -43,15 +43,27 @@ def moving_clip(speed: float, frames: int, noise: float = NOISE, seed: int = 0) 
 
 def ghost(output: np.ndarray, spec: ds.ShapeSpec, margin: float = 3.0) -> float:
     """Share of the output's shape pixels (α > 0.5) farther than ``margin`` px from the input's shape."""
-    from scipy.ndimage import distance_transform_edt
-
     alpha, _, _ = coverage(output)
     shape_px = alpha > 0.5
     if not shape_px.any():
         return 0.0
     inside = ds.shape_mask(spec.shape, spec.cx, spec.cy, spec.radius, spec.size) > 0.5
-    far = distance_transform_edt(~inside) > margin
+    far = ~_within_distance(inside, margin)
     return float((shape_px & far).sum() / shape_px.sum())
+
+
+def _within_distance(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Pixels with a ``mask`` pixel no farther than ``radius`` (Euclidean, pixel centres): ``mask``
+    dilated by a disk, i.e. ``distance_transform_edt(~mask) <= radius`` without scipy."""
+    r = int(radius)
+    h, w = mask.shape
+    padded = np.pad(mask, r)
+    near = np.zeros_like(mask)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            if dy * dy + dx * dx <= radius * radius:
+                near |= padded[r + dy : r + dy + h, r + dx : r + dx + w]
+    return near
 
 
 def tracking(outputs: list[np.ndarray], specs: list[ds.ShapeSpec]) -> dict[str, float]:
