@@ -120,9 +120,9 @@ def wheels(tmp_path_factory) -> list[Path]:
         folder = tmp_path_factory.mktemp("whl")
         proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check"), "--fetch"], capture_output=True, text=True,
                               timeout=600, env={**os.environ, "GPU_CHECK_WHL": str(folder)})
-        if proc.returncode != 0 and re.search(r"(?i)network|connection|resolve|timed out", proc.stdout + proc.stderr):
-            pytest.skip(f"PyPI is unreachable from here, so the wheels cannot be fetched: {proc.stderr[-300:]}")
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        # No skip when PyPI is unreachable: every machine that runs this suite installed it from that
+        # registry (scripts/install), so a failed fetch is a fault of the fetch, reported as one.
+        assert proc.returncode == 0, "gpu-check --fetch failed:\n" + proc.stdout[-2000:] + proc.stderr[-2000:]
     found = {canonicalize_name(parse_wheel_filename(w.name)[0]): w for w in folder.glob("*.whl")}
     assert set(pins) <= set(found), f"not fetched: {set(pins) - set(found)}"
     return [found[n] for n in pins]
