@@ -93,3 +93,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
         pytest.fail("redis-server is required (apt-get install -y redis-server)", pytrace=False)
     with RedisServer(log_dir=tmp_path_factory.mktemp("redis")) as server:
         yield server.url
+
+
+@pytest.fixture
+def no_tf32():
+    """TF32 off for the test (CUDA matmuls and convolutions in full fp32): the gpu parity tests compare
+    CUDA against the CPU at fp32 tolerances that TF32's 10-bit mantissa would break."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -22,6 +22,7 @@ from testkit import run_streams
 pytestmark = [
     pytest.mark.gpu,
     NEEDS_GPU,
+    pytest.mark.usefixtures("no_tf32"),
 ]
 
 SIZE = 32
@@ -33,14 +34,6 @@ CONFIGS = [
     StreamConfig(prompt="a cat", mode="txt2img", steps=3, seed=3, width=SIZE, height=SIZE),
     StreamConfig(prompt="a dog on a horse", mode="img2img", steps=2, strength=0.6, seed=4, width=SIZE, height=SIZE),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from gpukit import DEVICE, NEEDS_GPU
 pytestmark = [
     pytest.mark.gpu,
     NEEDS_GPU,
+    pytest.mark.usefixtures("no_tf32"),
 ]
 
 SIZE = 32
@@ -33,14 +34,6 @@ FP32_ATOL = 1e-4
 #: mean <= 0.004, 99th percentile <= 0.039, max <= 0.19; the bounds are about twice that. Another seed
 #: (a wrong image) differs by a mean of ~0.15 and a 99th percentile of ~0.5.
 BF16_MEAN, BF16_P99, BF16_MAX = 0.01, 0.08, 0.35
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _load(model_dir, device: str, dtype: str):
