@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -166,29 +166,38 @@ class Stream(FrameLog):
         self.h.close()
 
 
-_ANSWER_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*: worker (\S+): job (\S+) "
+_ANSWER_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*: worker (\S+): job (\S+) \(entry (\S+)\) "
                           r"(answered|was already answered; result discarded)$")
 
 
-def _worker_results(logs: list[Path]) -> dict[str, list[tuple[float, str, bool]]]:
+class Result(NamedTuple):
+    """One result a worker computed and offered as a job's answer, from its log line."""
+    t: float  # wall clock
+    worker: str
+    entry: str  # the job's stream entry: a job sent again after a Redis restart is a new entry
+    written: bool  # written as the answer, or refused because the job was already answered
+    line: str
+
+
+def _worker_results(logs: list[Path]) -> dict[str, list[Result]]:
     """From the workers' own logs (the killed one's included: lines are written as they happen):
-    for each job, every result a worker computed and offered as its answer — (wall-clock time,
-    worker, whether it was written as the answer or refused because the job was already answered)."""
-    results: dict[str, list[tuple[float, str, bool]]] = {}
+    for each job, every result a worker computed and offered as its answer."""
+    results: dict[str, list[Result]] = {}
     for log in logs:
         for line in log.read_text(errors="replace").splitlines():
             m = _ANSWER_LINE.match(line)
             if m:
                 t = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-                results.setdefault(m.group(3), []).append((t, m.group(2), m.group(4) == "answered"))
+                results.setdefault(m.group(3), []).append(
+                    Result(t, m.group(2), m.group(4), m.group(5) == "answered", line))
     return results
 
 
 def _twice(times: dict[str, list[float]], outage: tuple[float, float] | None = None) -> list[str]:
-    """Jobs with more than one event (answer or computation) within one Redis lifetime. Across a
-    Redis restart (``outage``: wall clock before it began, after it ended) a job may have one in
-    each lifetime: an answer written just before the data was lost may never reach the gateway,
-    which then sends the job again, and a job held at the restart is sent again while it runs."""
+    """Jobs answered more than once within one Redis lifetime. Across a Redis restart (``outage``:
+    wall clock before it began, after it ended) a job may have one answer in each lifetime: an
+    answer written just before the data was lost may never reach the gateway, which then sends
+    the job again."""
     slack = 0.01  # log lines carry milliseconds
     twice = []
     for job, ts in sorted(times.items()):
@@ -203,14 +212,25 @@ def _twice(times: dict[str, list[float]], outage: tuple[float, float] | None = N
 def _judge_workers(workers: list[WorkerProcess], victim: str | None = None,
                    outage: tuple[float, float] | None = None) -> dict[str, Any]:
     """What the workers themselves say they did, independent of the gateway's counters: jobs
-    answered, results computed, and the jobs answered twice or computed twice (the killed
-    worker's computations aside: a survivor runs again what it held) within one Redis lifetime."""
+    answered, results computed, the jobs answered twice within one Redis lifetime, and the job
+    entries computed twice. An entry is delivered to one worker, and taken by another only when
+    its holder is dead: so apart from the killed worker's computations (a survivor runs again
+    what it held) no entry may be computed twice. A job held at a Redis restart is computed
+    twice, legitimately: the gateway sends it again, as a new entry, while the old one runs."""
     results = _worker_results([w.log for w in workers if w.log is not None])
+    per_entry: dict[tuple[str, str], list[Result]] = {}
+    for job, rs in results.items():
+        for r in rs:
+            if r.worker != victim:
+                per_entry.setdefault((job, r.entry), []).append(r)
+    twice = {k: rs for k, rs in per_entry.items() if len(rs) > 1}
     return {
-        "answered": sum(1 for rs in results.values() if any(written for *_, written in rs)),
+        "answered": sum(1 for rs in results.values() if any(r.written for r in rs)),
         "computed": sum(len(rs) for rs in results.values()),
-        "answered_twice": _twice({j: [t for t, _w, written in rs if written] for j, rs in results.items()}, outage),
-        "computed_twice": _twice({j: [t for t, w, _ in rs if w != victim] for j, rs in results.items()}, outage),
+        "answered_twice": _twice({j: [r.t for r in rs if r.written] for j, rs in results.items()}, outage),
+        "jobs_computed_twice": sorted(j for j, rs in results.items() if sum(r.worker != victim for r in rs) > 1),
+        "computed_twice": [f"{job} entry {entry}: " + " | ".join(r.line for r in rs)
+                           for (job, entry), rs in sorted(twice.items())],
     }
 
 
@@ -494,7 +514,7 @@ def test_chaos_gateway_sigkill(tmp_path: Path):
     print(f"  workers: {judged['answered']} jobs answered, {judged['computed']} results computed")
     assert f["duplicate_answers"] == 0
     # No worker died and Redis kept its data: no job may be computed, let alone answered, twice.
-    assert not judged["computed_twice"], f"jobs the workers computed more than once: {judged}"
+    assert not judged["jobs_computed_twice"], f"jobs the workers computed more than once: {judged}"
     assert judged["answered"] >= N_GW_JOBS, f"fewer jobs answered by the workers than requests: {judged}"
     _check_fault("gateway_sigkill", f, GW_RESTART_BOUND_S)
     assert f["resubmitted"] >= 1, "no request failed with the gateway: the kill came too late to prove anything"

@@ -101,9 +101,10 @@ class JobAnswers:
                                    result.dump(), data, self.cfg.replies_ttl_s])
         if not first:
             self.counters.add("jobs_duplicate")
-            logger.info("worker %s: job %s was already answered; result discarded", self.id, msg.job)
+            logger.info("worker %s: job %s (entry %s) was already answered; result discarded", self.id, msg.job,
+                        eid)
         else:  # one line per answer written: the chaos test counts answers per job from these
-            logger.debug("worker %s: job %s answered", self.id, msg.job)
+            logger.debug("worker %s: job %s (entry %s) answered", self.id, msg.job, eid)
         return bool(first)
 
     def ack(self, eid: str) -> None:
