@@ -109,6 +109,14 @@ def test_route_walk_finds_every_route(keyed_app):
     assert not {"/docs", "/redoc", "/docs/oauth2-redirect"} & found
 
 
+def test_openapi_operation_ids_are_unique(keyed_app):
+    """OpenAPI requires one operationId per operation (client generators key methods by it); FastAPI
+    gives a route serving two methods the same id twice, with only a warning."""
+    ids = [op["operationId"] for item in keyed_app.openapi()["paths"].values()
+           for op in item.values() if isinstance(op, dict) and "operationId" in op]
+    assert ids and len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+
+
 def test_every_http_route_needs_a_key_unless_documented_open(keyed_app):
     async def main() -> dict[str, set[int]]:
         answers: dict[str, set[int]] = {}

@@ -175,14 +175,19 @@ class SessionStatus(BaseModel):
     failure: str | None = Field(None, description="Why the publisher's peer failed, e.g. 'DTLS failed: ...'.")
 
 
-@router.api_route("/v1/whip/{session}", methods=["GET", "DELETE"], response_model=SessionStatus,
-                  responses=_ERRORS, summary="WHIP: GET says the session's state, DELETE ends it (its stream and "
-                                             "viewers) and answers its last state; once it ended, a 404 says why.")
-async def whip_resource(request: Request, session: str) -> SessionStatus:
-    """One route for both methods: a 405 on this path then lists both in ``Allow``."""
+@router.get("/v1/whip/{session}", response_model=SessionStatus, responses=_ERRORS,
+            summary="WHIP: the session's state; once it ended, a 404 says why.")
+async def whip_status(request: Request, session: str) -> SessionStatus:
+    return SessionStatus(**_session(state_of(request.app), session).status())
+
+
+@router.delete("/v1/whip/{session}", response_model=SessionStatus, responses=_ERRORS,
+               summary="WHIP: end the session (its stream and viewers) and answer its last state.")
+async def whip_end(request: Request, session: str) -> SessionStatus:
+    """Two routes, not one for both methods: OpenAPI wants one operation id per operation, and
+    FastAPI gives a two-method route the same id twice."""
     found = _session(state_of(request.app), session)
-    if request.method == "DELETE":
-        await found.close("DELETE")
+    await found.close("DELETE")
     return SessionStatus(**found.status())
 
 
