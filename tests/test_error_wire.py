@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import websockets
 from ditstream.engine.backends.null_backend import NullBackend
@@ -37,7 +38,7 @@ from ditstream.server.scale.messages import (
 )
 from ditstream.server.scale.worker import Worker
 from ditstream.server.settings import Settings
-from testkit import recv_json
+from testkit import frame_message, jpeg, recv_frame, recv_json
 
 from ditstream.bench.harness import ServerThread
 from ditstream.bench.scale_harness import wait_for
@@ -184,3 +185,28 @@ def test_ws_client_gets_the_same_in_band_error_and_close_code_for_every_class(se
     want = make_error(cls)
     assert err == want.to_dict()  # code, message, field — and retry_after for Overloaded
     assert code == mapping_for(cls).ws_close
+
+
+async def _bad_then_good_frame(url: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A frame whose header is sound but whose body cannot be decoded (a JPEG cut after its scan
+    header: the gateway checks headers and relays bytes, so only the worker's decoder finds it),
+    then a good one: the errors before the good frame's output, and that output's header."""
+    rng = np.random.default_rng(0)
+    good = jpeg(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    cut = good[:good.index(b"\xff\xda") + 20]
+    async with websockets.connect(url) as ws:
+        assert (await recv_json(ws))["type"] == "ready"
+        await ws.send(frame_message(cut, 1, ts=123.5))
+        texts = [await recv_json(ws)]
+        await ws.send(frame_message(good, 2))
+        head, _img = await recv_frame(ws, texts=texts)
+        return [t for t in texts if t.get("type") == "error"], head
+
+
+def test_a_frame_only_the_worker_can_refuse_gets_the_same_in_band_error(server) -> None:
+    """In process the intake's decoder refuses it; behind a gateway the worker's does, and the error
+    comes back on the session's output stream in that frame's place — not only into a log."""
+    errors, last = asyncio.run(_bad_then_good_frame(server.ws_url))
+    assert errors == [{"type": "error", "code": "invalid_image", "field": "image", "seq": 1, "ts": 123.5,
+                       "message": "corrupt JPEG image: ValueError: Premature end of JPEG file"}]
+    assert last["seq"] == 2  # the stream went on

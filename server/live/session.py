@@ -232,10 +232,12 @@ class LiveSession:
             self._out_dropped = dropped
 
     def failed(self, out: StreamOutput) -> dict[str, Any]:
-        """A frame whose model call failed: counted, and the in-band error to send in its place."""
+        """A frame whose model call failed (counted), or that a worker refused (bad input, as the
+        intake refuses it in process: not counted): the in-band error to send in its place."""
         self.arrivals.depart(out.seq)
-        self.metrics.frames.labels("failed").inc()
         err = out.error if isinstance(out.error, DitstreamError) else GenerationError(str(out.error))
+        if not isinstance(err, ValidationError):
+            self.metrics.frames.labels("failed").inc()
         return {**ws_error(err), "seq": out.seq, "ts": out.ts}
 
     def leaving(self, out: StreamOutput, encode_s: float = 0.0) -> OutputTimings:

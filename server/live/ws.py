@@ -172,9 +172,11 @@ class WebSocketStream:
                 logger.exception("unexpected error handling a %s message", "binary" if msg.get("bytes") else "text")
                 self._on_error(DitstreamError("internal error while handling the message"))
 
-    def _on_error(self, exc: DitstreamError) -> None:
+    def _on_error(self, exc: DitstreamError, frame: dict[str, Any] | None = None) -> None:
+        """Send ``exc`` in band (naming the ``frame``'s seq and ts when it answers one), then close on
+        abuse."""
         row = mapping_for(exc)
-        self.send_json(ws_error(exc))
+        self.send_json({**ws_error(exc), **(frame or {})})
         if row.ws_close is not None:
             self.request_close(row.ws_close, exc.error_type)
             return
@@ -184,10 +186,12 @@ class WebSocketStream:
             self.send_json(ws_error(abuse))
             self.request_close(mapping_for(abuse).ws_close or 1003, abuse.error_type)
 
-    def _on_frame_error(self, seq: int, exc: DitstreamError) -> None:
-        """On the loop: a frame the codec thread could not hand to the engine."""
+    def _on_frame_error(self, seq: int, ts: float, exc: DitstreamError) -> None:
+        """On the loop: a frame the codec thread could not hand to the engine. The error names the
+        frame as a failed model call's does; behind a gateway the worker's decoder refuses it, and
+        the same message comes back in its place (``LiveSession.failed``)."""
         self.live.arrivals.depart(seq)
-        self._on_error(exc)
+        self._on_error(exc, {"seq": seq, "ts": ts})
 
     def _frame_good(self) -> None:
         self.errors_in_row = 0

@@ -38,12 +38,12 @@ class FrameIntake:
     """Binary frames of one WebSocket stream → its engine stream (see the module docstring)."""
 
     def __init__(self, live: LiveSession, handle: EngineStream, pool: Any,
-                 on_error: Callable[[int, DitstreamError], None], on_good: Callable[[], None]) -> None:
+                 on_error: Callable[[int, float, DitstreamError], None], on_good: Callable[[], None]) -> None:
         self.live = live
         self.handle = handle
         self.settings = live.settings
         self.pool = pool
-        self.on_error = on_error  # called on the loop, with the frame's seq
+        self.on_error = on_error  # called on the loop, with the frame's seq and ts
         self.on_good = on_good  # a frame reached the engine: the run of bad messages ends
         #: The handle takes the client's coded bytes as they are (``EngineStream.takes_encoded``).
         self.relaying = handle.takes_encoded
@@ -127,10 +127,10 @@ class FrameIntake:
                 self.on_good()
             except DitstreamError as exc:  # bad input; or the stream closed meanwhile (nobody to tell)
                 if not self._ended:
-                    self._call_loop(self.on_error, seq, exc)
+                    self._call_loop(self.on_error, seq, ts, exc)
             except Exception:  # a bug, not bad input: loud in the log, and the client gets 1011
                 logger.exception("unexpected error decoding a frame")
-                self._call_loop(self.on_error, seq, DitstreamError("internal error while handling the message"))
+                self._call_loop(self.on_error, seq, ts, DitstreamError("internal error while handling the message"))
 
     def _call_loop(self, fn: Callable[..., Any], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # loop already closed at shutdown

@@ -103,6 +103,10 @@ class Reader:
 
     def _on_output(self, handle: GatewayStreamHandle, fields: dict[Any, Any]) -> None:
         head = OutputHeader.load(fields_get(fields, "m") or b"")
+        if head.refused and head.error is not None and head.epoch == handle.epoch:  # outside the output order
+            handle.outputs.put(StreamOutput(stream_id=handle.id, seq=head.seq, ts=head.ts, image=None,
+                                            error=head.error.to_exception()))
+            return
         if (head.epoch != handle.epoch or (head.worker and head.worker != handle.worker)
                 or head.seq <= handle.last_seq_out):
             # From a worker the session moved away from, or a frame already answered: outputs leave in

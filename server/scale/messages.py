@@ -270,6 +270,10 @@ class OutputHeader(Msg):
     worker: str = ""
     error: ErrorInfo | None = None
     epoch: int = 0
+    #: The worker refused the input frame ``seq`` (e.g. its body does not decode: the gateway checks only
+    #: headers) and ``error`` says why. Outside the output order: its seq neither advances nor is held
+    #: against the order check (the frame before it may still be answered after it).
+    refused: bool | None = None
 
     def dump(self) -> bytes:
         # ``error`` only when set: an image output is the same bytes an older gateway reads.

@@ -33,6 +33,7 @@ class WorkerOutputs:
         self._stop = stop
         self._wake = threading.Event()
         self._replies: queue.SimpleQueue[tuple[str, SessionReply]] = queue.SimpleQueue()
+        self._refusals: queue.SimpleQueue[tuple[str, OutputHeader]] = queue.SimpleQueue()
 
     def wake(self) -> None:
         """An output is ready (the engine's notify) or a reply is queued: ship now."""
@@ -41,6 +42,11 @@ class WorkerOutputs:
     def queue_reply(self, reply_to: str, reply: SessionReply) -> None:
         """A control reply from a thread that must not block on Redis (the engine's)."""
         self._replies.put((reply_to, reply))
+        self._wake.set()
+
+    def queue_refusal(self, sid: str, head: OutputHeader) -> None:
+        """An input frame of session ``sid`` this worker refused: its error goes back in its place."""
+        self._refusals.put((sid, head))
         self._wake.set()
 
     def loop(self, sessions: Callable[[], list[WorkerSession]]) -> None:
@@ -66,6 +72,14 @@ class WorkerOutputs:
                     n += 1
                 if n:
                     pipe.expire(self.keys.frames_out(s.sid), SESSION_TTL_S)
+            while True:
+                try:
+                    sid, refused = self._refusals.get_nowait()
+                except queue.Empty:
+                    break
+                pipe.xadd(self.keys.frames_out(sid), {"m": refused.dump(), "img": b""},
+                          maxlen=self.cfg.frames_out_len, approximate=False)
+                n += 1
             while True:
                 try:
                     reply_to, reply = self._replies.get_nowait()

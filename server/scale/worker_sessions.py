@@ -21,6 +21,7 @@ from ditstream.server.scale.counters import Counters
 from ditstream.server.scale.messages import (
     ErrorInfo,
     FrameHeader,
+    OutputHeader,
     SessionControl,
     SessionRecord,
     SessionReply,
@@ -184,6 +185,7 @@ class WorkerSessions:
             return
         entry_id, fields = entries[-1]  # latest wins: older frames in this read are skipped
         s.last_in = sid_str(entry_id)
+        head: FrameHeader | None = None
         try:
             head = FrameHeader.load(fields_get(fields, "m") or b"")
             if head.epoch > s.epoch:  # the gateway moved the session away: stop answering it now
@@ -201,6 +203,10 @@ class WorkerSessions:
             self.counters.add("frames_in")
         except (DitstreamError, WireError, ValueError) as exc:
             logger.debug("worker %s: frame for %s refused: %s", self.id, sid, exc)
+            if head is not None:  # the client is told, as an in-process engine's intake tells it
+                err = exc if isinstance(exc, DitstreamError) else ValidationError(str(exc), field="image")
+                self.outputs.queue_refusal(sid, OutputHeader(seq=head.seq, ts=head.ts, worker=self.id, epoch=s.epoch,
+                                                             error=ErrorInfo.of(err), refused=True))
 
     def _send_reply(self, msg: SessionControl, cfg: Any, exc: BaseException | None) -> None:
         reply = SessionReply(session=msg.session, request=msg.request, worker=self.id,
