@@ -150,14 +150,16 @@ def test_gpu_bench_default_grid_is_the_tensorrt_profile():
 class _FakeBackend:
     """Stands in for an accelerated backend: torch underneath, a warm-up that can hang."""
 
-    def __init__(self, components, hang=None):
+    def __init__(self, components, hang=None, hanging=None):
         from ditstream.engine.backends.torch_backend import TorchBackend
 
         self._inner = TorchBackend(components)
         self.dtype = components.dtype
-        self.hang = hang
+        self.hang, self.hanging = hang, hanging
 
     def warmup(self, shapes):
+        if self.hanging is not None:
+            self.hanging.set()
         if self.hang is not None:
             assert self.hang.wait(30), "the watchdog never fired"
 
@@ -200,16 +202,19 @@ def test_gpu_bench_watchdog_keeps_the_rows_and_ends_a_hung_run(tmp_path):
     from ditstream.bench.gpu import run_gpu_bench
 
     out = tmp_path / "bench.json"
-    release = threading.Event()
+    release, hanging = threading.Event(), threading.Event()
     at_fire: dict = {}
 
     def on_watchdog():  # instead of os._exit: record what the file held, then unblock the hung warm-up
+        # On a loaded machine the deadline may pass while the baseline still runs (it did, at load 8):
+        # what must survive is what was measured before the hang, so read the file once it hangs.
+        assert hanging.wait(60), "the fake backend never began its warm-up"
         at_fire.update(json.loads(out.read_text()))
         release.set()
 
     result = run_gpu_bench(arch="tiny", device="cpu", dtype="fp32", grid=[(32, 1)], backends=("fake",),
                            min_time=0.0, json_out=out, watchdog_s=2.0, on_watchdog=on_watchdog,
-                           backend_factory=lambda name, comps, *a, **k: _FakeBackend(comps, hang=release))
+                           backend_factory=lambda name, comps, *a, **k: _FakeBackend(comps, release, hanging))
     assert release.is_set()
     assert "watchdog" in at_fire["info"] and not at_fire["info"]["complete"]
     assert [r["backend"] for r in at_fire["rows"]] == ["diffusers"]  # the baseline survived the hang
