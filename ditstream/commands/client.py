@@ -87,12 +87,18 @@ def stream(
     temporal: float = typer.Option(None, help="Attention memory across frames, [0, 1] (0 = off; torch backend)."),
     motion_adaptive: bool = typer.Option(None, "--motion-adaptive/--no-motion-adaptive",
                                          help="Scale temporal and feedback down by the input's motion."),
+    osc_port: int = typer.Option(None, help="Take config changes as OSC messages on this UDP port "
+                                 "(/ditstream/prompt, /ditstream/strength, ...; ditstream[studio])."),
+    osc_host: str = typer.Option("127.0.0.1", help="Address the OSC port listens on (0.0.0.0: every interface)."),
 ) -> None:
     """Stream frames to /v1/stream; prints output fps and glass-to-glass latency every second."""
+    from ditstream.commands._studio import osc_control
+
     url = stream_url(url)
     wh = size_arg(size)
     config = _stream_config(mode, prompt, strength, steps, seed, size, fps, temporal=temporal,
                             motion_adaptive=motion_adaptive)
+    control = osc_control(osc_port, osc_host)
     _probe_source(source)  # the source opens first: a missing camera or file is a usage error, whatever the server
     if wh:
         width, height = wh
@@ -102,7 +108,8 @@ def stream(
     if frames is None and seconds is None and source == "pattern":
         seconds = 10.0
     stats = _run_with_sinks(url, source, width, height, config, fps=fps, max_frames=frames, seconds=seconds,
-                            api_key=api_key, in_flight=in_flight, out=out, show=show)
+                            api_key=api_key, in_flight=in_flight, out=out, show=show,
+                            control=control)
     typer.echo("done: " + stats.summary())
     for err in stats.errors:
         typer.echo(f"server error: {err.get('code')}: {err.get('message')}", err=True)
@@ -142,8 +149,10 @@ def _probe_source(source: str) -> None:
 
 def _run_with_sinks(url: str, source: str, width: int, height: int, config: dict, *, fps: float,
                     max_frames: int | None, seconds: float | None, api_key: str | None, in_flight: int,
-                    out: str | None, show: bool):  # -> clients.stream_client.StreamStats
-    """Stream the source, handing every output to the sinks (--out, --show); the sinks are closed after."""
+                    out: str | None, show: bool,
+                    control=None):  # -> clients.stream_client.StreamStats
+    """Stream the source, handing every output to the sinks (--out, --show) and config changes
+    from ``control`` (--osc-port) to the stream; the source and the sinks are closed after."""
     import asyncio
 
     from ditstream.clients.media import SourceError, open_sink, open_source
@@ -151,6 +160,7 @@ def _run_with_sinks(url: str, source: str, width: int, height: int, config: dict
 
     try:
         sinks = open_sink(out, show, fps)
+        frames = open_source(source, width, height)
     except SourceError as exc:
         typer.echo(f"ditstream client stream: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from exc
@@ -164,12 +174,12 @@ def _run_with_sinks(url: str, source: str, width: int, height: int, config: dict
 
     try:
         with _server_errors("stream", url):
-            return asyncio.run(run_stream(url, open_source(source, width, height), config=config, fps=fps,
-                                          max_frames=max_frames, seconds=seconds, api_key=api_key,
-                                          max_in_flight=in_flight, on_output=on_output, report=report))
+            return asyncio.run(run_stream(url, frames, config=config, fps=fps, max_frames=max_frames,
+                                          seconds=seconds, api_key=api_key, max_in_flight=in_flight,
+                                          on_output=on_output, report=report, control=control))
     finally:
-        for sink in sinks:
-            sink.close()
+        for closable in (*sinks, frames):
+            closable.close()
 
 
 def _server_size(url: str, api_key: str | None) -> tuple[int, int]:
