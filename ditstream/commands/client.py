@@ -68,7 +68,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 @client_app.command("stream")
 def stream(
     source: str = typer.Argument("pattern", help="'pattern' (built-in), 'webcam' / 'webcam:N' (OpenCV), "
-                                 "or a video file (OpenCV or PyAV)."),
+                                 "'ndi:NAME' (an NDI source; ditstream[ndi]), or a video file (OpenCV or PyAV)."),
     url: str = typer.Option("http://127.0.0.1:8000", envvar="DITSTREAM_URL",
                             help="The server (http://host:port) or its stream endpoint (ws://host:port/v1/stream)."),
     prompt: str = typer.Option(None, help="Prompt (default: the model's own default prompt)."),
@@ -90,6 +90,7 @@ def stream(
     osc_port: int = typer.Option(None, help="Take config changes as OSC messages on this UDP port "
                                  "(/ditstream/prompt, /ditstream/strength, ...; ditstream[studio])."),
     osc_host: str = typer.Option("127.0.0.1", help="Address the OSC port listens on (0.0.0.0: every interface)."),
+    ndi_out: str = typer.Option(None, help="Publish the outputs as the NDI source NAME (ditstream[ndi])."),
 ) -> None:
     """Stream frames to /v1/stream; prints output fps and glass-to-glass latency every second."""
     from ditstream.commands._studio import osc_control
@@ -108,7 +109,7 @@ def stream(
     if frames is None and seconds is None and source == "pattern":
         seconds = 10.0
     stats = _run_with_sinks(url, source, width, height, config, fps=fps, max_frames=frames, seconds=seconds,
-                            api_key=api_key, in_flight=in_flight, out=out, show=show,
+                            api_key=api_key, in_flight=in_flight, out=out, show=show, ndi_out=ndi_out,
                             control=control)
     typer.echo("done: " + stats.summary())
     for err in stats.errors:
@@ -149,9 +150,9 @@ def _probe_source(source: str) -> None:
 
 def _run_with_sinks(url: str, source: str, width: int, height: int, config: dict, *, fps: float,
                     max_frames: int | None, seconds: float | None, api_key: str | None, in_flight: int,
-                    out: str | None, show: bool,
+                    out: str | None, show: bool, ndi_out: str | None = None,
                     control=None):  # -> clients.stream_client.StreamStats
-    """Stream the source, handing every output to the sinks (--out, --show) and config changes
+    """Stream the source, handing every output to the sinks (--out, --show, --ndi-out) and config changes
     from ``control`` (--osc-port) to the stream; the source and the sinks are closed after."""
     import asyncio
 
@@ -159,9 +160,14 @@ def _run_with_sinks(url: str, source: str, width: int, height: int, config: dict
     from ditstream.clients.stream_client import run_stream
 
     try:
-        sinks = open_sink(out, show, fps)
-        frames = open_source(source, width, height)
+        frames = open_source(source, width, height)  # first: an NDI search is quicker before our own sender
     except SourceError as exc:
+        typer.echo(f"ditstream client stream: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from exc
+    try:
+        sinks = open_sink(out, show, fps, ndi_out)
+    except SourceError as exc:
+        frames.close()
         typer.echo(f"ditstream client stream: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from exc
 
@@ -177,6 +183,9 @@ def _run_with_sinks(url: str, source: str, width: int, height: int, config: dict
             return asyncio.run(run_stream(url, frames, config=config, fps=fps, max_frames=max_frames,
                                           seconds=seconds, api_key=api_key, max_in_flight=in_flight,
                                           on_output=on_output, report=report, control=control))
+    except SourceError as exc:  # the source failed mid-stream (an NDI source lost)
+        typer.echo(f"ditstream client stream: {exc}", err=True)
+        raise typer.Exit(EXIT_SERVER) from exc
     finally:
         for closable in (*sinks, frames):
             closable.close()
