@@ -187,3 +187,18 @@ def test_client_stream_takes_osc_control_end_to_end(demo_stream_server: ServerTh
     assert "/ditstream/strength 7.0" in dropped[0] and "/ditstream/seed 'abc'" in dropped[1], dropped
     seqs = [int(p.stem[6:]) for p in sorted(out.glob("frame_*.jpg"))]
     assert seqs[-1] > mark + 5, "the stream did not go on after the OSC changes"
+
+
+def test_an_osc_port_in_use_is_a_usage_error_before_the_stream_opens() -> None:
+    import socket
+
+    from ditstream.cli import app
+    from typer.testing import CliRunner
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        res = CliRunner().invoke(app, ["client", "stream", "pattern", "--url", "http://127.0.0.1:9",
+                                       "--osc-port", str(port)])
+    assert res.exit_code == 2, res.output
+    assert f"cannot listen for OSC on udp 127.0.0.1:{port}" in res.output, res.output
