@@ -139,15 +139,17 @@ def test_ndi_in_through_the_demo_model_and_ndi_out(demo_stream_server: ServerThr
     receiver.start()
     proc = subprocess.Popen(
         [sys.executable, "-m", "ditstream", "client", "stream", f"ndi:{src}", "--ndi-out", out,
-         "--url", demo_stream_server.url, "--fps", "30", "--seconds", str(4 + len(MOVES) / SEND_FPS)],
+         "--url", demo_stream_server.url, "--fps", "30", "--seconds", str(3 + len(MOVES) / SEND_FPS)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + 60
+        started = time.monotonic()
+        deadline = started + 60
         while not receiver.frames:  # the whole chain is up: the moving frames start
             assert proc.poll() is None and receiver.error is None, (receiver.error, proc.communicate()[1][-3000:])
             assert time.monotonic() < deadline, "no output reached the NDI receiver"
             time.sleep(0.05)
         sender.go.set()
+        print(f"the moving frames start {time.monotonic() - started:.1f} s after the client process")
         _, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()

@@ -150,7 +150,7 @@ def _frames(folder: Path) -> list[Path]:
 def _colour_after(folder: Path, seq: int, colour: str, what: str, proc: subprocess.Popen) -> int:
     """Wait for an output after ``seq`` read as ``colour``; its seq."""
     def seen() -> bool:
-        assert proc.poll() is None, f"the client ended before {what}"
+        assert proc.poll() is None, f"the client ended before {what}:\n{proc.communicate()[1][-3000:]}"
         return any(int(p.stem[6:]) > seq and _colour(p) == colour for p in _frames(folder))
 
     _wait(seen, what, timeout=20.0)
@@ -165,7 +165,7 @@ def test_client_stream_takes_osc_control_end_to_end(demo_stream_server: ServerTh
     port, out = free_port(), tmp_path / "frames"
     proc = subprocess.Popen(
         [sys.executable, "-m", "ditstream", "client", "stream", "pattern", "--url", demo_stream_server.url,
-         "--osc-port", str(port), "--out", str(out), "--fps", "15", "--seconds", "8"],
+         "--osc-port", str(port), "--out", str(out), "--fps", "15", "--frames", "30"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         osc = SimpleUDPClient("127.0.0.1", port)
@@ -175,7 +175,8 @@ def test_client_stream_takes_osc_control_end_to_end(demo_stream_server: ServerTh
         osc.send_message("/ditstream/strength", 7.0)
         osc.send_message("/ditstream/seed", "abc")
         osc.send_message("/ditstream/strength", 0.02)  # the input's red comes back
-        _colour_after(out, mark, "red", "the strength sent over OSC", proc)
+        last = _colour_after(out, mark, "red", "the strength sent over OSC", proc)
+        print(f"OSC phases done at seq {last}")
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
@@ -192,8 +193,9 @@ def test_client_stream_takes_osc_control_end_to_end(demo_stream_server: ServerTh
 def test_an_osc_port_in_use_is_a_usage_error_before_the_stream_opens() -> None:
     import socket
 
-    from ditstream.cli import app
     from typer.testing import CliRunner
+
+    from ditstream.cli import app
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
