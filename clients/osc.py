@@ -35,6 +35,10 @@ FIXED = frozenset({"type", "mode", "size", "width", "height"})
 STUDIO_EXTRA = "pip install 'ditstream[studio]'"
 
 
+class OscError(RuntimeError):
+    """The OSC port cannot be listened on."""
+
+
 class ConfigCheck(Protocol):
     """The stream's config model, seen from OSC: the fields a ``config`` message has, and the check of a
     change against the stream's config so far (raises ``ValueError`` naming the field; an accepted
@@ -67,7 +71,8 @@ class OscControl:
         self._check = self._make_check(ready)
         self._send = send
         model_loras = (ready.get("model") or {}).get("loras") or {}
-        self._loras = dict((ready.get("config") or {}).get("loras") or model_loras)
+        stream_loras = (ready.get("config") or {}).get("loras")  # None: every adapter at its default
+        self._loras = dict(model_loras if stream_loras is None else stream_loras)
         dispatcher = Dispatcher()
         for field in sorted(self._check.fields - FIXED - {"loras"}):
             dispatcher.map(f"{PREFIX}/{field}", self._on_field, field)
@@ -76,7 +81,10 @@ class OscControl:
         dispatcher.map(f"{PREFIX}/blend", self._on_blend)
         dispatcher.set_default_handler(self._on_unknown)
         server = AsyncIOOSCUDPServer((self.host, self.port), dispatcher, asyncio.get_running_loop())
-        self._transport, _ = await server.create_serve_endpoint()
+        try:
+            self._transport, _ = await server.create_serve_endpoint()
+        except OSError as exc:  # taken since the CLI tried it: not a server failure
+            raise OscError(f"cannot listen for OSC on udp {self.host}:{self.port}: {exc}") from exc
         self.port = self._transport.get_extra_info("sockname")[1]  # the one bound, for a port 0
         logger.info("OSC: listening on udp %s:%d (%s/...)", self.host, self.port, PREFIX)
 

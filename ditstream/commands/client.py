@@ -157,6 +157,7 @@ def _run_with_sinks(url: str, source: str, width: int, height: int, config: dict
     import asyncio
 
     from ditstream.clients.media import SourceError, open_sink, open_source
+    from ditstream.clients.osc import OscError
     from ditstream.clients.stream_client import run_stream
 
     try:
@@ -186,6 +187,9 @@ def _run_with_sinks(url: str, source: str, width: int, height: int, config: dict
     except SourceError as exc:  # the source failed mid-stream (an NDI source lost)
         typer.echo(f"ditstream client stream: {exc}", err=True)
         raise typer.Exit(EXIT_SERVER) from exc
+    except OscError as exc:
+        typer.echo(f"ditstream client stream: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from exc
     finally:
         for closable in (*sinks, frames):
             closable.close()
