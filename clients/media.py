@@ -1,5 +1,6 @@
 """Where a stream's frames come from and where its outputs go: the built-in pattern, a webcam or a
-video file (one OpenCV capture path for both), and folder, video-file and window sinks.
+video file (one OpenCV capture path for both), an NDI source (``ndi.py``), and folder, video-file,
+window and NDI sinks.
 
 Speaks no protocol and imports neither ``engine`` nor ``server``; ``stream_client.py`` streams what
 a source yields and hands each output to the sinks.
@@ -111,7 +112,13 @@ def _av_frames(path: str, loop: bool) -> Iterator[np.ndarray]:
 
 
 def open_source(source: str, width: int, height: int, loop: bool = True) -> Iterator[np.ndarray]:
-    """Frames of ``source`` fitted to (width, height)."""
+    """Frames of ``source`` fitted to (width, height). An NDI source (``ndi:NAME``) has ``close()``."""
+    if source.startswith("ndi:"):
+        from ditstream.clients.ndi import NdiSource
+
+        if not source[4:]:
+            raise SourceError("ndi: needs the name of an NDI source, e.g. 'ndi:OBS' or 'ndi:MACHINE (OBS)'")
+        return NdiSource(source[4:], width, height)
     if source == "pattern":
         frames: Iterator[np.ndarray] = pattern_frames(width, height)
     elif source == "webcam" or source.startswith("webcam:"):
@@ -121,7 +128,7 @@ def open_source(source: str, width: int, height: int, loop: bool = True) -> Iter
         frames = capture_frames(int(index), loop=False)
     else:
         if not Path(source).is_file():
-            raise SourceError(f"{source!r} is not 'pattern', 'webcam[:N]' or an existing video file")
+            raise SourceError(f"{source!r} is not 'pattern', 'webcam[:N]', 'ndi:NAME' or an existing video file")
         try:
             frames = capture_frames(source, loop)
         except SourceError as exc:
@@ -217,8 +224,13 @@ class WindowSink:
         cv2.destroyAllWindows()
 
 
-def open_sink(out: str | None, show: bool, fps: float) -> list[Any]:
+def open_sink(out: str | None, show: bool, fps: float, ndi_out: str | None = None) -> list[Any]:
+    """The sinks asked for: a window (``show``), a folder or video file (``out``), an NDI source (``ndi_out``)."""
     sinks: list[Any] = []
+    if ndi_out:
+        from ditstream.clients.ndi import NdiSink
+
+        sinks.append(NdiSink(ndi_out, fps))
     if show:
         sinks.append(WindowSink())
     if out:

@@ -21,7 +21,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -125,6 +125,21 @@ class Reconnect:
         return min(self.max_delay_s, self.first_delay_s * 2**attempt) * random.uniform(0.5, 1.0)
 
 
+class StreamControl(Protocol):
+    """Something that changes a running stream's config from outside (``osc.OscControl``).
+
+    ``start`` is awaited once the stream is open, with its ``ready`` message and ``send``, which sends
+    a ``config`` change at once (event loop only) and keeps it for the opening config of a reconnect;
+    ``output`` is called after each output frame (the clock that changes are coalesced to); ``close``
+    when the stream ends."""
+
+    async def start(self, ready: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None: ...
+
+    def output(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class StreamRefused(RuntimeError):
     """The server answered the open with an error instead of ``ready`` (e.g. ``overloaded``, 1013)."""
 
@@ -138,14 +153,18 @@ async def run_stream(url: str, frames: Iterator[np.ndarray], *, config: dict[str
                      api_key: str | None = None, max_in_flight: int = 2, quality: int = 85,
                      on_output: Callable[[dict[str, Any], bytes], None] | None = None,
                      report: Callable[[StreamStats], None] | None = None, report_every: float = 1.0,
-                     reconnect: Reconnect | None = Reconnect()) -> StreamStats:
+                     reconnect: Reconnect | None = Reconnect(), control: StreamControl | None = None) -> StreamStats:
     """Send ``frames`` at ``fps`` (at most ``max_in_flight`` unanswered), collect outputs, return stats.
 
     A stream the server closes with 1012/1013 resumes by itself (``reconnect``; ``None``: never); the
-    first open is not retried (a server that is not there or refuses is an error at once)."""
+    first open is not retried (a server that is not there or refuses is an error at once). ``frames``
+    is read in a worker thread (a webcam or an NDI receiver blocks until its next frame). ``control``
+    changes the config while the stream runs (``--osc-port``)."""
     import websockets
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    run = _StreamRun(frames, config=config, fps=fps, max_frames=max_frames, seconds=seconds,
+                     max_in_flight=max_in_flight, quality=quality, on_output=on_output, control=control)
 
     async def open_stream() -> Any:
         ws = await websockets.connect(url, additional_headers=headers, max_size=None, compression=None,
@@ -154,16 +173,13 @@ async def run_stream(url: str, frames: Iterator[np.ndarray], *, config: dict[str
             ready = json.loads(await ws.recv())
             if ready.get("type") != "ready":
                 raise StreamRefused(ready)
-            if config:
-                await ws.send(json.dumps({"type": "config", **config}))
+            if run.config:  # the config asked for, with every change sent since (a reconnect keeps them)
+                await ws.send(json.dumps({"type": "config", **run.config}))
         except BaseException:
             await ws.close()
             raise
         return ws, ready
 
-    run = _StreamRun(frames, txt2img=(config or {}).get("mode") == "txt2img", fps=fps,
-                     max_frames=max_frames, seconds=seconds, max_in_flight=max_in_flight, quality=quality,
-                     on_output=on_output)
     await run.run(open_stream, reconnect, report, report_every)
     return run.stats
 
@@ -172,13 +188,18 @@ class _StreamRun:
     """One stream's send and receive loops, and what they share across the connections that carry it:
     the stats, the next seq and the last answered seq (flow control)."""
 
-    def __init__(self, frames: Iterator[np.ndarray], *, txt2img: bool, fps: float,
+    def __init__(self, frames: Iterator[np.ndarray], *, config: dict[str, Any] | None, fps: float,
                  max_frames: int | None, seconds: float | None, max_in_flight: int, quality: int,
-                 on_output: Callable[[dict[str, Any], bytes], None] | None) -> None:
+                 on_output: Callable[[dict[str, Any], bytes], None] | None,
+                 control: StreamControl | None) -> None:
         self.ws: Any = None
-        self.frames, self.txt2img, self.fps = frames, txt2img, fps
+        #: The config asked for so far: the opening one with every change sent since.
+        self.config: dict[str, Any] = dict(config or {})
+        self.frames, self.txt2img, self.fps = frames, self.config.get("mode") == "txt2img", fps
         self.max_frames, self.seconds, self.max_in_flight, self.quality = max_frames, seconds, max_in_flight, quality
         self.on_output = on_output
+        self.control = control
+        self._config_sends: set[asyncio.Task] = set()
         self.stats = StreamStats()
         self.last_answered = -1
         self.next_seq = 0
@@ -193,6 +214,9 @@ class _StreamRun:
         rep_task = asyncio.create_task(self._report(report, report_every))
         send_task = asyncio.create_task(self._send())
         try:
+            if self.control is not None:
+                self.connected.set()  # what the control sends from now on goes out at once
+                await self.control.start(self.stats.ready, self.send_config)
             while True:
                 self.connected.set()
                 recv_task = asyncio.create_task(self._receive())
@@ -208,6 +232,8 @@ class _StreamRun:
                     raise closed_by or await _closed(self.ws)
                 self.ws = await self._reopen(open_stream, reconnect, code)
         finally:
+            if self.control is not None:
+                self.control.close()
             rep_task.cancel()
             send_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -277,6 +303,8 @@ class _StreamRun:
         stats.last_output = now
         if self.on_output is not None:
             self.on_output(header, jpeg)
+        if self.control is not None:
+            self.control.output()
         if self.txt2img and self.max_frames is not None and stats.received >= self.max_frames:
             self.done_sending.set()
 
@@ -306,16 +334,35 @@ class _StreamRun:
             await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
             if self.next_seq - 1 - self.last_answered >= self.max_in_flight:
                 continue  # back-pressure: skip this tick (latest wins at the source too)
-            try:
-                image = next(self.frames)
-            except StopIteration:
+            data = await asyncio.to_thread(self._next_jpeg)
+            if data is None:
                 return
-            data = await asyncio.to_thread(encode_jpeg, image, self.quality)
             await self.connected.wait()
             with contextlib.suppress(websockets.ConnectionClosed):  # resumes on the next connection
                 await self.ws.send(pack_frame({"seq": self.next_seq, "ts": time.perf_counter() * 1e3}, data))
                 self.next_seq += 1
                 self.stats.sent += 1
+
+    def _next_jpeg(self) -> bytes | None:
+        """The source's next frame as JPEG, or None at its end (a worker thread: sources may block)."""
+        image = next(self.frames, None)
+        return None if image is None else encode_jpeg(image, self.quality)
+
+    def send_config(self, changes: dict[str, Any]) -> None:
+        """Send a config change now (event loop only), and keep it for the opening config of a reconnect
+        (while reconnecting it is only kept: the new stream opens with it)."""
+        self.config.update(changes)
+        if self.connected.is_set():
+            task = asyncio.create_task(self._send_config(self.ws, {"type": "config", **changes}))
+            self._config_sends.add(task)
+            task.add_done_callback(self._config_sends.discard)
+
+    @staticmethod
+    async def _send_config(ws: Any, message: dict[str, Any]) -> None:
+        import websockets
+
+        with contextlib.suppress(websockets.ConnectionClosed):  # the reconnect's opening config has it
+            await ws.send(json.dumps(message))
 
     async def _report(self, report: Callable[[StreamStats], None] | None, every: float) -> None:
         while report is not None:

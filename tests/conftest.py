@@ -57,6 +57,22 @@ def demo_lora_generator():
                                              loras=(LoraSpec("swap", "demo", 0.0),)))
 
 
+@pytest.fixture(scope="session")
+def demo_stream_server():
+    """The demo model served on loopback (in-process engine, real uvicorn), shared by the client studio
+    tests (``test_client_osc.py``, ``test_client_ndi.py``) so the model loads once for both."""
+    from ditstream.engine.config import ModelConfig
+    from ditstream.engine.runner import EngineRunner
+    from ditstream.server.api.app import create_app
+    from ditstream.server.settings import Settings
+
+    from ditstream.bench.harness import ServerThread
+
+    runner = EngineRunner.from_config(ModelConfig(model="demo", device="cpu", dtype="fp32"))
+    with ServerThread(create_app(Settings(model="demo"), runner)) as srv:
+        yield srv
+
+
 # Fleets behind the "gateway" parametrisation of the REST/WS suites (tests/serverkit.py): a private
 # redis-server and one `ditstream worker` each, started the first time a gateway test needs them.
 @pytest.fixture(scope="session")

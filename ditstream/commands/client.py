@@ -68,7 +68,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 @client_app.command("stream")
 def stream(
     source: str = typer.Argument("pattern", help="'pattern' (built-in), 'webcam' / 'webcam:N' (OpenCV), "
-                                 "or a video file (OpenCV or PyAV)."),
+                                 "'ndi:NAME' (an NDI source; ditstream[ndi]), or a video file (OpenCV or PyAV)."),
     url: str = typer.Option("http://127.0.0.1:8000", envvar="DITSTREAM_URL",
                             help="The server (http://host:port) or its stream endpoint (ws://host:port/v1/stream)."),
     prompt: str = typer.Option(None, help="Prompt (default: the model's own default prompt)."),
@@ -87,12 +87,19 @@ def stream(
     temporal: float = typer.Option(None, help="Attention memory across frames, [0, 1] (0 = off; torch backend)."),
     motion_adaptive: bool = typer.Option(None, "--motion-adaptive/--no-motion-adaptive",
                                          help="Scale temporal and feedback down by the input's motion."),
+    osc_port: int = typer.Option(None, help="Take config changes as OSC messages on this UDP port "
+                                 "(/ditstream/prompt, /ditstream/strength, ...; ditstream[studio])."),
+    osc_host: str = typer.Option("127.0.0.1", help="Address the OSC port listens on (0.0.0.0: every interface)."),
+    ndi_out: str = typer.Option(None, help="Publish the outputs as the NDI source NAME (ditstream[ndi])."),
 ) -> None:
     """Stream frames to /v1/stream; prints output fps and glass-to-glass latency every second."""
+    from ditstream.commands._studio import osc_control
+
     url = stream_url(url)
     wh = size_arg(size)
     config = _stream_config(mode, prompt, strength, steps, seed, size, fps, temporal=temporal,
                             motion_adaptive=motion_adaptive)
+    control = osc_control(osc_port, osc_host)
     _probe_source(source)  # the source opens first: a missing camera or file is a usage error, whatever the server
     if wh:
         width, height = wh
@@ -102,7 +109,8 @@ def stream(
     if frames is None and seconds is None and source == "pattern":
         seconds = 10.0
     stats = _run_with_sinks(url, source, width, height, config, fps=fps, max_frames=frames, seconds=seconds,
-                            api_key=api_key, in_flight=in_flight, out=out, show=show)
+                            api_key=api_key, in_flight=in_flight, out=out, show=show, ndi_out=ndi_out,
+                            control=control)
     typer.echo("done: " + stats.summary())
     for err in stats.errors:
         typer.echo(f"server error: {err.get('code')}: {err.get('message')}", err=True)
@@ -142,16 +150,25 @@ def _probe_source(source: str) -> None:
 
 def _run_with_sinks(url: str, source: str, width: int, height: int, config: dict, *, fps: float,
                     max_frames: int | None, seconds: float | None, api_key: str | None, in_flight: int,
-                    out: str | None, show: bool):  # -> clients.stream_client.StreamStats
-    """Stream the source, handing every output to the sinks (--out, --show); the sinks are closed after."""
+                    out: str | None, show: bool, ndi_out: str | None = None,
+                    control=None):  # -> clients.stream_client.StreamStats
+    """Stream the source, handing every output to the sinks (--out, --show, --ndi-out) and config changes
+    from ``control`` (--osc-port) to the stream; the source and the sinks are closed after."""
     import asyncio
 
     from ditstream.clients.media import SourceError, open_sink, open_source
+    from ditstream.clients.osc import OscError
     from ditstream.clients.stream_client import run_stream
 
     try:
-        sinks = open_sink(out, show, fps)
+        frames = open_source(source, width, height)  # first: an NDI search is quicker before our own sender
     except SourceError as exc:
+        typer.echo(f"ditstream client stream: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from exc
+    try:
+        sinks = open_sink(out, show, fps, ndi_out)
+    except SourceError as exc:
+        frames.close()
         typer.echo(f"ditstream client stream: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from exc
 
@@ -164,12 +181,18 @@ def _run_with_sinks(url: str, source: str, width: int, height: int, config: dict
 
     try:
         with _server_errors("stream", url):
-            return asyncio.run(run_stream(url, open_source(source, width, height), config=config, fps=fps,
-                                          max_frames=max_frames, seconds=seconds, api_key=api_key,
-                                          max_in_flight=in_flight, on_output=on_output, report=report))
+            return asyncio.run(run_stream(url, frames, config=config, fps=fps, max_frames=max_frames,
+                                          seconds=seconds, api_key=api_key, max_in_flight=in_flight,
+                                          on_output=on_output, report=report, control=control))
+    except SourceError as exc:  # the source failed mid-stream (an NDI source lost)
+        typer.echo(f"ditstream client stream: {exc}", err=True)
+        raise typer.Exit(EXIT_SERVER) from exc
+    except OscError as exc:
+        typer.echo(f"ditstream client stream: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from exc
     finally:
-        for sink in sinks:
-            sink.close()
+        for closable in (*sinks, frames):
+            closable.close()
 
 
 def _server_size(url: str, api_key: str | None) -> tuple[int, int]:
