@@ -34,7 +34,7 @@ from ditstream.engine.config import DEFAULT_SIZE_MULTIPLE, EngineConfig, StreamC
 from ditstream.engine.errors import CancelledError, EngineDeadError
 from ditstream.engine.limits import EngineLimits, ensure_valid
 from ditstream.engine.types import MetricsSink
-from ditstream.server.scale.config import ScaleConfig, conn_errors, connect, redact
+from ditstream.server.scale.config import ScaleConfig, conn_errors
 from ditstream.server.scale.counters import Counters
 from ditstream.server.scale.gateway_jobs import GatewayJobs
 from ditstream.server.scale.gateway_publisher import Outbox, Publisher
@@ -43,6 +43,7 @@ from ditstream.server.scale.gateway_sessions import GatewaySessions
 from ditstream.server.scale.gateway_stream import GatewayStreamHandle, WorkerCollector
 from ditstream.server.scale.gateway_supervisor import Fleet, Supervisor
 from ditstream.server.scale.messages import Heartbeat
+from ditstream.server.scale.redis_conn import connect, redact
 
 if TYPE_CHECKING:
     from ditstream.server.settings import Settings
