@@ -15,7 +15,7 @@ the network: they leave work in an outbox that the publisher thread sends.
   session's output stream; resolves job and control futures, queues outputs on the handles;
 - ``Supervisor`` (``gateway_supervisor.py``, a thread): keeps the ``Fleet`` of live workers and
   ``alive`` (Redis reachable and ≥ 1 live worker), re-pins sessions whose worker is gone or whose
-  record vanished, re-sends pending jobs after a Redis restart, fails jobs past their deadline;
+  record vanished, re-sends the pending jobs a restarted or failed-over Redis lost, fails overdue jobs;
 - ``Counters``: every event count, bumped from any of these threads under one lock.
 """
 
@@ -71,7 +71,7 @@ class RedisGatewayRunner:
         self.open_timeout_s = open_timeout_s
         self.id = gateway_id or f"gw-{uuid.uuid4().hex[:10]}"
         self.replies = self.keys.replies(self.id)
-        self.r = connect(cfg.redis_url)
+        self.r = connect(cfg.redis)
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
