@@ -72,7 +72,9 @@ class SentinelRedis:
                                                 preexec_fn=_preexec())
 
     def start(self) -> SentinelRedis:
-        data = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning"]
+        # --dir: a replica's full sync writes the primary's snapshot there (not into the working directory).
+        data = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning", "--dir",
+                str(self.tmp)]
         self._spawn(self.primary, ["--port", str(self.primary), *data])
         self._spawn(self.replica, ["--port", str(self.replica), *data, "--replicaof", "127.0.0.1", str(self.primary)])
         ids = {p: uuid.uuid4().hex + uuid.uuid4().hex[:8] for p in self.sentinels}
@@ -171,7 +173,7 @@ def test_sentinel_failover_under_load(tmp_path: Path):
             sent.procs[sent.primary].kill()
             sent.procs[sent.primary].wait(5)
             t_kill = time.monotonic()
-            time.sleep(0.2)  # anything read off the dead primary's sockets is handled; nothing more comes
+            # An upper bound: an answer already read off the dead primary's socket may still resolve a job.
             fig["kept_in_flight"] = sum(not f.done() for _i, f in kept)
             fig["lost_in_flight"] = sum(not f.done() for _i, f in lost)
 
@@ -202,7 +204,9 @@ def test_sentinel_failover_under_load(tmp_path: Path):
 
     assert fig["jobs"] == {"answered_once": N_KEPT + N_LOST, "lost": 0, "foreign": 0}, fig
     assert fig["lost_in_flight"] > 0 and fig["kept_in_flight"] > 0, f"the kill found no job of each kind: {fig}"
-    assert fig["resent"] == fig["lost_in_flight"], f"re-sent other jobs than the ones the new primary lacked: {fig}"
+    # Re-sent: some (the lag lost jobs), never more than the new primary lacked (none of the kept ones).
+    # A lacked job left out would be lost (its entry is nowhere): ``lost`` above is 0.
+    assert 0 < fig["resent"] <= fig["lost_in_flight"], f"re-sent other jobs than the ones the new primary lacked: {fig}"
     assert fig["answered_marks_kept"] == N_ANSWERED, fig
     for s in st:
         assert (s["duplicated"], s["out_of_order"], s["foreign"]) == (0, 0, 0), s
