@@ -210,6 +210,17 @@ class Settings(BaseSettings):
             raise ValueError(f"a UDP port range 'LOW-HIGH' within 1024-65535, got {v!r}")
         return f"{int(lo)}-{int(hi)}"
 
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, v: str | None) -> str | None:
+        """A plain Redis URL or ``redis+sentinel://...``, refused here with its reason (not at the first command)."""
+        if v is None or not v.strip():
+            return None
+        from ditstream.server.scale.redis_conn import RedisTarget
+
+        RedisTarget.parse(v.strip())
+        return v.strip()
+
     @field_validator("webrtc_turn_urls")
     @classmethod
     def _check_turn_urls(cls, v: list[str]) -> list[str]:
@@ -264,8 +275,10 @@ class Settings(BaseSettings):
         """Settings safe to log (keys masked)."""
         d = self.model_dump()
         d["api_keys"] = [f"***{len(self.api_keys)} key(s)"] if self.api_keys else []
-        if self.redis_url and "@" in self.redis_url:  # redis://:password@host — mask the password
-            d["redis_url"] = self.redis_url.split("://", 1)[0] + "://***@" + self.redis_url.rpartition("@")[2]
+        if self.redis_url:  # redis://:password@host — mask the password
+            from ditstream.server.scale.redis_conn import redact
+
+            d["redis_url"] = redact(self.redis_url)
         return d
 
 

@@ -71,7 +71,9 @@ def serve(
     height: int = typer.Option(None, "--height", help="Default stream height (overrides the model's own size; env DITSTREAM_DEFAULT_HEIGHT)."),
     null_delay_ms: NullDelayMs = None,
     redis: str = typer.Option(None, "--redis", help="Gateway mode: take engines from `ditstream worker` "
-                              "processes through this Redis (env DITSTREAM_REDIS_URL); --model is then unused."),
+                              "processes through this Redis (env DITSTREAM_REDIS_URL; "
+                              "redis+sentinel://host:port[,host:port]/MASTER[/DB] follows a Sentinel-monitored "
+                              "primary); --model is then unused."),
     threads: Threads = None,
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:

@@ -40,7 +40,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
 
 def worker(
-    redis: str = typer.Option(None, "--redis", help="Redis URL, e.g. redis://redis:6379/0 (env DITSTREAM_REDIS_URL)."),
+    redis: str = typer.Option(None, "--redis", help="Redis URL, e.g. redis://redis:6379/0, or "
+                       "redis+sentinel://host:port[,host:port]/MASTER[/DB] (env DITSTREAM_REDIS_URL)."),
     model: Model = None,
     backend: BackendName = None,
     device: Device = None,

@@ -3,17 +3,19 @@
 Every long-lived loop on either side survives Redis going away: a ``ConnectionError`` (or a
 ``NOGROUP`` after a restart wiped the consumer group) is logged once, waited out with capped
 exponential backoff and the loop resumes — nothing is cached that a restarted Redis would
-invalidate, except stream positions, which stay valid because stream ids are time-based.
+invalidate, except stream positions, which stay valid because stream ids are time-based. Behind
+Sentinel (``redis_conn.py``) a failover is one more such outage: the client finds the new primary.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ditstream.server.scale.messages import Codec, Keys
+from ditstream.server.scale.redis_conn import RedisTarget
 
 if TYPE_CHECKING:
     import redis
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 class ScaleConfig:
     """Knobs of the Redis transport (defaults suit one LAN; the tests shrink the timeouts)."""
 
+    #: A plain Redis URL or ``redis+sentinel://...`` (``redis_conn.py``), parsed once into ``redis``.
     redis_url: str
     prefix: str = "ditstream"
     #: A worker beats this often and its key lives ``worker_ttl_s``: a dead worker is noticed
@@ -64,6 +67,11 @@ class ScaleConfig:
     #: fewest, while they differ by two or more (counts from the heartbeats). 0 = never move a
     #: session off a live worker.
     rebalance_s: float = 2.0
+    #: ``redis_url`` parsed (a bad URL fails here, at construction, with its reason).
+    redis: RedisTarget = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "redis", RedisTarget.parse(self.redis_url))
 
     @property
     def keys(self) -> Keys:
@@ -83,30 +91,6 @@ class ScaleConfig:
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(redis_url=url, **values)
-
-
-def connect(url: str) -> redis.Redis:
-    """A thread-safe pooled client that retries a dropped connection with capped backoff.
-
-    ``socket_timeout`` is above every BLOCK we issue (≤ 1 s), so a blocking read never times out
-    on its own; a dead server shows up as ``ConnectionError`` within ``socket_connect_timeout``.
-    """
-    import redis
-    from redis.backoff import ExponentialBackoff
-    from redis.retry import Retry
-
-    return redis.Redis.from_url(
-        url, socket_timeout=5.0, socket_connect_timeout=2.0, health_check_interval=10,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError], client_name="ditstream")
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 def ensure_group(r: redis.Redis, keys: Keys) -> None:

@@ -15,7 +15,7 @@ the network: they leave work in an outbox that the publisher thread sends.
   session's output stream; resolves job and control futures, queues outputs on the handles;
 - ``Supervisor`` (``gateway_supervisor.py``, a thread): keeps the ``Fleet`` of live workers and
   ``alive`` (Redis reachable and ≥ 1 live worker), re-pins sessions whose worker is gone or whose
-  record vanished, re-sends pending jobs after a Redis restart, fails jobs past their deadline;
+  record vanished, re-sends the pending jobs a restarted or failed-over Redis lost, fails overdue jobs;
 - ``Counters``: every event count, bumped from any of these threads under one lock.
 """
 
@@ -34,7 +34,7 @@ from ditstream.engine.config import DEFAULT_SIZE_MULTIPLE, EngineConfig, StreamC
 from ditstream.engine.errors import CancelledError, EngineDeadError
 from ditstream.engine.limits import EngineLimits, ensure_valid
 from ditstream.engine.types import MetricsSink
-from ditstream.server.scale.config import ScaleConfig, conn_errors, connect, redact
+from ditstream.server.scale.config import ScaleConfig, conn_errors
 from ditstream.server.scale.counters import Counters
 from ditstream.server.scale.gateway_jobs import GatewayJobs
 from ditstream.server.scale.gateway_publisher import Outbox, Publisher
@@ -43,6 +43,7 @@ from ditstream.server.scale.gateway_sessions import GatewaySessions
 from ditstream.server.scale.gateway_stream import GatewayStreamHandle, WorkerCollector
 from ditstream.server.scale.gateway_supervisor import Fleet, Supervisor
 from ditstream.server.scale.messages import Heartbeat
+from ditstream.server.scale.redis_conn import connect, redact
 
 if TYPE_CHECKING:
     from ditstream.server.settings import Settings
@@ -70,7 +71,7 @@ class RedisGatewayRunner:
         self.open_timeout_s = open_timeout_s
         self.id = gateway_id or f"gw-{uuid.uuid4().hex[:10]}"
         self.replies = self.keys.replies(self.id)
-        self.r = connect(cfg.redis_url)
+        self.r = connect(cfg.redis)
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

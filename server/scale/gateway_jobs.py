@@ -1,7 +1,7 @@
 """REST jobs through the gateway: each pending job's future, until its one answer arrives.
 
-``submit`` only queues (the publisher sends); ``on_result`` runs on the reader thread; ``expire`` and
-``resend_all`` on the supervisor's. The pending table and the recent answers are this object's
+``submit`` only queues (the publisher sends, then notes each job's stream entry with ``mark_sent``);
+``on_result`` runs on the reader thread; ``expire``, ``sent_entries`` and ``resend`` on the supervisor's. The pending table and the recent answers are this object's
 own, under its lock.
 """
 
@@ -35,6 +35,8 @@ class PendingJob:
     msg: JobMessage
     image: bytes
     future: Future
+    #: Its entry in the jobs stream, once the publisher sent it (None while queued or being sent again).
+    entry: str | None = None
 
 
 class GatewayJobs:
@@ -118,14 +120,31 @@ class GatewayJobs:
         fut.set_result(StreamOutput(stream_id=res.job, seq=0, ts=0.0, image=image, skipped=res.skipped,
                                     timings=dict(res.timings), encoded=encoded))
 
-    def resend_all(self) -> int:
-        """Redis restarted (its streams are gone): queue every pending job again; returns how many."""
+    def mark_sent(self, job: str, entry: str) -> None:
+        """The publisher wrote ``job`` to the jobs stream as ``entry`` (publisher thread)."""
         with self._lock:
-            jobs = list(self._jobs)
-        for job in jobs:
-            self.outbox.put("job", job)
-            self.counters.add("jobs_resent")
-        return len(jobs)
+            pending = self._jobs.get(job)
+            if pending is not None:
+                pending.entry = entry
+
+    def sent_entries(self) -> dict[str, str]:
+        """Each pending job that was sent, and its stream entry."""
+        with self._lock:
+            return {job: p.entry for job, p in self._jobs.items() if p.entry is not None}
+
+    def resend(self, jobs: list[str]) -> int:
+        """Queue ``jobs`` again (Redis lost their entries: a restart, or a failover to a replica that
+        lagged); returns how many were still pending."""
+        n = 0
+        with self._lock:
+            for job in jobs:
+                pending = self._jobs.get(job)
+                if pending is not None:
+                    pending.entry = None
+                    n += 1
+                    self.outbox.put("job", job)
+        self.counters.add("jobs_resent", n)
+        return n
 
     def expire(self) -> None:
         """Fail the jobs past their deadline (no worker answered in time)."""

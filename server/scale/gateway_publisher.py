@@ -12,7 +12,7 @@ import queue
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ditstream.server.scale.config import Backoff, ScaleConfig, conn_errors
+from ditstream.server.scale.config import Backoff, ScaleConfig, conn_errors, sid_str
 from ditstream.server.scale.counters import Counters
 from ditstream.server.scale.gateway_stream import GatewayStreamHandle
 from ditstream.server.scale.messages import SESSION_TTL_S, FrameHeader, Keys, SessionControl, encode_image
@@ -105,6 +105,7 @@ class Publisher:
         # restart, too), so no worker takes a job of ours for an orphan. Sent only with items.
         pipe.set(self.keys.gateway(self.id), b"1", px=int(self.cfg.gateway_ttl_s * 1e3))
         items = self.outbox.take()
+        sent: list[tuple[int, str]] = []  # (its place in the pipeline, job): each job's entry is noted
         for kind, item in items:
             if kind == "job":
                 pending = self.jobs.get(item)
@@ -113,6 +114,7 @@ class Publisher:
                 fields: dict[str, Any] = {"m": pending.msg.dump()}
                 if pending.image:
                     fields["img"] = pending.image
+                sent.append((len(pipe), item))
                 pipe.xadd(self.keys.jobs, fields)
                 self.counters.add("jobs_sent")
             elif kind == "cancel":
@@ -132,10 +134,12 @@ class Publisher:
         if not items:
             return
         try:
-            pipe.execute()
+            results = pipe.execute()
         except BaseException:
             self.outbox.put_back(items)
             raise
+        for i, job in sent:
+            self.jobs.mark_sent(job, sid_str(results[i]))
 
     def _send_frames(self) -> None:
         pipe = None

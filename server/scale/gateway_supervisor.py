@@ -3,9 +3,16 @@
 ``Fleet`` is what the supervisor last read: the live workers' heartbeats and whether Redis
 answered. Only the supervisor writes it (replacing the dict whole); the rest of the gateway reads it.
 
-Each pass (every ``supervise_s``): refresh the workers from their TTL'd heartbeat keys; after a
-Redis restart re-send every pending job; re-pin sessions whose worker is gone or whose record
-vanished; spread sessions again when workers return; fail jobs past their deadline.
+Each pass (every ``supervise_s``): refresh the workers from their TTL'd heartbeat keys; when another
+Redis answers (a restart, or a Sentinel failover to a replica) re-send the pending jobs it lacks;
+re-pin sessions whose worker is gone or whose record vanished; spread sessions again when workers
+return; fail jobs past their deadline.
+
+Another Redis is told by its ``run_id``. What it kept is not guessed from how we reach it: a
+restarted Redis without persistence kept nothing, a promoted replica kept what reached it before
+the primary died (all but the last moment's writes). So each pending job is looked up: its stream
+entry, or its ``done:`` mark (answered: the answer is in our reply stream, written with the mark),
+and only the jobs with neither are sent again.
 """
 
 from __future__ import annotations
@@ -89,17 +96,31 @@ class Supervisor:
             raise
         self.r.set(self.keys.gateway(self.id), b"1", px=int(self.cfg.gateway_ttl_s * 1e3))
         restarted = self._run_id is not None and run_id != self._run_id
-        self._run_id = run_id
-        if restarted:  # every heartbeat vanished with the data: wait a TTL before calling a worker dead
+        if restarted:  # heartbeats may have vanished with the data: wait a TTL before calling a worker dead
             self._restart_grace_until = time.monotonic() + self.cfg.worker_ttl_s
         self.fleet.redis_ok = True
         self._refresh_workers()
         if restarted:
-            logger.warning("gateway %s: Redis restarted (its data is gone); re-sending %d job(s), re-pinning "
-                           "%d session(s)", self.id, self.jobs.count(), self.sessions.count())
-            self.jobs.resend_all()
+            lost = self.lost_jobs()
+            self.jobs.resend(lost)
+            logger.warning("gateway %s: another Redis answers (a restart or a failover): %d pending job(s) lost, "
+                           "re-sent; %d kept", self.id, len(lost), self.jobs.count() - len(lost))
+        self._run_id = run_id  # only now: a pass cut short by another outage looks the jobs up again
         self.check_sessions()
         self.jobs.expire()
+
+    def lost_jobs(self) -> list[str]:
+        """The pending jobs this Redis has neither an entry nor a ``done:`` mark of (both: it lost them).
+        A job not yet sent has no entry to look up: the publisher sends it anyway."""
+        sent = self.jobs.sent_entries()
+        if not sent:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for job, entry in sent.items():
+            pipe.xrange(self.keys.jobs, entry, entry)
+            pipe.exists(self.keys.done(job))
+        found = pipe.execute()
+        return [job for k, job in enumerate(sent) if not found[2 * k] and not found[2 * k + 1]]
 
     def _refresh_workers(self) -> None:
         ids = sorted(sid_str(w) for w in self.r.smembers(self.keys.workers))

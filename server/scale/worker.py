@@ -38,9 +38,10 @@ from typing import Any
 
 from ditstream.engine.errors import EngineDeadError
 from ditstream.engine.runner import EngineRunner
-from ditstream.server.scale.config import Backoff, ScaleConfig, conn_errors, connect, redact
+from ditstream.server.scale.config import Backoff, ScaleConfig, conn_errors
 from ditstream.server.scale.counters import Counters
 from ditstream.server.scale.messages import Heartbeat
+from ditstream.server.scale.redis_conn import connect, redact
 from ditstream.server.scale.worker_answers import JobAnswers
 from ditstream.server.scale.worker_jobs import WorkerJobs
 from ditstream.server.scale.worker_outputs import WorkerOutputs
@@ -64,7 +65,7 @@ class Worker:
         self.max_pixels: int = runner.core.config.max_pixels
         self.keys = cfg.keys
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.r = connect(cfg.redis_url)
+        self.r = connect(cfg.redis)
         self.started = time.time()
         self._stop = threading.Event()
         #: Set when leaving: take no new work, stop beating, finish (answer) the jobs held.
