@@ -160,3 +160,14 @@ def test_gateway_metrics_move_with_the_load(redis_url: str):
         for w in workers:
             w.stop(drain_s=2.0)
         gw.stop()
+
+
+def test_the_docs_list_every_fleet_gauge():
+    """docs/deploy.md ("Autoscaling") names every gauge of the signal and no other ``ditstream_fleet_*``."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "deploy.md").read_text()
+    section = text.split("## Autoscaling", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(ditstream_(?:fleet_\w+|workers_wanted))`", section))
+    assert named == set(FLEET_GAUGES)
