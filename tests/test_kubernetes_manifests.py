@@ -23,6 +23,7 @@ import copy
 import functools
 import json
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,18 @@ def probe_problems(docs: Docs) -> list[str]:
     return out
 
 
+def script_problems(docs: Docs) -> list[str]:
+    """Every shell script a ConfigMap carries (Redis's and the sentinels' start-up) parses (``sh -n``)."""
+    out = []
+    for cm in _of(docs, "ConfigMap"):
+        for key, text in cm.get("data", {}).items():
+            if key.endswith(".sh"):
+                done = subprocess.run(["sh", "-n"], input=text, text=True, capture_output=True, timeout=10)
+                if done.returncode:
+                    out.append(f"ConfigMap {cm['metadata']['name']} {key}: {done.stderr.strip()}")
+    return out
+
+
 def reference_problems(docs: Docs) -> list[str]:
     """Every ConfigMap, Secret, claim, Service and pod label that something names exists."""
     generated = {g["name"] for g in _kustomization().get("secretGenerator", [])}
@@ -296,8 +309,8 @@ def grace_problems(docs: Docs) -> list[str]:
 
 CHECKS: dict[str, Callable[[Docs], list[str]]] = {
     "core_schema": core_schema_problems, "crd_schema": crd_schema_problems, "services": service_problems,
-    "probes": probe_problems, "references": reference_problems, "autoscaling": autoscaling_problems,
-    "settings": settings_problems, "grace": grace_problems}
+    "probes": probe_problems, "scripts": script_problems, "references": reference_problems,
+    "autoscaling": autoscaling_problems, "settings": settings_problems, "grace": grace_problems}
 
 
 # ------------------------------------------------------------------------------------ tests
@@ -340,6 +353,8 @@ BREAKS = [  # (check, where, value, what its problems say)
     ("services", _set("Service", "ditstream-gateway", "spec", "ports", 0, "targetPort"), "web", "targetPort web"),
     ("probes", _set("Deployment", "ditstream-gateway", *C0, "readinessProbe", "httpGet", "port"), "ready",
      "undeclared port"),
+    ("scripts", _set("ConfigMap", "ditstream-redis-scripts", "data", "redis.sh"), "if true; then exec redis-server\n",
+     "redis.sh"),
     ("references", _set("Deployment", "ditstream-worker", "spec", "template", "spec", "volumes", 0,
                         "persistentVolumeClaim", "claimName"), "engines", "claim engines"),
     ("references", _set("Deployment", "ditstream-gateway", *C0, "envFrom", 1, "secretRef", "name"), "keys",
