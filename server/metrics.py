@@ -3,7 +3,8 @@
 Each app gets its own ``CollectorRegistry`` so several apps (tests, benches) can live in one
 process. One more source adds to that registry: in gateway mode the gateway's ``bind_metrics``
 registers a collector of per-worker figures read from the workers' heartbeats
-(``ditstream_worker_*``, ``ditstream_gateway_events``; ``server/scale``). No label ever carries a
+(``ditstream_worker_*``, ``ditstream_gateway_events``; ``server/scale``) and one of the fleet's
+autoscaling signal (``FLEET_GAUGES`` below; ``server/scale/autoscale.py``). No label ever carries a
 session id: cardinality stays fixed. Observations come from the event loop (per output, per
 request), from the engine thread (batch sizes, model failures) and from codec threads (frames dropped
 at the hand-off); ``prometheus_client`` is thread-safe and each call is a few hundred nanoseconds.
@@ -17,6 +18,34 @@ _LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
                     0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+#: The gauge an autoscaler acts on (KEDA's prometheus trigger in deploy/kubernetes/): workers the fleet needs.
+WORKERS_WANTED = "ditstream_workers_wanted"
+
+#: The autoscaling signal of gateway mode, per fleet (every worker and gateway sharing one Redis
+#: prefix), computed at scrape time from the supervisor's snapshot: heartbeats and the jobs stream
+#: (``server/scale/autoscale.py``; the formula in docs/deploy.md, "Autoscaling"). Every gateway of a
+#: fleet exports the same figures (a supervisor pass apart): take their ``max``. Name → help text.
+FLEET_GAUGES: dict[str, str] = {
+    "ditstream_fleet_sessions": "Live streams pinned to the fleet's workers, every gateway's (from the heartbeats; "
+                                "never fewer than this gateway's own).",
+    "ditstream_fleet_sessions_per_worker": "Live streams per live worker (absent while no worker is live).",
+    "ditstream_fleet_session_capacity_per_worker": "Streams one live worker is sized for: the mean of their "
+                                                   "--stream-capacity (this gateway's own setting while none is live).",
+    "ditstream_fleet_jobs": "REST jobs not answered yet: queued plus pending.",
+    "ditstream_fleet_jobs_per_worker": "REST jobs held by workers (pending) per live worker (absent while no worker "
+                                       "is live).",
+    "ditstream_fleet_job_capacity_per_worker": "REST jobs one live worker holds at once: the mean of their "
+                                               "--max-jobs (this gateway's own setting while none is live).",
+    "ditstream_fleet_jobs_queued": "REST jobs on the jobs stream that no worker has taken yet.",
+    "ditstream_fleet_jobs_pending": "The consumer group's pending entries: REST jobs delivered to a worker and not "
+                                    "acknowledged (running, or held by a dead worker until claimed).",
+    "ditstream_fleet_queued_job_age_seconds": "Age of the oldest REST job no worker has taken yet (0 when none waits).",
+    WORKERS_WANTED: "Workers the fleet needs: ceil(sessions / session capacity + pending jobs / job capacity), plus "
+                    "ceil(queued jobs / job capacity) while the oldest queued job has waited longer than "
+                    "AUTOSCALE_JOB_WAIT_S; at least 1 while a job is queued.",
+}
 
 
 class Metrics:

@@ -118,6 +118,15 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, ge=1)
     #: REST jobs one worker holds at once.
     worker_max_jobs: int = Field(4, ge=1)
+    #: Live streams one worker is sized for (``ditstream worker --stream-capacity``), sent in its
+    #: heartbeat: the autoscaling signal counts a worker full at this many streams, as at
+    #: ``worker_max_jobs`` jobs (docs/deploy.md, "Autoscaling"). A target, not a limit: admission is
+    #: the gateways' ``max_streams``.
+    worker_stream_capacity: int = Field(4, ge=1)
+    #: Gateway: once the oldest REST job no worker has taken has waited longer than this, the queue asks
+    #: for workers (one per ``worker_max_jobs`` queued jobs, in ``ditstream_workers_wanted``); a shorter
+    #: queue is a burst the live workers drain (docs/deploy.md, "Autoscaling").
+    autoscale_job_wait_s: float = Field(5.0, gt=0)
     #: Encoding of stream frames between gateway and workers.
     frame_codec: Literal["raw", "jpeg", "png"] = "jpeg"
     #: ``ditstream worker``: port of its own /health and /metrics (0 = off).

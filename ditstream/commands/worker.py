@@ -54,6 +54,8 @@ def worker(
     lora: Loras = None,
     max_batch: int = typer.Option(None, help="Largest batched model call."),
     max_jobs: int = typer.Option(None, help="REST jobs this worker holds at once (env DITSTREAM_WORKER_MAX_JOBS)."),
+    stream_capacity: int = typer.Option(None, help="Live streams this worker is sized for: the autoscaling signal "
+                                        "counts it full at this many (env DITSTREAM_WORKER_STREAM_CAPACITY; not a limit)."),
     worker_id: str = typer.Option(None, help="Stable name (default host-pid-random)."),
     heartbeat_s: float = typer.Option(None, help="Seconds between heartbeats."),
     ttl_s: float = typer.Option(None, help="A worker silent this long is dead (sessions move, jobs are claimed)."),
@@ -71,7 +73,8 @@ def worker(
                         batch=batch, cache_dir=cache_dir, tiny_vae=tiny_vae, opt_level=opt_level, lora=lora,
                         max_batch=max_batch, null_delay_ms=null_delay_ms, threads=threads)
     settings = settings_for(
-        "ditstream worker", engine, log, redis_url=redis, worker_max_jobs=max_jobs, worker_heartbeat_s=heartbeat_s,
+        "ditstream worker", engine, log, redis_url=redis, worker_max_jobs=max_jobs,
+        worker_stream_capacity=stream_capacity, worker_heartbeat_s=heartbeat_s,
         worker_ttl_s=ttl_s, job_claim_idle_s=claim_idle_s, job_max_attempts=max_attempts, redis_prefix=prefix,
         frame_codec=frame_codec)
     if not settings.redis_url:

@@ -42,6 +42,10 @@ class ScaleConfig:
     max_attempts: int = 3
     #: Jobs one worker holds at once (the rest stay in the stream for other workers).
     max_jobs: int = 4
+    #: Streams one worker is sized for (advertised in its heartbeat; the autoscaling signal's capacity,
+    #: not a limit) and how long a queued job may wait before the queue asks for workers.
+    stream_capacity: int = 4
+    autoscale_job_wait_s: float = 5.0
     #: Encoding of stream frames on the wire. A job's input image travels raw (lossless); its result is
     #: coded as its REST response will be (``JobMessage.output_format``), raw when none is asked.
     frame_codec: Codec = "jpeg"
@@ -88,6 +92,7 @@ class ScaleConfig:
             "max_attempts": settings.job_max_attempts, "max_jobs": settings.worker_max_jobs,
             "frame_codec": settings.frame_codec, "frames_out_len": settings.output_queue_size,
             "gateway_ttl_s": settings.gateway_ttl_s, "rebalance_s": settings.session_rebalance_s,
+            "stream_capacity": settings.worker_stream_capacity, "autoscale_job_wait_s": settings.autoscale_job_wait_s,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(redis_url=url, **values)

@@ -34,6 +34,7 @@ from ditstream.engine.config import DEFAULT_SIZE_MULTIPLE, EngineConfig, StreamC
 from ditstream.engine.errors import CancelledError, EngineDeadError
 from ditstream.engine.limits import EngineLimits, ensure_valid
 from ditstream.engine.types import MetricsSink
+from ditstream.server.scale.autoscale import AutoscaleCollector
 from ditstream.server.scale.config import ScaleConfig, conn_errors
 from ditstream.server.scale.counters import Counters
 from ditstream.server.scale.gateway_jobs import GatewayJobs
@@ -216,5 +217,7 @@ class RedisGatewayRunner:
         return self.jobs.submit(self.validate(cfg), image, encode)
 
     def bind_metrics(self, metrics: MetricsSink) -> None:
-        """Export per-worker figures (from heartbeats) and gateway counters on the app's /metrics."""
+        """Export per-worker figures (from heartbeats), gateway counters and the fleet's autoscaling
+        signal on the app's /metrics."""
         metrics.registry.register(WorkerCollector(self))
+        metrics.registry.register(AutoscaleCollector(self))

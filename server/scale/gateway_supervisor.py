@@ -1,9 +1,10 @@
 """The gateway's supervisor: which workers live, and moving sessions whose worker did not.
 
-``Fleet`` is what the supervisor last read: the live workers' heartbeats and whether Redis
-answered. Only the supervisor writes it (replacing the dict whole); the rest of the gateway reads it.
+``Fleet`` is what the supervisor last read: the live workers' heartbeats, the jobs stream's
+backlog (the autoscaling signal's input, ``autoscale.py``) and whether Redis answered. Only the supervisor writes it (replacing the dict whole); the rest of the gateway reads it.
 
-Each pass (every ``supervise_s``): refresh the workers from their TTL'd heartbeat keys; when another
+Each pass (every ``supervise_s``): refresh the workers from their TTL'd heartbeat keys and read the
+jobs backlog; when another
 Redis answers (a restart, or a Sentinel failover to a replica) re-send the pending jobs it lacks;
 re-pin sessions whose worker is gone or whose record vanished; spread sessions again when workers
 return; fail jobs past their deadline.
@@ -26,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from ditstream.engine.errors import OverloadedError, ValidationError
-from ditstream.server.scale.config import Backoff, ScaleConfig, conn_errors, ensure_group, sid_str
+from ditstream.server.scale.autoscale import JobBacklog, read_backlog
+from ditstream.server.scale.config import Backoff, ScaleConfig, conn_errors, ensure_group, is_nogroup, sid_str
 from ditstream.server.scale.counters import Counters
 from ditstream.server.scale.gateway_jobs import GatewayJobs
 from ditstream.server.scale.gateway_sessions import GatewaySessions
@@ -40,11 +42,12 @@ logger = logging.getLogger(__name__)
 
 
 class Fleet:
-    """The supervisor's snapshot of the workers (live heartbeats, with the limits they advertise) and
-    of Redis (answered last pass)."""
+    """The supervisor's snapshot of the workers (live heartbeats, with the limits they advertise), of
+    the jobs stream (its backlog) and of Redis (answered last pass)."""
 
     def __init__(self) -> None:
         self.workers: dict[str, Heartbeat] = {}
+        self.backlog = JobBacklog()
         self.redis_ok = False
 
     def set_workers(self, live: dict[str, Heartbeat]) -> None:
@@ -100,6 +103,7 @@ class Supervisor:
             self._restart_grace_until = time.monotonic() + self.cfg.worker_ttl_s
         self.fleet.redis_ok = True
         self._refresh_workers()
+        self._read_backlog()
         if restarted:
             lost = self.lost_jobs()
             self.jobs.resend(lost)
@@ -141,6 +145,17 @@ class Supervisor:
         if lost:
             logger.warning("gateway %s: worker(s) %s stopped beating", self.id, ", ".join(sorted(lost)))
         self.fleet.set_workers(live)
+
+    def _read_backlog(self) -> None:
+        """Refresh ``fleet.backlog``; a group that vanished since ``ensure_group`` (Redis restarted
+        mid-pass) keeps the last figures until the next pass re-creates it."""
+        import redis as _redis
+
+        try:
+            self.fleet.backlog = read_backlog(self.r, self.keys)
+        except _redis.ResponseError as exc:
+            if not is_nogroup(exc) and "no such key" not in str(exc):
+                raise
 
     def check_sessions(self) -> None:
         """Re-pin sessions whose worker is gone or whose record vanished; refresh the others' TTL."""

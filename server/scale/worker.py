@@ -164,6 +164,7 @@ class Worker:
         inflight = self.jobs.held()
         info = {k: v for k, v in self.runner.info.items() if k in (
             "model", "backend", "device", "dtype", "size_multiple", "defaults", "loras", "limits")}
+        info["stream_capacity"] = self.cfg.stream_capacity  # in ``info``: a gateway of an older release ignores it
         return Heartbeat(worker=self.id, host=socket.gethostname(), pid=os.getpid(), started=self.started,
                          engine_alive=self.runner.alive, info=info, limits=self.runner.limits,
                          sessions=self.sessions.count(),
