@@ -172,3 +172,46 @@ def format_temporal(report: dict[str, dict[str, Any]]) -> str:
     rows.append("flicker with the self-attention state replaced by the noiseless clip's (the ceiling of any memory): "
                 + "  ".join(f"{k} {v:.3f}" for k, v in report["state_ceiling"].items()))
     return "\n".join(rows)
+
+
+def memory_cost(components, defaults: dict[str, Any], strength: float, batch: int, *, ticks: int = 40,
+                repeats: int = 5, warmup: int = 5, seed: int = 0) -> dict[str, float]:
+    """Engine time per tick (``EngineCore.step``, median over ``ticks``) with ``batch`` streams of the
+    still noisy clip, memory off and ``temporal`` 1, run alternately ``repeats`` times; the best run of
+    each (the least disturbed on a shared machine) and their ratio. Not a timed test: a bench."""
+    import statistics
+    import time
+
+    from ditstream.engine.types import Frame
+
+    still, _ = moving_clip(0.0, ticks + warmup, seed=seed)
+    base = _base_config(defaults, strength, seed)
+    best = {"off_ms": float("inf"), "temporal_ms": float("inf")}
+    core = _core(components)
+    for _ in range(repeats):
+        for key, cfg in (("off_ms", base), ("temporal_ms", base.replace(temporal=1.0))):
+            ids = [core.add(cfg.replace(seed=seed + i)).id for i in range(batch)]
+            times = []
+            for k, frame in enumerate(still):
+                for sid in ids:
+                    core.submit(sid, Frame(image=frame, seq=k))
+                t0 = time.perf_counter()
+                core.step()
+                if k >= warmup:
+                    times.append(time.perf_counter() - t0)
+            core.flush()
+            for sid in ids:
+                core.remove(sid)
+            best[key] = min(best[key], 1000.0 * statistics.median(times))
+    return {**best, "ratio": best["temporal_ms"] / best["off_ms"]}
+
+
+if __name__ == "__main__":  # python -m ditstream.engine.demo.temporal_quality [batch ...]: the cost bench
+    import sys
+
+    from ditstream.engine.demo.quality import _components, _defaults
+
+    comps = _components("demo", 1)
+    dflt = _defaults(comps)
+    for b in [int(a) for a in sys.argv[1:]] or [1, 8]:
+        print(f"batch {b}:", memory_cost(comps, dflt, float(dflt["strength"]), b))
