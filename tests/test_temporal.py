@@ -26,7 +26,20 @@ def _cfg(**kw) -> StreamConfig:
 
 @pytest.fixture(scope="module")
 def torch_gen(tiny_components):
-    return Generator(tiny_components, create_backend("torch", tiny_components))
+    """The tiny model with a second transformer block (its first, copied, weights scaled by 1 ± 20 %
+    at random): the memory is kept per block, and the tiny model's single block could not tell a
+    block read or written in another's place."""
+    import torch
+
+    transformer = copy.deepcopy(tiny_components.transformer)  # the copy gets diffusers' processors back
+    extra = copy.deepcopy(transformer.transformer_blocks[0])
+    rng = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in extra.parameters():
+            p.mul_(1 + 0.2 * (2 * torch.rand(p.shape, generator=rng) - 1))
+    transformer.transformer_blocks.append(extra)
+    components = dataclasses.replace(tiny_components, transformer=transformer)
+    return Generator(components, create_backend("torch", components))
 
 
 def _run(g, configs, frames, max_batch=16):
