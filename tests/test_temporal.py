@@ -26,7 +26,20 @@ def _cfg(**kw) -> StreamConfig:
 
 @pytest.fixture(scope="module")
 def torch_gen(tiny_components):
-    return Generator(tiny_components, create_backend("torch", tiny_components))
+    """The tiny model with a second transformer block (its first, copied, weights scaled by 1 ± 20 %
+    at random): the memory is kept per block, and the tiny model's single block could not tell a
+    block read or written in another's place."""
+    import torch
+
+    transformer = copy.deepcopy(tiny_components.transformer)  # the copy gets diffusers' processors back
+    extra = copy.deepcopy(transformer.transformer_blocks[0])
+    rng = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in extra.parameters():
+            p.mul_(1 + 0.2 * (2 * torch.rand(p.shape, generator=rng) - 1))
+    transformer.transformer_blocks.append(extra)
+    components = dataclasses.replace(tiny_components, transformer=transformer)
+    return Generator(components, create_backend("torch", components))
 
 
 def _run(g, configs, frames, max_batch=16):
@@ -111,6 +124,27 @@ def test_memory_is_per_slot_and_block_and_reset_on_a_jump_not_a_glide(torch_gen)
     assert not s.memory.slots  # a size change drops it
 
 
+def test_the_memory_averages_each_frames_own_state_not_the_state_it_mixed_with_memory(torch_gen):
+    """Block 0's state depends on the input only (no memory reaches it before its own attention), so
+    its memory after frames a, b, c with decay 0.5 must be ¼a + ¼b + ½c of the states each frame gives
+    alone (a fresh stream's first frame sets the memory to its own state). Recording the mixed state
+    ``own + w·M`` instead, or another block's, would not give that."""
+    import torch
+
+    def memory_after(frames):
+        core = EngineCore(torch_gen.components, torch_gen.backend, torch_gen.prompts, EngineConfig(output_float=True))
+        s = core.add(_cfg(temporal=1.0, temporal_decay=0.5))
+        for i, f in enumerate(frames):
+            core.submit(s.id, Frame(image=f, seq=i))
+            core.flush()
+        return s.memory.slots[0]
+
+    frames = _moving(3)
+    a, b, c = (memory_after([f]) for f in frames)
+    assert float((a[0] - c[0]).abs().max()) > 1e-3  # the frames' states differ: the average is a real test
+    torch.testing.assert_close(memory_after(frames)[0], 0.25 * a[0] + 0.25 * b[0] + 0.5 * c[0], rtol=1e-5, atol=1e-6)
+
+
 def test_a_frame_the_similarity_filter_skips_leaves_the_memory_as_it_is(torch_gen):
     core = EngineCore(torch_gen.components, torch_gen.backend, torch_gen.prompts, EngineConfig(output_float=True))
     s = core.add(_cfg(temporal=0.5, filter=FilterConfig(enabled=True, threshold=0.5, max_skip=5, seed=0)))
@@ -133,6 +167,16 @@ def test_backends_that_cannot_carry_memory_refuse_it_by_name(tiny_components):
     with pytest.raises(ValidationError, match="onnx backend") as err:
         core.add(_cfg(temporal=0.5))
     assert err.value.field == "temporal"
+    # compile and tensorrt too (their transformer is a compiled or built graph), by name. The refusal
+    # is the class's (its ``temporal_attention`` and ``name``), so it is read off an instance built
+    # without its graph: no GPU, no compile (a real CompileBackend costs seconds to build).
+    from ditstream.engine.backends.compile_backend import CompileBackend
+    from ditstream.engine.backends.tensorrt_backend import TensorRTBackend
+    from ditstream.engine.temporal import temporal_refusal
+
+    for cls, name in ((CompileBackend, "compile"), (TensorRTBackend, "tensorrt")):
+        refusal = temporal_refusal(object.__new__(cls))
+        assert refusal is not None and refusal.startswith(f"the {name} backend cannot carry attention memory")
 
 
 def test_a_self_attention_that_is_not_linear_refuses_it_naming_the_processor(tiny_components):

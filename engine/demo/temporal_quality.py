@@ -7,6 +7,10 @@ largest difference from the stream without memory), and the circle moving on a c
 and worst frame; ghosts: the share of output shape pixels more than 3 px outside the input shape).
 Arms: off, ``feedback`` 0.5, ``temporal``, ``temporal`` + ``motion_adaptive``; the curve sweeps
 ``temporal`` and ``temporal_decay``.
+
+``state_ceiling`` bounds what any attention memory can do for flicker: it runs the still noisy clip
+with the self-attention state of chosen blocks replaced by the state the still *noiseless* clip gives
+(what a perfect memory of the scene would hold, with none of the frame's noise).
 """
 
 from __future__ import annotations
@@ -79,11 +83,8 @@ def tracking(outputs: list[np.ndarray], specs: list[ds.ShapeSpec]) -> dict[str, 
 def arm_figures(components, defaults: dict[str, Any], strength: float, arm: dict[str, Any], *, frames: int = 24,
                 seed: int = 0, settle: int = 4) -> dict[str, float]:
     """One arm (StreamConfig overrides) on every clip: flicker, exactness and tracking per speed."""
-    from ditstream.engine.config import StreamConfig
-
     core = _core(components)
-    base = StreamConfig(prompt=PROMPT, mode="img2img", steps=1, strength=strength, seed=seed,
-                        width=defaults["width"], height=defaults["height"], guidance_scale=defaults["guidance_scale"])
+    base = _base_config(defaults, strength, seed)
     cfg = base.replace(**arm)
     out: dict[str, float] = {}
     still, _ = moving_clip(0.0, frames, seed=seed)
@@ -100,6 +101,46 @@ def arm_figures(components, defaults: dict[str, Any], strength: float, arm: dict
     return out
 
 
+def _base_config(defaults: dict[str, Any], strength: float, seed: int):
+    from ditstream.engine.config import StreamConfig
+
+    return StreamConfig(prompt=PROMPT, mode="img2img", steps=1, strength=strength, seed=seed,
+                        width=defaults["width"], height=defaults["height"], guidance_scale=defaults["guidance_scale"])
+
+
+def state_ceiling(components, defaults: dict[str, Any], strength: float, *, frames: int = 24, seed: int = 0,
+                  settle: int = 4, weight: float = 1e6) -> dict[str, float]:
+    """Flicker on the still noisy clip when the self-attention state of all blocks (``all``), or of one
+    (``block<i>``), is the still noiseless clip's own state instead of the frame's (``off``: unchanged).
+
+    Done with the memory's own hook (``engine.temporal``): the state used is ``own + weight·clean``,
+    which normalises to ``clean``'s output within ~1/weight. No memory made of past frames' states can
+    steady the state more than this, so if this does not lower flicker, no setting of it will.
+    """
+    import torch
+
+    core = _core(components)
+    hook = core.backend.temporal_attention()
+    if hook is None or hook.refusal is not None:
+        raise ValueError("state_ceiling needs a backend that carries attention memory (torch)")
+    cfg = _base_config(defaults, strength, seed)
+    device = core.components.device
+    clean, _ = moving_clip(0.0, 1, noise=0.0)
+    with hook.call(1, [], [], [], [0], device) as call:  # the noiseless frame's own states, every block
+        _stream_images(core, cfg, clean)
+    clean_state = call.own()[0]  # (blocks, H, d+1, d)
+    still, _ = moving_clip(0.0, frames, seed=seed)
+    out = {"off": flicker(_stream_images(core, cfg, still)[settle:])}
+    choices = {"all": list(range(hook.blocks))} | {f"block{b}": [b] for b in range(hook.blocks)}
+    for name, blocks in choices.items():
+        mask = torch.zeros(hook.blocks, 1, 1, 1, device=clean_state.device)
+        mask[blocks] = 1.0
+        # one row reading ``weight·clean`` in the chosen blocks (0 elsewhere: the own state as it is)
+        with hook.call(1, [0], [weight], [clean_state * mask], [], device):
+            out[name] = flicker(_stream_images(core, cfg, still)[settle:])
+    return out
+
+
 def default_arms(temporal: float, decay: float) -> dict[str, dict[str, Any]]:
     return {"off": {}, "feedback_0.5": {"feedback": 0.5},
             "temporal": {"temporal": temporal, "temporal_decay": decay},
@@ -111,20 +152,66 @@ def default_arms(temporal: float, decay: float) -> dict[str, dict[str, Any]]:
 
 
 def temporal_report(components, defaults: dict[str, Any], strength: float, *, temporal: float = 1.0,
-                    decay: float | None = None, frames: int = 24, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Every arm's figures (``arm_figures``), keyed by arm name."""
+                    decay: float | None = None, frames: int = 24, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """``arms``: every arm's figures (``arm_figures``), keyed by arm name; ``state_ceiling``: its figures."""
     from ditstream.engine.config import DEFAULT_TEMPORAL_DECAY
 
     d = DEFAULT_TEMPORAL_DECAY if decay is None else decay
-    return {name: arm_figures(components, defaults, strength, arm, frames=frames, seed=seed)
+    arms = {name: arm_figures(components, defaults, strength, arm, frames=frames, seed=seed)
             for name, arm in default_arms(temporal, d).items()}
+    return {"arms": arms, "state_ceiling": state_ceiling(components, defaults, strength, frames=frames, seed=seed)}
 
 
-def format_temporal(report: dict[str, dict[str, float]]) -> str:
+def format_temporal(report: dict[str, dict[str, Any]]) -> str:
     head = f"{'arm':<28} flicker  exact  " + "  ".join(f"{v:g}px mean/worst/ghost" for v in SPEEDS)
     rows = [head]
-    for name, r in report.items():
+    for name, r in report["arms"].items():
         cells = "  ".join(f"{r[f'{v:g}px_err_mean']:5.2f}/{r[f'{v:g}px_err_max']:5.2f}/{r[f'{v:g}px_ghost']:.3f}"
                           for v in SPEEDS)
         rows.append(f"{name:<28} {r['flicker']:7.3f}  {r['exact_max_diff']:5.1f}  {cells}")
+    rows.append("flicker with the self-attention state replaced by the noiseless clip's (the ceiling of any memory): "
+                + "  ".join(f"{k} {v:.3f}" for k, v in report["state_ceiling"].items()))
     return "\n".join(rows)
+
+
+def memory_cost(components, defaults: dict[str, Any], strength: float, batch: int, *, ticks: int = 40,
+                repeats: int = 5, warmup: int = 5, seed: int = 0) -> dict[str, float]:
+    """Engine time per tick (``EngineCore.step``, median over ``ticks``) with ``batch`` streams of the
+    still noisy clip, memory off and ``temporal`` 1, run alternately ``repeats`` times; the best run of
+    each (the least disturbed on a shared machine) and their ratio. Not a timed test: a bench."""
+    import statistics
+    import time
+
+    from ditstream.engine.types import Frame
+
+    still, _ = moving_clip(0.0, ticks + warmup, seed=seed)
+    base = _base_config(defaults, strength, seed)
+    best = {"off_ms": float("inf"), "temporal_ms": float("inf")}
+    core = _core(components)
+    for _ in range(repeats):
+        for key, cfg in (("off_ms", base), ("temporal_ms", base.replace(temporal=1.0))):
+            ids = [core.add(cfg.replace(seed=seed + i)).id for i in range(batch)]
+            times = []
+            for k, frame in enumerate(still):
+                for sid in ids:
+                    core.submit(sid, Frame(image=frame, seq=k))
+                t0 = time.perf_counter()
+                core.step()
+                if k >= warmup:
+                    times.append(time.perf_counter() - t0)
+            core.flush()
+            for sid in ids:
+                core.remove(sid)
+            best[key] = min(best[key], 1000.0 * statistics.median(times))
+    return {**best, "ratio": best["temporal_ms"] / best["off_ms"]}
+
+
+if __name__ == "__main__":  # python -m ditstream.engine.demo.temporal_quality [batch ...]: the cost bench
+    import sys
+
+    from ditstream.engine.demo.quality import _components, _defaults
+
+    comps = _components("demo", 1)
+    dflt = _defaults(comps)
+    for b in [int(a) for a in sys.argv[1:]] or [1, 8]:
+        print(f"batch {b}:", memory_cost(comps, dflt, float(dflt["strength"]), b))
