@@ -83,12 +83,15 @@ class FrameLog:
         }
 
 
-class Stream(FrameLog):
-    """One session of an in-process gateway, fed a frame every 20 ms."""
+class Stream:
+    """One session of an in-process gateway, fed ``log``'s frames every ``period_s``; what comes out is
+    recorded in ``log``. ``cfg`` defaults to a plain one at ``FrameLog``'s size."""
 
-    def __init__(self, gw: RedisGatewayRunner, k: int) -> None:
-        super().__init__(k)
-        self.h = gw.add_stream(StreamConfig(prompt="p", width=SIZE, height=SIZE))
+    def __init__(self, gw: RedisGatewayRunner, log: FrameLog, cfg: StreamConfig | None = None,
+                 period_s: float = 0.02) -> None:
+        self.log = log
+        self.period_s = period_s
+        self.h = gw.add_stream(cfg or StreamConfig(prompt="p", width=SIZE, height=SIZE))
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._feed, daemon=True),
                         threading.Thread(target=self._drain, daemon=True)]
@@ -98,15 +101,15 @@ class Stream(FrameLog):
     def _feed(self) -> None:
         seq = 0
         while not self.stop.is_set():
-            self.h.submit(self.frame(seq), seq, float(seq))
+            self.h.submit(self.log.frame(seq), seq, float(seq))
             seq += 1
-            self.stop.wait(0.02)
+            self.stop.wait(self.period_s)
 
     def _drain(self) -> None:
         while not self.stop.is_set():
             out = self.h.outputs.get(timeout=0.2)
             if out is not None and out.image is not None:
-                self.record(out.seq, out.image)
+                self.log.record(out.seq, out.image)
 
     def close(self) -> None:
         self.stop.set()

@@ -130,8 +130,8 @@ def test_chaos_worker_sigkill_then_redis_restart(tmp_path: Path):
                 wait_for(lambda: len(gw.workers) == 3, 90, what="3 workers beating")
             except TimeoutError:
                 raise AssertionError("\n".join(w.log_tail(2000) for w in workers)) from None
-            streams = [Stream(gw, k) for k in range(N_STREAMS)]
-            wait_for(lambda: all(len(s.got) >= 3 for s in streams), 20, what="outputs flowing")
+            streams = [Stream(gw, FrameLog(k)) for k in range(N_STREAMS)]
+            wait_for(lambda: all(len(s.log.got) >= 3 for s in streams), 20, what="outputs flowing")
 
             # ---- fault 1: SIGKILL a worker holding a stream and unanswered jobs
             jobs = _submit_jobs(gw, 0)
@@ -147,10 +147,10 @@ def test_chaos_worker_sigkill_then_redis_restart(tmp_path: Path):
             next(w for w in workers if w.worker_id == wid).kill()
             t_kill = time.monotonic()
             figures["worker_sigkill"] = {"jobs_in_flight": in_flight, "victim": wid, **_job_report(jobs)}
-            wait_for(lambda: all(s.since(t_kill) >= 5 for s in streams), 20,
+            wait_for(lambda: all(s.log.since(t_kill) >= 5 for s in streams), 20,
                      what="every stream resumed after the kill")
             t_end1 = time.monotonic()
-            figures["worker_sigkill"]["streams"] = [s.report(t_kill, t_end1) for s in streams]
+            figures["worker_sigkill"]["streams"] = [s.log.report(t_kill, t_end1) for s in streams]
 
             # ---- fault 2: restart Redis (its data is gone) with jobs held by the workers
             jobs = _submit_jobs(gw, 100)
@@ -163,10 +163,10 @@ def test_chaos_worker_sigkill_then_redis_restart(tmp_path: Path):
             figures["outage_wall"] = (t_down_wall, time.time())
             figures["redis_restart"] = {"jobs_in_flight": in_flight, "redis_down_s": round(down_s, 2),
                                         **_job_report(jobs)}
-            wait_for(lambda: all(s.since(t_down + down_s) >= 5 for s in streams), 30,
+            wait_for(lambda: all(s.log.since(t_down + down_s) >= 5 for s in streams), 30,
                      what="every stream resumed after the restart")
             t_end2 = time.monotonic()
-            figures["redis_restart"]["streams"] = [s.report(t_down, t_end2) for s in streams]
+            figures["redis_restart"]["streams"] = [s.log.report(t_down, t_end2) for s in streams]
             figures["duplicate_answers"] = gw.counters["duplicate_answers"]
             figures["runtime_s"] = round(time.monotonic() - t_start, 1)
         finally:
