@@ -22,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import signal
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, wait
@@ -39,8 +37,9 @@ from ditstream.engine.demo.evaluator import read_image
 from ditstream.server.scale.config import ScaleConfig
 from ditstream.server.scale.gateway import RedisGatewayRunner
 from fleetkit import FrameLog, Stream, judge_workers
+from proxykit import TcpProxy
 
-from ditstream.bench.scale_harness import RedisServer, WorkerProcess, free_port, redis_server_binary, wait_for
+from ditstream.bench.scale_harness import RedisServer, WorkerProcess, redis_server_binary, wait_for
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -120,54 +119,20 @@ def _job_report(jobs: list[tuple[int, Future]]) -> dict[str, Any]:
     return {"answered_once": ok, "lost": lost, "foreign": wrong}
 
 
-class Gate:
-    """A loopback port that refuses connections until ``open()``, then forwards each one to ``target``.
-
-    The joining worker reaches Redis through it: it is started with the others (a demo worker's
-    start-up, mostly imports, costs 15-50 s of CPU on the shared 2-core box, too long to wait for
-    twice) and joins the fleet when the gate opens — its first heartbeat, exactly as a freshly
-    started worker's (until then its loops back off, as they do whenever Redis is unreachable)."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.port = free_port()
-        self.server: socket.socket | None = None
-
-    def open(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
-
-    def _accept(self, server: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = server.accept()
-                upstream = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                return
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while data := src.recv(65536):
-            dst.sendall(data)
-    with contextlib.suppress(OSError):
-        dst.shutdown(socket.SHUT_WR)
-
-
 @contextlib.contextmanager
-def _fleet(tmp_path: Path) -> Iterator[tuple[RedisServer, Gate, list[WorkerProcess]]]:
+def _fleet(tmp_path: Path) -> Iterator[tuple[RedisServer, TcpProxy, list[WorkerProcess]]]:
     """A private ``redis-server`` and three demo-model workers (``-v``: a log line per job answer, read
-    by ``judge_workers``), all started; the third reaches Redis through a closed ``Gate``."""
+    by ``judge_workers``), all started; the third reaches Redis through a gate, a ``TcpProxy`` that
+    refuses its connections until the test opens it (``gate.target = <Redis's port>``).
+
+    Why the gate: a demo worker's start-up (mostly imports) costs 15-50 s of CPU on the shared 2-core
+    box, too long to pay twice in a row. So the joining worker starts with the others and joins the
+    fleet when the gate opens: its first heartbeat, as a freshly started worker's (until then its
+    loops back off, as they do whenever Redis is unreachable)."""
     if redis_server_binary() is None:
         pytest.fail("redis-server is required (apt-get install -y redis-server)", pytrace=False)
     server = RedisServer(log_dir=tmp_path).start()
-    gate = Gate(server.port)
+    gate = TcpProxy(None)
     urls = [server.url, server.url, f"redis://127.0.0.1:{gate.port}/0"]
     workers = [WorkerProcess(url, "--model", "demo", "--device", "cpu", "--threads", "1", "--max-jobs", "2",
                              "--heartbeat-s", str(HEARTBEAT_S), "--ttl-s", str(TTL_S), "--claim-idle-s",
@@ -205,7 +170,7 @@ def test_rolling_update_of_the_workers(tmp_path: Path):
             t_flowing = time.monotonic()
 
             # ---- a third worker joins: the gateway moves a session onto it (both ends alive)
-            gate.open()
+            gate.target = server.port
             wait_for(lambda: "w2" in gw.workers, 90, what="w2 beating")
             t_join = time.monotonic()
             wait_for(lambda: any(s.h.worker == "w2" for s in streams), 10, interval=0.02,
