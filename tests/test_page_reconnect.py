@@ -69,18 +69,37 @@ def _server() -> ServerThread:
     return ServerThread(create_app(settings, null_runner(delay_s=DELAY_S)))
 
 
-def test_page_reconnects_on_1012_with_the_same_settings():
+@pytest.mark.parametrize("transport", ["ws", "webrtc"])
+def test_page_reconnects_on_1012_with_the_same_settings(transport: str):
+    if transport == "webrtc":
+        pytest.importorskip("aiortc")
     with _server() as a, _server() as b:
         proxy = TcpProxy(a.port)
         try:
             with playwright_api.sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
                 try:
-                    _run(browser.new_page(), a, b, proxy)
+                    (_run if transport == "ws" else _run_rtc)(browser.new_page(), a, b, proxy)
                 finally:
                     browser.close()
         finally:
             proxy.close()
+
+
+def _hand_over(a: ServerThread, b: ServerThread, proxy: TcpProxy) -> None:
+    """A hands over (``hand_over``, what ``ditstream serve`` runs on SIGTERM); the load balancer drops
+    it once its ``/ready`` says 503; then A exits."""
+    loop = a.server.servers[0].get_loop()
+    handing = asyncio.run_coroutine_threadsafe(hand_over(a.app.state.ditstream), loop)
+    t0 = time.monotonic()
+    while httpx.get(a.url + "/ready").status_code == 200:
+        assert time.monotonic() - t0 < 5, "A's /ready stayed 200"
+        time.sleep(0.01)
+    proxy.target = b.port
+    handing.result(10)
+    # then A exits, as `ditstream serve` does after the hand-over: uvicorn closes its idle keep-alive
+    # connections, so the page's next HTTP request (WHIP) opens a new one, which reaches B
+    a.server.should_exit = True
 
 
 def _run(page: Any, a: ServerThread, b: ServerThread, proxy: TcpProxy) -> None:
@@ -97,15 +116,7 @@ def _run(page: Any, a: ServerThread, b: ServerThread, proxy: TcpProxy) -> None:
                               s.dispatchEvent(new Event('input')); }}""")  # a live change, not only the opening config
     page.wait_for_function(f"window.ditstream.config && window.ditstream.config.strength === {STRENGTH}")
 
-    # A hands over; the load balancer drops it once /ready says 503
-    loop = a.server.servers[0].get_loop()
-    handing = asyncio.run_coroutine_threadsafe(hand_over(a.app.state.ditstream), loop)
-    t0 = time.monotonic()
-    while httpx.get(a.url + "/ready").status_code == 200:
-        assert time.monotonic() - t0 < 5, "A's /ready stayed 200"
-        time.sleep(0.01)
-    proxy.target = b.port
-    handing.result(10)
+    _hand_over(a, b, proxy)
     with contextlib.suppress(playwright_api.TimeoutError):  # judged below, with what the page did
         page.wait_for_function("window.ditstream.reconnects >= 1 && window.sockets.at(-1).seqs.length >= 10",
                                timeout=15_000)
@@ -130,3 +141,36 @@ def _run(page: Any, a: ServerThread, b: ServerThread, proxy: TcpProxy) -> None:
     applied = page_state["config"]
     assert (applied["prompt"], applied["seed"], applied["strength"]) == (PROMPT, SEED, float(STRENGTH)), applied
     assert len(b.app.state.ditstream.sessions) == 1 and not a.app.state.ditstream.sessions
+
+
+def _run_rtc(page: Any, a: ServerThread, b: ServerThread, proxy: TcpProxy) -> None:
+    """WebRTC: A tells the page ``closing`` (1012) on the control channel; the page publishes again
+    (signalling through the proxy, so to B) with the same settings, and frames keep coming."""
+    console: list[str] = []
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+    page.goto(proxy.url + "/?source=pattern&transport=webrtc")
+    page.fill("#prompt", PROMPT)
+    page.fill("#seed", str(SEED))
+    page.dispatch_event("#seed", "change")
+    page.click("#start")
+    page.wait_for_function("window.ditstream.stats.received >= 10", timeout=20_000)
+    page.evaluate(f"""() => {{ const s = document.getElementById('strength'); s.value = '{STRENGTH}';
+                              s.dispatchEvent(new Event('input')); }}""")
+    page.wait_for_function(f"window.ditstream.config && window.ditstream.config.strength === {STRENGTH}")
+    _hand_over(a, b, proxy)
+    with contextlib.suppress(playwright_api.TimeoutError):  # judged below, with what the page did
+        page.wait_for_function("window.ditstream.reconnects >= 1 && window.ditstream.config", timeout=15_000)
+    before = page.evaluate("window.ditstream.stats.received")
+    with contextlib.suppress(playwright_api.TimeoutError):
+        page.wait_for_function(f"window.ditstream.stats.received >= {before + 10}", timeout=15_000)
+    page_state = page.evaluate("""() => ({reconnects: window.ditstream.reconnects, closeCodes: window.ditstream.closeCodes,
+        running: window.ditstream.running, received: window.ditstream.stats.received,
+        status: document.getElementById('status').textContent, message: document.getElementById('message').textContent})""")
+    print(f"\n  page (WebRTC): {page_state}")
+    assert page_state["reconnects"] == 1 and page_state["closeCodes"] == [1012], (page_state, console)
+    assert page_state["running"] and page_state["status"] == "live", (page_state, console)
+    assert page_state["received"] >= before + 10, f"frames stopped after publishing again: {page_state}"
+    sessions = list(b.app.state.ditstream.webrtc.values())
+    assert len(sessions) == 1 and not a.app.state.ditstream.webrtc, (sessions, a.app.state.ditstream.webrtc)
+    applied = sessions[0].config
+    assert (applied.prompt, applied.seed, applied.strength) == (PROMPT, SEED, float(STRENGTH)), applied

@@ -227,5 +227,7 @@ def test_rolling_update_of_the_workers(tmp_path: Path):
     assert judged["answered"] == N_JOBS, judged
     for k, h in enumerate(history):
         assert (h["duplicated"], h["out_of_order"], h["foreign"]) == (0, 0, 0), f"stream {k}: {h}"
-    assert max(waits_join) <= WAIT_BOUND_S, f"a stream waited {max(waits_join):.2f} s around the join"
-    assert max(waits_term) <= WAIT_BOUND_S, f"a stream waited {max(waits_term):.2f} s around the SIGTERM"
+    sessions = "\n".join(line for w in workers if w.log is not None
+                         for line in w.log.read_text(errors="replace").splitlines() if ": session " in line)
+    assert max(waits_join) <= WAIT_BOUND_S, f"a stream waited {max(waits_join):.2f} s around the join:\n{sessions}"
+    assert max(waits_term) <= WAIT_BOUND_S, f"a stream waited {max(waits_term):.2f} s around the SIGTERM:\n{sessions}"
