@@ -37,7 +37,6 @@ from ditstream.engine.demo.evaluator import read_image
 from ditstream.server.scale.config import ScaleConfig
 from ditstream.server.scale.gateway import RedisGatewayRunner
 from fleetkit import FrameLog, Stream, judge_workers
-from proxykit import TcpProxy
 
 from ditstream.bench.scale_harness import RedisServer, WorkerProcess, redis_server_binary, wait_for
 
@@ -119,21 +118,28 @@ def _job_report(jobs: list[tuple[int, Future]]) -> dict[str, Any]:
     return {"answered_once": ok, "lost": lost, "foreign": wrong}
 
 
-@contextlib.contextmanager
-def _fleet(tmp_path: Path) -> Iterator[tuple[RedisServer, TcpProxy, list[WorkerProcess]]]:
-    """A private ``redis-server`` and three demo-model workers (``-v``: a log line per job answer, read
-    by ``judge_workers``), all started; the third reaches Redis through a gate, a ``TcpProxy`` that
-    refuses its connections until the test opens it (``gate.target = <Redis's port>``).
+#: The joining worker's Redis user: created disabled, enabled when the test lets the worker join.
+JOINER_USER, JOINER_PASSWORD = "w2", "w2-secret"
 
-    Why the gate: a demo worker's start-up (mostly imports) costs 15-50 s of CPU on the shared 2-core
-    box, too long to pay twice in a row. So the joining worker starts with the others and joins the
-    fleet when the gate opens: its first heartbeat, as a freshly started worker's (until then its
-    loops back off, as they do whenever Redis is unreachable)."""
+
+@contextlib.contextmanager
+def _fleet(tmp_path: Path) -> Iterator[tuple[RedisServer, list[WorkerProcess]]]:
+    """A private ``redis-server`` and three demo-model workers (``-v``: a log line per job answer, read
+    by ``judge_workers``), all started; the third logs in as a Redis user that is disabled until the
+    test enables it (``_let_join``).
+
+    Why: a demo worker's start-up (mostly imports) costs 15-50 s of CPU on the shared 2-core box,
+    too long to pay twice in a row. So the joining worker starts with the others and joins the
+    fleet when it may log in: its first heartbeat, as a freshly started worker's. Until then every
+    login fails (``AuthenticationError``, a ``ConnectionError``) and its loops back off, as they do
+    whenever Redis is unreachable; then it talks to Redis directly, as the others do."""
     if redis_server_binary() is None:
         pytest.fail("redis-server is required (apt-get install -y redis-server)", pytrace=False)
     server = RedisServer(log_dir=tmp_path).start()
-    gate = TcpProxy(None)
-    urls = [server.url, server.url, f"redis://127.0.0.1:{gate.port}/0"]
+    with redis.Redis.from_url(server.url) as r:
+        r.acl_setuser(JOINER_USER, enabled=False, passwords=[f"+{JOINER_PASSWORD}"], keys=["*"],
+                      channels=["*"], commands=["+@all"])
+    urls = [server.url, server.url, f"redis://{JOINER_USER}:{JOINER_PASSWORD}@127.0.0.1:{server.port}/0"]
     workers = [WorkerProcess(url, "--model", "demo", "--device", "cpu", "--threads", "1", "--max-jobs", "2",
                              "--heartbeat-s", str(HEARTBEAT_S), "--ttl-s", str(TTL_S), "--claim-idle-s",
                              str(CLAIM_IDLE_S), worker_id=f"w{n}", log=tmp_path / f"w{n}.log")
@@ -142,17 +148,22 @@ def _fleet(tmp_path: Path) -> Iterator[tuple[RedisServer, TcpProxy, list[WorkerP
         w.cmd.insert(w.cmd.index("worker"), "-v")
         w.start()
     try:
-        yield server, gate, workers
+        yield server, workers
     finally:
         for w in workers:  # the test is over (the drained worker's exit was waited for): no need to wait twice more
             w.kill()
-        gate.close()
         server.stop()
+
+
+def _let_join(r: redis.Redis) -> None:
+    """Enable the joining worker's Redis user: its next login succeeds."""
+    r.acl_setuser(JOINER_USER, enabled=True, passwords=[f"+{JOINER_PASSWORD}"], keys=["*"], channels=["*"],
+                  commands=["+@all"])
 
 
 def test_rolling_update_of_the_workers(tmp_path: Path):
     t_start = time.monotonic()
-    with _fleet(tmp_path) as (server, gate, workers):
+    with _fleet(tmp_path) as (server, workers):
         scfg = ScaleConfig(redis_url=server.url, heartbeat_s=HEARTBEAT_S, worker_ttl_s=TTL_S,
                            claim_idle_s=CLAIM_IDLE_S, supervise_s=SUPERVISE_S, max_jobs=2, rebalance_s=REBALANCE_S)
         gw = RedisGatewayRunner(scfg, EngineConfig(output_queue_size=64), job_timeout_s=60).start()
@@ -170,7 +181,7 @@ def test_rolling_update_of_the_workers(tmp_path: Path):
             t_flowing = time.monotonic()
 
             # ---- a third worker joins: the gateway moves a session onto it (both ends alive)
-            gate.target = server.port
+            _let_join(r)
             wait_for(lambda: "w2" in gw.workers, 90, what="w2 beating")
             t_join = time.monotonic()
             wait_for(lambda: any(s.h.worker == "w2" for s in streams), 10, interval=0.02,
