@@ -18,17 +18,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime
 import io
-import itertools
 import json
 import re
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, wait
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,6 +33,7 @@ import redis
 from ditstream.engine.config import EngineConfig, StreamConfig
 from ditstream.server.scale.config import ScaleConfig
 from ditstream.server.scale.gateway import RedisGatewayRunner
+from fleetkit import SIZE, FrameLog, Stream, answered_twice, judge_workers
 from testkit import decode_output, frame_message, jpeg
 
 from ditstream.bench.scale_harness import (
@@ -48,7 +46,6 @@ from ditstream.bench.scale_harness import (
 
 pytestmark = pytest.mark.timeout(150)
 
-SIZE = 32
 N_STREAMS, N_JOBS = 4, 32
 HEARTBEAT_S, TTL_S, CLAIM_IDLE_S, SUPERVISE_S, DELAY_MS = 0.3, 1.5, 1.5, 0.1, 100
 #: One session open round trip plus scheduling jitter on a loaded 2-core runner.
@@ -65,7 +62,7 @@ def _fleet(tmp_path: Path) -> Iterator[tuple[RedisServer, list[WorkerProcess]]]:
                              "--heartbeat-s", str(HEARTBEAT_S), "--ttl-s", str(TTL_S), "--claim-idle-s",
                              str(CLAIM_IDLE_S), "--threads", "1", worker_id=f"w{n}",
                              log=tmp_path / f"w{n}.log") for n in range(3)]
-    for w in workers:  # `ditstream -v worker ...`: DEBUG logs, a line per job answer (see _worker_results)
+    for w in workers:  # `ditstream -v worker ...`: DEBUG logs, a line per job answer (see worker_results)
         w.cmd.insert(w.cmd.index("worker"), "-v")
         w.start()
     try:
@@ -76,162 +73,8 @@ def _fleet(tmp_path: Path) -> Iterator[tuple[RedisServer, list[WorkerProcess]]]:
         server.stop()
 
 
-#: Frame identity. Red names the stream; the seq is written as four base-8 digits (seq mod 8**4),
-#: one per 16×16 quadrant, in green steps of ``SHADE_STEP``: more than twice ``TOLERANCE`` (what the
-#: JPEG round trips may move a shade; measured ≤ 6 at the quadrant centres), so a frame one seq away
-#: differs by a full step in at least one quadrant and can never pass for its neighbour.
-TOLERANCE, SHADE_STEP, DIGITS, HALF = 12, 30, 4, SIZE // 2
-QUADRANTS = [(0, 0), (0, HALF), (HALF, 0), (HALF, HALF)]
 
 
-def _shades(seq: int) -> list[int]:
-    return [15 + SHADE_STEP * ((seq // 8**i) % 8) for i in range(DIGITS)]
-
-
-class FrameLog:
-    """The outputs one stream received, judged over its whole history (before, across and after a
-    fault): each frame's red names the stream, its green quadrants its seq (see ``QUADRANTS``)."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.red = 30 + 60 * k
-        self.got: list[tuple[float, int, bool]] = []  # (arrival, seq, the image is this stream's frame seq)
-
-    def frame(self, seq: int) -> np.ndarray:
-        img = np.zeros((SIZE, SIZE, 3), np.uint8)
-        img[..., 0] = self.red
-        for (y, x), shade in zip(QUADRANTS, _shades(seq)):
-            img[y:y + HALF, x:x + HALF, 1] = shade
-        return img
-
-    def is_frame(self, seq: int, image: np.ndarray) -> bool:
-        """Whether ``image`` is this stream's frame ``seq`` (within the codec's tolerance)."""
-        for (y, x), shade in zip(QUADRANTS, _shades(seq)):
-            r, g = (int(v) for v in image[y + HALF // 2, x + HALF // 2, :2])
-            if abs(r - self.red) > TOLERANCE or abs(g - shade) > TOLERANCE:
-                return False
-        return True
-
-    def record(self, seq: int, image: np.ndarray) -> None:
-        self.got.append((time.monotonic(), seq, self.is_frame(seq, image)))
-
-    def since(self, t: float) -> int:
-        return sum(1 for g in self.got if g[0] > t)
-
-    def report(self, since: float, until: float) -> dict[str, float]:
-        """Duplicates, order and identity over every output up to ``until``; the gap from ``since``
-        (the fault) on, the first gap running from the fault itself."""
-        history = [g for g in self.got if g[0] <= until]
-        seqs = [s for _t, s, _own in history]
-        times = [since] + [t for t, _s, _own in history if t >= since]
-        return {
-            "outputs": len(times) - 1,
-            "history": len(history),
-            "duplicated": len(seqs) - len(set(seqs)),
-            "out_of_order": sum(1 for a, b in itertools.pairwise(seqs) if b < a),
-            "foreign": sum(1 for _t, _s, own in history if not own),
-            "longest_gap_s": max(b - a for a, b in itertools.pairwise(times)) if len(times) > 1 else until - since,
-        }
-
-
-class Stream(FrameLog):
-    """One session of an in-process gateway, fed a frame every 20 ms."""
-
-    def __init__(self, gw: RedisGatewayRunner, k: int) -> None:
-        super().__init__(k)
-        self.h = gw.add_stream(StreamConfig(prompt="p", width=SIZE, height=SIZE))
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._feed, daemon=True),
-                        threading.Thread(target=self._drain, daemon=True)]
-        for t in self.threads:
-            t.start()
-
-    def _feed(self) -> None:
-        seq = 0
-        while not self.stop.is_set():
-            self.h.submit(self.frame(seq), seq, float(seq))
-            seq += 1
-            self.stop.wait(0.02)
-
-    def _drain(self) -> None:
-        while not self.stop.is_set():
-            out = self.h.outputs.get(timeout=0.2)
-            if out is not None and out.image is not None:
-                self.record(out.seq, out.image)
-
-    def close(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(5)
-        self.h.close()
-
-
-_ANSWER_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*: worker (\S+): job (\S+) \(entry (\S+)\) "
-                          r"(answered|was already answered; result discarded)$")
-
-
-class Result(NamedTuple):
-    """One result a worker computed and offered as a job's answer, from its log line."""
-    t: float  # wall clock
-    worker: str
-    entry: str  # the job's stream entry: a job sent again after a Redis restart is a new entry
-    written: bool  # written as the answer, or refused because the job was already answered
-    line: str
-
-
-def _worker_results(logs: list[Path]) -> dict[str, list[Result]]:
-    """From the workers' own logs (the killed one's included: lines are written as they happen):
-    for each job, every result a worker computed and offered as its answer."""
-    results: dict[str, list[Result]] = {}
-    for log in logs:
-        for line in log.read_text(errors="replace").splitlines():
-            m = _ANSWER_LINE.match(line)
-            if m:
-                t = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-                results.setdefault(m.group(3), []).append(
-                    Result(t, m.group(2), m.group(4), m.group(5) == "answered", line))
-    return results
-
-
-def _twice(times: dict[str, list[float]], outage: tuple[float, float] | None = None) -> list[str]:
-    """Jobs answered more than once within one Redis lifetime. Across a Redis restart (``outage``:
-    wall clock before it began, after it ended) a job may have one answer in each lifetime: an
-    answer written just before the data was lost may never reach the gateway, which then sends
-    the job again."""
-    slack = 0.01  # log lines carry milliseconds
-    twice = []
-    for job, ts in sorted(times.items()):
-        ts = sorted(ts)
-        straddles = (outage is not None and len(ts) == 2
-                     and ts[0] <= outage[1] + slack and ts[1] >= outage[0] - slack)
-        if len(ts) > 1 and not straddles:
-            twice.append(job)
-    return twice
-
-
-def _judge_workers(workers: list[WorkerProcess], victim: str | None = None,
-                   outage: tuple[float, float] | None = None) -> dict[str, Any]:
-    """What the workers themselves say they did, independent of the gateway's counters: jobs
-    answered, results computed, the jobs answered twice within one Redis lifetime, and the job
-    entries computed twice. An entry is delivered to one worker, and taken by another only when
-    its holder is dead: so apart from the killed worker's computations (a survivor runs again
-    what it held) no entry may be computed twice. A job held at a Redis restart is computed
-    twice, legitimately: the gateway sends it again, as a new entry, while the old one runs."""
-    results = _worker_results([w.log for w in workers if w.log is not None])
-    per_entry: dict[tuple[str, str], list[Result]] = {}
-    for job, rs in results.items():
-        for r in rs:
-            if r.worker != victim:
-                per_entry.setdefault((job, r.entry), []).append(r)
-    twice = {k: rs for k, rs in per_entry.items() if len(rs) > 1}
-    return {
-        "answered": sum(1 for rs in results.values() if any(r.written for r in rs)),
-        "computed": sum(len(rs) for rs in results.values()),
-        "answered_twice": _twice({j: [r.t for r in rs if r.written] for j, rs in results.items()}, outage),
-        "jobs_computed_twice": sorted(j for j, rs in results.items() if sum(r.worker != victim for r in rs) > 1),
-        "computed_twice": [f"{job} entry {entry}: " + " | ".join(r.line for r in rs)
-                           for (job, entry), rs in sorted(twice.items())],
-    }
 
 
 def _submit_jobs(gw: RedisGatewayRunner, base: int) -> list[tuple[int, Future]]:
@@ -287,8 +130,8 @@ def test_chaos_worker_sigkill_then_redis_restart(tmp_path: Path):
                 wait_for(lambda: len(gw.workers) == 3, 90, what="3 workers beating")
             except TimeoutError:
                 raise AssertionError("\n".join(w.log_tail(2000) for w in workers)) from None
-            streams = [Stream(gw, k) for k in range(N_STREAMS)]
-            wait_for(lambda: all(len(s.got) >= 3 for s in streams), 20, what="outputs flowing")
+            streams = [Stream(gw, FrameLog(k)) for k in range(N_STREAMS)]
+            wait_for(lambda: all(len(s.log.got) >= 3 for s in streams), 20, what="outputs flowing")
 
             # ---- fault 1: SIGKILL a worker holding a stream and unanswered jobs
             jobs = _submit_jobs(gw, 0)
@@ -304,10 +147,10 @@ def test_chaos_worker_sigkill_then_redis_restart(tmp_path: Path):
             next(w for w in workers if w.worker_id == wid).kill()
             t_kill = time.monotonic()
             figures["worker_sigkill"] = {"jobs_in_flight": in_flight, "victim": wid, **_job_report(jobs)}
-            wait_for(lambda: all(s.since(t_kill) >= 5 for s in streams), 20,
+            wait_for(lambda: all(s.log.since(t_kill) >= 5 for s in streams), 20,
                      what="every stream resumed after the kill")
             t_end1 = time.monotonic()
-            figures["worker_sigkill"]["streams"] = [s.report(t_kill, t_end1) for s in streams]
+            figures["worker_sigkill"]["streams"] = [s.log.report(t_kill, t_end1) for s in streams]
 
             # ---- fault 2: restart Redis (its data is gone) with jobs held by the workers
             jobs = _submit_jobs(gw, 100)
@@ -320,10 +163,10 @@ def test_chaos_worker_sigkill_then_redis_restart(tmp_path: Path):
             figures["outage_wall"] = (t_down_wall, time.time())
             figures["redis_restart"] = {"jobs_in_flight": in_flight, "redis_down_s": round(down_s, 2),
                                         **_job_report(jobs)}
-            wait_for(lambda: all(s.since(t_down + down_s) >= 5 for s in streams), 30,
+            wait_for(lambda: all(s.log.since(t_down + down_s) >= 5 for s in streams), 30,
                      what="every stream resumed after the restart")
             t_end2 = time.monotonic()
-            figures["redis_restart"]["streams"] = [s.report(t_down, t_end2) for s in streams]
+            figures["redis_restart"]["streams"] = [s.log.report(t_down, t_end2) for s in streams]
             figures["duplicate_answers"] = gw.counters["duplicate_answers"]
             figures["runtime_s"] = round(time.monotonic() - t_start, 1)
         finally:
@@ -332,7 +175,7 @@ def test_chaos_worker_sigkill_then_redis_restart(tmp_path: Path):
             gw.stop()
             r.close()
 
-    judged = _judge_workers(workers, figures["worker_sigkill"]["victim"], figures["outage_wall"])
+    judged = judge_workers(workers, figures["worker_sigkill"]["victim"], figures["outage_wall"])
     print("\nchaos figures:")
     for fault in ("worker_sigkill", "redis_restart"):
         _print_fault(fault, figures[fault])
@@ -510,7 +353,7 @@ def test_chaos_gateway_sigkill(tmp_path: Path):
           f"{f['dead_dropped']} dropped or cancelled unrun (key expired {f['key_expired_s']:.2f} s after "
           f"the kill, last answer {f['dead_last_s']:.2f} s); runtime {figures['runtime_s']} s")
 
-    judged = _judge_workers(workers)
+    judged = judge_workers(workers)
     print(f"  workers: {judged['answered']} jobs answered, {judged['computed']} results computed")
     assert f["duplicate_answers"] == 0
     # No worker died and Redis kept its data: no job may be computed, let alone answered, twice.
@@ -613,5 +456,5 @@ def test_the_frame_judge_sees_a_repeat_across_the_fault_and_a_neighbouring_frame
 
 def test_the_worker_judge_allows_one_event_per_redis_lifetime():
     events = {"a": [10.0], "b": [10.0, 10.5], "c": [9.0, 12.0], "d": [12.0, 12.5], "e": [9.0, 12.0, 12.5]}
-    assert _twice(events) == ["b", "c", "d", "e"]
-    assert _twice(events, outage=(11.0, 11.2)) == ["b", "d", "e"]
+    assert answered_twice(events) == ["b", "c", "d", "e"]
+    assert answered_twice(events, outage=(11.0, 11.2)) == ["b", "d", "e"]

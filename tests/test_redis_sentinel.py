@@ -34,7 +34,8 @@ from ditstream.engine.config import EngineConfig, StreamConfig
 from ditstream.server.scale.config import ScaleConfig
 from ditstream.server.scale.gateway import RedisGatewayRunner
 from ditstream.server.scale.redis_conn import RedisTarget
-from test_redis_chaos import SIZE, Stream, _job_report
+from fleetkit import SIZE, FrameLog, Stream
+from test_redis_chaos import _job_report
 
 from ditstream.bench.scale_harness import WorkerProcess, _preexec, free_port, redis_server_binary, wait_for
 
@@ -157,8 +158,8 @@ def test_sentinel_failover_under_load(tmp_path: Path):
                 wait_for(lambda: len(gw.workers) == 2, 60, what="2 workers beating")
             except TimeoutError:
                 raise AssertionError("\n".join(w.log_tail(2000) for w in workers)) from None
-            streams = [Stream(gw, k) for k in range(N_STREAMS)]
-            wait_for(lambda: all(len(s.got) >= 3 for s in streams), 20, what="outputs flowing")
+            streams = [Stream(gw, FrameLog(k)) for k in range(N_STREAMS)]
+            wait_for(lambda: all(len(s.log.got) >= 3 for s in streams), 20, what="outputs flowing")
 
             answered = _jobs(gw, 0, N_ANSWERED)  # answered, and their done: marks on the replica
             wait([f for _i, f in answered], timeout=20)
@@ -180,9 +181,9 @@ def test_sentinel_failover_under_load(tmp_path: Path):
             wait_for(lambda: sent.master_port() == sent.replica, 15, interval=0.05, what="the replica promoted")
             fig["promoted_s"] = round(time.monotonic() - t_kill, 2)
             fig["jobs"] = _job_report(kept + lost)
-            wait_for(lambda: all(s.since(t_kill) >= 5 for s in streams), 20, what="every stream resumed")
+            wait_for(lambda: all(s.log.since(t_kill) >= 5 for s in streams), 20, what="every stream resumed")
             t_end = time.monotonic()
-            fig["streams"] = [s.report(t_kill, t_end) for s in streams]
+            fig["streams"] = [s.log.report(t_kill, t_end) for s in streams]
             fig["resent"] = gw.counters["jobs_resent"]
             fig["duplicate_answers"] = gw.counters["duplicate_answers"]
             with redis.Redis(port=sent.replica) as new:

@@ -17,6 +17,16 @@ const $ = (id) => document.getElementById(id);
 const PING_BURST = 8, PING_BURST_MS = 250, PING_EVERY_MS = 5000;
 const wallNow = () => performance.timeOrigin + performance.now();  // ms since epoch, monotonic
 
+// Reconnecting (docs/protocol.md, "Reconnecting"), as clients/stream_client.py does: a live stream
+// closed with 1012 (service restart: a server stopped on purpose) or 1013 (try again later) opens a
+// new one at the same URL (behind a load balancer: whichever server it reaches now) with the same
+// settings, its seqs going on. Up to RECONNECT_TRIES tries, the n-th after min(2 s, 0.1 s × 2ⁿ) ×
+// a random 0.5–1 (a fleet's pages do not all come back at once); a try that cannot connect (1006)
+// or is refused with 1013 counts as one. Not on the first open: a full server there is an answer.
+const RECONNECT_CODES = new Set([1012, 1013]);
+const RECONNECT_TRIES = 8;
+const reconnectDelayMs = (n) => Math.min(2000, 100 * 2 ** n) * (0.5 + Math.random() / 2);
+
 function freshStats() {
   // latencyKind: "sent" (an answer to our frame, timed from our send) or "server" (txt2img, from the server's tick)
   return { sent: 0, received: 0, skipped: 0, dropped: 0, fps: 0, latencyMs: null, latencyKind: null, serverMs: null,
@@ -31,6 +41,8 @@ const state = {
   sentAt: new Map(),  // seq -> performance.now() at send, for frames not answered yet
   clockOffsetMs: null, bestRttMs: Infinity, pings: 0, pongs: 0,  // server wall clock − ours (ping/pong)
   edited: new Set(),  // controls the user changed: the model's defaults do not overwrite them
+  retry: null, retryTimer: null,  // {tries, code} while reconnecting
+  reconnects: 0, closeCodes: [],  // streams resumed since Start, and the close codes that asked for it
 };
 window.ditstream = state;  // for tests and the curious
 
@@ -210,36 +222,80 @@ async function start() {
 
   const key = $("key").value.trim();
   if (key) sessionStorage.setItem("ditstream-key", key);
+  state.running = true; state.seq = 0; state.lastAnswered = -1; state.reconnects = 0; state.closeCodes = [];
+  $("start").textContent = "Stop"; $("start").classList.add("stop");
   if ($("transport").value === "webrtc") { await startRtc(key); return; }
+  openSocket(key);
+}
+
+// One WebSocket of the stream: the first, or a reconnect's (state.retry set).
+function openSocket(key) {
   const proto = location.protocol === "https:" ? "wss" : "ws";
   const subprotocols = key ? ["ditstream", `ditstream.bearer.${key}`] : ["ditstream"];
   const ws = new WebSocket(`${proto}://${location.host}/v1/stream`, subprotocols);
   ws.binaryType = "arraybuffer";
-  state.ws = ws; state.running = true; state.seq = 0; state.lastAnswered = -1;
-  $("start").textContent = "Stop"; $("start").classList.add("stop");
-  setStatus("connecting…", "idle");
+  state.ws = ws;
+  let live = false;  // this socket got `ready`
+  if (!state.retry) setStatus("connecting…", "idle");
 
   // Events of an earlier socket (its close may arrive after a new Start) must not touch this stream.
   ws.onmessage = (ev) => {
     if (state.ws !== ws) return;
-    if (typeof ev.data === "string") onControl(JSON.parse(ev.data)); else onFrame(ev.data);
+    if (typeof ev.data !== "string") { onFrame(ev.data); return; }
+    const msg = JSON.parse(ev.data);
+    if (msg.type === "ready") live = true;
+    onControl(msg);
   };
   ws.onclose = (ev) => {
     if (state.ws !== ws) return;
+    const again = state.retry ? ev.code === 1006 || RECONNECT_CODES.has(ev.code) : live && RECONNECT_CODES.has(ev.code);
+    if (state.running && again) { reconnect(ev.code, () => openSocket(key)); return; }
     setStatus(`closed (${ev.code}${ev.reason ? " " + ev.reason : ""})`, ev.code === 1000 ? "idle" : "error");
     stop(false);
   };
-  ws.onerror = () => { if (state.ws === ws) setStatus("connection error", "error"); };
+  ws.onerror = () => { if (state.ws === ws && !state.retry) setStatus("connection error", "error"); };
+}
+
+// The stream was closed with a RECONNECT_CODES code, or a reconnect try failed: try (again) after
+// the backoff, or give up after RECONNECT_TRIES. Sending waits for the new stream's `ready`.
+function reconnect(code, open) {
+  if (!state.retry) { state.retry = { tries: 0, code }; state.closeCodes.push(code); }
+  clearInterval(state.timer); state.timer = null;
+  clearTimeout(state.pinger); state.pinger = null;
+  state.config = null;
+  if (state.retry.tries >= RECONNECT_TRIES) {
+    setStatus(`closed (${state.retry.code}): ${RECONNECT_TRIES} reconnects failed`, "error");
+    stop(false);
+    return;
+  }
+  setStatus(`reconnecting… (${state.retry.code})`, "idle");
+  state.retryTimer = setTimeout(() => { state.retryTimer = null; if (state.running) open(); },
+                                reconnectDelayMs(state.retry.tries++));
+}
+
+// A reconnect reached `ready`: frames unanswered on the old stream never will be (counted as
+// dropped), and the new server's clock is measured afresh.
+function resumed() {
+  state.retry = null; state.reconnects += 1;
+  state.stats.dropped += state.sentAt.size; state.sentAt.clear();
+  state.lastAnswered = state.seq - 1;
+  state.clockOffsetMs = null; state.bestRttMs = Infinity; state.pings = 0; state.pongs = 0;
 }
 
 // WebRTC (webrtc.js): the input canvas is published, the output video is drawn into the output
 // canvas by pump(); "frames received" counts the frames the viewer decoded.
+// A server stopping on purpose says `closing` (code 1012) on the control channel: the page then
+// publishes again, as a WebSocket page reconnects (a failed try counts as one).
 async function startRtc(key) {
-  state.running = true; state.seq = 0; state.lastAnswered = -1;
-  $("start").textContent = "Stop"; $("start").classList.add("stop");
-  setStatus("connecting…", "idle");
+  if (!state.retry) setStatus("connecting…", "idle");
   const link = new RtcLink(key, (reason) => {
     if (state.rtc !== link) return;
+    clearInterval(state.rtcStats); state.rtcStats = null;
+    if (state.running && (link.closingCode || state.retry)) {
+      state.rtc = null;
+      reconnect(link.closingCode || 1006, () => startRtc(key));
+      return;
+    }
     setStatus(`closed (${reason})`, "error");
     stop(false);
   });
@@ -257,6 +313,7 @@ async function startRtc(key) {
                          onControl: (msg) => { if (state.rtc === link) onControl(msg); } });
   } catch (err) {
     if (state.rtc !== link) return;
+    if (state.retry) { link.close(String(err.message || err)); return; }  // a failed try: onClose tries again
     showMessage(String(err.message || err));
     setStatus("connection error", "error");
     stop();
@@ -265,6 +322,7 @@ async function startRtc(key) {
 
 function stop(closeSocket = true) {
   state.running = false;
+  clearTimeout(state.retryTimer); state.retryTimer = null; state.retry = null;
   clearInterval(state.timer); state.timer = null;
   clearInterval(state.rtcStats); state.rtcStats = null;
   if (state.rtc) { const link = state.rtc; state.rtc = null; link.close(); }
@@ -276,6 +334,8 @@ function stop(closeSocket = true) {
 
 function onControl(msg) {
   if (msg.type === "ready") {
+    if (state.retry) resumed();
+    clearInterval(state.timer); clearTimeout(state.pinger);
     state.config = msg.config; state.limits = msg.limits;
     showModel(msg.model, msg.session);
     if (msg.model && msg.model.loras) showLoras(Object.entries(msg.model.loras).map(([name, v]) => ({ name, default_scale: v })));
@@ -298,6 +358,9 @@ function onControl(msg) {
   } else if (msg.type === "error") {
     state.stats.errors.push(msg);
     showMessage(`${msg.code}: ${msg.message}`);
+  } else if (msg.type === "closing" && state.rtc) {  // WebRTC: the server stops on purpose
+    state.rtc.closingCode = msg.code;
+    state.rtc.close(`${msg.code} ${msg.reason || ""}`.trim());
   }
 }
 
