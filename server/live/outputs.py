@@ -110,7 +110,8 @@ class Output:
         if busy is not None and not self.finished and time.monotonic() - busy > STALL_S:
             self._fail(f"stalled: the receiver took no data for {STALL_S:.0f} s")
         now = time.monotonic()
-        window = [(t, n) for t, n in list(self._sent) if now - t <= BITRATE_WINDOW_S]
+        with self._cond:  # the output's thread appends to ``_sent``
+            window = [(t, n) for t, n in self._sent if now - t <= BITRATE_WINDOW_S]
         bitrate = round(sum(n for _, n in window) * 8 / BITRATE_WINDOW_S) if window else 0
         return {"id": self.id, "url": self.target.shown, "kind": self.target.kind, "state": self.state,
                 "reason": self.reason, "frames_sent": self.frames_sent, "frames_dropped": self.frames_dropped,
@@ -161,10 +162,11 @@ class Output:
     def _wrote(self, size: int, frames: int = 1) -> None:
         now = time.monotonic()
         self._busy_since = None
-        self.frames_sent += frames
-        self._sent.append((now, size))
-        while self._sent and now - self._sent[0][0] > BITRATE_WINDOW_S:
-            self._sent.popleft()
+        with self._cond:
+            self.frames_sent += frames
+            self._sent.append((now, size))
+            while self._sent and now - self._sent[0][0] > BITRATE_WINDOW_S:
+                self._sent.popleft()
         if self.state == "connecting":
             self.state = "live"
             logger.info("output %s of session %s is live: %s", self.id, self.session, self.target.shown)
