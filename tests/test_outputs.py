@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -24,6 +25,7 @@ import pytest
 import websockets
 from ditstream.engine.null import null_runner
 from ditstream.server.api.app import create_app
+from ditstream.server.live import outputs as outputs_module
 from ditstream.server.settings import Settings
 from testkit import decode_output, frame_message, free_port, jpeg, recv_json
 
@@ -53,9 +55,11 @@ def _psnr(a: np.ndarray, frames: np.ndarray) -> np.ndarray:
     return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-6))
 
 
-def _decode(path: Path) -> list[np.ndarray]:
+def _decode(path: Path) -> tuple[list[np.ndarray], list[float]]:
+    """Every frame of a video file, and its time in seconds."""
     with av.open(str(path)) as container:
-        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        frames = list(container.decode(video=0))
+    return [f.to_ndarray(format="rgb24") for f in frames], [float(f.time) for f in frames]
 
 
 def _matches(decoded: list[np.ndarray], sent: list[np.ndarray]) -> list[int]:
@@ -137,23 +141,28 @@ async def _restream(srv: ServerThread, record: Path, a: Listener, b: Listener) -
             made[name] = r.json()["id"]
         recording = _output_thread(made["c"])
 
-        sent, failed_at, a_at_failure, t0 = [], None, 0, time.monotonic()
-        for i in range(400):
+        sent, arrived, t0 = [], [], time.monotonic()
+        live_at = failed_at = None  # frame indices: all three outputs live; B seen failed
+        a_at_failure, reason = 0, ""
+        for i in range(600):
             await ws.send(frame_message(jpeg(_image(i), quality=95), seq=i))
             header, image = decode_output(await asyncio.wait_for(_next_binary(ws), 30))
             assert header["seq"] == i
             sent.append(image)
-            if i == 10:
-                b.proc.kill()  # B's receiver disappears mid-stream
-            if i > 10 and failed_at is None and i % 5 == 0:
+            arrived.append(time.monotonic())
+            if i % 5 == 4 and failed_at is None:
                 states = {o["id"]: o for o in (await http.get(base)).json()["outputs"]}
-                if states[made["b"]]["state"] == "failed":
+                if live_at is None and all(states[made[n]]["state"] == "live" for n in "abc"):
+                    live_at = i
+                    b.proc.kill()  # B's receiver disappears mid-stream
+                elif live_at is not None and states[made["b"]]["state"] == "failed":
                     failed_at, a_at_failure, reason = i, states[made["a"]]["frames_sent"], states[made["b"]]["reason"]
             if failed_at is not None and i >= max(30, failed_at + 10):
                 break
             # The stream's pace (a client sending at FPS), not a wait for an event.
             await asyncio.sleep(max(0.0, t0 + (i + 1) / FPS - time.monotonic()))
-        assert failed_at is not None, "B never turned failed after its listener was killed"
+        assert live_at is not None, f"the outputs never all went live: {states}"
+        assert failed_at is not None, f"B never turned failed after its listener was killed: {states}"
         assert reason and STREAM_KEY not in reason, reason
 
         states = {o["id"]: o for o in (await http.get(base)).json()["outputs"]}
@@ -163,19 +172,23 @@ async def _restream(srv: ServerThread, record: Path, a: Listener, b: Listener) -
         r = await http.delete(f"{base}/{made['a']}")
         assert r.status_code == 200 and r.json()["state"] == "ended", r.text
         a_sent = r.json()["frames_sent"]
-        assert a_sent >= len(sent) // 2, f"A sent {a_sent} of {len(sent)} frames"
+        assert a_sent >= (len(sent) - live_at) // 2, f"A sent {a_sent} of {len(sent)} frames ({live_at} before live)"
         await ws.close()
         recording.join(15)
         assert not recording.is_alive(), "the recording did not end with its session"
         assert (await http.get(base)).status_code == 404
     a.proc.wait(15)  # the listener ends when its publisher closed: the file is complete
-    got = _matches(_decode(a.out), sent)
+    frames, times = _decode(a.out)
+    got = _matches(frames, sent)
     assert len(got) == a_sent, f"A wrote {a_sent} frames, the listener got {len(got)}"
     assert got == sorted(set(got)), f"A's frames out of order or repeated: {got}"
     assert got[-1] >= len(sent) - 3, "A's last frames were lost at DELETE"
+    # The stream's own rate: the video's clock runs with the WebSocket outputs' arrivals.
+    span, video_span = arrived[got[-1]] - arrived[got[0]], times[-1] - times[0]
+    assert abs(video_span - span) < 0.25, f"the video spans {video_span:.2f} s, the stream {span:.2f} s"
 
-    rec = _matches(_decode(record / "rec.mp4"), sent)
-    assert len(rec) >= len(sent) // 2 and rec == sorted(set(rec)), rec
+    rec = _matches(_decode(record / "rec.mp4")[0], sent)
+    assert len(rec) >= (len(sent) - live_at) // 2 and rec == sorted(set(rec)), rec
     assert rec[-1] >= len(sent) - 3, "the recording lost the session's last frames"
 
 
@@ -184,6 +197,34 @@ async def _next_binary(ws) -> bytes:
         msg = await ws.recv()
         if isinstance(msg, bytes):
             return msg
+
+
+def test_a_receiver_that_takes_no_data_fails_its_output_not_the_stream(server, monkeypatch):
+    """A TCP peer that never answers the RTMP handshake: the output's thread blocks in FFmpeg; the
+    output turns ``failed`` (stalled) after ``STALL_S`` and the stream's frames keep coming meanwhile."""
+    monkeypatch.setattr(outputs_module, "STALL_S", 0.5)
+    srv, _ = server
+    with socket.create_server(("127.0.0.1", 0)) as mute:  # connections complete in the backlog; none is read
+        asyncio.run(_stalled(srv, mute.getsockname()[1]))
+
+
+async def _stalled(srv: ServerThread, port: int) -> None:
+    async with httpx.AsyncClient(base_url=srv.url, headers=AUTH, timeout=30) as http, \
+            websockets.connect(srv.ws_url, additional_headers=AUTH) as ws:
+        base = f"/v1/sessions/{(await recv_json(ws))['session']}/outputs"
+        r = await http.post(base, json={"url": f"rtmp://127.0.0.1:{port}/live/{STREAM_KEY}"})
+        assert r.status_code == 201, r.text
+        state, t0 = None, time.monotonic()
+        for i in range(100):
+            await ws.send(frame_message(jpeg(_image(i)), seq=i))
+            header, _ = decode_output(await asyncio.wait_for(_next_binary(ws), 30))
+            assert header["seq"] == i, "the stream must go on while its output is stuck"
+            state = (await http.get(base)).json()["outputs"][0]
+            if state["state"] == "failed":
+                break
+            await asyncio.sleep(max(0.0, t0 + (i + 1) / FPS - time.monotonic()))  # the stream's pace
+        assert state is not None and state["state"] == "failed", state
+        assert "stalled" in state["reason"] and state["frames_sent"] == 0, state
 
 
 # ------------------------------------------------------------------------------------ refusals

@@ -1,35 +1,38 @@
 """A live stream's outputs from the server: restreams (RTMP, SRT) and recordings (MP4), each encoded by
-PyAV on its own thread (``outputs_mux.py``), off the stream's path.
+PyAV in a process of its own (``outputs_child.py``: FFmpeg connecting, writing or encoding never holds
+this process's GIL), fed by a thread of its own, off the stream's path.
 
 ``LiveSession.leaving`` — the moment each output frame leaves the server, whatever the transport —
 hands the frame to ``SessionOutputs.feed``, which never blocks: every output has a mailbox of
 ``QUEUE_FRAMES`` frames, and a frame arriving at a full mailbox pushes the oldest out (counted as
-dropped). A slow or stuck receiver thus costs the stream nothing; its own output drops frames, and
-one that takes no data for ``STALL_S`` is ``failed`` (its thread is left to the network's own
-timeouts, holding nothing the stream needs).
+dropped). The output's thread writes the mailbox's frames into its child's stdin; a second thread
+reads the child's reports. A slow or stuck receiver thus costs the stream nothing: its output drops
+frames, and one that makes no progress for ``STALL_S`` is ``failed`` and its process killed.
 
-States: ``connecting`` (opened, no frame written yet: the connection is made at the first frame),
-``live``, ``failed`` (with ``reason``), ``ended`` (deleted, or its session ended). The policy that
-decides what an output may be is ``outputs_policy.py``; the routes are ``server/api/outputs.py``.
+States: ``connecting`` (added; the connection is made with the first frame), ``live``, ``failed``
+(with ``reason``), ``ended`` (deleted, or its session ended). The policy that decides what an
+output may be is ``outputs_policy.py``; the routes are ``server/api/outputs.py``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from ditstream.engine.errors import OverloadedError
 from ditstream.engine.types import StreamOutput
-from ditstream.server import codec
 from ditstream.server.errors import NotFoundError
-from ditstream.server.live.outputs_mux import Muxer
+from ditstream.server.live.outputs_child import FRAME
 from ditstream.server.live.outputs_policy import OutputTarget
 from ditstream.server.settings import Settings
 
@@ -37,26 +40,29 @@ logger = logging.getLogger(__name__)
 
 #: Frames waiting for an output's encoder; a newer frame pushes the oldest out.
 QUEUE_FRAMES = 2
-#: Seconds a write (or the connection) may hang before the output counts as failed.
+#: Seconds an output may hold frames it has not written (a receiver that takes no data, a connection
+#: that never completes) before it counts as failed and its process is killed.
 STALL_S = 10.0
+#: Seconds an output gets to finish writing (flush, close) once stopped, before it is killed.
+FINISH_S = 10.0
 #: Seconds the bitrate is measured over.
 BITRATE_WINDOW_S = 2.0
 #: Finished outputs (failed, ended) a session keeps listing, beyond its active ones.
 KEEP_FINISHED = 8
+CHILD = [sys.executable, "-m", "ditstream.server.live.outputs_child"]
 
 
 @dataclass(frozen=True)
 class Pending:
-    """A frame for an output: pixels (in process) or the coded bytes (decoded on the output's thread)."""
+    """A frame for an output: uint8 (H, W, 3) RGB and the monotonic time it left the server."""
 
-    image: np.ndarray | None
-    data: bytes | None
-    t: float  # monotonic time it left the server
+    image: np.ndarray
+    t: float
 
 
 class Output:
-    """One output: its mailbox, its thread and what ``GET`` shows. ``feed``/``stop``/``snapshot`` are
-    called from the event loop, everything else runs on the output's thread."""
+    """One output: its mailbox, its process and two threads, and what ``GET`` shows. ``feed``,
+    ``stop`` and ``snapshot`` are called from the event loop; the rest runs on the output's threads."""
 
     def __init__(self, target: OutputTarget, settings: Settings, session: str) -> None:
         self.id = "o" + secrets.token_hex(6)
@@ -66,13 +72,15 @@ class Output:
         self._queue: deque[Pending] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._proc: subprocess.Popen | None = None
         self.state = "connecting"
         self.reason: str | None = None
         self.frames_sent = 0
         self.frames_dropped = 0
+        self._given = 0  # frames handed to the child (its input), against ``frames_sent`` (its output)
+        self._progress_at = time.monotonic()
         self.size: tuple[int, int] | None = None
         self.created_at = time.time()
-        self._busy_since: float | None = None
         self._sent: deque[tuple[float, int]] = deque()  # (time, bytes) of the last BITRATE_WINDOW_S
         self._thread = threading.Thread(target=self._run, name=f"ditstream-output-{self.id}", daemon=True)
 
@@ -86,6 +94,7 @@ class Output:
     # ------------------------------------------------------------------------------ loop side
     def feed(self, pending: Pending) -> None:
         """Never blocks: into the mailbox, the oldest pushed out when it is full."""
+        self._check_stall()
         with self._cond:
             if self._stopping:
                 return
@@ -105,12 +114,10 @@ class Output:
         self._thread.join(timeout)
 
     def snapshot(self) -> dict[str, Any]:
-        """What ``GET`` shows; a write hanging past ``STALL_S`` turns the output ``failed`` here."""
-        busy = self._busy_since
-        if busy is not None and not self.finished and time.monotonic() - busy > STALL_S:
-            self._fail(f"stalled: the receiver took no data for {STALL_S:.0f} s")
+        """What ``GET`` shows."""
+        self._check_stall()
         now = time.monotonic()
-        with self._cond:  # the output's thread appends to ``_sent``
+        with self._cond:  # the reader thread appends to ``_sent``
             window = [(t, n) for t, n in self._sent if now - t <= BITRATE_WINDOW_S]
         bitrate = round(sum(n for _, n in window) * 8 / BITRATE_WINDOW_S) if window else 0
         return {"id": self.id, "url": self.target.shown, "kind": self.target.kind, "state": self.state,
@@ -119,7 +126,13 @@ class Output:
                 "width": self.size[0] if self.size else None, "height": self.size[1] if self.size else None,
                 "created_at": round(self.created_at, 3)}
 
-    # ------------------------------------------------------------------------------ the output's thread
+    def _check_stall(self) -> None:
+        """Frames handed over and none written for ``STALL_S``: failed, its process killed."""
+        if not self.finished and self._given > self.frames_sent and time.monotonic() - self._progress_at > STALL_S:
+            self._fail(f"stalled: no frame written for {STALL_S:g} s (the receiver takes no data, or the "
+                       f"connection never completed)")
+
+    # ------------------------------------------------------------------------------ the writer thread
     def _next(self) -> Pending | None:
         """The next frame, or None once stopped with nothing left to write."""
         with self._cond:
@@ -128,7 +141,7 @@ class Output:
             return self._queue.popleft() if self._queue else None
 
     def _run(self) -> None:
-        muxer: Muxer | None = None
+        reader: threading.Thread | None = None
         try:
             pending = self._next()
             if pending is None:  # stopped before any frame: a reserved recording stays no empty file
@@ -136,38 +149,81 @@ class Output:
                     os.unlink(self.target.url)
                 self._end()
                 return
+            proc = self._spawn()
+            reader = threading.Thread(target=self._read, args=(proc,), name=f"ditstream-output-{self.id}-reports",
+                                      daemon=True)
+            reader.start()
             t0 = pending.t
             while pending is not None and not self.finished:
-                image = pending.image if pending.image is not None else codec.decode(
-                    pending.data or b"", max_pixels=self._settings.max_pixels)
-                self._busy_since = time.monotonic()
-                if muxer is None:
-                    muxer = Muxer(self.target, self._settings.output_encoder, self._settings.output_bitrate,
-                                  int(image.shape[1]), int(image.shape[0]))
-                    self.size = (muxer.width, muxer.height)
-                written = muxer.write(image, (pending.t - t0) * 1e3)
-                self._wrote(written)
+                self._give(proc, pending, t0)
                 pending = self._next()
-            if muxer is not None and not self.finished:
-                self._busy_since = time.monotonic()
-                self._wrote(muxer.close(), frames=0)
-            self._end()
-        except Exception as exc:  # the network, the disk, the encoder: this output fails, the stream goes on
-            self._fail(self.target.mask(f"{type(exc).__name__}: {exc}"))
-            if muxer is not None:
-                muxer.abandon()
+            proc.stdin.close()  # type: ignore[union-attr]  # end of input: the child flushes and closes
+            proc.wait(FINISH_S)
+        except subprocess.TimeoutExpired:
+            self._fail(f"did not finish writing within {FINISH_S:.0f} s of its end")
+        except OSError:  # the child died (killed when stalled, or failed): the reader says why
+            pass
         finally:
-            self._busy_since = None
+            self._reap(reader)
 
-    def _wrote(self, size: int, frames: int = 1) -> None:
+    def _spawn(self) -> subprocess.Popen:
+        proc = subprocess.Popen(CHILD, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self._proc = proc
+        s = self._settings
+        config = {"target": asdict(self.target), "encoder": s.output_encoder, "bitrate": s.output_bitrate}
+        _write_all(proc, json.dumps(config).encode() + b"\n")
+        return proc
+
+    def _give(self, proc: subprocess.Popen, pending: Pending, t0: float) -> None:
+        """One frame into the child's input (blocks while the child is busy: this thread only)."""
+        image = np.ascontiguousarray(pending.image)
+        height, width = int(image.shape[0]), int(image.shape[1])
+        if self._given == self.frames_sent:  # nothing outstanding: the stall clock starts now
+            self._progress_at = time.monotonic()
+        self._given += 1
+        _write_all(proc, FRAME.pack((pending.t - t0) * 1e3, width, height))
+        _write_all(proc, memoryview(image).cast("B"))
+        if self.size is None:
+            self.size = (width - width % 2, height - height % 2)
+
+    def _reap(self, reader: threading.Thread | None) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None and self.finished:
+            proc.kill()
+        if reader is not None:
+            reader.join(FINISH_S)
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self._end()
+
+    # ------------------------------------------------------------------------------ the reader thread
+    def _read(self, proc: subprocess.Popen) -> None:
+        """The child's reports → this output's state and counters; its exit without one is a failure."""
+        assert proc.stdout is not None
+        final = False
+        for line in proc.stdout:
+            report = json.loads(line)
+            if report["event"] == "wrote":
+                self._wrote(int(report["bytes"]), int(report["frames"]))
+            elif report["event"] == "failed":
+                self._fail(str(report["reason"]))
+                final = True
+            elif report["event"] == "ended":
+                final = True
+        if not final and not self.finished:
+            self._fail(f"the encoder process exited ({proc.wait()}) without a word")
+
+    def _wrote(self, size: int, frames: int) -> None:
         now = time.monotonic()
-        self._busy_since = None
         with self._cond:
+            self._progress_at = now
             self.frames_sent += frames
             self._sent.append((now, size))
             while self._sent and now - self._sent[0][0] > BITRATE_WINDOW_S:
                 self._sent.popleft()
-        if self.state == "connecting":
+        if self.state == "connecting" and frames:
             self.state = "live"
             logger.info("output %s of session %s is live: %s", self.id, self.session, self.target.shown)
 
@@ -177,14 +233,27 @@ class Output:
                 return
             self.state, self.reason, self._stopping = "failed", reason, True
             self._queue.clear()
+            self._cond.notify()
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()  # ours, by its handle: unblocks the writer (broken pipe) and the reader (EOF)
         logger.warning("output %s of session %s (%s) failed: %s", self.id, self.session, self.target.shown, reason)
 
     def _end(self) -> None:
         with self._cond:
-            if not self.finished:
-                self.state = "ended"
+            if self.finished:
+                return
+            self.state = "ended"
         logger.info("output %s of session %s ended (%d frames): %s", self.id, self.session, self.frames_sent,
                     self.target.shown)
+
+
+def _write_all(proc: subprocess.Popen, data: bytes | memoryview) -> None:
+    """All of ``data`` into the child's stdin (a raw pipe may take part of a write)."""
+    assert proc.stdin is not None
+    view = memoryview(data)
+    while view:
+        n = proc.stdin.write(view)
+        view = view[n or 0:]
 
 
 class SessionOutputs:
@@ -232,14 +301,11 @@ class SessionOutputs:
         return [o.snapshot() for o in self._outputs.values()]
 
     def feed(self, out: StreamOutput) -> None:
-        """Event loop, for each output frame leaving the server: to every output, never blocking."""
-        if not self._outputs:
+        """Event loop, for each output frame leaving the server: to every output, never blocking. (Only
+        the in-process engine's outputs come here, always pixels: a gateway refuses outputs.)"""
+        if not self._outputs or out.image is None:
             return
-        image = out.image
-        data = out.encoded.data if image is None and out.encoded is not None else None
-        if image is None and data is None:
-            return
-        pending = Pending(image, data, time.monotonic())
+        pending = Pending(out.image, time.monotonic())
         for output in self._outputs.values():
             if not output.finished:
                 output.feed(pending)
