@@ -227,6 +227,26 @@ async def _stalled(srv: ServerThread, port: int) -> None:
         assert "stalled" in state["reason"] and state["frames_sent"] == 0, state
 
 
+def test_a_stopped_output_writes_what_it_holds_then_ends(tmp_path: Path):
+    """``stop`` (DELETE, the session's end) right after two frames: both are written, the MP4 is closed."""
+    from ditstream.server.live.outputs import Output, Pending
+    from ditstream.server.live.outputs_policy import parse_target, reserve_file
+
+    settings = Settings(model="null", outputs=["file"], record_dir=str(tmp_path))
+    target = parse_target("file:two.mp4", settings)
+    reserve_file(target)
+    output = Output(target, settings, "s1")
+    output.start()
+    now = time.monotonic()
+    output.feed(Pending(_image(0), now))
+    output.feed(Pending(_image(9), now + 0.05))
+    output.stop()
+    output.join(30)
+    assert (output.state, output.frames_sent, output.frames_dropped) == ("ended", 2, 0), output.snapshot()
+    frames, times = _decode(tmp_path / "two.mp4")
+    assert _matches(frames, [_image(0), _image(9)]) == [0, 1] and abs(times[1] - times[0] - 0.05) < 0.002
+
+
 # ------------------------------------------------------------------------------------ refusals
 #: (URL, status, code, words the message must hold) — each refused on one live session of ``server``.
 REFUSED = [
