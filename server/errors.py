@@ -96,7 +96,8 @@ class OutputExistsError(DitstreamError):
 
 
 class OutputsUnavailableError(DitstreamError):
-    """Outputs asked of a gateway: they run in the all-in-one server only (docs/deploy.md, "Outputs")."""
+    """Outputs asked of a gateway: they run in the all-in-one server only (docs/deploy.md, "Outputs").
+    A 403 like outputs that are off (a gateway refuses ``--outputs`` at start), not a 5xx: nothing failed."""
 
     error_type = "outputs_unavailable"
 
@@ -134,7 +135,7 @@ ERROR_TABLE: dict[type[DitstreamError], ErrorMapping] = {
     OutputRefusedError: ErrorMapping(403, None, "permission_error"),
     InvalidOutputError: ErrorMapping(422, None, "invalid_request_error"),
     OutputExistsError: ErrorMapping(409, None, "invalid_request_error"),
-    OutputsUnavailableError: ErrorMapping(501, None, "server_error"),
+    OutputsUnavailableError: ErrorMapping(403, None, "permission_error"),
     OverloadedError: ErrorMapping(429, WS_TRY_AGAIN_LATER, "rate_limit_error"),
     ModelLoadError: ErrorMapping(503, WS_INTERNAL_ERROR, "server_error"),
     BackendUnavailableError: ErrorMapping(503, WS_INTERNAL_ERROR, "server_error"),

@@ -287,7 +287,7 @@ async def _post_in_session(srv: ServerThread, urls: list[str]) -> list[httpx.Res
             return [await http.post(path, json={"url": url}, headers=AUTH) for url in urls]
 
 
-def test_outputs_are_off_unless_enabled_and_a_gateway_answers_501():
+def test_outputs_are_off_unless_enabled_and_a_gateway_refuses_them():
     with ServerThread(create_app(Settings(model="null", default_width=SIZE, default_height=SIZE),
                                  null_runner())) as srv:
         assert httpx.get(srv.url + "/v1/outputs").json()["enabled"] is False
@@ -298,7 +298,7 @@ def test_outputs_are_off_unless_enabled_and_a_gateway_answers_501():
     gateway = Settings(model="null", redis_url="redis://127.0.0.1:1")  # never connected: the route answers first
     with ServerThread(create_app(gateway, null_runner())) as srv:
         r = httpx.post(srv.url + "/v1/sessions/s1/outputs", json={"url": "rtmp://127.0.0.1/live/k"})
-        assert (r.status_code, r.json()["error"]["code"]) == (501, "outputs_unavailable"), r.text
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "outputs_unavailable"), r.text
         assert "all-in-one" in r.json()["error"]["message"]
 
 

@@ -9,8 +9,10 @@
 
 Off unless the operator allows them (``403 outputs_disabled``); a URL the policy refuses is ``403
 output_refused`` or ``422 invalid_output`` naming why (``outputs_policy.py``); behind the API keys
-like every route. A gateway answers ``501 outputs_unavailable``: a session lives on a worker and
-moves between workers, and the gateway never decodes frames (docs/deploy.md, "Outputs").
+like every route. A gateway answers ``403 outputs_unavailable``: a session lives on a worker and
+moves between workers, and the gateway never decodes frames (docs/deploy.md, "Outputs"). A 4xx, not
+501: it is the server's configuration that refuses, as when outputs are off, and no route of this
+API answers 5xx for a request it understood (``tests/test_reliability_schema.py``).
 """
 
 from __future__ import annotations
@@ -31,14 +33,15 @@ router = APIRouter(tags=["outputs"])
 STOP_WAIT_S = 5.0
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "the body is not JSON (malformed_message)"},
     401: {"description": "missing or invalid API key"},
-    403: {"description": "outputs are off on this server (outputs_disabled), or the policy refuses this URL: "
-                         "kind, host (output_refused); the message says which"},
+    403: {"description": "outputs are off on this server (outputs_disabled), a gateway (outputs_unavailable: "
+                         "all-in-one only), or the policy refuses this URL: kind, host (output_refused)"},
     404: {"description": "no such session or output"},
     409: {"description": "the recording's file name exists in the record folder (output_exists)"},
+    413: {"description": "request body over the size limit"},
     422: {"description": "not an output URL: unknown scheme, no host, a file name with a path (invalid_output)"},
     429: {"description": "the session has --max-outputs outputs already"},
-    501: {"description": "a gateway: outputs run in the all-in-one server only"},
 }
 
 
@@ -74,7 +77,7 @@ class OutputsInfo(BaseModel):
 
 
 def _allowed(state: AppState) -> None:
-    """Every outputs route first: a gateway cannot (501), and outputs are off unless allowed (403)."""
+    """Every outputs route first: a gateway cannot, and outputs are off unless allowed (403 both)."""
     s = state.settings
     if s.redis_url:
         raise OutputsUnavailableError("outputs run in the all-in-one server only: behind a gateway a session "
@@ -136,3 +139,17 @@ async def delete_output(request: Request, session: str, output: str) -> OutputSt
     stopped = _session(state, session).remove(output)
     await asyncio.to_thread(stopped.join, STOP_WAIT_S)
     return OutputStatus(**stopped.snapshot())
+
+
+async def _not_allowed(request: Request) -> JSONResponse:
+    """Any other method on the outputs collection: a 405 that names both of its methods (Starlette's own
+    405 would name only the first route's)."""
+    return JSONResponse({"error": {"message": f"{request.method} is not allowed here: GET lists the outputs, "
+                                              f"POST adds one", "type": "invalid_request_error",
+                                   "code": "method_not_allowed", "param": None}},
+                        status_code=405, headers={"Allow": "GET, POST"})
+
+
+# After the GET and POST routes, so that they answer their own methods; left out of the schema.
+router.add_api_route("/v1/sessions/{session}/outputs", _not_allowed, include_in_schema=False,
+                     methods=["PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"])
