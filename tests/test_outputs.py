@@ -247,6 +247,44 @@ def test_a_stopped_output_writes_what_it_holds_then_ends(tmp_path: Path):
     assert _matches(frames, [_image(0), _image(9)]) == [0, 1] and abs(times[1] - times[0] - 0.05) < 0.002
 
 
+def test_a_webrtc_session_is_recorded_like_a_websocket_one(server):
+    """Outputs hang on the one stream session: a WHIP publisher's session records as a WebSocket's does."""
+    srv, record = server
+    image = _image(3)
+    sent = asyncio.run(_record_webrtc(srv, image))
+    decoded, _ = _decode(record / "rtc.mp4")
+    assert len(decoded) == sent >= 10, (len(decoded), sent)
+    assert _psnr(image, np.stack(decoded[-3:])).min() > 25, "the recording is not the published picture"
+
+
+async def _record_webrtc(srv: ServerThread, image: np.ndarray) -> int:
+    """Publish ``image`` over WHIP, record the session until 10 frames are written; the frames written."""
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+    from rtckit import Source
+
+    pc = RTCPeerConnection()
+    pc.addTrack(Source(image))
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, headers=AUTH, timeout=30) as http:
+            await pc.setLocalDescription(await pc.createOffer())
+            r = await http.post("/v1/whip", content=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"})
+            assert r.status_code == 201, r.text
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=r.text, type="answer"))
+            base = f"/v1/sessions/{r.headers['x-ditstream-session']}/outputs"
+            r = await http.post(base, json={"url": "file:rtc.mp4"})
+            assert r.status_code == 201, r.text
+            output, deadline = r.json(), time.monotonic() + 60
+            while output["frames_sent"] < 10:  # the server's count (no event to wait on); bounded
+                assert output["state"] in ("connecting", "live") and time.monotonic() < deadline, output
+                await asyncio.sleep(0.1)
+                output = (await http.get(base)).json()["outputs"][0]
+            r = await http.delete(f"{base}/{output['id']}")
+            assert r.status_code == 200 and r.json()["state"] == "ended", r.text
+            return r.json()["frames_sent"]
+    finally:
+        await pc.close()
+
+
 # ------------------------------------------------------------------------------------ refusals
 #: (URL, status, code, words the message must hold) — each refused on one live session of ``server``.
 REFUSED = [
