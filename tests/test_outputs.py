@@ -173,6 +173,10 @@ async def _restream(srv: ServerThread, record: Path, a: Listener, b: Listener) -
         assert r.status_code == 200 and r.json()["state"] == "ended", r.text
         a_sent = r.json()["frames_sent"]
         assert a_sent >= (len(sent) - live_at) // 2, f"A sent {a_sent} of {len(sent)} frames ({live_at} before live)"
+        metrics = (await http.get("/metrics")).text
+        for line in ('ditstream_outputs_finished_total{outcome="failed"} 1.0',
+                     'ditstream_outputs_finished_total{outcome="ended"} 1.0', "ditstream_outputs_active 1.0"):
+            assert line in metrics, line
         await ws.close()
         recording.join(15)
         assert not recording.is_alive(), "the recording did not end with its session"

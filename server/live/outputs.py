@@ -34,6 +34,7 @@ from ditstream.engine.types import StreamOutput
 from ditstream.server.errors import NotFoundError
 from ditstream.server.live.outputs_child import FRAME
 from ditstream.server.live.outputs_policy import OutputTarget
+from ditstream.server.metrics import Metrics
 from ditstream.server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -64,8 +65,9 @@ class Output:
     """One output: its mailbox, its process and two threads, and what ``GET`` shows. ``feed``,
     ``stop`` and ``snapshot`` are called from the event loop; the rest runs on the output's threads."""
 
-    def __init__(self, target: OutputTarget, settings: Settings, session: str) -> None:
+    def __init__(self, target: OutputTarget, settings: Settings, session: str, metrics: Metrics | None = None) -> None:
         self.id = "o" + secrets.token_hex(6)
+        self._metrics = metrics
         self.target = target
         self.session = session
         self._settings = settings
@@ -85,6 +87,8 @@ class Output:
         self._thread = threading.Thread(target=self._run, name=f"ditstream-output-{self.id}", daemon=True)
 
     def start(self) -> None:
+        if self._metrics is not None:
+            self._metrics.outputs_active.inc()
         self._thread.start()
 
     @property
@@ -234,6 +238,7 @@ class Output:
             self.state, self.reason, self._stopping = "failed", reason, True
             self._queue.clear()
             self._cond.notify()
+        self._finished_as("failed")
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()  # ours, by its handle: unblocks the writer (broken pipe) and the reader (EOF)
         logger.warning("output %s of session %s (%s) failed: %s", self.id, self.session, self.target.shown, reason)
@@ -243,8 +248,15 @@ class Output:
             if self.finished:
                 return
             self.state = "ended"
+        self._finished_as("ended")
         logger.info("output %s of session %s ended (%d frames): %s", self.id, self.session, self.frames_sent,
                     self.target.shown)
+
+    def _finished_as(self, outcome: str) -> None:
+        """Once, at the first move to a finished state (the caller made it, under the lock)."""
+        if self._metrics is not None:
+            self._metrics.outputs_active.dec()
+            self._metrics.outputs_finished.labels(outcome).inc()
 
 
 def _write_all(proc: subprocess.Popen, data: bytes | memoryview) -> None:
@@ -259,8 +271,9 @@ def _write_all(proc: subprocess.Popen, data: bytes | memoryview) -> None:
 class SessionOutputs:
     """The outputs of one live stream (owned by its ``LiveSession``): add, list, remove, feed, close."""
 
-    def __init__(self, settings: Settings, session: str) -> None:
+    def __init__(self, settings: Settings, session: str, metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self._metrics = metrics
         self.session = session
         self._outputs: dict[str, Output] = {}
         self.closed = False
@@ -271,7 +284,7 @@ class SessionOutputs:
         finished = [o.id for o in self._outputs.values() if o.finished]
         for stale in finished[:max(0, len(finished) - KEEP_FINISHED + 1)]:
             del self._outputs[stale]
-        output = Output(target, self._settings, self.session)
+        output = Output(target, self._settings, self.session, self._metrics)
         self._outputs[output.id] = output
         output.start()
         logger.info("output %s added to session %s: %s", output.id, self.session, target.shown)

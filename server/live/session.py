@@ -149,7 +149,7 @@ class LiveSession:
         self.handle, self.config = handle, cfg
         self._registered = True
         self.state.sessions.add(self._owner)
-        self.outputs = SessionOutputs(self.settings, handle.id)
+        self.outputs = SessionOutputs(self.settings, handle.id, self.metrics)
         self.state.live[handle.id] = self
         self.metrics.streams_active.inc()
         self.metrics.streams_by_transport.labels(self.transport).inc()
