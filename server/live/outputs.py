@@ -165,8 +165,12 @@ class Output:
             proc.wait(FINISH_S)
         except subprocess.TimeoutExpired:
             self._fail(f"did not finish writing within {FINISH_S:.0f} s of its end")
-        except OSError:  # the child died (killed when stalled, or failed): the reader says why
-            pass
+        except OSError as exc:  # the child died (killed when stalled, or failed): the reader says why
+            if self._proc is None:
+                self._fail(f"cannot start the encoder process: {exc}")
+        except Exception as exc:  # a bug: loud in the log, and the output says so instead of "ended"
+            logger.exception("output %s of session %s broke", self.id, self.session)
+            self._fail(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self._reap(reader)
 
