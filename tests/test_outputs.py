@@ -245,10 +245,31 @@ def test_a_stopped_output_writes_what_it_holds_then_ends(tmp_path: Path):
     output.feed(Pending(_image(0), now))
     output.feed(Pending(_image(9), now + 0.05))
     output.stop()
+    output.feed(Pending(_image(5), now + 0.1))  # after stop: not taken
     output.join(30)
     assert (output.state, output.frames_sent, output.frames_dropped) == ("ended", 2, 0), output.snapshot()
     frames, times = _decode(tmp_path / "two.mp4")
     assert _matches(frames, [_image(0), _image(9)]) == [0, 1] and abs(times[1] - times[0] - 0.05) < 0.002
+
+
+def test_an_output_keeps_its_first_size_when_the_stream_is_resized(tmp_path: Path):
+    from ditstream.server.live.outputs import Output, Pending
+    from ditstream.server.live.outputs_policy import parse_target, reserve_file
+
+    settings = Settings(model="null", outputs=["file"], record_dir=str(tmp_path))
+    target = parse_target("file:sizes.mp4", settings)
+    reserve_file(target)
+    output = Output(target, settings, "s1")
+    output.start()
+    small = _image(2)[::2, ::2]  # the client resized the stream to 64×64
+    output.feed(Pending(_image(1), time.monotonic()))
+    output.feed(Pending(np.ascontiguousarray(small), time.monotonic() + 0.05))
+    output.stop()
+    output.join(30)
+    frames, _ = _decode(tmp_path / "sizes.mp4")
+    assert [f.shape for f in frames] == [(SIZE, SIZE, 3)] * 2 and output.frames_sent == 2
+    scaled = np.asarray(av.VideoFrame.from_ndarray(frames[1], format="rgb24").reformat(64, 64).to_ndarray())
+    assert _psnr(small, scaled[None]).item() > 25, "the smaller frame was not scaled to the output's size"
 
 
 def test_a_webrtc_session_is_recorded_like_a_websocket_one(server):
