@@ -71,8 +71,40 @@ class WebRTCUnavailableError(DitstreamError):
     error_type = "webrtc_unavailable"
 
 
+class OutputsDisabledError(DitstreamError):
+    """An outputs route on a server whose operator did not turn outputs on (``--outputs``)."""
+
+    error_type = "outputs_disabled"
+
+
+class OutputRefusedError(DitstreamError):
+    """An output the operator's policy refuses: a kind not in ``--outputs``, a host not allowed."""
+
+    error_type = "output_refused"
+
+
+class InvalidOutputError(ValidationError):
+    """An output URL that is no output at all: unknown scheme, no host, a file name with a path."""
+
+    error_type = "invalid_output"
+
+
+class OutputExistsError(DitstreamError):
+    """A ``file:`` output whose name is taken in the record folder (recordings are never overwritten)."""
+
+    error_type = "output_exists"
+
+
+class OutputsUnavailableError(DitstreamError):
+    """Outputs asked of a gateway: they run in the all-in-one server only (docs/deploy.md, "Outputs").
+    A 403 like outputs that are off (a gateway refuses ``--outputs`` at start), not a 5xx: nothing failed."""
+
+    error_type = "outputs_unavailable"
+
+
 SERVER_ERRORS: tuple[type[DitstreamError], ...] = (
     MalformedMessageError, UnknownMessageTypeError, ProtocolAbuseError, NotFoundError, WebRTCUnavailableError,
+    OutputsDisabledError, OutputRefusedError, InvalidOutputError, OutputExistsError, OutputsUnavailableError,
 )
 
 
@@ -99,6 +131,11 @@ ERROR_TABLE: dict[type[DitstreamError], ErrorMapping] = {
     AuthError: ErrorMapping(401, WS_POLICY_VIOLATION, "authentication_error"),
     NotFoundError: ErrorMapping(404, None, "invalid_request_error"),
     WebRTCUnavailableError: ErrorMapping(501, None, "server_error"),
+    OutputsDisabledError: ErrorMapping(403, None, "permission_error"),
+    OutputRefusedError: ErrorMapping(403, None, "permission_error"),
+    InvalidOutputError: ErrorMapping(422, None, "invalid_request_error"),
+    OutputExistsError: ErrorMapping(409, None, "invalid_request_error"),
+    OutputsUnavailableError: ErrorMapping(403, None, "permission_error"),
     OverloadedError: ErrorMapping(429, WS_TRY_AGAIN_LATER, "rate_limit_error"),
     ModelLoadError: ErrorMapping(503, WS_INTERNAL_ERROR, "server_error"),
     BackendUnavailableError: ErrorMapping(503, WS_INTERNAL_ERROR, "server_error"),

@@ -90,6 +90,12 @@ class Metrics:
                                      "Frames and jobs answered with an error because their model call failed.",
                                      registry=r)
         self.workers_up = Gauge("ditstream_workers_up", "Engines able to take work.", registry=r)
+        self.outputs_active = Gauge("ditstream_outputs_active",
+                                    "Outputs from the server (restreams, recordings) not finished yet.", registry=r)
+        self.outputs_finished = Counter(
+            "ditstream_outputs_finished_total",
+            "Outputs from the server that finished, by outcome (ended: deleted or their session ended; failed: "
+            "GET /v1/sessions/{id}/outputs and the log say why).", ["outcome"], registry=r)
         self.loop_lag = Histogram("ditstream_event_loop_lag_seconds",
                                   "How late the event loop woke a periodic timer (stall detector).",
                                   buckets=_LAG_BUCKETS, registry=r)
@@ -103,6 +109,8 @@ class Metrics:
             self.webrtc_dtls_failures.labels(cause)
         for stage in ("encode", "denoise", "decode", "nonfinite", "tick"):
             self.model_failures.labels(stage)
+        for outcome in ("ended", "failed"):
+            self.outputs_finished.labels(outcome)
 
     def observe_batch(self, size: int, _seconds: float = 0.0) -> None:
         """``EngineCore.on_batch`` hook (called on the engine thread, once per denoise call)."""

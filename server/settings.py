@@ -101,6 +101,19 @@ class Settings(BaseSettings):
     webrtc_turn_secret: SecretStr | None = None
     webrtc_turn_ttl_s: int = Field(3600, ge=60, le=7 * 86400)
 
+    #: Outputs from the server (``POST /v1/sessions/{id}/outputs``: restreaming and recording; docs/deploy.md,
+    #: "Outputs"). Off unless listed: the kinds allowed (``rtmp`` = rtmp:// and rtmps://, ``srt``,
+    #: ``file``); the hosts an output may reach (``*.twitch.tv``-style names, addresses or CIDR ranges;
+    #: empty = any public host; loopback, link-local and private addresses only when their address or
+    #: range is listed); the folder ``file:NAME.mp4`` records into (names only, never overwritten); the
+    #: PyAV encoder and its bitrate (bits/s); outputs one session may hold.
+    outputs: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    output_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    record_dir: str | None = None
+    output_encoder: str = "libx264"
+    output_bitrate: int = Field(2_500_000, ge=100_000, le=100_000_000)
+    max_outputs: int = Field(4, ge=1, le=64)
+
     #: Scale-out (docs/deploy.md): with a Redis URL ``serve`` is a gateway and ``worker`` runs engines.
     redis_url: str | None = None
     redis_prefix: str = "ditstream"
@@ -163,7 +176,8 @@ class Settings(BaseSettings):
     def lora_specs(self) -> tuple:  # -> tuple[engine.lora.LoraSpec, ...]
         return _lora_specs(self.loras)
 
-    @field_validator("api_keys", "cors_origins", "webrtc_stun_servers", "webrtc_turn_urls", mode="before")
+    @field_validator("api_keys", "cors_origins", "webrtc_stun_servers", "webrtc_turn_urls", "outputs", "output_hosts",
+                     mode="before")
     @classmethod
     def _split_keys(cls, v: object) -> object:
         """Accept a comma-separated string as well as a JSON list (friendlier for env files)."""
@@ -245,6 +259,20 @@ class Settings(BaseSettings):
                              "clients get credentials minted from it")
         return self
 
+    @model_validator(mode="after")
+    def _check_outputs(self) -> Settings:
+        """The outputs' policy and encoder, checked once here (``server/live/outputs_policy.py``):
+        a bad value stops start-up naming it, never a surprise at the first ``POST``."""
+        if self.outputs:
+            from ditstream.engine.errors import ValidationError
+            from ditstream.server.live.outputs_policy import check_settings
+
+            try:
+                check_settings(self)
+            except ValidationError as exc:
+                raise ValueError(exc.message) from exc
+        return self
+
     def webrtc_ports(self) -> tuple[int, int] | None:
         """``webrtc_port_range`` as (low, high), both included; None = any port."""
         if self.webrtc_port_range is None:
@@ -252,7 +280,8 @@ class Settings(BaseSettings):
         lo, _, hi = self.webrtc_port_range.partition("-")
         return int(lo), int(hi)
 
-    @field_validator("cache_dir", "tiny_vae", "opt_level", "webrtc_public_host", "webrtc_turn_secret", mode="before")
+    @field_validator("cache_dir", "tiny_vae", "opt_level", "webrtc_public_host", "webrtc_turn_secret", "record_dir",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         """An empty value (``DITSTREAM_TINY_VAE=`` from a compose file) means unset."""

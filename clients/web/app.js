@@ -336,7 +336,7 @@ function onControl(msg) {
   if (msg.type === "ready") {
     if (state.retry) resumed();
     clearInterval(state.timer); clearTimeout(state.pinger);
-    state.config = msg.config; state.limits = msg.limits;
+    state.config = msg.config; state.limits = msg.limits; state.session = msg.session;
     showModel(msg.model, msg.session);
     if (msg.model && msg.model.loras) showLoras(Object.entries(msg.model.loras).map(([name, v]) => ({ name, default_scale: v })));
     applyDefaults(msg.config);  // what this stream starts with: the model's defaults

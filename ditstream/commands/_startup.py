@@ -96,7 +96,8 @@ def settings_or_exit(command: str, overrides: dict[str, object]) -> Settings:
     except pydantic.ValidationError as exc:
         for err in exc.errors():
             got = "" if err["type"] == "value_error" else f" (got {err.get('input')!r})"
-            typer.echo(f"{command}: invalid {_setting(str(err['loc'][0]) if err['loc'] else '?')}: "
+            where = _setting(str(err["loc"][0])) if err["loc"] else "settings"  # a check across fields: no loc
+            typer.echo(f"{command}: invalid {where}: "
                        f"{err['msg'].removeprefix('Value error, ')}{got}", err=True)
         raise typer.Exit(2) from exc
     except ValidationError as exc:

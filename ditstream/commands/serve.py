@@ -75,6 +75,21 @@ def serve(
                               "redis+sentinel://host:port[,host:port]/MASTER[/DB] follows a Sentinel-monitored "
                               "primary); --model is then unused."),
     threads: Threads = None,
+    outputs: str = typer.Option(None, "--outputs", metavar="KINDS",
+                                help="Allow outputs from the server (restream, record; off by default): rtmp (rtmp:// "
+                                     "and rtmps://), srt, file, comma-separated (env DITSTREAM_OUTPUTS). "
+                                     "docs/deploy.md, 'Outputs'."),
+    output_hosts: list[str] = typer.Option(None, "--output-hosts", metavar="PATTERN",
+                                           help="Hosts outputs may reach: *.example.com, an address or a CIDR "
+                                                "range (repeatable or comma-separated; default any public host). "
+                                                "Loopback, link-local and private addresses only when listed."),
+    record_dir: str = typer.Option(None, "--record-dir", metavar="DIR",
+                                   help="Folder of file:NAME.mp4 recordings (names only; never overwritten)."),
+    output_encoder: str = typer.Option(None, "--output-encoder", help="PyAV video encoder of outputs "
+                                       "(default libx264; e.g. h264_nvenc)."),
+    output_bitrate: int = typer.Option(None, "--output-bitrate", help="Outputs' bitrate in bits/s "
+                                       "(default 2500000)."),
+    max_outputs: int = typer.Option(None, "--max-outputs", help="Active outputs per session (default 4)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Run the all-in-one server: REST + WebSocket + the engine in one process."""
@@ -86,7 +101,9 @@ def serve(
         max_streams=max_streams, max_queued_jobs=max_queued_jobs, api_keys=api_key or None,
         cors_origins=cors_origin or None, max_frame_bytes=max_frame_bytes, max_upload_bytes=max_upload_bytes,
         max_pixels=max_pixels, max_prompt_chars=max_prompt_chars, max_fps=max_fps, default_width=width,
-        default_height=height, redis_url=redis)
+        default_height=height, redis_url=redis, outputs=outputs, record_dir=record_dir,
+        output_hosts=",".join(output_hosts) if output_hosts else None, output_encoder=output_encoder,
+        output_bitrate=output_bitrate, max_outputs=max_outputs)
     # Bind first: a port in use is one clear line now, not after the model has loaded.
     sock = bind_or_exit("ditstream serve", settings.host, settings.port)
     # Load before uvicorn starts, so that a bad model or backend is one clear line, not a lifespan

@@ -127,7 +127,7 @@ async def _drain_sessions(state: AppState) -> None:
 def create_app(settings: Settings | None = None, runner: EngineClient | None = None) -> FastAPI:
     """Build the app. ``runner`` (not yet started) replaces the model named in ``settings``."""
     from ditstream.server import logsafe
-    from ditstream.server.api import rest
+    from ditstream.server.api import outputs, rest
     from ditstream.server.live import webrtc, ws
 
     settings = settings or Settings()
@@ -150,6 +150,7 @@ def create_app(settings: Settings | None = None, runner: EngineClient | None = N
     app.include_router(rest.router)
     app.include_router(ws.router)
     app.include_router(webrtc.router)
+    app.include_router(outputs.router)
     _add_ops_routes(app, state)
     if WEB_DIR.is_dir():
         app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")

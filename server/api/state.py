@@ -40,6 +40,9 @@ class AppState:
     sessions: set[Any] = field(default_factory=set)
     #: WebRTC sessions by id (``server/live/webrtc_session.py``): WHEP and live config find them here.
     webrtc: dict[str, Any] = field(default_factory=dict)
+    #: Every live stream's ``LiveSession`` by session id, whatever its transport (the outputs routes find
+    #: sessions here).
+    live: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
 
     @property

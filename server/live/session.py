@@ -2,7 +2,8 @@
 (``webrtc_session.py``) only move bytes and messages into and out of a ``LiveSession``.
 
 It owns, for one stream: admission (the permit taken at the door, given back at close), registration
-(``state.sessions``, the live-stream gauges), the engine stream itself (opened off the loop, closed
+(``state.sessions`` and ``state.live``, the live-stream gauges), its outputs (``outputs.py``: restreams
+and recordings, fed each output as it leaves), the engine stream itself (opened off the loop, closed
 once), the config (validated once per change, by ``wanted_config``), the txt2img ticker (server-made
 frames, numbered like the client's), the bookkeeping of each output (metrics, the one
 glass-to-glass definition of ``timing.py``, an in-band error for a failed frame) and the close.
@@ -29,6 +30,7 @@ from ditstream.server.api.state import AppState
 from ditstream.server.engine_client import EngineStream
 from ditstream.server.errors import ws_error
 from ditstream.server.live import timing
+from ditstream.server.live.outputs import SessionOutputs
 from ditstream.server.live.protocol import ConfigMessage
 from ditstream.server.live.timing import Arrivals
 
@@ -113,6 +115,8 @@ class LiveSession:
         self._notify = notify
         self._on_mode = on_mode
         self.handle: EngineStream | None = None
+        #: Its restreams and recordings (``outputs.py``), once open: fed each output frame as it leaves.
+        self.outputs: SessionOutputs | None = None
         #: The latest config asked for (the engine's copy may lag by one change).
         self.config = StreamConfig()
         self.fps = self.settings.default_fps
@@ -145,6 +149,8 @@ class LiveSession:
         self.handle, self.config = handle, cfg
         self._registered = True
         self.state.sessions.add(self._owner)
+        self.outputs = SessionOutputs(self.settings, handle.id, self.metrics)
+        self.state.live[handle.id] = self
         self.metrics.streams_active.inc()
         self.metrics.streams_by_transport.labels(self.transport).inc()
         logger.debug("%s stream %s opened", self.transport, handle.id)
@@ -156,6 +162,9 @@ class LiveSession:
             return
         self.closed = True
         self._stop_ticker()
+        if self.outputs is not None:  # they end with the stream (queued frames written, files closed)
+            self.outputs.close()
+            self.state.live.pop(self.outputs.session, None)
         if self.handle is not None:
             with contextlib.suppress(DitstreamError):
                 self.handle.close()
@@ -253,6 +262,8 @@ class LiveSession:
             m.inference_seconds.observe(t.inference_s)
         m.e2e_seconds.observe(server_s)
         m.overhead_seconds.observe(max(0.0, server_s - t.inference_s))
+        if self.outputs is not None:
+            self.outputs.feed(out)
         return t
 
     def frame_dropped(self, seq: int | None = None) -> None:
