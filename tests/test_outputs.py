@@ -14,6 +14,7 @@ import asyncio
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -385,3 +386,11 @@ def test_the_page_learns_what_the_server_allows(server):
     assert httpx.get(srv.url + "/v1/outputs").status_code == 401
     assert '<script src="/web/outputs.js"></script>' in httpx.get(srv.url + "/").text
     assert httpx.get(srv.url + "/web/outputs.js").status_code == 200
+
+
+def test_outputs_without_pyav_stop_start_up_naming_the_extra(monkeypatch):
+    """A base install has no PyAV (it comes with the ``outputs`` and ``webrtc`` extras): ``--outputs``
+    then stops start-up saying what to install, not with a traceback at the first output."""
+    monkeypatch.setitem(sys.modules, "av", None)  # ``import av`` raises ImportError
+    with pytest.raises(ValueError, match=r"PyAV, which is not installed: pip install 'ditstream\[outputs\]'"):
+        Settings(outputs="rtmp")

@@ -115,6 +115,11 @@ def check_settings(settings: Settings) -> None:
         if not Path(settings.record_dir).is_dir():
             raise ValidationError(f"--record-dir {settings.record_dir!r} is not a folder", field="record_dir")
     HostPatterns.parse(settings.output_hosts)
+    try:
+        import av  # noqa: F401
+    except ImportError as exc:
+        raise ValidationError("--outputs encodes with PyAV, which is not installed: pip install 'ditstream[outputs]'",
+                              field="outputs") from exc
     from ditstream.server.live.outputs_mux import check_encoder, missing_protocols
 
     check_encoder(settings.output_encoder)
