@@ -208,6 +208,9 @@ def _check_weights(entries: tuple, name: str) -> None:
             raise ValidationError(f"{name}[{i}].weight must be a finite number >= 0, got {w!r}", field=name)
     if not any(e.weight > 0 for e in entries):
         raise ValidationError(f"{name} weights are all zero; at least one must be > 0", field=name)
+    if not math.isfinite(sum(e.weight for e in entries)):  # blends are normalised by the sum
+        raise ValidationError(f"{name} weights sum past the largest float; they are relative: scale them down",
+                              field=name)
 
 
 @dataclass(frozen=True)
