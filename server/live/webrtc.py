@@ -243,4 +243,17 @@ async def session_config(request: Request, session: str) -> JSONResponse:
 # the schema, where it would document a method whose only answer is "not allowed"; added after the
 # GET/DELETE and DELETE routes so that another method's 405 names those (the first route of a path answers it).
 router.add_api_route("/v1/whip/{session}", trickle, methods=["PATCH"], include_in_schema=False)
+
+
+async def whip_not_allowed(request: Request) -> Response:
+    """GET and DELETE are two routes (one operation id each), and Starlette's 405 would list only the
+    first one's method: the session resource answers every other method here, listing both."""
+    return JSONResponse({"error": {"message": f"{request.method} is not allowed here: GET the session's state "
+                                              "or DELETE it", "type": "invalid_request_error",
+                                   "code": "method_not_allowed", "param": None}},
+                        status_code=405, headers={"Allow": "GET, DELETE"})
+
+
+router.add_api_route("/v1/whip/{session}", whip_not_allowed, methods=["POST", "PUT", "OPTIONS", "TRACE"],
+                     include_in_schema=False)
 router.add_api_route("/v1/whep/{session}/{viewer}", trickle, methods=["PATCH"], include_in_schema=False)
