@@ -13,13 +13,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from ditstream.engine.blend import MAX_BLEND, WeightedPrompt, WeightedSeed, blend_entries, check_weights
 from ditstream.engine.errors import ValidationError
 
 Mode = Literal["img2img", "txt2img"]
 Interpolation = Literal["linear", "slerp"]
 INTERPOLATIONS: tuple[str, ...] = ("linear", "slerp")
-#: Most entries in a prompt or seed blend (bounds the encoder calls and noise draws of one config).
-MAX_BLEND = 8
 #: Longest glide between configs, in output frames.
 MAX_TRANSITION_FRAMES = 1000
 #: ``temporal_decay`` default: how fast the attention memory forgets (chosen in docs/demo_model_card.md).
@@ -166,54 +165,6 @@ class FilterConfig:
 
 
 @dataclass(frozen=True)
-class WeightedPrompt:
-    """One entry of a prompt blend: ``{"text": ..., "weight": w}`` on the wire."""
-
-    text: str
-    weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class WeightedSeed:
-    """One entry of a seed blend: ``{"seed": s, "weight": w}`` on the wire."""
-
-    seed: int
-    weight: float = 1.0
-
-
-def _blend_entries(value: Any, kind: type, key: str, name: str) -> Any:
-    """A list of dicts (JSON) or of ``kind`` → a tuple of ``kind``; anything else is left for ``validate``."""
-    if not isinstance(value, (list, tuple)):
-        return value
-    out = []
-    for i, entry in enumerate(value):
-        if isinstance(entry, kind):
-            out.append(entry)
-            continue
-        if not isinstance(entry, dict) or key not in entry or set(entry) - {key, "weight"}:
-            raise ValidationError(f"{name}[{i}] must be an object {{{key!r}: ..., 'weight': w}}, got {entry!r}",
-                                  field=name)
-        out.append(kind(entry[key], entry.get("weight", 1.0)))
-    return tuple(out)
-
-
-def _check_weights(entries: tuple, name: str) -> None:
-    if not entries:
-        raise ValidationError(f"{name} list is empty; give at least one entry", field=name)
-    if len(entries) > MAX_BLEND:
-        raise ValidationError(f"{name} list has {len(entries)} entries; the limit is {MAX_BLEND}", field=name)
-    for i, e in enumerate(entries):
-        w = e.weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise ValidationError(f"{name}[{i}].weight must be a finite number >= 0, got {w!r}", field=name)
-    if not any(e.weight > 0 for e in entries):
-        raise ValidationError(f"{name} weights are all zero; at least one must be > 0", field=name)
-    if not math.isfinite(sum(e.weight for e in entries)):  # blends are normalised by the sum
-        raise ValidationError(f"{name} weights sum past the largest float; they are relative: scale them down",
-                              field=name)
-
-
-@dataclass(frozen=True)
 class StreamConfig:
     """Everything that decides a stream's (or a one-shot job's) output.
 
@@ -254,8 +205,8 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if isinstance(self.loras, dict):
             object.__setattr__(self, "loras", tuple(sorted(self.loras.items())))
-        object.__setattr__(self, "prompt", _blend_entries(self.prompt, WeightedPrompt, "text", "prompt"))
-        object.__setattr__(self, "seed", _blend_entries(self.seed, WeightedSeed, "seed", "seed"))
+        object.__setattr__(self, "prompt", blend_entries(self.prompt, WeightedPrompt, "text", "prompt"))
+        object.__setattr__(self, "seed", blend_entries(self.seed, WeightedSeed, "seed", "seed"))
 
     @property
     def prompts(self) -> tuple[WeightedPrompt, ...]:
@@ -301,7 +252,7 @@ class StreamConfig:
         if not isinstance(self.prompt, (str, tuple)):
             raise ValidationError("prompt must be a string or a list of {text, weight}", field="prompt")
         if isinstance(self.prompt, tuple):
-            _check_weights(self.prompt, "prompt")
+            check_weights(self.prompt, "prompt")
             for i, p in enumerate(self.prompt):
                 if not isinstance(p.text, str):
                     raise ValidationError(f"prompt[{i}].text must be a string, got {p.text!r}", field="prompt")
@@ -317,7 +268,7 @@ class StreamConfig:
         if not 0.0 < self.strength <= 1.0:
             raise ValidationError(f"strength must be in (0, 1], got {self.strength}", field="strength")
         if isinstance(self.seed, tuple):
-            _check_weights(self.seed, "seed")
+            check_weights(self.seed, "seed")
         elif not isinstance(self.seed, int):
             raise ValidationError("seed must be an integer or a list of {seed, weight}", field="seed")
         for i, s in enumerate(self.seeds):

@@ -19,7 +19,8 @@ from concurrent.futures import Future
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from ditstream.engine.config import MAX_BLEND, StreamConfig
+from ditstream.engine.blend import MAX_BLEND
+from ditstream.engine.config import StreamConfig
 from ditstream.engine.errors import CancelledError, GenerationError, PayloadTooLargeError, ValidationError
 from ditstream.engine.sizes import parse_size
 from ditstream.engine.types import StreamOutput
