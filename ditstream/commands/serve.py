@@ -72,8 +72,8 @@ def serve(
     null_delay_ms: NullDelayMs = None,
     redis: str = typer.Option(None, "--redis", help="Gateway mode: take engines from `ditstream worker` "
                               "processes through this Redis (env DITSTREAM_REDIS_URL; "
-                              "redis+sentinel://host:port[,host:port]/MASTER[/DB] follows a Sentinel-monitored "
-                              "primary); --model is then unused."),
+                              "redis+sentinel://HOST:PORT,HOST:PORT/MASTER/DB follows a Sentinel-monitored "
+                              "primary; /DB optional); --model is then unused."),
     threads: Threads = None,
     outputs: str = typer.Option(None, "--outputs", metavar="KINDS",
                                 help="Allow outputs from the server (restream, record; off by default): rtmp (rtmp:// "

@@ -41,7 +41,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
 def worker(
     redis: str = typer.Option(None, "--redis", help="Redis URL, e.g. redis://redis:6379/0, or "
-                       "redis+sentinel://host:port[,host:port]/MASTER[/DB] (env DITSTREAM_REDIS_URL)."),
+                       "redis+sentinel://HOST:PORT,HOST:PORT/MASTER/DB, DB optional (env DITSTREAM_REDIS_URL)."),
     model: Model = None,
     backend: BackendName = None,
     device: Device = None,
