@@ -26,6 +26,7 @@ from ditstream.server.live.outputs_policy import HostPatterns, check_host, parse
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
 router = APIRouter(tags=["outputs"])
 
@@ -143,11 +144,9 @@ async def delete_output(request: Request, session: str, output: str) -> OutputSt
 
 async def _not_allowed(request: Request) -> JSONResponse:
     """Any other method on the outputs collection: a 405 that names both of its methods (Starlette's own
-    405 would name only the first route's)."""
-    return JSONResponse({"error": {"message": f"{request.method} is not allowed here: GET lists the outputs, "
-                                              f"POST adds one", "type": "invalid_request_error",
-                                   "code": "method_not_allowed", "param": None}},
-                        status_code=405, headers={"Allow": "GET, POST"})
+    405 would name only the first route's), in the app's one error shape (``app._http_error``)."""
+    raise HTTPException(405, f"{request.method} is not allowed here: GET lists the outputs, POST adds one",
+                        headers={"Allow": "GET, POST"})
 
 
 # After the GET and POST routes, so that they answer their own methods; left out of the schema.

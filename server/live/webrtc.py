@@ -40,6 +40,7 @@ from ditstream.server.live.webrtc_ended import EndedSessions
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["webrtc"])
@@ -192,10 +193,8 @@ async def whip_end(request: Request, session: str) -> SessionStatus:
 
 
 async def trickle(request: Request) -> Response:
-    return JSONResponse({"error": {"message": "trickle ICE is not supported: the SDP answer already holds "
-                                              "every server candidate", "type": "invalid_request_error",
-                                   "code": "method_not_allowed", "param": None}},
-                        status_code=405,
+    """A 405 in the app's one error shape (``app._http_error``), naming why and the methods there are."""
+    raise HTTPException(405, "trickle ICE is not supported: the SDP answer already holds every server candidate",
                         headers={"Allow": "GET, DELETE" if request.url.path.startswith("/v1/whip/") else "DELETE"})
 
 
@@ -248,10 +247,8 @@ router.add_api_route("/v1/whip/{session}", trickle, methods=["PATCH"], include_i
 async def whip_not_allowed(request: Request) -> Response:
     """GET and DELETE are two routes (one operation id each), and Starlette's 405 would list only the
     first one's method: the session resource answers every other method here, listing both."""
-    return JSONResponse({"error": {"message": f"{request.method} is not allowed here: GET the session's state "
-                                              "or DELETE it", "type": "invalid_request_error",
-                                   "code": "method_not_allowed", "param": None}},
-                        status_code=405, headers={"Allow": "GET, DELETE"})
+    raise HTTPException(405, f"{request.method} is not allowed here: GET the session's state or DELETE it",
+                        headers={"Allow": "GET, DELETE"})
 
 
 router.add_api_route("/v1/whip/{session}", whip_not_allowed, methods=["POST", "PUT", "OPTIONS", "TRACE"],
