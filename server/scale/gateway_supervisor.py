@@ -1,13 +1,13 @@
 """The gateway's supervisor: which workers live, and moving sessions whose worker did not.
 
 ``Fleet`` is what the supervisor last read: the live workers' heartbeats, the jobs stream's
-backlog (the autoscaling signal's input, ``autoscale.py``) and whether Redis answered. Only the supervisor writes it (replacing the dict whole); the rest of the gateway reads it.
+backlog (the autoscaling signal's input, ``autoscale.py``) and whether Redis answered. Only the
+supervisor writes it (replacing the dict whole); the rest of the gateway reads it.
 
 Each pass (every ``supervise_s``): refresh the workers from their TTL'd heartbeat keys and read the
-jobs backlog; when another
-Redis answers (a restart, or a Sentinel failover to a replica) re-send the pending jobs it lacks;
-re-pin sessions whose worker is gone or whose record vanished; spread sessions again when workers
-return; fail jobs past their deadline.
+jobs backlog; when another Redis answers (a restart, or a Sentinel failover to a replica) re-send
+the pending jobs it lacks; re-pin sessions whose worker is gone or whose record vanished; spread
+sessions again when workers return; fail jobs past their deadline.
 
 Another Redis is told by its ``run_id``. What it kept is not guessed from how we reach it: a
 restarted Redis without persistence kept nothing, a promoted replica kept what reached it before
