@@ -100,6 +100,7 @@ class CompileBackend(Backend):
         # Padding to buckets bounds the number of CUDA graphs; without graphs it only costs compute.
         self.buckets = buckets if (self.cuda_graphs if pad_to_buckets is None else pad_to_buckets) else ()
         dynamic = None if self.cuda_graphs else True
+        self._dynamic = bool(dynamic)
         self._with_guidance = bool(getattr(components.transformer.config, "guidance_embeds", False))
 
         def comp(module: torch.nn.Module) -> Any:
@@ -128,6 +129,19 @@ class CompileBackend(Backend):
             return bucket_for(batch, self.buckets)
         # Dynamic shapes still specialise on size 1; padding 1 -> 2 lets one graph serve every batch.
         return max(batch, 2)
+
+    def _input(self, t: torch.Tensor | None, size: int) -> torch.Tensor | None:
+        """``t`` as a compiled graph's input: padded to ``size`` rows and contiguous (a stride is a guard:
+        a permuted view where a stack came before is a whole new compile). With dynamic shapes its batch
+        gets a symbol of its own: duck sizing would otherwise tie a batch of 4 to the latents' 4
+        channels (a batch of 3 to RGB's 3), specialise it, and compile again for every other batch."""
+        t = _pad(t, size)
+        if t is None:
+            return None
+        t = t.contiguous()
+        if self._dynamic:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return t
 
     def _finish(self, out: torch.Tensor, batch: int) -> torch.Tensor:
         # CUDA-graph outputs live in memory the next replay overwrites: copy them out.
@@ -169,10 +183,10 @@ class CompileBackend(Backend):
             raise ValueError("this transformer embeds guidance; pass a guidance tensor")
         if guidance is not None:
             guidance = _per_sample(guidance, batch, x.device)
-        args = [_pad(x.to(self.dtype), size), _pad(timestep, size),
-                _pad(encoder_hidden_states.to(self.dtype), size), _pad(encoder_attention_mask, size)]
+        args = [self._input(x.to(self.dtype), size), self._input(timestep, size),
+                self._input(encoder_hidden_states.to(self.dtype), size), self._input(encoder_attention_mask, size)]
         if self._with_guidance:
-            args.append(_pad(guidance, size))
+            args.append(self._input(guidance, size))
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         return self._finish(self._transformer(*args), batch)
@@ -183,7 +197,7 @@ class CompileBackend(Backend):
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         vae_dtype = self.components.vae.dtype
-        return self._finish(self._encoder(_pad(images.to(vae_dtype), self._bucket(batch))), batch)
+        return self._finish(self._encoder(self._input(images.to(vae_dtype), self._bucket(batch))), batch)
 
     @torch.inference_mode()
     def decode(self, latents):
@@ -191,4 +205,4 @@ class CompileBackend(Backend):
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         vae_dtype = self.components.vae.dtype
-        return self._finish(self._decoder(_pad(latents.to(vae_dtype), self._bucket(batch))), batch)
+        return self._finish(self._decoder(self._input(latents.to(vae_dtype), self._bucket(batch))), batch)
