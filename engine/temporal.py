@@ -17,6 +17,11 @@ opens a ``TemporalAttention.call`` with, for that call's rows, the memories to a
 their weights, and the rows whose own states to return (rows whose stream has ``temporal`` > 0). Rows
 of streams without memory are not touched at all (``index_add`` leaves unindexed rows as they are),
 so ``temporal: 0`` is bit-identical to a stream without it. A call that fails updates nothing.
+
+Backends: ``torch`` runs the processors eagerly, reading the call from this thread's state;
+``compile`` traces them inside ``TemporalAttention.graph``, where the memory, weights and own states
+are the compiled graph's inputs and outputs (``backends.compile_backend``). ``onnx`` and ``tensorrt``
+have no hook and refuse ``temporal`` > 0 by name (``temporal_refusal``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import contextlib
 import copy
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -52,9 +57,30 @@ class _Call:
     states: list[torch.Tensor | None] = field(default_factory=list)  # per block (J, H, d+1, d)
     write_all: bool = False  # every row writes (no index)
 
+    stacked: torch.Tensor | None = None  # (K, blocks, H, d+1, d): ``memory`` before the per-block split
+    own_states: torch.Tensor | None = None  # (J, blocks, H, d+1, d), set whole by a compiled graph
+
     def own(self) -> torch.Tensor:
         """The written rows' own states, (J, blocks, H, d+1, d)."""
+        if self.own_states is not None:
+            return self.own_states
         return torch.stack(self.states, dim=1)  # type: ignore[arg-type]
+
+    def dense(self, batch: int, state_shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's memory and weight as plain tensors, for a graph that takes them as inputs
+        (``TemporalAttention.graph``): memory (batch, blocks·H·(d+1)·d), zero where a row reads nothing,
+        and weights (batch,), zero there too (``scores + 0·0`` is ``scores`` exactly)."""
+        memory = torch.zeros(batch, len(self.states), *state_shape, dtype=torch.float32, device=device)
+        weights = torch.zeros(batch, dtype=torch.float32, device=device)
+        if self.stacked is not None and self.weights is not None:
+            rows = self.read_rows if self.read_rows is not None else torch.arange(batch, device=device)
+            memory.index_copy_(0, rows, self.stacked)
+            weights.index_copy_(0, rows, self.weights.view(-1))
+        return memory.flatten(1), weights
+
+    def set_own(self, states: torch.Tensor) -> None:
+        """Every row's own states (batch, blocks, H, d+1, d), from a graph: keep the written rows'."""
+        self.own_states = states if self.write_rows is None else states.index_select(0, self.write_rows)
 
 
 class TemporalProcessor:
@@ -75,7 +101,9 @@ class TemporalProcessor:
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        call = self.owner.current
+        # Traced by torch.compile, the call is the graph's own (``TemporalAttention.graph``): its memory
+        # is the graph's inputs, not a thread's Python state, which a compiled graph cannot read.
+        call = self.owner.graph_call if torch.compiler.is_compiling() else self.owner.current
         if call is None:
             return self.base(attn, hidden_states, encoder_hidden_states, attention_mask)
         return self._with_memory(attn, hidden_states, encoder_hidden_states, call)
@@ -131,6 +159,8 @@ class TemporalAttention:
         # Per thread: an engine thread's call never lends its memory to another thread's call on the
         # same model object (two cores on one set of components, a one-shot generator beside a stream).
         self._local = threading.local()
+        #: The call of the graph being traced (``graph``); set and cleared inside the traced code only.
+        self.graph_call: _Call | None = None
         self.refusal: str | None = None
         blocks = list(getattr(transformer, "transformer_blocks", []))
         names = [type(getattr(getattr(b, "attn1", None), "processor", None)).__name__ for b in blocks]
@@ -141,7 +171,12 @@ class TemporalAttention:
             self.refusal = (f"its self-attention processor is {', '.join(bad)}, not the linear attention "
                             f"({LINEAR_PROCESSOR}) whose state the memory adds to")
         self.blocks = len(blocks)
+        #: One block's state per row, (H, d+1, d): the shape a graph's memory input takes.
+        self.state_shape: tuple[int, int, int] | None = None
         if self.refusal is None:
+            attn = blocks[0].attn1
+            d = attn.to_q.out_features // attn.heads
+            self.state_shape = (attn.heads, d + 1, d)
             for i, b in enumerate(blocks):
                 proc = b.attn1.processor
                 base = proc.base if isinstance(proc, TemporalProcessor) else proc
@@ -170,6 +205,21 @@ class TemporalAttention:
             return not any(isinstance(p, TemporalProcessor) for p in procs)
         return all(isinstance(p, TemporalProcessor) and p.owner is self for p in procs)
 
+    def graph(self, transformer_call: Callable[[], torch.Tensor], memory: torch.Tensor,
+              weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``transformer_call()`` with every row adding ``weights[i]·memory[i, block]`` to its state, as
+        a function of tensors only, for ``torch.compile`` to trace (the compile backend's transformer
+        with memory). ``memory`` comes flat, (B, blocks·H·(d+1)·d): as (B, blocks, H, d+1, d) the batch
+        could equal a head count, and dynamo's duck sizing would then fix the batch to the head count
+        (one more compile per batch size). Returns its output and every row's own states, flat too."""
+        memory = memory.view(-1, self.blocks, *self.state_shape)  # type: ignore[misc]
+        call = _Call(read_rows=None, weights=weights.view(-1, 1, 1, 1), memory=list(memory.unbind(1)),
+                     write_rows=None, states=[None] * self.blocks, write_all=True)
+        self.graph_call = call
+        out = transformer_call()
+        self.graph_call = None
+        return out, torch.stack(call.states, dim=1).flatten(1)  # type: ignore[arg-type]
+
     @contextlib.contextmanager
     def call(self, batch: int, read_rows: list[int], weights: list[float], memory: list[torch.Tensor],
              write_rows: list[int], device: torch.device) -> Iterator[_Call]:
@@ -181,8 +231,8 @@ class TemporalAttention:
             if read_rows != list(range(batch)):  # every row reads: plain addition, no index
                 c.read_rows = torch.tensor(read_rows, dtype=torch.long, device=device)
             c.weights = torch.tensor(weights, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
-            stacked = torch.stack(memory)
-            c.memory = [stacked[:, b] for b in range(self.blocks)]
+            c.stacked = torch.stack(memory)
+            c.memory = [c.stacked[:, b] for b in range(self.blocks)]
         if write_rows:
             c.write_all = write_rows == list(range(batch))
             if not c.write_all:
@@ -200,7 +250,7 @@ def temporal_refusal(backend: Backend) -> str | None:
     hook = backend.temporal_attention()
     if hook is None:
         return (f"the {backend.name} backend cannot carry attention memory (temporal > 0): its transformer "
-                "is a fixed graph; serve it with --backend torch")
+                "is a fixed graph; serve it with --backend torch or --backend compile")
     if hook.refusal is not None:
         return f"this model cannot carry attention memory (temporal > 0): {hook.refusal}"
     return None

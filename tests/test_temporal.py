@@ -42,6 +42,12 @@ def torch_gen(tiny_components):
     return Generator(components, create_backend("torch", components))
 
 
+@pytest.fixture(scope="module")
+def compile_gen(torch_gen):
+    """The same two-block model through ``torch.compile`` (its memory carried as graph inputs/outputs)."""
+    return Generator(torch_gen.components, create_backend("compile", torch_gen.components))
+
+
 def _run(g, configs, frames, max_batch=16):
     """Each config as one stream of one engine, fed ``frames``; returns each stream's float images."""
     core = EngineCore(g.components, g.backend, g.prompts, EngineConfig(output_float=True, max_batch=max_batch))
@@ -101,6 +107,43 @@ def test_three_streams_off_half_and_most_and_a_fourth_each_equal_their_solo_run(
         assert _diff(alone, together[k]) < 1e-5
     plain = _run(torch_gen, [dataclasses.replace(configs[2], temporal=0.0)], frames)[0]
     assert _diff(plain, together[2]) > 1e-3  # the memory is on in that stream
+
+
+@pytest.mark.slow
+def test_compile_carries_the_memory_as_torch_does(torch_gen, compile_gen):
+    """Through the compile backend (the memory as graph inputs, the states as graph outputs) a mixed
+    batch at steps 2 gives torch's frames, and its stream without memory gives, bit for bit, what the
+    same batch gives with no memory anywhere (the compiled graph without memory)."""
+    from ditstream.engine.temporal import temporal_refusal
+
+    assert temporal_refusal(compile_gen.backend) is None
+    frames = _moving(4)
+    configs = [_cfg(steps=2), _cfg(steps=2, temporal=0.5, seed=5), _cfg(steps=2, temporal=0.9, seed=6),
+               _cfg(steps=2, temporal=0.7, temporal_decay=0.2, width=2 * SIZE, height=2 * SIZE)]
+    want = _run(torch_gen, configs, frames)
+    got = _run(compile_gen, configs, frames)
+    for k in range(len(configs)):
+        assert _diff(want[k], got[k]) < 1e-4, k  # compile against torch: test_backends' tolerance
+    off = _run(compile_gen, [dataclasses.replace(c, temporal=0.0) for c in configs], frames)
+    np.testing.assert_array_equal(np.stack(got[0]), np.stack(off[0]))
+    assert _diff(got[2], off[2]) > 1e-3  # the memory is on in that stream
+
+
+def test_compile_pads_the_memory_to_its_bucket_and_warms_its_graph(torch_gen):
+    """As on a GPU with CUDA graphs (batches padded to buckets; dynamo's eager backend, no inductor):
+    the warm-up runs the memory graph per bucket and leaves no call behind, and a batch of 3 streams
+    padded to 4 rows (memory, weights and states padded and sliced with them) gives torch's frames."""
+    from ditstream.engine.backends.compile_backend import CompileBackend
+
+    backend = CompileBackend(torch_gen.components, compile_backend="eager", pad_to_buckets=True)
+    backend.warmup([(3, SIZE, SIZE)])
+    assert backend._bucket(3) == 4 and backend.temporal_attention().current is None
+    padded = Generator(torch_gen.components, backend)
+    configs = [_cfg(), _cfg(temporal=0.5, seed=5), _cfg(temporal=0.9, temporal_decay=0.2, seed=6)]
+    frames = _moving(4)
+    want, got = _run(torch_gen, configs, frames), _run(padded, configs, frames)
+    for k in range(len(configs)):
+        assert _diff(want[k], got[k]) < 1e-5, k
 
 
 def test_memory_is_per_slot_and_block_and_reset_on_a_jump_not_a_glide(torch_gen):
@@ -167,16 +210,14 @@ def test_backends_that_cannot_carry_memory_refuse_it_by_name(tiny_components):
     with pytest.raises(ValidationError, match="onnx backend") as err:
         core.add(_cfg(temporal=0.5))
     assert err.value.field == "temporal"
-    # compile and tensorrt too (their transformer is a compiled or built graph), by name. The refusal
-    # is the class's (its ``temporal_attention`` and ``name``), so it is read off an instance built
-    # without its graph: no GPU, no compile (a real CompileBackend costs seconds to build).
-    from ditstream.engine.backends.compile_backend import CompileBackend
+    # tensorrt too (its transformer is a built engine), by name. The refusal is the class's (its
+    # ``temporal_attention`` and ``name``), so it is read off an instance built without its engine:
+    # no GPU needed. (compile carries the memory: test_compile_carries_the_memory_as_torch_does.)
     from ditstream.engine.backends.tensorrt_backend import TensorRTBackend
     from ditstream.engine.temporal import temporal_refusal
 
-    for cls, name in ((CompileBackend, "compile"), (TensorRTBackend, "tensorrt")):
-        refusal = temporal_refusal(object.__new__(cls))
-        assert refusal is not None and refusal.startswith(f"the {name} backend cannot carry attention memory")
+    refusal = temporal_refusal(object.__new__(TensorRTBackend))
+    assert refusal is not None and refusal.startswith("the tensorrt backend cannot carry attention memory")
 
 
 def test_a_self_attention_that_is_not_linear_refuses_it_naming_the_processor(tiny_components):

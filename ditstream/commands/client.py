@@ -84,7 +84,7 @@ def stream(
     show: bool = typer.Option(False, help="Show outputs in a window (OpenCV)."),
     api_key: str = typer.Option(None, envvar="DITSTREAM_API_KEY", help="API key (or env DITSTREAM_API_KEY)."),
     in_flight: int = typer.Option(2, help="Unanswered frames allowed at once."),
-    temporal: float = typer.Option(None, help="Attention memory across frames, [0, 1] (0 = off; torch backend)."),
+    temporal: float = typer.Option(None, help="Attention memory across frames, [0, 1] (0 = off; torch or compile backend)."),
     motion_adaptive: bool = typer.Option(None, "--motion-adaptive/--no-motion-adaptive",
                                          help="Scale temporal and feedback down by the input's motion."),
     osc_port: int = typer.Option(None, help="Take config changes as OSC messages on this UDP port "

@@ -9,6 +9,14 @@ graphs are compiled with dynamic shapes.
 
 The modules compiled are the same wrappers the ONNX export uses (``trt_build.export``), so the
 compiled graph has plain positional tensor inputs.
+
+Attention memory (``engine.temporal``) is a second compiled graph of the same transformer,
+``_MemoryTransformer``: every row's memory and weight are graph inputs (zero for rows that read none,
+which then compute exactly what the graph without memory computes) and every row's own states a graph
+output. A compiled graph cannot read a thread's Python state, and CUDA graphs replay only tensors, so
+the memory travels as tensors. Calls with no memory row use the plain graph: streams without
+``temporal`` pay nothing. With buckets (CUDA graphs) the warm-up captures both graphs per bucket;
+without, the memory graph compiles (once, dynamic shapes) on the first call that needs it.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from ditstream.engine.errors import BackendUnavailableError
 
 if TYPE_CHECKING:
     from ditstream.engine.config import BackendOptions
+    from ditstream.engine.temporal import TemporalAttention
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +78,24 @@ def _per_sample(value: torch.Tensor | float, batch: int, device: torch.device) -
     return t.expand(batch) if t.ndim == 0 else t.reshape(batch)
 
 
+class _MemoryTransformer(torch.nn.Module):
+    """``(sample, timestep, ehs, mask, memory, weights[, guidance]) -> (output, states)``: the export
+    wrapper's transformer with attention memory (``engine.temporal``) as explicit graph inputs and the
+    rows' own states as an output, so a compiled graph (and its CUDA graphs) carries the memory without
+    reading or writing a stream's Python state."""
+
+    def __init__(self, export: torch.nn.Module, hook: TemporalAttention) -> None:
+        super().__init__()
+        self.export = export
+        self.hook = hook
+
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask, memory, weights,
+                guidance=None):
+        return self.hook.graph(
+            lambda: self.export(sample, timestep, encoder_hidden_states, encoder_attention_mask, guidance),
+            memory, weights)
+
+
 class CompileBackend(Backend):
     """``torch.compile`` of transformer, VAE encoder and VAE decoder.
 
@@ -93,6 +120,7 @@ class CompileBackend(Backend):
 
             if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
                 raise BackendUnavailableError("backend 'compile' on CPU needs a C++ compiler (g++ or clang++)")
+        from ditstream.engine.temporal import TemporalAttention
         from ditstream.trt_build.export import TransformerExport, VaeDecoderExport, VaeEncoderExport
 
         self.mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
@@ -107,11 +135,18 @@ class CompileBackend(Backend):
             return torch.compile(module.eval(), mode=self.mode, backend=compile_backend, dynamic=dynamic,
                                  fullgraph=False)
 
+        # Attention memory: a second graph of the same transformer (module docstring).
+        self._temporal = TemporalAttention.for_transformer(components.transformer)
         self._transformer = comp(TransformerExport(components.transformer))
+        self._memory_transformer = (None if self._temporal.refusal is not None else
+                                    comp(_MemoryTransformer(TransformerExport(components.transformer), self._temporal)))
         self._encoder = comp(VaeEncoderExport(components.vae))
         self._decoder = comp(VaeDecoderExport(components.vae))
         logger.info("compile backend: mode=%s backend=%s cuda_graphs=%s buckets=%s", self.mode,
                     compile_backend, self.cuda_graphs, self.buckets or "none")
+
+    def temporal_attention(self) -> TemporalAttention:
+        return self._temporal
 
     @property
     def limits(self) -> BackendLimits:
@@ -172,6 +207,13 @@ class CompileBackend(Backend):
             for _ in range(2 if self.cuda_graphs else 1):  # cudagraph trees record on the 2nd call
                 self.denoise(x, t, ehs, mask, g[0] if g else None)
                 self.decode(self.encode(images))
+                if self.buckets and self._memory_transformer is not None:
+                    # The graph with attention memory too, per bucket: else the first stream with
+                    # ``temporal`` > 0 in a new bucket would stall every stream while it captures.
+                    memory = [torch.zeros(self._temporal.blocks, *self._temporal.state_shape, device=self.device)] * b
+                    rows = list(range(b))
+                    with self._temporal.call(b, rows, [0.0] * b, memory, rows, self.device):
+                        self.denoise(x, t, ehs, mask, g[0] if g else None)
         logger.info("compile backend warmed up for %d shape(s)", len(seen))
 
     @torch.inference_mode()
@@ -185,11 +227,19 @@ class CompileBackend(Backend):
             guidance = _per_sample(guidance, batch, x.device)
         args = [self._input(x.to(self.dtype), size), self._input(timestep, size),
                 self._input(encoder_hidden_states.to(self.dtype), size), self._input(encoder_attention_mask, size)]
+        call = self._temporal.current
+        if call is not None and self._memory_transformer is not None:
+            memory, weights = call.dense(batch, self._temporal.state_shape, x.device)
+            args += [self._input(memory, size), self._input(weights, size)]
         if self._with_guidance:
             args.append(self._input(guidance, size))
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        return self._finish(self._transformer(*args), batch)
+        if call is None or self._memory_transformer is None:
+            return self._finish(self._transformer(*args), batch)
+        out, states = self._memory_transformer(*args)
+        call.set_own(self._finish(states, batch).view(batch, self._temporal.blocks, *self._temporal.state_shape))
+        return self._finish(out, batch)
 
     @torch.inference_mode()
     def encode(self, images):
