@@ -82,9 +82,11 @@ def test_bench_engine_json_reports_both_ratios():
              timeout=300)
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
-    for key in ("stream_batch_speedup", "cross_batch_speedup"):  # timings: their targets are in docs/benchmarks.md
+    for key in ("stream_batch_speedup", "cross_batch_speedup",  # timings: their targets are in docs/benchmarks.md
+                "temporal_cost_batch1", "temporal_cost_batch3"):
         assert 0 < data[key] < math.inf, data
     # the similarity filter is seeded and the clips are fixed: a static clip (similarity 1, skip probability
     # 1) has one frame of every 11 processed (max_skip 10), so 181 of its 200 frames are skipped
     assert data["ssf_skip_rate_static"] == 181 / 200
     assert 0 <= data["ssf_skip_rate_moving"] < data["ssf_skip_rate_static"]
+    assert data["temporal_refused"] is None  # the torch backend carries attention memory

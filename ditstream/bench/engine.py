@@ -118,6 +118,20 @@ def run_engine_bench(model: str = "demo", size: int = 64, frames: int = 12, stre
         flt = SimilarityFilter(FilterConfig(enabled=True, threshold=0.98, max_skip=10, seed=0))
         rates[name] = sum(flt.should_skip(f) for f in c) / len(c)
 
+    # 4. attention memory: the same one-step streams with ``temporal`` 1 against off (1 stream, then N)
+    from ditstream.engine.temporal import temporal_refusal
+
+    memory: dict[str, Any] = {"temporal_refused": temporal_refusal(gen.backend)}
+    if memory["temporal_refused"] is None:
+        for n in (1, streams):
+            off = cfgs[:n]
+            on = [c.replace(temporal=1.0) for c in off]
+            _stream_run(gen, on, clip[:2], 64)  # warm up (the compile backend's memory graph compiles here)
+            t_off, t_on, ratio = _paired(lambda off=off: _stream_run(gen, off, clip, 64),
+                                         lambda on=on: _stream_run(gen, on, clip, 64), repeats)
+            memory[f"temporal_cost_batch{n}"] = 1.0 / ratio  # time with memory / time without, per pair
+            memory[f"temporal_ms_per_frame_batch{n}"] = [1000 * t / (n * frames) for t in (t_off, t_on)]
+
     params = sum(p.numel() for p in gen.components.transformer.parameters())
     return {
         "model": model, "backend": gen.backend.name, "transformer_params": params, "size": size, "frames": frames, "steps": steps,
@@ -127,6 +141,7 @@ def run_engine_bench(model: str = "demo", size: int = 64, frames: int = 12, stre
         "one_at_a_time_fps": streams * frames / t_one, "cross_batched_fps": streams * frames / t_cross,
         "cross_batch_speedup": cross_ratio,
         "ssf_skip_rate_static": rates["static"], "ssf_skip_rate_moving": rates["moving"],
+        **memory,
     }
 
 
@@ -139,6 +154,13 @@ def format_table(r: dict[str, Any]) -> str:
         ("SSF skip rate, static clip", f"{100 * r['ssf_skip_rate_static']:.0f} %", ""),
         ("SSF skip rate, moving clip", f"{100 * r['ssf_skip_rate_moving']:.0f} %", ""),
     ]
+    for key, value in r.items():
+        if key.startswith("temporal_cost_batch"):
+            n = key.removeprefix("temporal_cost_batch")
+            off_ms, on_ms = r[f"temporal_ms_per_frame_batch{n}"]
+            rows.append((f"temporal 1 vs off, {n} stream(s)", f"{off_ms:.1f}->{on_ms:.1f} ms", f"{value:.3f}"))
+    if r.get("temporal_refused"):
+        rows.append(("temporal 1 vs off", "refused", ""))
     head = (f"model={r['model']} ({r['transformer_params'] / 1e6:.2f}M transformer params) size={r['size']} "
             f"device={r['device']} threads={r['torch_threads']}")
     w = max(len(a) for a, _, _ in rows)

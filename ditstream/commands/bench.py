@@ -58,7 +58,7 @@ def bench_engine(
     opt_level: OptLevel = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Stream batch vs sequential; N streams cross-batched vs one at a time; SSF skip rates."""
+    """Stream batch vs sequential; N streams cross-batched vs one at a time; SSF skip rates; attention memory cost."""
     from ditstream.bench.engine import format_table, run_engine_bench
 
     options = backend_options(resolution, batch, cache_dir, tiny_vae, opt_level)
