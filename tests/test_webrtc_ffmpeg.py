@@ -121,6 +121,18 @@ def _sessions(srv) -> dict:
     return srv.app.state.ditstream.webrtc
 
 
+async def _status_after(client: httpx.AsyncClient, session: str, state: str) -> dict:
+    """The WHIP resource's status once it has left ``state`` (bounded). FFmpeg says "connected" when
+    its own end of DTLS is done; ours, the client end here, is done one flight later (it must still
+    read FFmpeg's Finished), so a GET right then may still say "connecting"."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        status = (await client.get(f"/v1/whip/{session}")).json()
+        if status.get("state") != state or time.monotonic() > deadline:
+            return status
+        await asyncio.sleep(0.02)
+
+
 def test_ffmpeg_publishes_with_a_p256_certificate(ffmpeg_server, tmp_path, caplog):
     srv, token = ffmpeg_server
     caplog.set_level(logging.DEBUG, logger="aiortc.rtcdtlstransport")
@@ -137,7 +149,7 @@ def test_ffmpeg_publishes_with_a_p256_certificate(ffmpeg_server, tmp_path, caplo
             timeouts = [r for r in caplog.records if "handling timeout" in r.getMessage()]
             assert not timeouts, "aiortc had to retransmit its ClientHello (1 s before the first frame)"
             (session,) = _sessions(srv)
-            status = (await client.get(f"/v1/whip/{session}")).json()
+            status = await _status_after(client, session, "connecting")
             assert status == {"session": session, "state": "connected", "viewers": 0, "failure": None}, status
             viewer = Viewer()
             await viewer.watch(client, session)
