@@ -131,8 +131,10 @@ def test_compile_carries_the_memory_as_torch_does(torch_gen, compile_gen):
 
 def test_compile_pads_the_memory_to_its_bucket_and_warms_its_graph(torch_gen):
     """As on a GPU with CUDA graphs (batches padded to buckets; dynamo's eager backend, no inductor):
-    the warm-up runs the memory graph per bucket and leaves no call behind, and a batch of 3 streams
-    padded to 4 rows (memory, weights and states padded and sliced with them) gives torch's frames."""
+    the warm-up compiles the memory graph per bucket, as the engine will call it (no recompile after),
+    and leaves no call behind, and a batch of 3 streams padded to 4 rows (memory, weights and states
+    padded and sliced with them) gives torch's frames."""
+    import torch
     from ditstream.engine.backends.compile_backend import CompileBackend
 
     backend = CompileBackend(torch_gen.components, compile_backend="eager", pad_to_buckets=True)
@@ -141,7 +143,10 @@ def test_compile_pads_the_memory_to_its_bucket_and_warms_its_graph(torch_gen):
     padded = Generator(torch_gen.components, backend)
     configs = [_cfg(), _cfg(temporal=0.5, seed=5), _cfg(temporal=0.9, temporal_decay=0.2, seed=6)]
     frames = _moving(4)
-    want, got = _run(torch_gen, configs, frames), _run(padded, configs, frames)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # what the warm-up compiled is what runs
+        got = _run(padded, configs, frames)
+    assert all(image is not None for stream in got for image in stream), "a call failed: the log says why"
+    want = _run(torch_gen, configs, frames)
     for k in range(len(configs)):
         assert _diff(want[k], got[k]) < 1e-5, k
 

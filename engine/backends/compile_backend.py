@@ -183,8 +183,13 @@ class CompileBackend(Backend):
         out = out[:batch]
         return out.clone() if self.cuda_graphs else out
 
+    @torch.inference_mode()
     def warmup(self, shapes: list[tuple[int, int, int]]) -> None:
-        """Compile (and capture, on CUDA) every bucket the ``(batch, height, width)`` shapes need."""
+        """Compile (and capture, on CUDA) every bucket the ``(batch, height, width)`` shapes need.
+
+        Under inference mode, as the engine calls run: its tensors are inference tensors, and a graph
+        compiled for ordinary tensors fails dynamo's dispatch-key guard on them (the first real frame
+        would compile, and capture, every graph again)."""
         import time
 
         from ditstream.trt_build.export import transformer_inputs
