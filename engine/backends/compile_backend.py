@@ -166,16 +166,23 @@ class CompileBackend(Backend):
         return max(batch, 2)
 
     def _input(self, t: torch.Tensor | None, size: int) -> torch.Tensor | None:
-        """``t`` as a compiled graph's input: padded to ``size`` rows and contiguous (a stride is a guard:
-        a permuted view where a stack came before is a whole new compile). With dynamic shapes its batch
-        gets a symbol of its own: duck sizing would otherwise tie a batch of 4 to the latents' 4
-        channels (a batch of 3 to RGB's 3), specialise it, and compile again for every other batch."""
+        """``t`` as a compiled graph's input (called under inference mode): padded to ``size`` rows, an
+        inference tensor and contiguous (a stride is a guard: a permuted view where a stack came before
+        is a whole new compile). With dynamic shapes its batch (and a picture's height and width) gets
+        a symbol of its own: duck sizing would otherwise tie a batch of 4 to the latents' 4 channels (a
+        batch of 3 to RGB's 3, a square's width to its height), specialise it, and compile again for
+        every other batch (or shape)."""
         t = _pad(t, size)
         if t is None:
             return None
-        t = t.contiguous()
+        # An inference tensor, always: an ordinary one fails the dispatch-key guard of a graph compiled
+        # on inference tensors (and the reverse), whichever came first; the engine's are inference
+        # tensors, a direct caller's (or a batch that needed no padding) may not be.
+        t = t.contiguous() if t.is_inference() else t.clone(memory_format=torch.contiguous_format)
         if self._dynamic:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
+            # batch, and a picture's height and width (a square one would tie them the same way)
+            for dim in (0, 2, 3) if t.ndim == 4 else (0,):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
         return t
 
     def _finish(self, out: torch.Tensor, batch: int) -> torch.Tensor:
