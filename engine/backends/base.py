@@ -119,7 +119,8 @@ class Backend(ABC):
 
     def temporal_attention(self) -> TemporalAttention | None:
         """The attention-memory hook of the transformer this backend runs (``engine.temporal``), or
-        ``None``: its transformer is a fixed graph (export, engine, compiled) that cannot take the memory."""
+        ``None``: its transformer is a fixed graph (an ONNX export, a TensorRT engine) that cannot take the
+        memory. torch runs the hook eagerly; compile traces it with the memory as graph inputs."""
         return None
 
     @abstractmethod
