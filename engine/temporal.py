@@ -58,6 +58,7 @@ class _Call:
     write_all: bool = False  # every row writes (no index)
 
     stacked: torch.Tensor | None = None  # (K, blocks, H, d+1, d): ``memory`` before the per-block split
+    state_shape: tuple[int, ...] = ()  # (H, d+1, d): one block's state per row
     own_states: torch.Tensor | None = None  # (J, blocks, H, d+1, d), set whole by a compiled graph
 
     def own(self) -> torch.Tensor:
@@ -66,20 +67,22 @@ class _Call:
             return self.own_states
         return torch.stack(self.states, dim=1)  # type: ignore[arg-type]
 
-    def dense(self, batch: int, state_shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def dense(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row's memory and weight as plain tensors, for a graph that takes them as inputs
         (``TemporalAttention.graph``): memory (batch, blocks·H·(d+1)·d), zero where a row reads nothing,
         and weights (batch,), zero there too (``scores + 0·0`` is ``scores`` exactly)."""
-        memory = torch.zeros(batch, len(self.states), *state_shape, dtype=torch.float32, device=device)
+        if self.stacked is not None and self.weights is not None and self.read_rows is None:  # every row reads
+            return self.stacked.flatten(1), self.weights.view(-1)
+        memory = torch.zeros(batch, len(self.states), *self.state_shape, dtype=torch.float32, device=device)
         weights = torch.zeros(batch, dtype=torch.float32, device=device)
         if self.stacked is not None and self.weights is not None:
-            rows = self.read_rows if self.read_rows is not None else torch.arange(batch, device=device)
-            memory.index_copy_(0, rows, self.stacked)
-            weights.index_copy_(0, rows, self.weights.view(-1))
+            memory.index_copy_(0, self.read_rows, self.stacked)
+            weights.index_copy_(0, self.read_rows, self.weights.view(-1))
         return memory.flatten(1), weights
 
     def set_own(self, states: torch.Tensor) -> None:
-        """Every row's own states (batch, blocks, H, d+1, d), from a graph: keep the written rows'."""
+        """Every row's own states from a graph, flat as ``dense``'s memory: keep the written rows'."""
+        states = states.view(states.shape[0], len(self.states), *self.state_shape)
         self.own_states = states if self.write_rows is None else states.index_select(0, self.write_rows)
 
 
@@ -226,7 +229,8 @@ class TemporalAttention:
         """Run the model calls inside (``batch`` rows) with memory: row ``read_rows[k]`` adds
         ``weights[k]·memory[k][block]`` (``memory[k]``: (blocks, H, d+1, d)); after, ``.own()`` holds the
         own states of ``write_rows`` (J, blocks, H, d+1, d), in ``write_rows`` order."""
-        c = _Call(read_rows=None, weights=None, memory=None, write_rows=None, states=[None] * self.blocks)
+        c = _Call(read_rows=None, weights=None, memory=None, write_rows=None, states=[None] * self.blocks,
+                  state_shape=self.state_shape or ())
         if read_rows:
             if read_rows != list(range(batch)):  # every row reads: plain addition, no index
                 c.read_rows = torch.tensor(read_rows, dtype=torch.long, device=device)

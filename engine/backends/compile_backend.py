@@ -128,7 +128,6 @@ class CompileBackend(Backend):
         # Padding to buckets bounds the number of CUDA graphs; without graphs it only costs compute.
         self.buckets = buckets if (self.cuda_graphs if pad_to_buckets is None else pad_to_buckets) else ()
         dynamic = None if self.cuda_graphs else True
-        self._dynamic = bool(dynamic)
         self._with_guidance = bool(getattr(components.transformer.config, "guidance_embeds", False))
 
         def comp(module: torch.nn.Module) -> Any:
@@ -179,7 +178,7 @@ class CompileBackend(Backend):
         # on inference tensors (and the reverse), whichever came first; the engine's are inference
         # tensors, a direct caller's (or a batch that needed no padding) may not be.
         t = t.contiguous() if t.is_inference() else t.clone(memory_format=torch.contiguous_format)
-        if self._dynamic:
+        if not self.cuda_graphs:  # dynamic shapes
             # batch, and a picture's height and width (a square one would tie them the same way)
             for dim in (0, 2, 3) if t.ndim == 4 else (0,):
                 torch._dynamo.maybe_mark_dynamic(t, dim)
@@ -239,18 +238,19 @@ class CompileBackend(Backend):
             guidance = _per_sample(guidance, batch, x.device)
         args = [self._input(x.to(self.dtype), size), self._input(timestep, size),
                 self._input(encoder_hidden_states.to(self.dtype), size), self._input(encoder_attention_mask, size)]
-        call = self._temporal.current
-        if call is not None and self._memory_transformer is not None:
-            memory, weights = call.dense(batch, self._temporal.state_shape, x.device)
+        # (a call is only open for streams with memory, which a model that refuses it never has)
+        call = self._temporal.current if self._memory_transformer is not None else None
+        if call is not None:
+            memory, weights = call.dense(batch, x.device)
             args += [self._input(memory, size), self._input(weights, size)]
         if self._with_guidance:
             args.append(self._input(guidance, size))
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        if call is None or self._memory_transformer is None:
+        if call is None:
             return self._finish(self._transformer(*args), batch)
         out, states = self._memory_transformer(*args)
-        call.set_own(self._finish(states, batch).view(batch, self._temporal.blocks, *self._temporal.state_shape))
+        call.set_own(self._finish(states, batch))
         return self._finish(out, batch)
 
     @torch.inference_mode()
